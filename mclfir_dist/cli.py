@@ -1,0 +1,178 @@
+"""The `mclfir` command: shards | train | eval | report.
+
+Errors users can fix (bad config keys, bad input rows, missing shards) print one clear line
+and exit with status 2 instead of a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from .config import ConfigError
+
+def _user_errors():
+    from .data.manifest import ShardError
+    from .data.shards import BadInputError
+    return (ConfigError, ShardError, BadInputError, FileNotFoundError)
+
+
+# ---------------------------------------------------------------- shards
+
+def _add_shards(sub):
+    p = sub.add_parser("shards", help="build or inspect WebDataset shard sets")
+    ssub = p.add_subparsers(dest="shards_cmd", required=True)
+    b = ssub.add_parser("build", help="build shards (+ DALI index files + manifest.json)",
+                        description="Build a shard set from the embedded synthetic generator or from a CSV of "
+                                    "image paths and attribute columns.")
+    b.add_argument("--out", required=True, help="output shard directory (SHARDS_DIR)")
+    b.add_argument("--source", choices=["synthetic", "csv"], default="synthetic")
+    b.add_argument("--csv", help="CSV with one row per image (source=csv)")
+    b.add_argument("--image-root", help="folder the CSV's image paths are relative to (default: the CSV's folder)")
+    b.add_argument("--image-column", default="filename")
+    b.add_argument("--key-column", default="", help="column used as the sample key (default: from the image path)")
+    b.add_argument("--attributes", default="", help="comma-separated attribute columns (source=csv)")
+    b.add_argument("--skip-bad-rows", action="store_true",
+                   help="skip rows with a missing/undecodable image or an empty value (counted and listed in the manifest) instead of failing")
+    b.add_argument("--num-images", type=int, default=3000, help="synthetic: images to render")
+    b.add_argument("--image-size", type=int, default=64, help="synthetic: image side in pixels")
+    b.add_argument("--resize-to", type=int, default=0, help="csv: re-encode images to this shorter side (0 = keep bytes)")
+    b.add_argument("--min-value-count", type=int, default=10, help="drop attribute values with fewer images")
+    b.add_argument("--val-fraction", type=float, default=0.1)
+    b.add_argument("--test-fraction", type=float, default=0.2)
+    b.add_argument("--query-fraction", type=float, default=0.25)
+    b.add_argument("--samples-per-shard", type=int, default=500)
+    b.add_argument("--seed", type=int, default=0)
+    i = ssub.add_parser("info", help="print a shard set's manifest summary")
+    i.add_argument("shards")
+
+
+def cmd_shards(args) -> int:
+    from .config import ShardBuildConfig
+    from .data.manifest import Manifest
+    from .data.shards import build_from_config
+    if args.shards_cmd == "info":
+        m = Manifest.load(args.shards)
+        _print_manifest(m)
+        return 0
+    cfg = ShardBuildConfig(source=args.source, min_value_count=args.min_value_count, val_fraction=args.val_fraction,
+                           test_fraction=args.test_fraction, query_fraction=args.query_fraction,
+                           samples_per_shard=args.samples_per_shard, resize_to=args.resize_to, seed=args.seed)
+    cfg.synthetic.num_images, cfg.synthetic.image_size, cfg.synthetic.seed = args.num_images, args.image_size, args.seed
+    if args.source == "csv":
+        if not args.csv:
+            raise ConfigError("--source csv needs --csv PATH")
+        cfg.csv.csv = args.csv
+        cfg.csv.image_root = args.image_root or str(Path(args.csv).parent)
+        cfg.csv.image_column, cfg.csv.key_column = args.image_column, args.key_column
+        cfg.csv.attributes = [a.strip() for a in args.attributes.split(",") if a.strip()]
+        cfg.csv.skip_bad_rows = args.skip_bad_rows
+    m = build_from_config(cfg, args.out)
+    _print_manifest(m)
+    return 0
+
+
+def _print_manifest(m) -> None:
+    d = m.data
+    print(f"shards: {m.root}  ({d['source'].get('type')})")
+    for sp, info in d["splits"].items():
+        print(f"  {sp:5s} {info['count']:6d} images in {len(info['shards'])} shards")
+    for a in d["attributes"]:
+        q = len(d["eval_sets"]["test"][a["name"]]["query"])
+        c = len(d["eval_sets"]["test"][a["name"]]["candidate"])
+        print(f"  {a['name']}: {len(a['values'])} values, test {q} queries / {c} candidates"
+              + (f", dropped {len(a['dropped_values'])} rare values" if a["dropped_values"] else ""))
+    if d.get("skipped_rows"):
+        print(f"  skipped {len(d['skipped_rows'])} bad rows (listed in manifest.json)")
+
+
+# ---------------------------------------------------------------- train
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="experiment YAML (e.g. configs/debug_cpu.yaml); default with --resume: RUN_DIR/config.yaml")
+    p.add_argument("--out", help="run directory (RUN_DIR): results.json, checkpoints/, tensorboard/")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run at its next increment")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.steps_per_increment=50")
+
+
+def cmd_train(args) -> int:
+    from .config import describe, load_config
+    if args.help_config:
+        print("\n".join(describe()))
+        return 0
+    run_dir = args.resume or args.out
+    if not run_dir:
+        raise ConfigError("give --out RUN_DIR (or --resume RUN_DIR)")
+    config = args.config
+    if args.resume and not config:
+        config = str(Path(args.resume) / "config.yaml")
+    if not config:
+        raise ConfigError("give --config FILE")
+    cfg = load_config(config, args.overrides)
+    from .engine import train
+    train(cfg, run_dir, resume=bool(args.resume))
+    return 0
+
+
+# ---------------------------------------------------------------- eval
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="evaluate a run's last checkpoint on any shard set",
+                       description="Per-attribute mAP of the run's last checkpoint on SHARDS_DIR's query/candidate sets; "
+                                   "prints it and writes it as JSON. With --export, also writes query_emb.npy, "
+                                   "query_labels.npy, cand_emb.npy, cand_labels.npy under OUT_DIR/<attribute>/.")
+    p.add_argument("--run", required=True, help="run directory (RUN_DIR)")
+    p.add_argument("--shards", required=True, help="shard directory (SHARDS_DIR)")
+    p.add_argument("--split", default="test", choices=["val", "test"])
+    p.add_argument("--export", metavar="OUT_DIR", help="write embeddings and labels as .npy per attribute")
+    p.add_argument("--json", help="where to write the mAP JSON (default RUN_DIR/eval_<shards>_<split>.json)")
+
+
+def cmd_eval(args) -> int:
+    from .inference import evaluate_run
+    evaluate_run(args.run, args.shards, args.split, args.export, args.json)
+    return 0
+
+
+# ---------------------------------------------------------------- report
+
+def _add_report(sub):
+    p = sub.add_parser("report", help="tables and plots from one or more runs' results.json")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--out", help="write report.md and PNG plots here (default: the first run directory)")
+
+
+def cmd_report(args) -> int:
+    from .report import report
+    report(args.runs, args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mclfir", description="MCL-FIR: continual attribute-specific fashion retrieval")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    _add_shards(sub)
+    t = sub.add_parser("train", help="train over the config's increments (also: accelerate launch -m mclfir_dist.train)",
+                       description="Train MCL-FIR and write RUN_DIR/results.json, checkpoints and TensorBoard events.")
+    add_train_args(t)
+    _add_eval(sub)
+    _add_report(sub)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    handlers = {"shards": cmd_shards, "train": cmd_train, "eval": cmd_eval, "report": cmd_report}
+    try:
+        return handlers[args.cmd](args)
+    except _user_errors() as e:
+        print(f"mclfir {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

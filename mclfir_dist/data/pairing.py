@@ -1,0 +1,96 @@
+"""Doublet batching: how every anchor is guaranteed a positive.
+
+Samples arrive shuffled. Each one is routed to one of the increment's attributes it is
+labelled for (the one with the fewest ready doublets, so tasks stay balanced). Per
+(attribute, value) we hold at most one pending sample; when a second sample with that value
+arrives, the two form a doublet (anchor, positive). A batch takes a fixed quota of doublets
+per attribute, so every rank's batch has the same size and uses every new head.
+
+Batch layout (the contract of both loaders, after pairing): `images[0:B]` are anchors and
+`images[B:2B]` their positives, so the positive of row i is row (i + B) mod 2B. Samples still
+pending when an epoch ends wait for the next epoch; none is ever used without a positive.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+
+def task_quotas(batch_doublets: int, n_tasks: int) -> List[int]:
+    base, extra = divmod(batch_doublets, n_tasks)
+    q = [base + (1 if t < extra else 0) for t in range(n_tasks)]
+    if min(q) == 0:
+        raise ValueError(f"data.batch_doublets={batch_doublets} is smaller than the increment's {n_tasks} attributes")
+    return q
+
+
+class DoubletBatcher:
+    """Turns a stream of decoded samples into balanced doublet batches.
+
+    `attribute_columns[t]` is the label-vector column of task t. A sample is a dict with
+    'image' (tensor), 'labels' (int64 vector), 'key' and optionally 'teacher_image'.
+    """
+
+    def __init__(self, attribute_columns: Sequence[int], batch_doublets: int):
+        self.columns = list(attribute_columns)
+        self.quotas = task_quotas(batch_doublets, len(self.columns))
+        self.pending: List[Dict[int, dict]] = [dict() for _ in self.columns]
+        self.ready: List[Deque[Tuple[dict, dict]]] = [deque() for _ in self.columns]
+
+    def add(self, sample: dict) -> None:
+        labels = sample["labels"]
+        tasks = [t for t, c in enumerate(self.columns) if labels[c] >= 0]
+        if not tasks:
+            return
+        t = min(tasks, key=lambda i: (len(self.ready[i]), i))
+        value = int(labels[self.columns[t]])
+        other = self.pending[t].pop(value, None)
+        if other is None:
+            self.pending[t][value] = sample
+        else:
+            self.ready[t].append((other, sample))
+
+    def batch_ready(self) -> bool:
+        return all(len(r) >= q for r, q in zip(self.ready, self.quotas))
+
+    def pop_batch(self) -> dict:
+        pairs, tasks = [], []
+        for t, q in enumerate(self.quotas):
+            for _ in range(q):
+                pairs.append(self.ready[t].popleft())
+                tasks.append(t)
+        return collate_doublets(pairs, tasks, self.columns)
+
+    def batches(self, samples: Iterable[dict]) -> Iterator[dict]:
+        for s in samples:
+            self.add(s)
+            if self.batch_ready():
+                yield self.pop_batch()
+
+
+def collate_doublets(pairs: Sequence[Tuple[dict, dict]], tasks: Sequence[int], columns: Sequence[int]) -> dict:
+    anchors = [a for a, _ in pairs]
+    positives = [p for _, p in pairs]
+    rows = anchors + positives
+    task = torch.tensor(list(tasks) * 2, dtype=torch.long)
+    labels = torch.stack([torch.as_tensor(np.asarray(r["labels"])) for r in rows]).long()
+    col = torch.tensor(columns, dtype=torch.long)[task]
+    batch = {
+        "images": torch.stack([r["image"] for r in rows]),
+        "labels": labels,
+        "task": task,
+        "value": labels.gather(1, col[:, None]).squeeze(1),
+        "keys": [r["key"] for r in rows],
+    }
+    if "teacher_image" in rows[0]:
+        batch["teacher_images"] = torch.stack([r["teacher_image"] for r in rows])
+    return batch
+
+
+def positive_index(n_rows: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """Row of each row's positive in the anchors-then-positives layout."""
+    half = n_rows // 2
+    return (torch.arange(n_rows, device=device) + half) % n_rows

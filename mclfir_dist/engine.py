@@ -1,0 +1,368 @@
+"""The increment loop. It wires data, model, loss, teacher, evaluation and results; the method's
+math lives in losses.py / teacher.py / evaluate.py.
+
+One code path for 1..N processes (Accelerate: DDP or DeepSpeed). Only the main process prints,
+writes files and TensorBoard events. A checkpoint is written atomically after every increment;
+increment t reseeds everything from (seed, t), so a resumed run ends exactly like an
+uninterrupted one.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import __version__
+from .config import ConfigError, RunConfig, from_dict, to_dict, to_yaml
+from .data import build_eval_loader, build_train_loader, choose_loader
+from .data.manifest import Manifest
+from .data.pairing import positive_index
+from .data.shards import ensure_shards
+from .data.streams import epoch_seed
+from .distributed import broadcast_object
+from .evaluate import continual_metrics, embed_split, evaluate_heads, pooled_feature_map, random_embedding_map
+from .losses import DoubletInfoNCE, embedding_distillation, feature_distillation
+from .model.mclfir import MCLFIRModel, build_model, convert_sync_batchnorm
+from .results import Board, new_results, retrieval_grid, summary_text, write_results
+from .teacher import EMATeacher
+from .utils.io import atomic_torch_save, atomic_write_text
+
+log = logging.getLogger("mclfir")
+CKPT_DIR = "checkpoints"
+
+
+def setup_logging(is_main: bool) -> None:
+    level = logging.INFO if is_main else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout, force=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def build_accelerator(cfg: RunConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+    init = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.dist_init_timeout_s))
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        init.backend = "gloo"  # without it DeepSpeed-on-CPU ranks each believe they are rank 0 of 1
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=True)
+    acc = Accelerator(mixed_precision=cfg.train.mixed_precision, kwargs_handlers=[init, ddp])
+    if acc.num_processes > 1:
+        import torch.distributed as dist
+        dist.set_timeout(timedelta(seconds=cfg.train.dist_step_timeout_s))
+    ds = getattr(acc.state, "deepspeed_plugin", None)
+    if ds is not None and int(ds.zero_stage) == 3:
+        raise ConfigError("DeepSpeed ZeRO stage 3 is not supported: the EMA teacher must read full encoder "
+                          "parameters after each step and ZeRO-3 shards them. Use ZeRO stage 1 or 2.")
+    return acc
+
+
+def lr_lambda(cfg: RunConfig, steps: int):
+    o = cfg.optim
+
+    def f(step: int) -> float:
+        if o.warmup_steps and step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "cosine":
+            progress = (step - o.warmup_steps) / max(1, steps - o.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if o.schedule == "step":
+            return o.gamma ** (step // max(1, o.step_size))
+        return 1.0
+    return f
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    ckpts = sorted((run_dir / CKPT_DIR).glob("increment_*.pt"))
+    return ckpts[-1] if ckpts else None
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        if cfg.train.num_threads > 0:
+            torch.set_num_threads(cfg.train.num_threads)
+        self.acc = build_accelerator(cfg)
+        self.is_main = self.acc.is_main_process
+        setup_logging(self.is_main)
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        self.device = self.acc.device
+        self.method = cfg.train.method
+        self.start_increment = 0
+        self.resume = resume
+
+        # shards: built once by the main process; the others wait and then read the manifest
+        if self.is_main:
+            ensure_shards(cfg.data.shards, cfg.data.build)
+        self.acc.wait_for_everyone()
+        self.manifest = Manifest.load(cfg.data.shards)
+        for inc in cfg.train.increments:
+            for a in inc.attributes:
+                self.manifest.attribute_index(a)
+        self.loader_name, why = choose_loader(cfg.data)
+        log.info("loader: %s (%s)", self.loader_name, why)
+
+        self.model: MCLFIRModel = build_model(cfg.model, cfg.data.image_size).to(self.device)
+        if cfg.model.sync_batchnorm:
+            self.model = convert_sync_batchnorm(self.model, torch.cuda.is_available())
+        self.teacher = EMATeacher(self.model.trunk, cfg.teacher.decay, cfg.teacher.warmup_steps).to(self.device)
+        self.results = new_results(to_dict(cfg), str(cfg.data.shards), self.manifest.attributes)
+        self.global_step = 0
+        if resume:
+            self._load_checkpoint()
+        self.board = Board(self.run_dir / "tensorboard") if self.is_main else None
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def _checkpoint_state(self, t: int) -> dict:
+        m = self.model
+        return {"format": "mclfir-ckpt/1", "version": __version__, "increment": t, "global_step": self.global_step,
+                "heads": m.attributes, "frozen": list(m.frozen), "model": m.state_dict(),
+                "teacher": self.teacher.state_dict(), "config": to_dict(self.cfg), "results": self.results,
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+
+    def _save_checkpoint(self, t: int) -> Path:
+        path = self.run_dir / CKPT_DIR / f"increment_{t:02d}.pt"
+        if self.is_main:
+            atomic_torch_save(path, self._checkpoint_state(t))
+        self.acc.wait_for_everyone()
+        return path
+
+    def _load_checkpoint(self) -> None:
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {self.run_dir / CKPT_DIR}")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        for a in state["heads"]:
+            self.model.add_head(a)
+        self.model.load_state_dict(state["model"])
+        self.model.freeze_heads(state["frozen"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.results = state["results"]
+        self.global_step = state["global_step"]
+        self.start_increment = state["increment"] + 1
+        log.info("resumed from %s: continuing at increment %d", path, self.start_increment)
+
+    # ---------------------------------------------------------------- evaluation
+
+    def _eval_embeddings(self, attributes: Sequence[str]):
+        loader = build_eval_loader(self.cfg.data, self.manifest, self.cfg.eval.split, self.rank, self.world,
+                                   loader=self.loader_name, device=self.device)
+        model = self.model
+        return embed_split(model, loader, attributes, self.device)
+
+    def _baselines(self) -> None:
+        all_attrs = [a for inc in self.cfg.train.increments for a in inc.attributes]
+        se = self._eval_embeddings([])
+        split = self.cfg.eval.split
+        self.results["random_map"] = random_embedding_map(self.manifest, split, se, all_attrs, self.cfg.model.embed_dim,
+                                                          seed=self.cfg.train.seed, chunk=self.cfg.eval.query_chunk)
+        if self.cfg.eval.frozen_baseline:
+            self.results["frozen_trunk_map"] = pooled_feature_map(self.manifest, split, se, all_attrs, self.cfg.eval.query_chunk)
+        log.info("random-embedding mAP: %s", {a: round(100 * v, 2) for a, v in self.results["random_map"].items()})
+        if self.cfg.eval.frozen_baseline:
+            log.info("untrained-trunk pooled-feature mAP: %s",
+                     {a: round(100 * v, 2) for a, v in self.results["frozen_trunk_map"].items()})
+
+    def _retrieval_grids(self, se, t: int) -> None:
+        cfg = self.cfg.eval
+        if cfg.grid_queries <= 0 or not self.is_main:
+            return
+        from .evaluate import query_candidate_rows
+        for h, a in enumerate(se.attributes):
+            q, c = query_candidate_rows(self.manifest, self.cfg.eval.split, a, se.keys)
+            q = q[:cfg.grid_queries]
+            if len(q) == 0 or len(c) == 0:
+                continue
+            col = self.manifest.attribute_index(a)
+            scores = se.emb[q, h] @ se.emb[c, h].t()
+            top = c[scores.topk(min(cfg.grid_topk, len(c)), dim=1).indices]
+            keys = {se.keys[i] for i in q.tolist() + top.flatten().tolist()}
+            imgs = self._raw_images(keys)
+            qi = torch.stack([imgs[se.keys[i]] for i in q.tolist()])
+            ci = torch.stack([torch.stack([imgs[se.keys[j]] for j in row]) for row in top.tolist()])
+            match = se.labels[top, col] == se.labels[q, col][:, None]
+            grid = retrieval_grid(qi, ci, match)
+            self.board.image(f"retrieval/{a}", grid, t)
+            from torchvision.io import write_png
+            out = self.run_dir / "grids" / f"increment_{t:02d}_{a}.png"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_png(grid, str(out))
+
+    def _raw_images(self, keys: set) -> Dict[str, torch.Tensor]:
+        from .data.loader_torch import IMAGENET_MEAN, IMAGENET_STD
+        loader = build_eval_loader(self.cfg.data, self.manifest, self.cfg.eval.split, 0, 1, keys=keys)
+        mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+        std = torch.tensor(IMAGENET_STD)[:, None, None]
+        out = {}
+        for b in loader:
+            for k, img in zip(b["keys"], b["images"]):
+                out[k] = ((img * std + mean).clamp(0, 1) * 255).to(torch.uint8)
+        return out
+
+    # ---------------------------------------------------------------- training
+
+    def _optimizer(self, t: int, new_attrs: Sequence[str]):
+        o = self.cfg.optim
+        global_batch = 2 * self.cfg.data.batch_doublets * self.world
+        scale = global_batch / o.lr_reference_batch if o.lr_reference_batch > 0 else 1.0
+        enc_scale = o.first_encoder_lr_scale if t == 0 else o.encoder_lr_scale
+        groups = []
+        if self.method != "frozen" and enc_scale > 0:
+            groups.append({"params": [p for p in self.model.trunk.parameters() if p.requires_grad],
+                           "lr": o.lr * scale * enc_scale, "name": "encoder"})
+        else:
+            self.model.trunk.requires_grad_(False)
+        groups.append({"params": [p for a in new_attrs for p in self.model.heads[a].parameters()],
+                       "lr": o.lr * scale, "name": "heads"})
+        return torch.optim.AdamW(groups, lr=o.lr * scale, weight_decay=o.weight_decay)
+
+    def _train_increment(self, t: int, new_attrs: List[str], old_attrs: List[str]) -> dict:
+        cfg = self.cfg
+        steps = cfg.train.steps_per_increment
+        seed_everything(epoch_seed(cfg.train.seed, t, self.rank))
+        for a in new_attrs:
+            self.model.add_head(a)
+        self.model.freeze_heads(old_attrs)
+        optimizer = self._optimizer(t, new_attrs)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
+        model, optimizer = self.acc.prepare(self.model, optimizer)
+        loss_fn = DoubletInfoNCE(cfg.loss.temperature, cfg.loss.mask_same_value, cfg.loss.multi_positive,
+                                 cfg.loss.gather, self.rank, self.world)
+        use_kd = self.method == "mclfir" and cfg.loss.kd_weight > 0
+        loader = build_train_loader(cfg.data, self.manifest, new_attrs, self.rank, self.world,
+                                    epoch_seed(cfg.train.seed, t), self.loader_name, self.device)
+        model.train()
+        it = iter(loader)
+        images_per_step = 2 * cfg.data.batch_doublets * self.world
+        t0 = time.time()
+        window_t, window_steps = time.time(), 0
+        for step in range(steps):
+            batch = next(it)
+            images = batch["images"].to(self.device, non_blocking=True)
+            task, value = batch["task"].to(self.device), batch["value"].to(self.device)
+            with self.acc.autocast():
+                emb, pooled, fmap = model(images, task, new_attrs)
+                nce, stats = loss_fn(emb, value, task, positive_index(emb.shape[0], self.device))
+                kd = torch.zeros((), device=self.device)
+                if use_kd:
+                    t_img = batch["teacher_images"].to(self.device, non_blocking=True)
+                    t_fmap = self.teacher(t_img)
+                    if cfg.loss.kd_type == "feature":
+                        kd = feature_distillation(pooled, t_fmap.mean(dim=(2, 3)))
+                    elif old_attrs:
+                        heads = self.acc.unwrap_model(model).heads
+                        kd = torch.stack([embedding_distillation(heads[a](fmap), heads[a](t_fmap)) for a in old_attrs]).mean()
+                loss = nce + cfg.loss.kd_weight * kd
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at increment {t} step {step}; lower optim.lr?")
+            self.acc.backward(loss)
+            if cfg.optim.grad_clip > 0 and self.acc.sync_gradients:
+                self.acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            self.teacher.update(self.acc.unwrap_model(model).trunk)
+            self.global_step += 1
+            window_steps += 1
+            if (step + 1) % cfg.train.log_every == 0 or step + 1 == steps:
+                dt = time.time() - window_t
+                ips = window_steps * images_per_step / max(dt, 1e-9)
+                lrs = {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(optimizer.param_groups)}
+                log.info("inc %d step %d/%d  loss %.4f  nce %.4f  kd %.5f  %.1f img/s  pool %d  %.0f ms/step",
+                         t, step + 1, steps, loss.item(), nce.item(), kd.item(), ips, stats["negative_pool"],
+                         1000 * dt / window_steps)
+                if self.board:
+                    self.board.scalars({"loss/total": loss.item(), "loss/nce": nce.item(), "loss/kd": kd.item(),
+                                        "throughput/images_per_s": ips, "train/negative_pool": stats["negative_pool"],
+                                        "train/teacher_decay": self.teacher.current_decay(), **lrs}, self.global_step)
+                window_t, window_steps = time.time(), 0
+        self.acc.wait_for_everyone()
+        train_seconds = time.time() - t0
+        del it, loader
+        self.acc.free_memory()  # drops the DDP/DeepSpeed wrapper; the next increment re-prepares
+        images = steps * images_per_step
+        return {"steps": steps, "images_seen": images, "train_seconds": train_seconds,
+                "images_per_second": images / max(train_seconds, 1e-9)}
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        if self.start_increment == 0:
+            self._baselines()
+        incs = cfg.train.increments
+        for t in range(self.start_increment, len(incs)):
+            inc = incs[t]
+            old = [a for prev in incs[:t] for a in prev.attributes]
+            log.info("=== increment %d/%d '%s': new heads %s, frozen %s", t, len(incs) - 1, inc.name,
+                     list(inc.attributes), old)
+            cost = self._train_increment(t, list(inc.attributes), old)
+            for a in inc.attributes:
+                self.results["learned_at"][a] = t
+            seen = old + list(inc.attributes)
+            se = self._eval_embeddings(seen)
+            t_eval = time.time()
+            details = evaluate_heads(self.manifest, cfg.eval.split, se, cfg.eval.query_chunk)
+            eval_seconds = se.seconds + (time.time() - t_eval)
+            row = {a: d["map"] for a, d in details.items()}
+            self.results["accuracy_matrix"].append(row)
+            self.results["map_details"].append(details)
+            metrics = continual_metrics(self.results["accuracy_matrix"], self.results["learned_at"])
+            self.results["metrics"].append(metrics)
+            cost.update({"increment": t, "name": inc.name, "eval_seconds": eval_seconds, "world_size": self.world,
+                         "device_seconds": cost["train_seconds"] * self.world, "backend": self._backend(),
+                         "global_batch": 2 * cfg.data.batch_doublets * self.world,
+                         "per_rank_batch": 2 * cfg.data.batch_doublets})
+            self.results["cost"].append(cost)
+            self.results.update({"world_size": self.world, "backend": self._backend(),
+                                 "global_batch": 2 * cfg.data.batch_doublets * self.world, "loader": self.loader_name})
+            log.info("increment %d: mAP %s | avg %.2f | train %.1fs (%.1f img/s) | eval %.1fs", t,
+                     {a: round(100 * v, 2) for a, v in row.items()}, 100 * metrics["average_map"],
+                     cost["train_seconds"], cost["images_per_second"], eval_seconds)
+            if self.board:
+                self.board.scalars({f"map/{a}": v for a, v in row.items()}, t)
+                self.board.scalars({"map/average": metrics["average_map"],
+                                    "forgetting/average": metrics["average_forgetting"],
+                                    "cost/train_seconds": cost["train_seconds"], "cost/eval_seconds": eval_seconds,
+                                    "cost/images_per_second": cost["images_per_second"],
+                                    "cost/device_seconds": cost["device_seconds"]}, t)
+                self._retrieval_grids(se, t)
+            if t == len(incs) - 1:
+                self.results["final"] = metrics
+                self.results["complete"] = True
+            self._save_checkpoint(t)
+            if self.is_main:
+                write_results(self.run_dir, self.results)
+        if self.is_main:
+            text = summary_text(self.results)
+            atomic_write_text(self.run_dir / "summary.md", text + "\n")
+            print("\n" + text + "\n", flush=True)
+            self.board.text("summary", text, len(incs))
+            self.board.close()
+        self.acc.wait_for_everyone()
+        return self.results
+
+    def _backend(self) -> str:
+        from .distributed import backend
+        ds = getattr(self.acc.state, "deepspeed_plugin", None)
+        b = backend()
+        return f"deepspeed-zero{ds.zero_stage}/{b}" if ds is not None else b
+
+
+def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:
+    return Trainer(cfg, run_dir, resume).run()

@@ -1,0 +1,136 @@
+"""Evaluation: embeddings -> per-attribute mAP (vectorised), and the continual-learning metrics.
+
+AP of a query = mean over its relevant candidates of precision at their rank; candidates are
+ranked by descending score with ties broken by candidate order (a stable sort). A query with no
+relevant candidate has no AP and is left out of the mean (counted in `queries_without_relevant`).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .data.manifest import Manifest
+from .distributed import gather_objects
+
+log = logging.getLogger(__name__)
+
+
+def average_precision(q_emb: torch.Tensor, q_lab: torch.Tensor, c_emb: torch.Tensor, c_lab: torch.Tensor,
+                      chunk: int = 256) -> torch.Tensor:
+    """AP of every query (NaN where no candidate is relevant). No Python loop over candidates."""
+    q_emb, c_emb = q_emb.float(), c_emb.float()
+    c_lab = c_lab.to(q_emb.device)
+    out = torch.empty(q_emb.shape[0], dtype=torch.float64)
+    ranks = torch.arange(1, c_emb.shape[0] + 1, dtype=torch.float64, device=q_emb.device)
+    for s in range(0, q_emb.shape[0], chunk):
+        scores = q_emb[s:s + chunk] @ c_emb.t()
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+        rel = (c_lab[order] == q_lab[s:s + chunk, None].to(q_emb.device)).double()
+        hits = rel.cumsum(dim=1)
+        n_rel = rel.sum(dim=1)
+        ap = (hits / ranks * rel).sum(dim=1) / n_rel
+        out[s:s + chunk] = torch.where(n_rel > 0, ap, torch.full_like(ap, float("nan"))).cpu()
+    return out
+
+
+def mean_average_precision(q_emb, q_lab, c_emb, c_lab, chunk: int = 256) -> Dict[str, float]:
+    ap = average_precision(q_emb, q_lab, c_emb, c_lab, chunk)
+    valid = ~torch.isnan(ap)
+    return {"map": float(ap[valid].mean()) if valid.any() else float("nan"),
+            "queries": int(valid.sum()), "queries_without_relevant": int((~valid).sum())}
+
+
+@dataclass
+class SplitEmbeddings:
+    keys: List[str]
+    labels: torch.Tensor        # N x A_total
+    emb: torch.Tensor           # N x H x D (H = attributes asked for)
+    pooled: torch.Tensor        # N x C pooled trunk features
+    attributes: List[str]
+    seconds: float
+
+
+@torch.no_grad()
+def embed_split(model, loader, attributes: Sequence[str], device: torch.device) -> SplitEmbeddings:
+    """Embed this rank's slice, then gather every rank's rows (sorted by key, so identical everywhere)."""
+    t0 = time.time()
+    was_training = model.training
+    model.eval()
+    keys, labels, embs, pooled = [], [], [], []
+    for batch in loader:
+        e, p = model.embed_all(batch["images"].to(device, non_blocking=True), attributes)
+        embs.append(e.float().cpu())
+        pooled.append(p.float().cpu())
+        labels.append(batch["labels"])
+        keys += batch["keys"]
+    model.train(was_training)
+    local = (keys, torch.cat(labels) if labels else torch.zeros(0, 0, dtype=torch.long),
+             torch.cat(embs) if embs else torch.zeros(0), torch.cat(pooled) if pooled else torch.zeros(0))
+    parts = [p for p in gather_objects(local) if len(p[0])]
+    all_keys = [k for p in parts for k in p[0]]
+    order = sorted(range(len(all_keys)), key=all_keys.__getitem__)
+    idx = torch.tensor(order, dtype=torch.long)
+    return SplitEmbeddings([all_keys[i] for i in order], torch.cat([p[1] for p in parts])[idx],
+                           torch.cat([p[2] for p in parts])[idx], torch.cat([p[3] for p in parts])[idx],
+                           list(attributes), time.time() - t0)
+
+
+def query_candidate_rows(manifest: Manifest, split: str, attribute: str, keys: Sequence[str]):
+    pos = {k: i for i, k in enumerate(keys)}
+    sets = manifest.eval_set(split, attribute)
+    q = torch.tensor([pos[k] for k in sets["query"] if k in pos], dtype=torch.long)
+    c = torch.tensor([pos[k] for k in sets["candidate"] if k in pos], dtype=torch.long)
+    return q, c
+
+
+def attribute_map(manifest: Manifest, split: str, se: SplitEmbeddings, attribute: str, emb: torch.Tensor,
+                  chunk: int = 256) -> Dict[str, float]:
+    """mAP of one attribute with per-image embeddings `emb` (N x D, rows as se.keys)."""
+    col = manifest.attribute_index(attribute)
+    q, c = query_candidate_rows(manifest, split, attribute, se.keys)
+    lab = se.labels[:, col]
+    return mean_average_precision(emb[q], lab[q], emb[c], lab[c], chunk)
+
+
+def evaluate_heads(manifest: Manifest, split: str, se: SplitEmbeddings, chunk: int = 256) -> Dict[str, dict]:
+    return {a: attribute_map(manifest, split, se, a, se.emb[:, h], chunk) for h, a in enumerate(se.attributes)}
+
+
+def random_embedding_map(manifest: Manifest, split: str, se: SplitEmbeddings, attributes: Sequence[str],
+                         dim: int = 128, seed: int = 0, chunk: int = 256) -> Dict[str, float]:
+    g = torch.Generator().manual_seed(seed)
+    rnd = torch.nn.functional.normalize(torch.randn(len(se.keys), dim, generator=g), dim=1)
+    return {a: attribute_map(manifest, split, se, a, rnd, chunk)["map"] for a in attributes}
+
+
+def pooled_feature_map(manifest: Manifest, split: str, se: SplitEmbeddings, attributes: Sequence[str],
+                       chunk: int = 256) -> Dict[str, float]:
+    feats = torch.nn.functional.normalize(se.pooled, dim=1)
+    return {a: attribute_map(manifest, split, se, a, feats, chunk)["map"] for a in attributes}
+
+
+# ---- continual-learning view -------------------------------------------------------------
+
+def continual_metrics(matrix: List[Dict[str, float]], learned_at: Dict[str, int]) -> Dict[str, object]:
+    """From R[t][attr] (mAP of attr after increment t): average mAP, forgetting, BWT at the end."""
+    T = len(matrix) - 1
+    last = matrix[T]
+    avg = float(np.mean(list(last.values()))) if last else float("nan")
+    forgetting, bwt = {}, {}
+    for a, t_a in learned_at.items():
+        if t_a >= T or a not in last:
+            continue
+        history = [matrix[t][a] for t in range(t_a, T) if a in matrix[t]]
+        forgetting[a] = max(history) - last[a]
+        bwt[a] = last[a] - matrix[t_a][a]
+    return {
+        "average_map": avg,
+        "forgetting": forgetting,
+        "average_forgetting": float(np.mean(list(forgetting.values()))) if forgetting else 0.0,
+        "bwt": float(np.mean(list(bwt.values()))) if bwt else 0.0,
+    }

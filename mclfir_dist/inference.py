@@ -1,0 +1,75 @@
+"""Evaluate a run's last checkpoint on any shard set (the `mclfir eval` command)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .config import from_dict
+from .data import build_eval_loader
+from .data.manifest import Manifest
+from .engine import latest_checkpoint
+from .evaluate import embed_split, mean_average_precision, query_candidate_rows
+from .model.mclfir import build_model
+from .utils.io import atomic_write, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+def load_run_model(run_dir: str | Path):
+    path = latest_checkpoint(Path(run_dir))
+    if path is None:
+        raise FileNotFoundError(f"no checkpoint under {Path(run_dir) / 'checkpoints'}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = from_dict(state["config"])
+    cfg.model.pretrained, cfg.model.weights = False, ""   # weights come from the checkpoint
+    model = build_model(cfg.model, cfg.data.image_size)
+    for a in state["heads"]:
+        model.add_head(a)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return model, cfg, path
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    atomic_write(path, lambda f: np.save(f, arr))
+
+
+def evaluate_run(run_dir: str, shards: str, split: str = "test", export: Optional[str] = None,
+                 json_path: Optional[str] = None) -> dict:
+    model, cfg, ckpt = load_run_model(run_dir)
+    manifest = Manifest.load(shards)
+    attrs = [a for a in model.attributes if a in manifest.attributes]
+    missing = [a for a in model.attributes if a not in manifest.attributes]
+    if not attrs:
+        raise ValueError(f"none of the run's attributes {model.attributes} is in {shards}")
+    if missing:
+        log.warning("attributes not in %s, skipped: %s", shards, missing)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    loader = build_eval_loader(cfg.data, manifest, split, 0, 1)
+    se = embed_split(model, loader, attrs, device)
+    out = {"run": str(run_dir), "checkpoint": str(ckpt), "shards": str(shards), "split": split, "map": {}, "details": {}}
+    for h, a in enumerate(attrs):
+        q, c = query_candidate_rows(manifest, split, a, se.keys)
+        lab = se.labels[:, manifest.attribute_index(a)]
+        emb = se.emb[:, h]
+        d = mean_average_precision(emb[q], lab[q], emb[c], lab[c], cfg.eval.query_chunk)
+        out["map"][a], out["details"][a] = d["map"], d
+        print(f"{a:24s} mAP {100 * d['map']:6.2f}  ({d['queries']} queries, {len(c)} candidates)")
+        if export:
+            od = Path(export) / a
+            od.mkdir(parents=True, exist_ok=True)
+            _save_npy(od / "query_emb.npy", emb[q].numpy())
+            _save_npy(od / "query_labels.npy", lab[q].numpy())
+            _save_npy(od / "cand_emb.npy", emb[c].numpy())
+            _save_npy(od / "cand_labels.npy", lab[c].numpy())
+    out["average_map"] = float(np.mean(list(out["map"].values())))
+    print(f"{'average':24s} mAP {100 * out['average_map']:6.2f}")
+    json_path = json_path or str(Path(run_dir) / f"eval_{Path(shards).name}_{split}.json")
+    atomic_write_json(json_path, out)
+    print(f"wrote {json_path}")
+    return out

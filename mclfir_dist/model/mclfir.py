@@ -1,0 +1,78 @@
+"""The MCL-FIR model: one shared trunk, one head per attribute (a ModuleDict), freezing."""
+from __future__ import annotations
+
+from typing import Iterable, List, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, ModelConfig
+from .heads import AttributeHead
+from .trunks import build_trunk
+
+
+class MCLFIRModel(nn.Module):
+    def __init__(self, trunk: nn.Module, trunk_channels: int, head_channels: int = 256, embed_dim: int = 128):
+        super().__init__()
+        self.trunk = trunk
+        self.trunk_channels = trunk_channels
+        self.head_channels, self.embed_dim = head_channels, embed_dim
+        self.heads = nn.ModuleDict()
+        self.frozen: List[str] = []
+
+    @property
+    def attributes(self) -> List[str]:
+        return list(self.heads.keys())
+
+    def add_head(self, attribute: str) -> AttributeHead:
+        if attribute in self.heads:
+            raise ValueError(f"head '{attribute}' exists already")
+        head = AttributeHead(self.trunk_channels, self.head_channels, self.embed_dim)
+        head.to(next(self.trunk.parameters()).device)
+        self.heads[attribute] = head
+        return head
+
+    def freeze_heads(self, attributes: Iterable[str]) -> None:
+        for a in attributes:
+            self.heads[a].requires_grad_(False)
+            self.heads[a].eval()
+            if a not in self.frozen:
+                self.frozen.append(a)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for a in self.frozen:
+            self.heads[a].eval()
+        return self
+
+    def forward(self, images: torch.Tensor, task: torch.Tensor, attributes: Sequence[str]
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Embed row i with the head of attributes[task[i]].
+
+        Returns (embeddings B x D, pooled trunk features B x C, trunk feature map)."""
+        fmap = self.trunk(images)
+        emb = fmap.new_zeros(images.shape[0], self.embed_dim)
+        for t, name in enumerate(attributes):
+            rows = (task == t).nonzero(as_tuple=True)[0]
+            if rows.numel():
+                emb = emb.index_copy(0, rows, self.heads[name](fmap.index_select(0, rows)).to(emb.dtype))
+        return emb, fmap.mean(dim=(2, 3)), fmap
+
+    @torch.no_grad()
+    def embed_all(self, images: torch.Tensor, attributes: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B x len(attributes) x D embeddings, B x C pooled features) for evaluation."""
+        fmap = self.trunk(images)
+        embs = [self.heads[a](fmap) for a in attributes]
+        return torch.stack(embs, dim=1) if embs else fmap.new_zeros(images.shape[0], 0, self.embed_dim), fmap.mean(dim=(2, 3))
+
+
+def build_model(cfg: ModelConfig, image_size: int) -> MCLFIRModel:
+    trunk, channels = build_trunk(cfg, image_size)
+    return MCLFIRModel(trunk, channels, cfg.head_channels, cfg.embed_dim)
+
+
+def convert_sync_batchnorm(model: nn.Module, on_gpu: bool) -> nn.Module:
+    if not on_gpu:
+        raise ConfigError("model.sync_batchnorm=true needs GPUs: PyTorch's SyncBatchNorm only works on CUDA "
+                          "modules. Set model.sync_batchnorm=false for CPU runs.")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)

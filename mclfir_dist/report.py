@@ -1,0 +1,93 @@
+"""`mclfir report RUN_DIR...`: per-run tables and cross-run comparison, markdown + PNG plots."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from .results import RESULTS_NAME, fmt, markdown_table, summary_text
+from .utils.io import atomic_write_text
+
+
+def load_results(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / RESULTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {RESULTS_NAME} in {run_dir}")
+    return json.loads(path.read_text())
+
+
+def comparison_table(runs: Sequence[str], results: Sequence[dict]) -> str:
+    rows = [["run", "method", "avg mAP", "avg forgetting", "BWT", "train s", "device-s", "eval s"]]
+    for r, res in zip(runs, results):
+        m = res["metrics"][-1] if res["metrics"] else {}
+        rows.append([Path(r).name, res["config"]["train"]["method"], fmt(m.get("average_map")),
+                     fmt(m.get("average_forgetting")), fmt(m.get("bwt")),
+                     f"{sum(c['train_seconds'] for c in res['cost']):.1f}",
+                     f"{sum(c['device_seconds'] for c in res['cost']):.1f}",
+                     f"{sum(c['eval_seconds'] for c in res['cost']):.1f}"])
+    return markdown_table(rows)
+
+
+def plot_matrix(res: dict, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    attrs = [a for inc in res["increments"] for a in inc["attributes"]]
+    mat = np.full((len(res["accuracy_matrix"]), len(attrs)), np.nan)
+    for t, row in enumerate(res["accuracy_matrix"]):
+        for j, a in enumerate(attrs):
+            if a in row:
+                mat[t, j] = 100 * row[a]
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(attrs), 1.0 + 0.6 * len(mat)))
+    im = ax.imshow(mat, cmap="viridis", vmin=0, vmax=100)
+    for t in range(mat.shape[0]):
+        for j in range(mat.shape[1]):
+            if not np.isnan(mat[t, j]):
+                ax.text(j, t, f"{mat[t, j]:.1f}", ha="center", va="center", color="w", fontsize=8)
+    ax.set_xticks(range(len(attrs)), attrs, rotation=30, ha="right")
+    ax.set_yticks(range(mat.shape[0]), [f"after {t}" for t in range(mat.shape[0])])
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="mAP %")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_cost(runs: Sequence[str], results: Sequence[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r, res in zip(runs, results):
+        xs, ys, total = [], [], 0.0
+        for c, m in zip(res["cost"], res["metrics"]):
+            total += c["train_seconds"]
+            xs.append(total)
+            ys.append(100 * m["average_map"])
+        ax.plot(xs, ys, marker="o", label=f"{Path(r).name} ({res['config']['train']['method']})")
+    ax.set_xlabel("cumulative training seconds")
+    ax.set_ylabel("average mAP over seen attributes (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(runs: List[str], out: Optional[str] = None) -> str:
+    results = [load_results(r) for r in runs]
+    out_dir = Path(out or runs[0])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = ["# MCL-FIR report", "## Comparison", comparison_table(runs, results)]
+    for r, res in zip(runs, results):
+        name = Path(r).name
+        png = out_dir / f"matrix_{name}.png"
+        plot_matrix(res, png, name)
+        parts += [f"## {name}", summary_text(res), f"![accuracy matrix]({png.name})"]
+    plot_cost(runs, results, out_dir / "map_vs_cost.png")
+    parts.append("![average mAP vs cumulative training cost](map_vs_cost.png)")
+    text = "\n\n".join(parts) + "\n"
+    atomic_write_text(out_dir / "report.md", text)
+    print(text)
+    return text

@@ -1,0 +1,135 @@
+"""Run results: the results.json record, readable tables, TensorBoard, retrieval grids."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .utils.io import atomic_write_json
+
+RESULTS_NAME = "results.json"
+
+
+def fmt(x: Optional[float], pct: bool = True) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{100 * x:.2f}" if pct else f"{x:.2f}"
+
+
+def new_results(config: dict, shards: str, manifest_attrs: Sequence[str]) -> dict:
+    return {
+        "format": "mclfir-results/1",
+        "complete": False,
+        "config": config,
+        "shards": shards,
+        "eval_split": config["eval"]["split"],
+        "increments": [{"index": i, "name": inc["name"], "attributes": list(inc["attributes"])}
+                       for i, inc in enumerate(config["train"]["increments"])],
+        "learned_at": {},
+        "accuracy_matrix": [],       # R[t] = {attribute: mAP after increment t}
+        "map_details": [],           # per increment: {attribute: {map, queries, queries_without_relevant}}
+        "random_map": {},
+        "frozen_trunk_map": {},
+        "cost": [],                  # per increment (see engine)
+        "metrics": [],               # continual metrics after each increment
+        "final": {},
+    }
+
+
+def write_results(run_dir: str | Path, results: dict) -> None:
+    atomic_write_json(Path(run_dir) / RESULTS_NAME, results)
+
+
+def accuracy_table(results: dict) -> str:
+    attrs = [a for inc in results["increments"] for a in inc["attributes"]]
+    head = ["after increment"] + attrs + ["avg mAP"]
+    rows = [head]
+    for t, row in enumerate(results["accuracy_matrix"]):
+        name = results["increments"][t]["name"]
+        avg = results["metrics"][t]["average_map"] if t < len(results["metrics"]) else None
+        rows.append([f"{t}: {name}"] + [fmt(row.get(a)) for a in attrs] + [fmt(avg)])
+    if results.get("random_map"):
+        rows.append(["random embeddings"] + [fmt(results["random_map"].get(a)) for a in attrs] + [""])
+    if results.get("frozen_trunk_map"):
+        rows.append(["frozen trunk (pooled)"] + [fmt(results["frozen_trunk_map"].get(a)) for a in attrs] + [""])
+    return markdown_table(rows)
+
+
+def cost_table(results: dict) -> str:
+    rows = [["increment", "steps", "images", "train s", "images/s", "eval s", "world", "device-s"]]
+    for c in results["cost"]:
+        rows.append([f"{c['increment']}: {c['name']}", str(c["steps"]), str(c["images_seen"]), f"{c['train_seconds']:.1f}",
+                     f"{c['images_per_second']:.1f}", f"{c['eval_seconds']:.1f}", str(c["world_size"]),
+                     f"{c['device_seconds']:.1f}"])
+    if results["cost"]:
+        tot = lambda k: sum(c[k] for c in results["cost"])
+        rows.append(["total", str(tot("steps")), str(tot("images_seen")), f"{tot('train_seconds'):.1f}", "",
+                     f"{tot('eval_seconds'):.1f}", "", f"{tot('device_seconds'):.1f}"])
+    return markdown_table(rows)
+
+
+def summary_text(results: dict) -> str:
+    parts = [f"## mAP (%) on the {results['eval_split']} split, accuracy matrix", accuracy_table(results)]
+    if results["metrics"]:
+        m = results["metrics"][-1]
+        forg = ", ".join(f"{a} {fmt(v)}" for a, v in m["forgetting"].items()) or "-"
+        parts.append(f"average mAP {fmt(m['average_map'])} | average forgetting {fmt(m['average_forgetting'])} "
+                     f"({forg}) | BWT {fmt(m['bwt'])}")
+    parts += ["## cost per increment", cost_table(results)]
+    return "\n\n".join(parts)
+
+
+def markdown_table(rows: List[List[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(rows[0]), sep] + [line(r) for r in rows[1:]])
+
+
+class Board:
+    """TensorBoard writer that exists on the main process only (a no-op elsewhere)."""
+
+    def __init__(self, log_dir: Optional[Path]):
+        self.writer = None
+        if log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(log_dir))
+
+    def scalars(self, values: Dict[str, float], step: int) -> None:
+        if self.writer:
+            for k, v in values.items():
+                if v is not None and not (isinstance(v, float) and math.isnan(v)):
+                    self.writer.add_scalar(k, v, step)
+
+    def image(self, tag: str, img: torch.Tensor, step: int) -> None:
+        if self.writer:
+            self.writer.add_image(tag, img, step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.writer:
+            self.writer.add_text(tag, text, step)
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.flush()
+            self.writer.close()
+
+
+def retrieval_grid(query_imgs: torch.Tensor, cand_imgs: torch.Tensor, matches: torch.Tensor, pad: int = 3) -> torch.Tensor:
+    """Rows: query (blue frame) then its top-k (green = same value, red = miss). uint8 tensors in, 3xHxW out."""
+    from torchvision.utils import make_grid
+    colours = {"q": (40, 90, 230), True: (30, 180, 60), False: (220, 40, 40)}
+
+    def framed(img: torch.Tensor, colour) -> torch.Tensor:
+        out = torch.empty(3, img.shape[1] + 2 * pad, img.shape[2] + 2 * pad, dtype=torch.uint8)
+        out[:] = torch.tensor(colour, dtype=torch.uint8)[:, None, None]
+        out[:, pad:-pad, pad:-pad] = img
+        return out
+
+    cells = []
+    for qi in range(query_imgs.shape[0]):
+        cells.append(framed(query_imgs[qi], colours["q"]))
+        cells += [framed(cand_imgs[qi, k], colours[bool(matches[qi, k])]) for k in range(cand_imgs.shape[1])]
+    return make_grid(torch.stack(cells), nrow=1 + cand_imgs.shape[1], padding=2, pad_value=255)

@@ -1,0 +1,34 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+REAL_DATA = ROOT.parent / "shared" / "data" / "fashion-product-images"
+torch.set_num_threads(2)
+
+
+def tiny_build_config(num_images=400, image_size=32, seed=0):
+    from mclfir_dist.config import ShardBuildConfig
+    cfg = ShardBuildConfig(min_value_count=5, samples_per_shard=100, seed=seed)
+    cfg.synthetic.num_images, cfg.synthetic.image_size, cfg.synthetic.seed = num_images, image_size, seed
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory):
+    """A small synthetic shard set shared by the tests that only read it."""
+    from mclfir_dist.data.shards import build_from_config
+    out = tmp_path_factory.mktemp("shards") / "tiny"
+    build_from_config(tiny_build_config(), out)
+    return out
+
+
+def tiny_train_overrides(shards, steps=30, increments="[{name: a, attributes: [colour]},{name: b, attributes: [garment_length]}]"):
+    return [f"data.shards={shards}", "data.image_size=32", "data.batch_doublets=16", "data.num_workers=0",
+            "data.eval_batch_size=64", "model.head_channels=64", "model.embed_dim=32",
+            f"train.steps_per_increment={steps}", "train.log_every=10", f"train.increments={increments}",
+            "optim.lr=1e-3", "optim.encoder_lr_scale=0.3", "teacher.decay=0.99", "eval.grid_queries=2"]

@@ -1,0 +1,100 @@
+"""End to end on tiny synthetic data: 2 increments, results.json, resume, eval export, report."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, tiny_train_overrides
+from mclfir_dist.config import load_config
+from mclfir_dist.engine import train
+from mclfir_dist.evaluate import mean_average_precision
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_shards, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    cfg = load_config(ROOT / "configs/debug_cpu.yaml", tiny_train_overrides(tiny_shards))
+    results = train(cfg, run)
+    return run, results
+
+
+def test_two_increments_beat_random_and_results_are_complete(tiny_run):
+    run, results = tiny_run
+    on_disk = json.loads((run / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    assert on_disk["complete"] and on_disk["shards"]
+    assert [i["attributes"] for i in on_disk["increments"]] == [["colour"], ["garment_length"]]
+    R = on_disk["accuracy_matrix"]
+    assert list(R[0]) == ["colour"] and set(R[1]) == {"colour", "garment_length"}
+    for a, m in R[1].items():
+        assert m > on_disk["random_map"][a] + 0.15, (a, m, on_disk["random_map"][a])
+    final = on_disk["final"]
+    assert {"average_map", "forgetting", "average_forgetting", "bwt"} <= set(final)
+    for c in on_disk["cost"]:
+        for k in ("train_seconds", "eval_seconds", "images_seen", "images_per_second", "world_size", "device_seconds"):
+            assert c[k] > 0 if k != "world_size" else c[k] == 1
+        assert c["images_seen"] == 30 * 32
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["increment_00.pt", "increment_01.pt"]
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run / "grids" / "increment_01_garment_length.png").is_file()
+    assert (run / "summary.md").read_text().count("|") > 20
+
+
+def test_tensorboard_has_losses_map_cost_and_grids(tiny_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run, _ = tiny_run
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for t in ("loss/nce", "loss/kd", "loss/total", "lr/heads", "lr/encoder", "throughput/images_per_s",
+              "map/colour", "map/garment_length", "cost/train_seconds", "cost/eval_seconds"):
+        assert t in tags["scalars"], t
+    assert "retrieval/colour" in tags["images"]
+
+
+def test_resume_matches_uninterrupted_run(tiny_run, tmp_path):
+    run, results = tiny_run
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    (broken / "checkpoints" / "increment_01.pt").unlink()   # as if the job died during increment 1
+    (broken / "results.json").unlink()
+    cfg = load_config(broken / "config.yaml")
+    resumed = train(cfg, broken, resume=True)
+    for a, m in results["accuracy_matrix"][1].items():
+        assert resumed["accuracy_matrix"][1][a] == pytest.approx(m, abs=1e-6)
+    assert resumed["final"]["average_map"] == pytest.approx(results["final"]["average_map"], abs=1e-6)
+
+
+def test_eval_exports_embeddings_that_reproduce_map(tiny_run, tiny_shards, tmp_path):
+    from mclfir_dist.cli import main
+    run, results = tiny_run
+    out = tmp_path / "export"
+    assert main(["eval", "--run", str(run), "--shards", str(tiny_shards), "--export", str(out)]) == 0
+    report = json.loads((run / f"eval_{Path(tiny_shards).name}_test.json").read_text())
+    for a in ("colour", "garment_length"):
+        d = out / a
+        q, ql, c, cl = (np.load(d / f) for f in ("query_emb.npy", "query_labels.npy", "cand_emb.npy", "cand_labels.npy"))
+        import torch
+        m = mean_average_precision(*(torch.from_numpy(x) for x in (q, ql, c, cl)))["map"]
+        assert m == pytest.approx(report["map"][a], abs=1e-9)
+        assert m == pytest.approx(results["accuracy_matrix"][-1][a], abs=1e-5)
+
+
+def test_report_writes_table_and_plots(tiny_run, tmp_path):
+    from mclfir_dist.cli import main
+    run, _ = tiny_run
+    assert main(["report", str(run), "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "avg mAP" in text and "colour" in text
+    assert (tmp_path / "map_vs_cost.png").stat().st_size > 1000
+    assert (tmp_path / f"matrix_{run.name}.png").stat().st_size > 1000
+
+
+def test_train_module_entry_point_errors_cleanly(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "mclfir_dist.train", "--config", str(ROOT / "configs/debug_cpu.yaml"),
+                        "--out", str(tmp_path / "r"), "train.nonsense=1"], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 2 and "train.nonsense" in p.stderr and "Traceback" not in p.stderr

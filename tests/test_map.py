@@ -1,0 +1,61 @@
+"""mAP against a slow, obviously-correct reference."""
+import math
+
+import pytest
+import torch
+
+from mclfir_dist.evaluate import average_precision, continual_metrics, mean_average_precision
+
+
+def reference_ap(q_emb, q_lab, c_emb, c_lab):
+    aps = []
+    for i in range(len(q_emb)):
+        scores = [float(sum(a * b for a, b in zip(q_emb[i].tolist(), c_emb[j].tolist()))) for j in range(len(c_emb))]
+        ranking = sorted(range(len(c_emb)), key=lambda j: (-scores[j], j))  # ties: candidate order
+        hits, precisions = 0, []
+        for r, j in enumerate(ranking, start=1):
+            if int(c_lab[j]) == int(q_lab[i]):
+                hits += 1
+                precisions.append(hits / r)
+        aps.append(sum(precisions) / len(precisions) if precisions else float("nan"))
+    return aps
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_map_matches_reference_with_ties_and_empty_queries(seed):
+    g = torch.Generator().manual_seed(seed)
+    # integer-valued embeddings in {-1,0,1}: dot products are exact, so ties are real ties
+    q = torch.randint(-1, 2, (23, 4), generator=g).float()
+    c = torch.randint(-1, 2, (57, 4), generator=g).float()
+    c[10:20] = c[0]  # duplicated candidates => tied scores with different labels
+    ql = torch.randint(0, 4, (23,), generator=g)
+    cl = torch.randint(0, 4, (57,), generator=g)  # value 4 never among candidates: queries with no relevant one
+    ql[:3] = 4
+    got = average_precision(q, ql, c, cl, chunk=5)
+    ref = reference_ap(q, ql, c, cl)
+    for a, b in zip(got.tolist(), ref):
+        if math.isnan(b):
+            assert math.isnan(a)
+        else:
+            assert a == pytest.approx(b, abs=1e-12)
+    m = mean_average_precision(q, ql, c, cl, chunk=7)
+    valid = [b for b in ref if not math.isnan(b)]
+    assert m["map"] == pytest.approx(sum(valid) / len(valid), abs=1e-12)
+    assert m["queries_without_relevant"] == 3 and m["queries"] == 20
+
+
+def test_perfect_and_worst_ranking():
+    c = torch.eye(4)
+    cl = torch.tensor([0, 1, 2, 3])
+    assert mean_average_precision(torch.eye(4), cl, c, cl)["map"] == 1.0
+    # relevant item ranked last of 4 => AP = 1/4
+    q = torch.tensor([[0.0, 1.0, 1.0, 1.0]])
+    assert average_precision(q, torch.tensor([0]), c, cl).item() == pytest.approx(0.25)
+
+
+def test_continual_metrics():
+    R = [{"a": 0.8}, {"a": 0.7, "b": 0.6}, {"a": 0.75, "b": 0.5, "c": 0.9}]
+    m = continual_metrics(R, {"a": 0, "b": 1, "c": 2})
+    assert m["average_map"] == pytest.approx((0.75 + 0.5 + 0.9) / 3)
+    assert m["forgetting"] == pytest.approx({"a": 0.05, "b": 0.1})
+    assert m["bwt"] == pytest.approx(((0.75 - 0.8) + (0.5 - 0.6)) / 2)

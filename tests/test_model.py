@@ -1,0 +1,64 @@
+"""Trunks, heads and freezing."""
+import pytest
+import torch
+
+from mclfir_dist.config import ConfigError, ModelConfig
+from mclfir_dist.model.mclfir import build_model, convert_sync_batchnorm
+
+
+def test_resnet_cut_shapes():
+    m = build_model(ModelConfig(trunk="resnet18", cut="layer3", head_channels=32, embed_dim=16), 64)
+    assert m.trunk(torch.randn(2, 3, 64, 64)).shape == (2, 256, 4, 4)
+    full = build_model(ModelConfig(trunk="resnet18", cut="full"), 64)
+    assert full.trunk(torch.randn(1, 3, 64, 64)).shape[1] == 512
+
+
+def test_efficientnet_lite0_pretrained_loads_offline():
+    from mclfir_dist.model.trunks import lite0_weights_path
+    m = build_model(ModelConfig(trunk="efficientnet_lite0", pretrained=True, head_channels=32, embed_dim=16), 96)
+    ref = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
+    torch.testing.assert_close(m.trunk.net._conv_stem.weight, ref["_conv_stem.weight"])
+    assert m.trunk(torch.randn(1, 3, 96, 96)).shape == (1, 1280, 3, 3)
+
+
+def test_local_weights_file(tmp_path):
+    import torchvision
+    r = torchvision.models.resnet18()
+    torch.save(r.state_dict(), tmp_path / "w.pt")
+    m = build_model(ModelConfig(trunk="resnet18", weights=str(tmp_path / "w.pt")), 64)
+    torch.testing.assert_close(m.trunk.stem[0].weight, r.conv1.weight)
+    with pytest.raises(ConfigError, match="not found"):
+        build_model(ModelConfig(trunk="resnet18", weights=str(tmp_path / "missing.pt")), 64)
+    with pytest.raises(ConfigError, match="no offline ImageNet weights"):
+        build_model(ModelConfig(trunk="resnet50", pretrained=True), 64)
+
+
+def test_frozen_heads_stay_bit_identical_while_training():
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(trunk="resnet18", head_channels=32, embed_dim=16), 32)
+    m.add_head("old")
+    m.train()
+    x = torch.randn(8, 3, 32, 32)
+    m(x, torch.zeros(8, dtype=torch.long), ["old"])  # populate BN stats like a real first increment
+    m.freeze_heads(["old"])
+    m.add_head("new")
+    snapshot = {k: v.clone() for k, v in m.heads["old"].state_dict().items()}
+    params = [p for p in m.parameters() if p.requires_grad]
+    assert not any(p is q for p in params for q in m.heads["old"].parameters())
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        m.train()
+        emb, pooled, fmap = m(x, torch.zeros(8, dtype=torch.long), ["new"])
+        old = m.heads["old"](fmap)  # used for distillation: gradients pass through, weights do not move
+        (emb.sum() + old.sum()).backward()
+        opt.step()
+        opt.zero_grad()
+    for k, v in m.heads["old"].state_dict().items():
+        assert torch.equal(v, snapshot[k]), k
+    assert not m.heads["old"].training
+
+
+def test_sync_batchnorm_refused_on_cpu():
+    m = build_model(ModelConfig(), 32)
+    with pytest.raises(ConfigError, match="SyncBatchNorm"):
+        convert_sync_batchnorm(m, on_gpu=False)

@@ -1,0 +1,47 @@
+"""Doublet batching and per-rank stream partitioning."""
+import numpy as np
+import pytest
+import torch
+
+from mclfir_dist.data.manifest import Manifest
+from mclfir_dist.data.pairing import DoubletBatcher, positive_index
+from mclfir_dist.data.streams import iter_partition
+
+
+def fake_samples(n, n_attr=2, seed=0):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        lab = rng.integers(-1, 3, size=n_attr)
+        yield {"key": f"k{i}", "labels": lab, "image": torch.full((3, 2, 2), float(i))}
+
+
+def test_every_anchor_has_a_positive_and_tasks_are_balanced():
+    batcher = DoubletBatcher([0, 1], batch_doublets=6)
+    batches = list(batcher.batches(fake_samples(500)))
+    assert len(batches) > 5
+    for b in batches:
+        assert b["images"].shape[0] == 12
+        pos = positive_index(12)
+        assert torch.equal(b["value"], b["value"][pos])
+        assert torch.equal(b["task"], b["task"][pos])
+        assert (b["value"] >= 0).all()
+        assert (b["task"] == 0).sum() == 6 and (b["task"] == 1).sum() == 6
+        assert len(set(b["keys"])) == 12  # an image is never its own positive
+
+
+@pytest.mark.parametrize("world,workers", [(2, 1), (2, 2), (3, 1), (8, 1)])
+def test_streams_partition_each_epoch(tiny_shards, world, workers):
+    m = Manifest.load(tiny_shards)
+    shards = m.shard_files("train")
+    n_streams = world * workers
+    for epoch in (0, 1):
+        seen = []
+        for stream in range(n_streams):
+            seen += [s["__key__"] for s in iter_partition(shards, stream, n_streams, seed=5, epoch=epoch)]
+        assert len(seen) == len(set(seen)) == m.count("train")
+
+
+def test_epochs_reshuffle(tiny_shards):
+    m = Manifest.load(tiny_shards)
+    order = lambda e: [s["__key__"] for s in iter_partition(m.shard_files("train"), 0, 2, seed=5, epoch=e)]
+    assert order(0) != order(1) or len(m.shard_files("train")) < 3
