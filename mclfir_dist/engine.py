@@ -59,7 +59,13 @@ def build_accelerator(cfg: RunConfig):
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         init.backend = "gloo"  # without it DeepSpeed-on-CPU ranks each believe they are rank 0 of 1
     ddp = DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=True)
-    acc = Accelerator(mixed_precision=cfg.train.mixed_precision, kwargs_handlers=[init, ddp])
+    # Without CUDA, Accelerate only wraps models in DDP (MULTI_CPU) when told cpu=True; otherwise
+    # `--multi_gpu` on a CPU box initialises gloo but leaves every rank training alone.
+    use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    acc = Accelerator(mixed_precision=cfg.train.mixed_precision, kwargs_handlers=[init, ddp],
+                      cpu=not torch.cuda.is_available() and not use_deepspeed)
+    if acc.num_processes > 1 and acc.distributed_type.value == "NO":
+        raise RuntimeError(f"{acc.num_processes} processes but Accelerate chose no distributed wrapper")
     if acc.num_processes > 1:
         import torch.distributed as dist
         dist.set_timeout(timedelta(seconds=cfg.train.dist_step_timeout_s))
@@ -115,6 +121,7 @@ class Trainer:
         self.loader_name, why = choose_loader(cfg.data)
         log.info("loader: %s (%s)", self.loader_name, why)
 
+        seed_everything(cfg.train.seed)  # same initial weights on every rank (the teacher copies them)
         self.model: MCLFIRModel = build_model(cfg.model, cfg.data.image_size).to(self.device)
         if cfg.model.sync_batchnorm:
             self.model = convert_sync_batchnorm(self.model, torch.cuda.is_available())
@@ -236,12 +243,16 @@ class Trainer:
     def _train_increment(self, t: int, new_attrs: List[str], old_attrs: List[str]) -> dict:
         cfg = self.cfg
         steps = cfg.train.steps_per_increment
-        seed_everything(epoch_seed(cfg.train.seed, t, self.rank))
+        seed_everything(epoch_seed(cfg.train.seed, t))  # new heads: identical on every rank
         for a in new_attrs:
             self.model.add_head(a)
+        seed_everything(epoch_seed(cfg.train.seed, t, self.rank))  # per-rank randomness from here on
         self.model.freeze_heads(old_attrs)
         optimizer = self._optimizer(t, new_attrs)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
+        ds = getattr(self.acc.state, "deepspeed_plugin", None)
+        if ds is not None:  # no dataloader goes through prepare(), so DeepSpeed cannot infer the micro batch
+            ds.deepspeed_config["train_micro_batch_size_per_gpu"] = 2 * cfg.data.batch_doublets
         model, optimizer = self.acc.prepare(self.model, optimizer)
         loss_fn = DoubletInfoNCE(cfg.loss.temperature, cfg.loss.mask_same_value, cfg.loss.multi_positive,
                                  cfg.loss.gather, self.rank, self.world)
@@ -253,7 +264,10 @@ class Trainer:
         images_per_step = 2 * cfg.data.batch_doublets * self.world
         t0 = time.time()
         window_t, window_steps = time.time(), 0
+        fault = _fault_injection()
         for step in range(steps):
+            if fault == (self.rank, step):
+                raise RuntimeError(f"injected fault on rank {self.rank} at step {step} (MCLFIR_FAULT_RANK/STEP)")
             batch = next(it)
             images = batch["images"].to(self.device, non_blocking=True)
             task, value = batch["task"].to(self.device), batch["value"].to(self.device)
@@ -299,7 +313,27 @@ class Trainer:
         self.acc.free_memory()  # drops the DDP/DeepSpeed wrapper; the next increment re-prepares
         images = steps * images_per_step
         return {"steps": steps, "images_seen": images, "train_seconds": train_seconds,
-                "images_per_second": images / max(train_seconds, 1e-9)}
+                "images_per_second": images / max(train_seconds, 1e-9),
+                "teacher_rank_max_diff": self._teacher_rank_diff()}
+
+    def _sync_buffers(self) -> None:
+        """BatchNorm statistics are updated from each rank's own last batch; take rank 0's everywhere."""
+        from .distributed import is_distributed
+        if is_distributed():
+            import torch.distributed as dist
+            for buf in list(self.model.buffers()) + list(self.teacher.module.buffers()):
+                dist.broadcast(buf.data, src=0)
+
+    def _teacher_rank_diff(self) -> float:
+        """Max difference of teacher checksums (parameters and buffers) across ranks; 0.0 = identical."""
+        from .distributed import gather_objects
+        self._sync_buffers()
+        with torch.no_grad():
+            tensors = list(self.teacher.module.parameters()) + list(self.teacher.module.buffers())
+            flat = torch.cat([p.detach().double().flatten().cpu() for p in tensors])
+            sums = (flat.sum().item(), flat.pow(2).sum().item(), flat[::97].sum().item())
+        parts = gather_objects(sums)
+        return max(abs(a - b) for p in parts for a, b in zip(p, parts[0]))
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -362,6 +396,13 @@ class Trainer:
         ds = getattr(self.acc.state, "deepspeed_plugin", None)
         b = backend()
         return f"deepspeed-zero{ds.zero_stage}/{b}" if ds is not None else b
+
+
+def _fault_injection():
+    """(rank, step) at which to raise, from MCLFIR_FAULT_RANK/MCLFIR_FAULT_STEP (tests of failure handling)."""
+    if "MCLFIR_FAULT_RANK" not in os.environ:
+        return None
+    return int(os.environ["MCLFIR_FAULT_RANK"]), int(os.environ.get("MCLFIR_FAULT_STEP", "0"))
 
 
 def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict:

@@ -1,0 +1,151 @@
+"""Multi-process checks on CPU (gloo): each test starts 2 real processes."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, tiny_train_overrides
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def run(cmd, timeout=600):
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return p
+
+
+@pytest.fixture(scope="module")
+def equivalence(tiny_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eq") / "eq.json"
+    p = run([str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node", "2",
+             str(ROOT / "tests/dist/check_equivalence.py"), str(out), str(tiny_shards)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("variant", ["plain", "mask_same_value", "multi_positive"])
+def test_gathered_infonce_matches_single_process(equivalence, variant):
+    r = equivalence
+    assert r["world_size"] == 2 and r[f"{variant}_global_batch"] == 16
+    assert r[f"{variant}_loss_diff"] <= 1e-5
+    assert r[f"{variant}_grad_diff"] <= 1e-5
+    assert r[f"{variant}_grad_scale"] > 0.1  # the gradients compared are not trivially zero
+
+
+def test_gather_without_grad_would_be_wrong(equivalence):
+    assert equivalence["nograd_gather_grad_diff"] > 1e-2
+
+
+def test_rank_streams_partition_every_epoch(equivalence):
+    r = equivalence
+    for e in (0, 1):
+        assert r[f"epoch{e}_union"] == r[f"epoch{e}_total_reads"] == r["train_count"]
+        assert all(n > 0 for n in r[f"epoch{e}_per_rank"])
+
+
+def test_distributed_eval_equals_single_process(equivalence):
+    r = equivalence
+    assert r["eval_rows"] > 0
+    for a, m in r["eval_map_single"].items():
+        assert r["eval_map_dist"][a] == pytest.approx(m, abs=1e-12)
+
+
+def test_teacher_identical_on_every_rank(equivalence):
+    assert equivalence["teacher_updates"] == 5 and equivalence["teacher_rank_diff"] == 0.0
+
+
+def accelerate_train(config_file, out, overrides, extra=()):
+    cmd = [str(VENV_BIN / "accelerate"), "launch", "--config_file", str(ROOT / config_file), *extra,
+           "-m", "mclfir_dist.train", "--config", str(ROOT / "configs/debug_cpu.yaml"), "--out", str(out), *overrides]
+    return run(cmd, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tiny_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    p = accelerate_train("launch/cpu_2proc.yaml", out, tiny_train_overrides(tiny_shards))
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
+    return out, json.loads((out / "results.json").read_text()), p
+
+
+def test_two_process_ddp_run(ddp_run):
+    out, res, p = ddp_run
+    assert res["world_size"] == 2 and res["backend"] == "gloo"
+    assert res["complete"] and len(res["accuracy_matrix"]) == 2
+    assert res["global_batch"] == 2 * 2 * 16
+    for a, m in res["accuracy_matrix"][-1].items():
+        assert m > res["random_map"][a] + 0.15, (a, m)
+    for c in res["cost"]:
+        assert c["world_size"] == 2
+        assert c["device_seconds"] == pytest.approx(2 * c["train_seconds"])
+        assert c["images_seen"] == 30 * 64
+        assert c["teacher_rank_max_diff"] == 0.0
+    # only the main process writes: one event file, one results file
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
+
+
+def test_checkpoint_moves_between_world_sizes(ddp_run, tiny_shards, tmp_path):
+    """A 2-process checkpoint resumes in 1 process, and a 1-process one in 2 processes."""
+    out, res, _ = ddp_run
+    two_to_one = tmp_path / "two_to_one"
+    shutil.copytree(out, two_to_one)
+    (two_to_one / "checkpoints" / "increment_01.pt").unlink()
+    p = run([sys.executable, "-m", "mclfir_dist.train", "--resume", str(two_to_one)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    r1 = json.loads((two_to_one / "results.json").read_text())
+    assert r1["complete"] and r1["cost"][0]["world_size"] == 2 and r1["cost"][1]["world_size"] == 1
+
+    one = tmp_path / "one"
+    p = run([sys.executable, "-m", "mclfir_dist.train", "--config", str(ROOT / "configs/debug_cpu.yaml"), "--out", str(one),
+             *tiny_train_overrides(tiny_shards, steps=10)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    (one / "checkpoints" / "increment_01.pt").unlink()
+    p = run([str(VENV_BIN / "accelerate"), "launch", "--config_file", str(ROOT / "launch/cpu_2proc.yaml"),
+             "-m", "mclfir_dist.train", "--resume", str(one)], timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r2 = json.loads((one / "results.json").read_text())
+    assert r2["complete"] and r2["cost"][0]["world_size"] == 1 and r2["cost"][1]["world_size"] == 2
+
+
+def test_failing_rank_brings_the_job_down(tiny_shards, tmp_path):
+    env_fail = {"MCLFIR_FAULT_RANK": "1", "MCLFIR_FAULT_STEP": "3"}
+    os.environ.update(env_fail)
+    try:
+        p = accelerate_train("launch/cpu_2proc.yaml", tmp_path / "r", tiny_train_overrides(tiny_shards, steps=20))
+    finally:
+        for k in env_fail:
+            os.environ.pop(k)
+    assert p.returncode != 0
+    assert "injected fault on rank 1" in p.stdout + p.stderr
+    assert not (tmp_path / "r" / "results.json").exists()
+
+
+def test_deepspeed_zero2_run(tiny_shards, tmp_path):
+    out = tmp_path / "ds"
+    p = accelerate_train("launch/deepspeed_zero2_cpu.yaml", out, tiny_train_overrides(tiny_shards, steps=20))
+    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
+    res = json.loads((out / "results.json").read_text())
+    assert res["world_size"] == 2 and res["backend"].startswith("deepspeed-zero2")
+    assert res["complete"] and len(res["accuracy_matrix"]) == 2
+    assert all(c["teacher_rank_max_diff"] == 0.0 for c in res["cost"])
+
+
+def test_zero3_refused_with_clear_message(tiny_shards, tmp_path):
+    cfg = tmp_path / "z3.json"
+    cfg.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
+                               "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True}))
+    p = accelerate_train("launch/deepspeed_zero2_cpu.yaml", tmp_path / "z3", tiny_train_overrides(tiny_shards, steps=5),
+                         extra=["--deepspeed_config_file", str(cfg)])
+    assert p.returncode != 0
+    assert "ZeRO stage 3 is not supported" in p.stdout + p.stderr
