@@ -122,7 +122,10 @@ class IncrementConfig:
 
 @dataclass
 class TrainConfig:
-    method: str = _f("mclfir", "mclfir | finetune (no teacher/KD).")
+    method: str = _f("mclfir", "mclfir (EMA teacher + distillation) | finetune (no teacher, no KD) | "
+                              "lwf (distil old heads' outputs from the model frozen at the previous increment) | "
+                              "frozen (pretrained trunk frozen, heads only) | static_joint (retrain from the initial "
+                              "trunk on all attributes seen so far at every increment, budget x increments seen).")
     increments: List[IncrementConfig] = _f([], "Ordered increments; each adds heads.")
     steps_per_increment: int = _f(200, "Optimizer steps of each increment (training stops on steps).")
     mixed_precision: str = _f("no", "no | bf16 | fp16 (Accelerate). CPU runs should use no.")
@@ -162,7 +165,7 @@ CHOICES = {
     "model.cut": ("layer3", "full"),
     "loss.kd_type": ("feature", "embedding"),
     "optim.schedule": ("cosine", "step", "constant"),
-    "train.method": ("mclfir", "finetune"),
+    "train.method": ("mclfir", "finetune", "lwf", "frozen", "static_joint"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "eval.split": ("val", "test"),
 }

@@ -243,11 +243,27 @@ class Trainer:
     def _train_increment(self, t: int, new_attrs: List[str], old_attrs: List[str]) -> dict:
         cfg = self.cfg
         steps = cfg.train.steps_per_increment
+        method = self.method
+        if method == "static_joint":
+            # retrain from the initial (pretrained) trunk on every attribute seen so far, with the
+            # step budget of all increments so far
+            seed_everything(cfg.train.seed)
+            self.model = build_model(cfg.model, cfg.data.image_size).to(self.device)
+            train_attrs, frozen_attrs, steps = old_attrs + new_attrs, [], steps * (t + 1)
+        else:
+            train_attrs, frozen_attrs = new_attrs, old_attrs
+        lwf_source = None
+        if method == "lwf" and old_attrs:  # LwF: the model as it was at the end of the previous increment
+            lwf_source = EMATeacher(self.model.trunk, decay=1.0)
         seed_everything(epoch_seed(cfg.train.seed, t))  # new heads: identical on every rank
-        for a in new_attrs:
-            self.model.add_head(a)
+        for a in train_attrs:
+            if a not in self.model.heads:
+                self.model.add_head(a)
         seed_everything(epoch_seed(cfg.train.seed, t, self.rank))  # per-rank randomness from here on
-        self.model.freeze_heads(old_attrs)
+        self.model.freeze_heads(frozen_attrs)
+        if method == "frozen":
+            self.model.trunk.requires_grad_(False)
+        new_attrs = train_attrs
         optimizer = self._optimizer(t, new_attrs)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
         ds = getattr(self.acc.state, "deepspeed_plugin", None)
@@ -256,10 +272,13 @@ class Trainer:
         model, optimizer = self.acc.prepare(self.model, optimizer)
         loss_fn = DoubletInfoNCE(cfg.loss.temperature, cfg.loss.mask_same_value, cfg.loss.multi_positive,
                                  cfg.loss.gather, self.rank, self.world)
-        use_kd = self.method == "mclfir" and cfg.loss.kd_weight > 0
+        use_kd = method == "mclfir" and cfg.loss.kd_weight > 0
+        use_lwf = lwf_source is not None and cfg.loss.kd_weight > 0
         loader = build_train_loader(cfg.data, self.manifest, new_attrs, self.rank, self.world,
                                     epoch_seed(cfg.train.seed, t), self.loader_name, self.device)
         model.train()
+        if method == "frozen":
+            self.model.trunk.eval()  # a frozen trunk keeps its BatchNorm statistics too
         it = iter(loader)
         images_per_step = 2 * cfg.data.batch_doublets * self.world
         t0 = time.time()
@@ -281,8 +300,9 @@ class Trainer:
                     if cfg.loss.kd_type == "feature":
                         kd = feature_distillation(pooled, t_fmap.mean(dim=(2, 3)))
                     elif old_attrs:
-                        heads = self.acc.unwrap_model(model).heads
-                        kd = torch.stack([embedding_distillation(heads[a](fmap), heads[a](t_fmap)) for a in old_attrs]).mean()
+                        kd = self._old_head_distillation(model, fmap, t_fmap, old_attrs)
+                elif use_lwf:
+                    kd = self._old_head_distillation(model, fmap, lwf_source(images), old_attrs)
                 loss = nce + cfg.loss.kd_weight * kd
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at increment {t} step {step}; lower optim.lr?")
@@ -292,7 +312,8 @@ class Trainer:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            self.teacher.update(self.acc.unwrap_model(model).trunk)
+            if method == "mclfir":
+                self.teacher.update(self.acc.unwrap_model(model).trunk)
             self.global_step += 1
             window_steps += 1
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == steps:
@@ -315,6 +336,10 @@ class Trainer:
         return {"steps": steps, "images_seen": images, "train_seconds": train_seconds,
                 "images_per_second": images / max(train_seconds, 1e-9),
                 "teacher_rank_max_diff": self._teacher_rank_diff()}
+
+    def _old_head_distillation(self, model, fmap, target_fmap, old_attrs) -> torch.Tensor:
+        heads = self.acc.unwrap_model(model).heads
+        return torch.stack([embedding_distillation(heads[a](fmap), heads[a](target_fmap)) for a in old_attrs]).mean()
 
     def _sync_buffers(self) -> None:
         """BatchNorm statistics are updated from each rank's own last batch; take rank 0's everywhere."""

@@ -16,15 +16,28 @@ def load_results(run_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def static_costs(results: Sequence[dict]) -> Optional[dict]:
+    """Training cost of the static baseline: the last joint retraining, and all of them summed."""
+    for res in results:
+        if res["config"]["train"]["method"] == "static_joint" and res["cost"]:
+            return {"final": res["cost"][-1]["train_seconds"],
+                    "cumulative": sum(c["train_seconds"] for c in res["cost"])}
+    return None
+
+
 def comparison_table(runs: Sequence[str], results: Sequence[dict]) -> str:
-    rows = [["run", "method", "avg mAP", "avg forgetting", "BWT", "train s", "device-s", "eval s"]]
+    static = static_costs(results)
+    rows = [["run", "method", "final avg mAP", "avg forgetting", "BWT", "train s", "device-s", "eval s",
+             "cost / static-final", "cost / static-cumulative"]]
     for r, res in zip(runs, results):
         m = res["metrics"][-1] if res["metrics"] else {}
+        train_s = sum(c["train_seconds"] for c in res["cost"])
         rows.append([Path(r).name, res["config"]["train"]["method"], fmt(m.get("average_map")),
-                     fmt(m.get("average_forgetting")), fmt(m.get("bwt")),
-                     f"{sum(c['train_seconds'] for c in res['cost']):.1f}",
+                     fmt(m.get("average_forgetting")), fmt(m.get("bwt")), f"{train_s:.1f}",
                      f"{sum(c['device_seconds'] for c in res['cost']):.1f}",
-                     f"{sum(c['eval_seconds'] for c in res['cost']):.1f}"])
+                     f"{sum(c['eval_seconds'] for c in res['cost']):.1f}",
+                     f"{train_s / static['final']:.2f}" if static else "-",
+                     f"{train_s / static['cumulative']:.2f}" if static else "-"])
     return markdown_table(rows)
 
 

@@ -98,3 +98,22 @@ def test_train_module_entry_point_errors_cleanly(tmp_path):
     p = subprocess.run([sys.executable, "-m", "mclfir_dist.train", "--config", str(ROOT / "configs/debug_cpu.yaml"),
                         "--out", str(tmp_path / "r"), "train.nonsense=1"], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 2 and "train.nonsense" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("method", ["finetune", "lwf", "frozen", "static_joint"])
+def test_baseline_methods_run_in_the_same_engine(tiny_shards, tmp_path, method):
+    import torch
+    cfg = load_config(ROOT / "configs/debug_cpu.yaml",
+                      tiny_train_overrides(tiny_shards, steps=10) + [f"train.method={method}", "eval.grid_queries=0",
+                                                                     "eval.frozen_baseline=false"])
+    res = train(cfg, tmp_path / method)
+    assert res["complete"] and set(res["accuracy_matrix"][-1]) == {"colour", "garment_length"}
+    steps = [c["steps"] for c in res["cost"]]
+    assert steps == ([10, 20] if method == "static_joint" else [10, 10])
+    if method == "frozen":
+        from mclfir_dist.model.mclfir import build_model
+        torch.manual_seed(cfg.train.seed)
+        init = build_model(cfg.model, cfg.data.image_size).trunk.state_dict()
+        final = torch.load(tmp_path / method / "checkpoints" / "increment_01.pt", weights_only=False)["model"]
+        for k, v in init.items():
+            assert torch.equal(final[f"trunk.{k}"], v), k

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List
 
-FORMAT = "mclfir-shards/1"
+FORMAT = "mclfir-shards/2"
 MANIFEST_NAME = "manifest.json"
 LABEL_EXT = "lbl"      # raw little-endian int32 vector, one entry per attribute, -1 = unlabelled
 IMAGE_EXT = "jpg"
+SID_EXT = "sid"        # raw little-endian int64: the sample's position in its split (manifest keys list)
 SPLITS = ("train", "val", "test")
 
 
@@ -36,7 +37,8 @@ class Manifest:
         except json.JSONDecodeError as e:
             raise ShardError(f"{path} is not valid JSON: {e}") from None
         if data.get("format") != FORMAT:
-            raise ShardError(f"{path}: unknown format {data.get('format')!r}, expected {FORMAT!r}")
+            raise ShardError(f"{path}: shard format {data.get('format')!r}, this version reads {FORMAT!r}: "
+                             f"rebuild with `mclfir shards build --out {root} ...` (or delete {root} and let `mclfir train` build it)")
         return cls(root, data)
 
     @property
@@ -60,6 +62,10 @@ class Manifest:
 
     def shard_counts(self, split: str) -> List[int]:
         return [int(s["count"]) for s in self.data["splits"][split]["shards"]]
+
+    def keys(self, split: str) -> List[str]:
+        """Keys of a split in shard order; `keys(split)[sid]` names the sample with that sid."""
+        return self.data["splits"][split]["keys"]
 
     def count(self, split: str) -> int:
         return int(self.data["splits"][split]["count"])

@@ -1,7 +1,8 @@
 """Shard builder: synthetic generator or CSV -> WebDataset tars + DALI index files + manifest.
 
-Each sample is `<key>.jpg` (JPEG bytes) and `<key>.lbl` (int32 label vector over the dataset's
-attributes, -1 = unlabelled), so both loaders get dense labels without parsing anything.
+Each sample is `<key>.jpg` (JPEG bytes), `<key>.lbl` (int32 label vector over the dataset's
+attributes, -1 = unlabelled) and `<key>.sid` (int64 position in its split, so DALI, which does not
+hand over keys, can name samples), so both loaders get dense tensors without parsing anything.
 Output is deterministic: same input and settings, byte-identical tars.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from ..config import ShardBuildConfig
 from ..utils.io import atomic_write_json, atomic_write_text
 from . import synthetic
-from .manifest import FORMAT, IMAGE_EXT, LABEL_EXT, MANIFEST_NAME, SPLITS, Manifest, ShardError
+from .manifest import FORMAT, IMAGE_EXT, LABEL_EXT, MANIFEST_NAME, SID_EXT, SPLITS, Manifest, ShardError
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +187,9 @@ def _write_split(out: Path, split: str, keys: Sequence[str], by_key: Dict[str, R
         tmp = out / f".{name}.tar.tmp"
         with open(tmp, "wb") as f:
             writer = wds.TarWriter(f, encoder=False, mtime=0, user="mclfir", group="mclfir")
-            for k in chunk:
-                writer.write({"__key__": k, IMAGE_EXT: by_key[k].jpeg, LABEL_EXT: labels[k].astype("<i4").tobytes()})
+            for i, k in enumerate(chunk, start=start):
+                writer.write({"__key__": k, IMAGE_EXT: by_key[k].jpeg, LABEL_EXT: labels[k].astype("<i4").tobytes(),
+                              SID_EXT: np.int64(i).astype("<i8").tobytes()})
             writer.close()
         os.replace(tmp, out / f"{name}.tar")
         write_index(out / f"{name}.tar", out / f"{name}.idx")
@@ -228,7 +230,7 @@ def build_shards(samples: Sequence[RawSample], attributes: Sequence[str], out: s
         shards = _write_split(out, sp, splits[sp], by_key, labels, cfg.samples_per_shard)
         counts = {a: {vocab[a][v]: int(c) for v, c in sorted(Counter(int(labels[k][i]) for k in splits[sp]).items()) if v >= 0}
                   for i, a in enumerate(attributes)}
-        split_info[sp] = {"count": len(splits[sp]), "shards": shards, "value_counts": counts}
+        split_info[sp] = {"count": len(splits[sp]), "shards": shards, "value_counts": counts, "keys": list(splits[sp])}
     manifest = {
         "format": FORMAT,
         "source": source,

@@ -1,0 +1,133 @@
+"""Loader benchmark: images/s of three loaders on the same shards and the same cores.
+
+    python -m mclfir_dist.bench.loader --shards shards/synthetic [--make-large 2000] [--device cuda]
+
+- torch: our loader (webdataset + torchvision.io.decode_jpeg + v2 transforms, DataLoader workers);
+- pil:   the common practice (webdataset + PIL + torchvision.transforms, DataLoader workers);
+- dali:  our DALI loader (fn.readers.webdataset; CPU decode, or nvJPEG `mixed` with --device cuda).
+All do decode -> resize -> random crop -> flip -> normalise into batches of --batch images; the
+torch and DALI rows include our doublet pairing. Prints numbers and ratios; asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..config import DataConfig, ShardBuildConfig
+from ..data.manifest import Manifest
+
+
+class PilStream(IterableDataset):
+    """Baseline: what most training scripts do."""
+
+    def __init__(self, shards, size: int):
+        self.shards, self.size = list(shards), size
+
+    def __iter__(self):
+        from PIL import Image
+        from torchvision import transforms as T
+        from ..data.loader_torch import IMAGENET_MEAN, IMAGENET_STD
+        from ..data.streams import decode_labels, iter_shard
+        tf = T.Compose([T.Resize(int(round(self.size * 1.14))), T.RandomCrop(self.size), T.RandomHorizontalFlip(),
+                        T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        for epoch in itertools.count():
+            for p in self.shards[wid::nw] if len(self.shards) >= nw else self.shards:
+                for s in iter_shard(p):
+                    img = Image.open(io.BytesIO(s["jpg"])).convert("RGB")
+                    yield tf(img), torch.as_tensor(decode_labels(s["lbl"]))
+
+
+def _time(batches, n_batches: int, images_per_batch) -> float:
+    it = iter(batches)
+    for _ in range(3):  # warm-up: workers start, pipelines fill
+        next(it)
+    t0 = time.perf_counter()
+    n = 0
+    for _ in range(n_batches):
+        b = next(it)
+        n += images_per_batch(b)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
+def bench_one(manifest: Manifest, size: int, batch: int, workers: int, n_batches: int, device: str) -> dict:
+    from ..data import build_train_loader
+    col = [0]
+    cfg = DataConfig(image_size=size, batch_doublets=batch // 2, num_workers=workers, teacher_view="same",
+                     dali_threads=workers, shuffle_buffer=256)
+    out = {}
+    if device == "cpu":
+        torch_loader = build_train_loader(cfg, manifest, [manifest.attributes[0]], 0, 1, seed=0, loader="torch")
+        out["torch"] = _time(torch_loader, n_batches, lambda b: b["images"].shape[0])
+        pil = DataLoader(PilStream(manifest.shard_files("train"), size), batch_size=batch, num_workers=workers,
+                         prefetch_factor=4)
+        out["pil"] = _time(pil, n_batches, lambda b: b[0].shape[0])
+    dev = torch.device("cuda", 0) if device == "cuda" else None
+    dali = build_train_loader(cfg, manifest, [manifest.attributes[0]], 0, 1, seed=0, loader="dali", device=dev)
+    out["dali"] = _time(dali, n_batches, lambda b: b["images"].shape[0])
+    return out
+
+
+def make_large_shards(n: int, out: Path) -> Manifest:
+    """N synthetic garments re-rendered as 600x800 JPEGs (a typical catalogue photo size)."""
+    from PIL import Image
+    from ..data import synthetic
+    from ..data.shards import RawSample, build_shards
+    rng = np.random.default_rng(0)
+    samples = []
+    for i, (key, _, labels) in enumerate(synthetic.generate(n, 16, seed=1)):
+        img = synthetic.render_garment(labels, 600, rng).resize((600, 800), Image.Resampling.BILINEAR)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        samples.append(RawSample(key, buf.getvalue(), labels))
+    cfg = ShardBuildConfig(min_value_count=1, samples_per_shard=250, val_fraction=0.05, test_fraction=0.05)
+    return build_shards(samples, list(synthetic.ATTRIBUTES), out, cfg, source={"type": "synthetic-large", "n": n})
+
+
+def report(name: str, r: dict) -> None:
+    print(f"\n[{name}]")
+    for k, v in r.items():
+        print(f"  {k:6s} {v:8.1f} images/s")
+    if "torch" in r:
+        print(f"  DALI/torch ratio: {r['dali'] / r['torch']:.2f}")
+        print(f"  DALI/PIL ratio: {r['dali'] / r['pil']:.2f}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", required=True, help="shard directory to read (its train split)")
+    p.add_argument("--make-large", type=int, default=0, metavar="N", help="also build N 600x800 JPEGs and compare on them")
+    p.add_argument("--size", type=int, default=224, help="output crop size")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers = DALI threads")
+    p.add_argument("--batches", type=int, default=30, help="timed batches per loader")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: DALI nvJPEG mixed decode, images/s per GPU")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    print(f"cores: {os.cpu_count()}  workers/threads: {args.workers}  batch: {args.batch}  crop: {args.size}  device: {args.device}")
+    m = Manifest.load(args.shards)
+    report(f"{args.shards} ({m.data['source'].get('type')})", bench_one(m, args.size, args.batch, args.workers, args.batches, args.device))
+    if args.make_large:
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.time()
+            large = make_large_shards(args.make_large, Path(tmp) / "large")
+            print(f"\nbuilt {args.make_large} 600x800 JPEGs in {time.time() - t0:.0f}s")
+            report("600x800 JPEGs", bench_one(large, args.size, args.batch, args.workers, args.batches, args.device))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
