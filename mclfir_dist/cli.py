@@ -47,6 +47,24 @@ def _add_shards(sub):
     b.add_argument("--seed", type=int, default=0)
     i = ssub.add_parser("info", help="print a shard set's manifest summary")
     i.add_argument("shards")
+    a = ssub.add_parser("convert-asen", help="FashionAI / DARN / DeepFashion in ASEN's split format -> shards",
+                        description="Reads meta.json, filenames_{train,valid,test}.txt, label_train.txt, "
+                                    "query_/candidate_{valid,test}.txt; keeps the published query/candidate sets.")
+    a.add_argument("--root", required=True, help="folder with the ASEN split files")
+    a.add_argument("--dataset", required=True, choices=["fashionai", "darn", "deepfashion"])
+    a.add_argument("--image-root", help="folder the filenames are relative to (default: --root)")
+    a.add_argument("--out", required=True)
+    a.add_argument("--resize-to", type=int, default=0, help="re-encode images to this shorter side (0 = keep bytes)")
+    a.add_argument("--samples-per-shard", type=int, default=1000)
+    z = ssub.add_parser("convert-zappos", help="Zappos50k with the Conditional Similarity Networks split -> shards",
+                        description="Reads filenames.json and {class,closure,gender,heel}_tripletlist_{train,val,test}.txt; "
+                                    "value classes are the connected components of each condition's similar pairs.")
+    z.add_argument("--root", required=True)
+    z.add_argument("--image-root")
+    z.add_argument("--out", required=True)
+    z.add_argument("--resize-to", type=int, default=0)
+    z.add_argument("--min-value-count", type=int, default=10)
+    z.add_argument("--samples-per-shard", type=int, default=1000)
 
 
 def cmd_shards(args) -> int:
@@ -55,6 +73,16 @@ def cmd_shards(args) -> int:
     from .data.shards import build_from_config
     if args.shards_cmd == "info":
         m = Manifest.load(args.shards)
+        _print_manifest(m)
+        return 0
+    if args.shards_cmd in ("convert-asen", "convert-zappos"):
+        from .data.converters import convert_asen, convert_zappos_csn
+        cfg = ShardBuildConfig(resize_to=args.resize_to, samples_per_shard=args.samples_per_shard,
+                               min_value_count=getattr(args, "min_value_count", 1))
+        if args.shards_cmd == "convert-asen":
+            m = convert_asen(args.root, args.dataset, args.out, args.image_root, cfg)
+        else:
+            m = convert_zappos_csn(args.root, args.out, args.image_root, cfg)
         _print_manifest(m)
         return 0
     cfg = ShardBuildConfig(source=args.source, min_value_count=args.min_value_count, val_fraction=args.val_fraction,

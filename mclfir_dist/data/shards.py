@@ -198,12 +198,20 @@ def _write_split(out: Path, split: str, keys: Sequence[str], by_key: Dict[str, R
 
 
 def build_shards(samples: Sequence[RawSample], attributes: Sequence[str], out: str | Path, cfg: ShardBuildConfig,
-                 source: dict, skipped: Sequence[dict] = ()) -> Manifest:
-    """Split, label and write `samples`; returns the manifest. Overwrites an existing shard set."""
+                 source: dict, skipped: Sequence[dict] = (), splits: Optional[Dict[str, List[str]]] = None,
+                 eval_sets: Optional[Dict[str, Dict[str, Dict[str, List[str]]]]] = None,
+                 vocab: Optional[Dict[str, List[str]]] = None) -> Manifest:
+    """Split, label and write `samples`; returns the manifest. Overwrites an existing shard set.
+
+    `splits`, `eval_sets` and `vocab` let a converter keep a published protocol (e.g. ASEN's
+    query/candidate files) instead of drawing its own."""
     out = Path(out)
     if not samples:
         raise BadInputError("no usable samples to write")
-    vocab, dropped = _vocabularies(samples, attributes, cfg.min_value_count)
+    if vocab is None:
+        vocab, dropped = _vocabularies(samples, attributes, cfg.min_value_count)
+    else:
+        dropped = {a: {} for a in attributes}
     labels: Dict[str, np.ndarray] = {}
     for s in samples:
         vec = np.full(len(attributes), -1, dtype=np.int32)
@@ -214,10 +222,12 @@ def build_shards(samples: Sequence[RawSample], attributes: Sequence[str], out: s
         labels[s.key] = vec
     keys = sorted(k for k, v in labels.items() if (v >= 0).any())
     unlabelled = len(labels) - len(keys)
-    splits = _split_keys(keys, cfg.val_fraction, cfg.test_fraction, cfg.seed)
-    rng = np.random.default_rng(cfg.seed + 1)
-    eval_sets = {sp: {a: _query_candidate(splits[sp], labels, i, cfg.query_fraction, rng)
-                      for i, a in enumerate(attributes)} for sp in ("val", "test")}
+    if splits is None:
+        splits = _split_keys(keys, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    if eval_sets is None:
+        rng = np.random.default_rng(cfg.seed + 1)
+        eval_sets = {sp: {a: _query_candidate(splits[sp], labels, i, cfg.query_fraction, rng)
+                          for i, a in enumerate(attributes)} for sp in ("val", "test")}
 
     if out.exists():
         (out / MANIFEST_NAME).unlink(missing_ok=True)  # the set is incomplete until the new manifest lands
