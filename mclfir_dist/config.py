@@ -128,6 +128,8 @@ class TrainConfig:
                               "trunk on all attributes seen so far at every increment, budget x increments seen).")
     increments: List[IncrementConfig] = _f([], "Ordered increments; each adds heads.")
     steps_per_increment: int = _f(200, "Optimizer steps of each increment (training stops on steps).")
+    static_final_only: bool = _f(False, "static_joint: retrain only at the last increment; the earlier retrainings' "
+                                        "cost is estimated from its measured seconds per step (marked in results).")
     mixed_precision: str = _f("no", "no | bf16 | fp16 (Accelerate). CPU runs should use no.")
     seed: int = _f(0, "Global seed; increment t reseeds from (seed, t) so resumes are exact.")
     log_every: int = _f(20, "Print/log every N steps.")

@@ -126,8 +126,10 @@ def continual_metrics(matrix: List[Dict[str, float]], learned_at: Dict[str, int]
         if t_a >= T or a not in last:
             continue
         history = [matrix[t][a] for t in range(t_a, T) if a in matrix[t]]
+        if not history:  # not evaluated in between (static_final_only)
+            continue
         forgetting[a] = max(history) - last[a]
-        bwt[a] = last[a] - matrix[t_a][a]
+        bwt[a] = last[a] - history[0]
     return {
         "average_map": avg,
         "forgetting": forgetting,

@@ -117,3 +117,14 @@ def test_baseline_methods_run_in_the_same_engine(tiny_shards, tmp_path, method):
         final = torch.load(tmp_path / method / "checkpoints" / "increment_01.pt", weights_only=False)["model"]
         for k, v in init.items():
             assert torch.equal(final[f"trunk.{k}"], v), k
+
+
+def test_static_final_only_estimates_earlier_retrainings(tiny_shards, tmp_path):
+    cfg = load_config(ROOT / "configs/debug_cpu.yaml",
+                      tiny_train_overrides(tiny_shards, steps=10) + ["train.method=static_joint", "train.static_final_only=true",
+                                                                     "eval.grid_queries=0", "eval.frozen_baseline=false"])
+    res = train(cfg, tmp_path / "s")
+    first, last = res["cost"]
+    assert first["estimated"] and not last.get("estimated") and last["steps"] == 20 and first["steps"] == 10
+    assert first["train_seconds"] == pytest.approx(last["train_seconds"] / 2)
+    assert res["accuracy_matrix"][0] == {} and set(res["accuracy_matrix"][1]) == {"colour", "garment_length"}

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..config import DataConfig
-from .loader_torch import IMAGENET_MEAN, IMAGENET_STD, TransformSpec
+from .loader_torch import IMAGENET_MEAN, IMAGENET_STD, TransformSpec, collate_eval
 from .manifest import IMAGE_EXT, LABEL_EXT, SID_EXT, Manifest, ShardError
 from .pairing import DoubletBatcher
 
@@ -250,13 +250,8 @@ def dali_eval_batches(cfg: DataConfig, manifest: Manifest, split: str, rank: int
     for s in src:
         rows.append(s)
         if len(rows) == cfg.eval_batch_size:
-            yield _collate(rows)
+            yield collate_eval(rows)
             rows = []
     if rows:
-        yield _collate(rows)
+        yield collate_eval(rows)
 
-
-def _collate(rows: List[dict]) -> dict:
-    return {"images": torch.stack([r["image"] for r in rows]),
-            "labels": torch.stack([torch.as_tensor(r["labels"]) for r in rows]),
-            "keys": [r["key"] for r in rows]}

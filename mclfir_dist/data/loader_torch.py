@@ -140,13 +140,13 @@ class EvalStream(IterableDataset):
                     continue
                 batch.append({"image": img, "labels": decode_labels(s["lbl"]), "key": s["__key__"]})
                 if len(batch) == self.batch_size:
-                    yield _collate_eval(batch)
+                    yield collate_eval(batch)
                     batch = []
         if batch:
-            yield _collate_eval(batch)
+            yield collate_eval(batch)
 
 
-def _collate_eval(rows: List[dict]) -> Dict:
+def collate_eval(rows: List[dict]) -> Dict:
     return {"images": torch.stack([r["image"] for r in rows]),
             "labels": torch.stack([torch.as_tensor(r["labels"]) for r in rows]),
             "keys": [r["key"] for r in rows]}

@@ -11,12 +11,11 @@ import csv
 import io
 import logging
 import os
-import shutil
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import webdataset as wds
@@ -66,8 +65,7 @@ def _to_jpeg(data: bytes, resize_to: int) -> bytes:
 
 def read_csv_samples(csv_path: str | Path, image_root: str | Path, attributes: Sequence[str],
                      image_column: str = "filename", key_column: str = "", skip_bad_rows: bool = False,
-                     resize_to: int = 0, progress: Optional[Callable[[int], None]] = None
-                     ) -> Tuple[List[RawSample], List[dict]]:
+                     resize_to: int = 0) -> Tuple[List[RawSample], List[dict]]:
     """Read and validate every row. Returns (samples, skipped) where skipped lists {row, file, reason}."""
     csv_path, image_root = Path(csv_path), Path(image_root)
     if not csv_path.is_file():
@@ -112,8 +110,8 @@ def read_csv_samples(csv_path: str | Path, image_root: str | Path, attributes: S
             continue
         seen[key] = n
         samples.append(RawSample(key, jpeg, {a: row[a].strip() for a in attributes}))
-        if progress:
-            progress(n - 1)
+        if (n - 1) % 1000 == 0:
+            log.info("read %d/%d rows of %s (%d skipped)", n - 1, len(rows), csv_path.name, len(skipped))
     return samples, skipped
 
 
@@ -237,6 +235,7 @@ def build_shards(samples: Sequence[RawSample], attributes: Sequence[str], out: s
     by_key = {s.key: s for s in samples}
     split_info = {}
     for sp in SPLITS:
+        log.info("writing %s split: %d samples", sp, len(splits[sp]))
         shards = _write_split(out, sp, splits[sp], by_key, labels, cfg.samples_per_shard)
         counts = {a: {vocab[a][v]: int(c) for v, c in sorted(Counter(int(labels[k][i]) for k in splits[sp]).items()) if v >= 0}
                   for i, a in enumerate(attributes)}
@@ -287,6 +286,3 @@ def ensure_shards(shards_dir: str | Path, cfg: ShardBuildConfig) -> Manifest:
     log.info("no shards in %s: building them", shards_dir)
     return build_from_config(cfg, shards_dir)
 
-
-def remove_shards(shards_dir: str | Path) -> None:
-    shutil.rmtree(shards_dir, ignore_errors=True)
