@@ -124,6 +124,20 @@ def _perspective_matrix(size: int, distortion: float = 0.3):
                     fn.stack(u(-k, k) / size, u(-k, k) / size, one))
 
 
+def _crop_roi(shape, crop: int, resize: int, pos):
+    """Relative (y, x) start/end in the source of a crop x crop window placed at `pos` (0..1) in
+    the image resized so that its shorter side is `resize`."""
+    from nvidia.dali import fn, math, types
+    h = fn.cast(fn.slice(shape, 0, 1, axes=[0]), dtype=types.FLOAT)
+    w = fn.cast(fn.slice(shape, 1, 1, axes=[0]), dtype=types.FLOAT)
+    short = math.min(h, w)
+    fh = crop * short / (resize * h)     # fraction of the height the crop covers
+    fw = crop * short / (resize * w)
+    y0 = pos[0] * (1.0 - fh)
+    x0 = pos[1] * (1.0 - fw)
+    return fn.cat(y0, x0), fn.cat(y0 + fh, x0 + fw)
+
+
 def _build_pipeline(shards, index_files, spec: TransformSpec, batch_size: int, shard_id: int, num_shards: int,
                     seed: int, train: bool, threads: int, device_id: Optional[int], shuffle_buffer: int):
     from nvidia.dali import fn, pipeline_def, types
@@ -142,23 +156,21 @@ def _build_pipeline(shards, index_files, spec: TransformSpec, batch_size: int, s
             random_shuffle=train, initial_fill=max(2, shuffle_buffer), pad_last_batch=not train,
             stick_to_shard=not train, name="Reader")
         images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
-        images = fn.resize(images, resize_shorter=spec.resize, antialias=True)
-        if train:
-            geometry = dict(crop=(spec.image_size, spec.image_size), crop_pos_x=fn.random.uniform(range=(0.0, 1.0)),
-                            crop_pos_y=fn.random.uniform(range=(0.0, 1.0)),
-                            mirror=fn.random.coin_flip() if spec.flip else 0)
-            if spec.teacher_view == "perspective":
-                crop = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="HWC", **geometry)
-                student = fn.crop_mirror_normalize(crop, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std)
-                warped = fn.experimental.warp_perspective(crop, matrix=_perspective_matrix(spec.image_size), fill_value=0)
-                teacher = fn.crop_mirror_normalize(warped, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std)
-            else:  # one fused crop + flip + normalise pass
-                student = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std,
-                                                   **geometry)
-                teacher = student
+        # "resize the shorter side to R, then crop S x S" as one resize of the crop's region of the
+        # source: only S x S output pixels are computed (about 2x faster on large photos, same result)
+        pos = (fn.random.uniform(range=(0.0, 1.0)), fn.random.uniform(range=(0.0, 1.0))) if train else (0.5, 0.5)
+        start, end = _crop_roi(fn.peek_image_shape(jpegs), spec.image_size, spec.resize, pos)
+        crop = fn.resize(images, size=(spec.image_size, spec.image_size), roi_start=start, roi_end=end,
+                         roi_relative=True, antialias=True, dtype=types.UINT8)
+        mirror = fn.random.coin_flip() if (train and spec.flip) else 0
+        if train and spec.teacher_view == "perspective":
+            crop = fn.flip(crop, horizontal=mirror)
+            student = fn.crop_mirror_normalize(crop, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std)
+            warped = fn.experimental.warp_perspective(crop, matrix=_perspective_matrix(spec.image_size), fill_value=0)
+            teacher = fn.crop_mirror_normalize(warped, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std)
         else:
-            student = fn.crop_mirror_normalize(images, crop=(spec.image_size, spec.image_size), dtype=types.FLOAT,
-                                               output_layout="CHW", mean=mean, std=std)
+            student = fn.crop_mirror_normalize(crop, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std,
+                                               mirror=mirror)
             teacher = student
         if gpu:
             labels, sid = labels.gpu(), sid.gpu()
@@ -214,14 +226,15 @@ class DaliSampleSource:
                     it = self._iterator()  # DALI runs the first batches here already
                 for out in it:
                     d = out[0]
-                    for i in range(d["image"].shape[0]):
-                        sid = int(d["sid"][i].reshape(-1)[0])
+                    labels = d["labels"].long().cpu().numpy()  # once per batch, not per sample
+                    sids = d["sid"].reshape(-1).tolist()
+                    for i, sid in enumerate(sids):
                         if not self.train:
                             if sid in seen:  # pad_last_batch repeats the last sample
                                 continue
                             seen.add(sid)
                         yield {"key": self.keys[sid], "image": d["image"][i], "teacher_image": d["teacher_image"][i],
-                               "labels": d["labels"][i].long().cpu().numpy().reshape(-1)}
+                               "labels": labels[i]}
                 if not self.train:
                     return
                 it.reset()
