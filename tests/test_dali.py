@@ -127,7 +127,7 @@ def test_dali_training_run_matches_torch_loader_map(tiny_shards, tmp_path):
     runs = {}
     for loader in ("torch", "dali"):
         cfg = load_config(ROOT / "configs/debug_cpu.yaml",
-                          tiny_train_overrides(tiny_shards, steps=80) + [f"data.loader={loader}", "eval.grid_queries=0"])
+                          tiny_train_overrides(tiny_shards, steps=150) + [f"data.loader={loader}", "eval.grid_queries=0"])
         runs[loader] = train(cfg, tmp_path / loader)
     assert runs["dali"]["loader"] == "dali"
     for a, m in runs["torch"]["accuracy_matrix"][-1].items():
