@@ -27,8 +27,9 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` from every rank along dim 0; gradients flow back to each rank's rows."""
     if not is_distributed():
         return x
-    from torch.distributed._functional_collectives import all_gather_tensor_autograd
-    out = all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
+    from torch.distributed import _functional_collectives as funcol
+    gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd  # torch < 2.14
+    out = gather(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
     return out.wait() if hasattr(out, "wait") else out
 
 

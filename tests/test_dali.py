@@ -123,13 +123,18 @@ def test_shard_that_is_not_a_tar_is_named(tiny_shards, tmp_path):
 
 
 def test_dali_training_run_matches_torch_loader_map(tiny_shards, tmp_path):
+    """Same runs with either loader: mean mAP over 3 seeds within a few points (one seed alone
+    varies by ~0.06 on this tiny set, whichever the loader)."""
     from mclfir_dist.engine import train
-    runs = {}
-    for loader in ("torch", "dali"):
-        cfg = load_config(ROOT / "configs/debug_cpu.yaml",
-                          tiny_train_overrides(tiny_shards, steps=150) + [f"data.loader={loader}", "eval.grid_queries=0"])
-        runs[loader] = train(cfg, tmp_path / loader)
-    assert runs["dali"]["loader"] == "dali"
-    for a, m in runs["torch"]["accuracy_matrix"][-1].items():
-        assert abs(runs["dali"]["accuracy_matrix"][-1][a] - m) < 0.05, (a, m, runs["dali"]["accuracy_matrix"][-1][a])
-        assert m > runs["torch"]["random_map"][a] + 0.3
+    final = {"torch": [], "dali": []}
+    for loader in final:
+        for seed in (0, 1, 2):
+            cfg = load_config(ROOT / "configs/debug_cpu.yaml",
+                              tiny_train_overrides(tiny_shards, steps=150) + [f"data.loader={loader}", f"train.seed={seed}",
+                                                                              "eval.grid_queries=0", "eval.frozen_baseline=false"])
+            res = train(cfg, tmp_path / f"{loader}{seed}")
+            assert res["loader"] == loader
+            final[loader].append(res["final"]["average_map"])
+            assert all(m > res["random_map"][a] + 0.3 for a, m in res["accuracy_matrix"][-1].items())
+    mean = {k: sum(v) / len(v) for k, v in final.items()}
+    assert abs(mean["dali"] - mean["torch"]) < 0.04, final

@@ -194,7 +194,7 @@ class DaliSampleSource:
         self.index_files = ensure_index_files(self.shards, index_files)
         self.spec, self.batch_size, self.rank, self.world = spec, batch_size, rank, world
         self.seed, self.train, self.threads, self.shuffle_buffer = seed, train, threads, shuffle_buffer
-        self.device_id = device.index or 0 if device is not None and device.type == "cuda" else None
+        self.device_id = (device.index or 0) if device is not None and device.type == "cuda" else None
         self.corrupt: List[str] = []
 
     def _iterator(self):

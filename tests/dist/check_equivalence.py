@@ -8,6 +8,7 @@ differences against a single-process reference to argv[1]:
 - EMA teacher identical on every rank after N DDP steps.
 """
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -145,4 +146,7 @@ report["teacher_updates"] = int(teacher.num_updates)
 
 if rank == 0:
     Path(out_path).write_text(json.dumps(report, indent=2))
+dist.barrier()
 dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)  # skip interpreter teardown: C++ threads of the collectives have aborted it now and then
