@@ -130,6 +130,9 @@ class TrainConfig:
     steps_per_increment: int = _f(200, "Optimizer steps of each increment (training stops on steps).")
     static_final_only: bool = _f(False, "static_joint: retrain only at the last increment; the earlier retrainings' "
                                         "cost is estimated from its measured seconds per step (marked in results).")
+    checkpoint_every: int = _f(0, "Also save checkpoints/partial.pt every N steps inside an increment (model, "
+                                  "optimizer, schedule, teacher, step), so a dead run loses at most N steps; 0 = off. "
+                                  "Not with DeepSpeed (partitioned optimizer state).")
     mixed_precision: str = _f("no", "no | bf16 | fp16 (Accelerate). CPU runs should use no.")
     seed: int = _f(0, "Global seed; increment t reseeds from (seed, t) so resumes are exact.")
     log_every: int = _f(20, "Print/log every N steps.")

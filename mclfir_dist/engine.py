@@ -38,6 +38,7 @@ from .utils.io import atomic_torch_save, atomic_write_text
 
 log = logging.getLogger("mclfir")
 CKPT_DIR = "checkpoints"
+PARTIAL_NAME = "partial.pt"
 
 
 def setup_logging(is_main: bool) -> None:
@@ -108,6 +109,7 @@ class Trainer:
         self.device = self.acc.device
         self.method = cfg.train.method
         self.start_increment = 0
+        self.partial: Optional[dict] = None   # mid-increment state to continue from (resume)
         self.resume = resume
 
         # shards: built once by the main process; the others wait and then read the manifest
@@ -148,14 +150,30 @@ class Trainer:
         path = self.run_dir / CKPT_DIR / f"increment_{t:02d}.pt"
         if self.is_main:
             atomic_torch_save(path, self._checkpoint_state(t))
+            (self.run_dir / CKPT_DIR / PARTIAL_NAME).unlink(missing_ok=True)  # superseded
         self.acc.wait_for_everyone()
         return path
 
+    def _save_partial(self, t: int, step: int, optimizer, scheduler, elapsed: float) -> None:
+        """Mid-increment checkpoint (train.checkpoint_every): enough to continue this increment."""
+        if self.is_main:
+            state = self._checkpoint_state(t)
+            state.update({"format": "mclfir-partial/1", "step": step, "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict(), "elapsed_train_seconds": elapsed})
+            atomic_torch_save(self.run_dir / CKPT_DIR / PARTIAL_NAME, state)
+        self.acc.wait_for_everyone()
+
     def _load_checkpoint(self) -> None:
         path = latest_checkpoint(self.run_dir)
+        partial_path = self.run_dir / CKPT_DIR / PARTIAL_NAME
+        if partial_path.is_file():
+            partial = torch.load(partial_path, map_location="cpu", weights_only=False)
+            done = -1 if path is None else int(path.stem.split("_")[1])
+            if partial["increment"] == done + 1:  # a newer, unfinished increment: continue inside it
+                path, self.partial = partial_path, partial
         if path is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {self.run_dir / CKPT_DIR}")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = self.partial if self.partial is not None else torch.load(path, map_location="cpu", weights_only=False)
         for a in state["heads"]:
             self.model.add_head(a)
         self.model.load_state_dict(state["model"])
@@ -163,8 +181,9 @@ class Trainer:
         self.teacher.load_state_dict(state["teacher"])
         self.results = state["results"]
         self.global_step = state["global_step"]
-        self.start_increment = state["increment"] + 1
-        log.info("resumed from %s: continuing at increment %d", path, self.start_increment)
+        self.start_increment = state["increment"] + (0 if self.partial is not None else 1)
+        where = f"step {state['step']} of increment {state['increment']}" if self.partial else f"increment {self.start_increment}"
+        log.info("resumed from %s: continuing at %s", path, where)
 
     # ---------------------------------------------------------------- evaluation
 
@@ -244,11 +263,13 @@ class Trainer:
         cfg = self.cfg
         steps = cfg.train.steps_per_increment
         method = self.method
+        continuing = self.partial is not None and self.partial["increment"] == t
         if method == "static_joint":
             # retrain from the initial (pretrained) trunk on every attribute seen so far, with the
             # step budget of all increments so far
-            seed_everything(cfg.train.seed)
-            self.model = build_model(cfg.model, cfg.data.image_size).to(self.device)
+            if not continuing:
+                seed_everything(cfg.train.seed)
+                self.model = build_model(cfg.model, cfg.data.image_size).to(self.device)
             train_attrs, frozen_attrs, steps = old_attrs + new_attrs, [], steps * (t + 1)
         else:
             train_attrs, frozen_attrs = new_attrs, old_attrs
@@ -269,13 +290,22 @@ class Trainer:
         ds = getattr(self.acc.state, "deepspeed_plugin", None)
         if ds is not None:  # no dataloader goes through prepare(), so DeepSpeed cannot infer the micro batch
             ds.deepspeed_config["train_micro_batch_size_per_gpu"] = 2 * cfg.data.batch_doublets
+        start_step, elapsed_before = 0, 0.0
+        partial, self.partial = self.partial, None
+        if partial is not None and partial["increment"] == t:
+            optimizer.load_state_dict(partial["optimizer"])
+            scheduler.load_state_dict(partial["scheduler"])
+            start_step, elapsed_before = partial["step"], partial["elapsed_train_seconds"]
         model, optimizer = self.acc.prepare(self.model, optimizer)
+        partial_every = cfg.train.checkpoint_every if ds is None else 0  # ZeRO partitions the optimizer state
         loss_fn = DoubletInfoNCE(cfg.loss.temperature, cfg.loss.mask_same_value, cfg.loss.multi_positive,
                                  cfg.loss.gather, self.rank, self.world)
         use_kd = method == "mclfir" and cfg.loss.kd_weight > 0
         use_lwf = lwf_source is not None and cfg.loss.kd_weight > 0
+        # a mid-increment resume continues on a freshly seeded stream, not the exact remaining batches
+        data_seed = epoch_seed(cfg.train.seed, t) if start_step == 0 else epoch_seed(cfg.train.seed, t, start_step, 7)
         loader = build_train_loader(cfg.data, self.manifest, new_attrs, self.rank, self.world,
-                                    epoch_seed(cfg.train.seed, t), self.loader_name, self.device)
+                                    data_seed, self.loader_name, self.device)
         model.train()
         if method == "frozen":
             self.model.trunk.eval()  # a frozen trunk keeps its BatchNorm statistics too
@@ -284,7 +314,7 @@ class Trainer:
         t0 = time.time()
         window_t, window_steps = time.time(), 0
         fault = _fault_injection()
-        for step in range(steps):
+        for step in range(start_step, steps):
             if fault == (self.rank, step):
                 raise RuntimeError(f"injected fault on rank {self.rank} at step {step} (MCLFIR_FAULT_RANK/STEP)")
             batch = next(it)
@@ -328,8 +358,10 @@ class Trainer:
                                         "throughput/images_per_s": ips, "train/negative_pool": stats["negative_pool"],
                                         "train/teacher_decay": self.teacher.current_decay(), **lrs}, self.global_step)
                 window_t, window_steps = time.time(), 0
+            if partial_every and (step + 1) % partial_every == 0 and step + 1 < steps:
+                self._save_partial(t, step + 1, optimizer, scheduler, elapsed_before + time.time() - t0)
         self.acc.wait_for_everyone()
-        train_seconds = time.time() - t0
+        train_seconds = elapsed_before + time.time() - t0
         del it, loader
         self.acc.free_memory()  # drops the DDP/DeepSpeed wrapper; the next increment re-prepares
         images = steps * images_per_step
@@ -382,7 +414,7 @@ class Trainer:
 
     def run(self) -> dict:
         cfg = self.cfg
-        if self.start_increment == 0:
+        if self.start_increment == 0 and not self.results["random_map"]:
             self._baselines()
         incs = cfg.train.increments
         for t in range(self.start_increment, len(incs)):

@@ -128,3 +128,21 @@ def test_static_final_only_estimates_earlier_retrainings(tiny_shards, tmp_path):
     assert first["estimated"] and not last.get("estimated") and last["steps"] == 20 and first["steps"] == 10
     assert first["train_seconds"] == pytest.approx(last["train_seconds"] / 2)
     assert res["accuracy_matrix"][0] == {} and set(res["accuracy_matrix"][1]) == {"colour", "garment_length"}
+
+
+def test_run_killed_mid_increment_resumes_from_partial_checkpoint(tiny_shards, tmp_path, monkeypatch):
+    import torch
+    cfg = load_config(ROOT / "configs/debug_cpu.yaml",
+                      tiny_train_overrides(tiny_shards, steps=20) + ["train.checkpoint_every=5", "eval.grid_queries=0"])
+    monkeypatch.setenv("MCLFIR_FAULT_RANK", "0")
+    monkeypatch.setenv("MCLFIR_FAULT_STEP", "12")  # dies inside increment 0, after the step-10 checkpoint
+    with pytest.raises(RuntimeError, match="injected fault"):
+        train(cfg, tmp_path / "r")
+    partial = torch.load(tmp_path / "r" / "checkpoints" / "partial.pt", weights_only=False)
+    assert partial["increment"] == 0 and partial["step"] == 10 and "optimizer" in partial
+    monkeypatch.delenv("MCLFIR_FAULT_RANK")
+    res = train(load_config(tmp_path / "r" / "config.yaml"), tmp_path / "r", resume=True)
+    assert res["complete"] and [c["steps"] for c in res["cost"]] == [20, 20]
+    assert not (tmp_path / "r" / "checkpoints" / "partial.pt").exists()
+    for a, m in res["accuracy_matrix"][-1].items():
+        assert m > res["random_map"][a] + 0.1
