@@ -55,6 +55,7 @@ def _add_shards(sub):
     a.add_argument("--image-root", help="folder the filenames are relative to (default: --root)")
     a.add_argument("--out", required=True)
     a.add_argument("--resize-to", type=int, default=0, help="re-encode images to this shorter side (0 = keep bytes)")
+    a.add_argument("--attribute-prefix", default="", help="prefix of every attribute name, e.g. darn_ (unique names across datasets)")
     a.add_argument("--samples-per-shard", type=int, default=1000)
     z = ssub.add_parser("convert-zappos", help="Zappos50k with the Conditional Similarity Networks split -> shards",
                         description="Reads filenames.json and {class,closure,gender,heel}_tripletlist_{train,val,test}.txt; "
@@ -80,7 +81,7 @@ def cmd_shards(args) -> int:
         cfg = ShardBuildConfig(resize_to=args.resize_to, samples_per_shard=args.samples_per_shard,
                                min_value_count=getattr(args, "min_value_count", 1))
         if args.shards_cmd == "convert-asen":
-            m = convert_asen(args.root, args.dataset, args.out, args.image_root, cfg)
+            m = convert_asen(args.root, args.dataset, args.out, args.image_root, cfg, args.attribute_prefix)
         else:
             m = convert_zappos_csn(args.root, args.out, args.image_root, cfg)
         _print_manifest(m)

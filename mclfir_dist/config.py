@@ -45,7 +45,8 @@ class CsvSourceConfig:
 
 @dataclass
 class ShardBuildConfig:
-    source: str = _f("synthetic", "Where shards come from when `data.shards` has none: synthetic | csv.")
+    source: str = _f("synthetic", "Where shards come from when `data.shards` has none: synthetic | csv | none "
+                                  "(none: they must exist, e.g. made by `mclfir shards convert-asen`).")
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     csv: CsvSourceConfig = field(default_factory=CsvSourceConfig)
     min_value_count: int = _f(10, "Attribute values with fewer images are dropped (label -1).")
@@ -118,6 +119,7 @@ class OptimConfig:
 class IncrementConfig:
     name: str = _f(MISSING, "Name of the increment (used in logs and tables).")
     attributes: List[str] = _f([], "Attributes (one head each) this increment adds.")
+    shards: str = _f("", "Shard set of this increment (default: data.shards); lets one run span datasets.")
 
 
 @dataclass
@@ -163,7 +165,7 @@ class RunConfig:
 
 
 CHOICES = {
-    "data.build.source": ("synthetic", "csv"),
+    "data.build.source": ("synthetic", "csv", "none"),
     "data.loader": ("torch", "dali", "auto"),
     "data.teacher_view": ("perspective", "same"),
     "model.trunk": ("resnet18", "resnet34", "resnet50", "resnet101", "efficientnet_lite0"),

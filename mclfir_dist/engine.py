@@ -22,13 +22,12 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import ConfigError, RunConfig, from_dict, to_dict, to_yaml
+from .config import ConfigError, RunConfig, to_dict, to_yaml
 from .data import build_eval_loader, build_train_loader, choose_loader
 from .data.manifest import Manifest
 from .data.pairing import positive_index
 from .data.shards import ensure_shards
 from .data.streams import epoch_seed
-from .distributed import broadcast_object
 from .evaluate import continual_metrics, embed_split, evaluate_heads, pooled_feature_map, random_embedding_map
 from .losses import DoubletInfoNCE, embedding_distillation, feature_distillation
 from .model.mclfir import MCLFIRModel, build_model, convert_sync_batchnorm
@@ -117,9 +116,19 @@ class Trainer:
             ensure_shards(cfg.data.shards, cfg.data.build)
         self.acc.wait_for_everyone()
         self.manifest = Manifest.load(cfg.data.shards)
+        # an increment may name its own shard set (a sequence across datasets); attribute -> manifest
+        self.manifests: Dict[str, Manifest] = {str(cfg.data.shards): self.manifest}
+        self.attr_manifest: Dict[str, Manifest] = {}
         for inc in cfg.train.increments:
+            root = inc.shards or str(cfg.data.shards)
+            if root not in self.manifests:
+                self.manifests[root] = Manifest.load(root)
             for a in inc.attributes:
-                self.manifest.attribute_index(a)
+                self.manifests[root].attribute_index(a)
+                self.attr_manifest[a] = self.manifests[root]
+        if len(self.manifests) > 1 and cfg.train.method == "static_joint":
+            raise ConfigError("train.method=static_joint trains all attributes in one batch stream: "
+                              "it needs every increment on the same shard set (train.increments[i].shards)")
         self.loader_name, why = choose_loader(cfg.data)
         log.info("loader: %s (%s)", self.loader_name, why)
 
@@ -129,6 +138,7 @@ class Trainer:
             self.model = convert_sync_batchnorm(self.model, torch.cuda.is_available())
         self.teacher = EMATeacher(self.model.trunk, cfg.teacher.decay, cfg.teacher.warmup_steps).to(self.device)
         self.results = new_results(to_dict(cfg), str(cfg.data.shards), self.manifest.attributes)
+        self.results["attribute_shards"] = {a: str(m.root) for a, m in self.attr_manifest.items()}
         self.global_step = 0
         if resume:
             self._load_checkpoint()
@@ -188,39 +198,45 @@ class Trainer:
     # ---------------------------------------------------------------- evaluation
 
     def _eval_embeddings(self, attributes: Sequence[str]):
-        loader = build_eval_loader(self.cfg.data, self.manifest, self.cfg.eval.split, self.rank, self.world,
-                                   loader=self.loader_name, device=self.device)
-        model = self.model
-        return embed_split(model, loader, attributes, self.device)
+        """[(manifest, embeddings of its eval split under the heads of its attributes)] per shard set."""
+        groups = []
+        for root, manifest in self.manifests.items():
+            attrs = [a for a in attributes if self.attr_manifest.get(a) is manifest]
+            if not attrs and (attributes or not any(m is manifest for m in self.attr_manifest.values())):
+                continue
+            loader = build_eval_loader(self.cfg.data, manifest, self.cfg.eval.split, self.rank, self.world,
+                                       loader=self.loader_name, device=self.device)
+            groups.append((manifest, embed_split(self.model, loader, attrs, self.device)))
+        return groups
 
     def _baselines(self) -> None:
-        all_attrs = [a for inc in self.cfg.train.increments for a in inc.attributes]
-        se = self._eval_embeddings([])
-        split = self.cfg.eval.split
-        self.results["random_map"] = random_embedding_map(self.manifest, split, se, all_attrs, self.cfg.model.embed_dim,
-                                                          seed=self.cfg.train.seed, chunk=self.cfg.eval.query_chunk)
-        if self.cfg.eval.frozen_baseline:
-            self.results["frozen_trunk_map"] = pooled_feature_map(self.manifest, split, se, all_attrs, self.cfg.eval.query_chunk)
+        split, chunk = self.cfg.eval.split, self.cfg.eval.query_chunk
+        for manifest, se in self._eval_embeddings([]):
+            attrs = [a for a, m in self.attr_manifest.items() if m is manifest]
+            self.results["random_map"].update(random_embedding_map(manifest, split, se, attrs, self.cfg.model.embed_dim,
+                                                                   seed=self.cfg.train.seed, chunk=chunk))
+            if self.cfg.eval.frozen_baseline:
+                self.results["frozen_trunk_map"].update(pooled_feature_map(manifest, split, se, attrs, chunk))
         log.info("random-embedding mAP: %s", {a: round(100 * v, 2) for a, v in self.results["random_map"].items()})
         if self.cfg.eval.frozen_baseline:
             log.info("untrained-trunk pooled-feature mAP: %s",
                      {a: round(100 * v, 2) for a, v in self.results["frozen_trunk_map"].items()})
 
-    def _retrieval_grids(self, se, t: int) -> None:
+    def _retrieval_grids(self, manifest: Manifest, se, t: int) -> None:
         cfg = self.cfg.eval
         if cfg.grid_queries <= 0 or not self.is_main:
             return
         from .evaluate import query_candidate_rows
         for h, a in enumerate(se.attributes):
-            q, c = query_candidate_rows(self.manifest, self.cfg.eval.split, a, se.keys)
+            q, c = query_candidate_rows(manifest, self.cfg.eval.split, a, se.keys)
             q = q[:cfg.grid_queries]
             if len(q) == 0 or len(c) == 0:
                 continue
-            col = self.manifest.attribute_index(a)
+            col = manifest.attribute_index(a)
             scores = se.emb[q, h] @ se.emb[c, h].t()
             top = c[scores.topk(min(cfg.grid_topk, len(c)), dim=1).indices]
             keys = {se.keys[i] for i in q.tolist() + top.flatten().tolist()}
-            imgs = self._raw_images(keys)
+            imgs = self._raw_images(manifest, keys)
             qi = torch.stack([imgs[se.keys[i]] for i in q.tolist()])
             ci = torch.stack([torch.stack([imgs[se.keys[j]] for j in row]) for row in top.tolist()])
             match = se.labels[top, col] == se.labels[q, col][:, None]
@@ -231,9 +247,9 @@ class Trainer:
             out.parent.mkdir(parents=True, exist_ok=True)
             write_png(grid, str(out))
 
-    def _raw_images(self, keys: set) -> Dict[str, torch.Tensor]:
+    def _raw_images(self, manifest: Manifest, keys: set) -> Dict[str, torch.Tensor]:
         from .data.loader_torch import IMAGENET_MEAN, IMAGENET_STD
-        loader = build_eval_loader(self.cfg.data, self.manifest, self.cfg.eval.split, 0, 1, keys=keys)
+        loader = build_eval_loader(self.cfg.data, manifest, self.cfg.eval.split, 0, 1, keys=keys)
         mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
         std = torch.tensor(IMAGENET_STD)[:, None, None]
         out = {}
@@ -304,7 +320,7 @@ class Trainer:
         use_lwf = lwf_source is not None and cfg.loss.kd_weight > 0
         # a mid-increment resume continues on a freshly seeded stream, not the exact remaining batches
         data_seed = epoch_seed(cfg.train.seed, t) if start_step == 0 else epoch_seed(cfg.train.seed, t, start_step, 7)
-        loader = build_train_loader(cfg.data, self.manifest, new_attrs, self.rank, self.world,
+        loader = build_train_loader(cfg.data, self.attr_manifest[new_attrs[0]], new_attrs, self.rank, self.world,
                                     data_seed, self.loader_name, self.device)
         model.train()
         if method == "frozen":
@@ -429,10 +445,13 @@ class Trainer:
                 continue
             cost = self._train_increment(t, list(inc.attributes), old)
             seen = old + list(inc.attributes)
-            se = self._eval_embeddings(seen)
+            groups = self._eval_embeddings(seen)
             t_eval = time.time()
-            details = evaluate_heads(self.manifest, cfg.eval.split, se, cfg.eval.query_chunk)
-            eval_seconds = se.seconds + (time.time() - t_eval)
+            details = {}
+            for manifest, se in groups:
+                details.update(evaluate_heads(manifest, cfg.eval.split, se, cfg.eval.query_chunk))
+            details = {a: details[a] for a in seen}
+            eval_seconds = sum(se.seconds for _, se in groups) + (time.time() - t_eval)
             row = {a: d["map"] for a, d in details.items()}
             self.results["accuracy_matrix"].append(row)
             self.results["map_details"].append(details)
@@ -455,7 +474,8 @@ class Trainer:
                                     "cost/train_seconds": cost["train_seconds"], "cost/eval_seconds": eval_seconds,
                                     "cost/images_per_second": cost["images_per_second"],
                                     "cost/device_seconds": cost["device_seconds"]}, t)
-                self._retrieval_grids(se, t)
+                for manifest, se in groups:
+                    self._retrieval_grids(manifest, se, t)
             if t == len(incs) - 1:
                 self._fill_estimated_costs(cost)
                 self.results["final"] = metrics

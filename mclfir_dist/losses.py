@@ -6,7 +6,7 @@ n_local x n_global (linear in world size), and the negative pool grows with the 
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F

@@ -3,7 +3,7 @@ with one fused multi-tensor lerp over all parameters; buffers (BN statistics) ar
 from __future__ import annotations
 
 import copy
-from typing import Dict
+
 
 import torch
 from torch import nn

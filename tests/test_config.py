@@ -3,7 +3,8 @@ import pytest
 
 from mclfir_dist.config import ConfigError, describe, load_config
 
-ROOT_CONFIGS = ["configs/debug_cpu.yaml", "configs/fpi_cpu.yaml", "configs/paper_gpu.yaml"]
+ROOT_CONFIGS = ["configs/debug_cpu.yaml", "configs/fpi_cpu.yaml", "configs/fpi_methods_cpu.yaml",
+                "configs/paper_gpu.yaml", "configs/paper22_gpu.yaml"]
 
 
 @pytest.mark.parametrize("path", ROOT_CONFIGS)

@@ -146,3 +146,24 @@ def test_run_killed_mid_increment_resumes_from_partial_checkpoint(tiny_shards, t
     assert not (tmp_path / "r" / "checkpoints" / "partial.pt").exists()
     for a, m in res["accuracy_matrix"][-1].items():
         assert m > res["random_map"][a] + 0.1
+
+
+def test_increments_on_different_shard_sets(tiny_shards, tmp_path):
+    """A run spanning two datasets (the paper's FashionAI -> DeepFashion -> DARN shape)."""
+    other = tmp_path / "other"
+    shutil.copytree(tiny_shards, other)
+    man = json.loads((other / "manifest.json").read_text())
+    for a in man["attributes"]:
+        a["name"] = "b_" + a["name"]
+    for split in man["eval_sets"]:
+        man["eval_sets"][split] = {"b_" + k: v for k, v in man["eval_sets"][split].items()}
+    (other / "manifest.json").write_text(json.dumps(man))
+    incs = f"[{{name: a, attributes: [colour]}},{{name: b, attributes: [b_garment_length], shards: '{other}'}}]"
+    cfg = load_config(ROOT / "configs/debug_cpu.yaml",
+                      tiny_train_overrides(tiny_shards, steps=30, increments=incs) + ["eval.grid_queries=1"])
+    res = train(cfg, tmp_path / "r")
+    assert res["attribute_shards"] == {"colour": str(tiny_shards), "b_garment_length": str(other)}
+    assert set(res["accuracy_matrix"][1]) == {"colour", "b_garment_length"}
+    for a, m in res["accuracy_matrix"][1].items():
+        assert m > res["random_map"][a] + 0.15, (a, m)
+    assert (tmp_path / "r" / "grids" / "increment_01_b_garment_length.png").is_file()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -79,11 +79,13 @@ def _attribute_spec(root: Path, dataset: str) -> Tuple[List[str], List[List[str]
 
 
 def convert_asen(root: str | Path, dataset: str, out: str | Path, image_root: str | Path | None = None,
-                 cfg: ShardBuildConfig | None = None) -> Manifest:
+                 cfg: ShardBuildConfig | None = None, attribute_prefix: str = "") -> Manifest:
+    """`attribute_prefix` (e.g. 'darn_') keeps names unique in a run that spans datasets."""
     root = Path(root)
     image_root = Path(image_root) if image_root else root
     cfg = cfg or ShardBuildConfig(min_value_count=1)
     names, values = _attribute_spec(root, dataset)
+    names = [attribute_prefix + n for n in names]
     n_attr = len(names)
     labels: Dict[str, np.ndarray] = {}
     paths: Dict[str, Path] = {}

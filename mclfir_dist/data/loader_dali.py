@@ -23,7 +23,6 @@ import tempfile
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 from ..config import DataConfig

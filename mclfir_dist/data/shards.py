@@ -283,6 +283,9 @@ def ensure_shards(shards_dir: str | Path, cfg: ShardBuildConfig) -> Manifest:
     shards_dir = Path(shards_dir)
     if (shards_dir / MANIFEST_NAME).is_file():
         return Manifest.load(shards_dir)
+    if cfg.source == "none":
+        raise ShardError(f"no shards in {shards_dir} (data.build.source=none): build or convert them first, "
+                         f"e.g. `mclfir shards convert-asen --root ... --out {shards_dir}`")
     log.info("no shards in %s: building them", shards_dir)
     return build_from_config(cfg, shards_dir)
 
