@@ -131,12 +131,19 @@ def test_failing_rank_brings_the_job_down(tiny_shards, tmp_path):
     assert not (tmp_path / "r" / "results.json").exists()
 
 
-def test_deepspeed_zero2_run(tiny_shards, tmp_path):
+@pytest.mark.parametrize("stage", [2, 1])
+def test_deepspeed_zero_run(tiny_shards, tmp_path, stage):
     out = tmp_path / "ds"
-    p = accelerate_train("launch/deepspeed_zero2_cpu.yaml", out, tiny_train_overrides(tiny_shards, steps=20))
+    extra = []
+    if stage != 2:
+        cfg = json.loads((ROOT / "launch/deepspeed_zero2_cpu.json").read_text())
+        cfg["zero_optimization"]["stage"] = stage
+        (tmp_path / "ds.json").write_text(json.dumps(cfg))
+        extra = ["--deepspeed_config_file", str(tmp_path / "ds.json")]
+    p = accelerate_train("launch/deepspeed_zero2_cpu.yaml", out, tiny_train_overrides(tiny_shards, steps=20), extra=extra)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
     res = json.loads((out / "results.json").read_text())
-    assert res["world_size"] == 2 and res["backend"].startswith("deepspeed-zero2")
+    assert res["world_size"] == 2 and res["backend"].startswith(f"deepspeed-zero{stage}")
     assert res["complete"] and len(res["accuracy_matrix"]) == 2
     assert all(c["teacher_rank_max_diff"] == 0.0 for c in res["cost"])
 
