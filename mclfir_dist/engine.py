@@ -137,7 +137,7 @@ class Trainer:
         if cfg.model.sync_batchnorm:
             self.model = convert_sync_batchnorm(self.model, torch.cuda.is_available())
         self.teacher = EMATeacher(self.model.trunk, cfg.teacher.decay, cfg.teacher.warmup_steps).to(self.device)
-        self.results = new_results(to_dict(cfg), str(cfg.data.shards), self.manifest.attributes)
+        self.results = new_results(to_dict(cfg), str(cfg.data.shards))
         self.results["attribute_shards"] = {a: str(m.root) for a, m in self.attr_manifest.items()}
         self.global_step = 0
         if resume:

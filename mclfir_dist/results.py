@@ -18,7 +18,7 @@ def fmt(x: Optional[float], pct: bool = True) -> str:
     return f"{100 * x:.2f}" if pct else f"{x:.2f}"
 
 
-def new_results(config: dict, shards: str, manifest_attrs: Sequence[str]) -> dict:
+def new_results(config: dict, shards: str) -> dict:
     return {
         "format": "mclfir-results/1",
         "complete": False,

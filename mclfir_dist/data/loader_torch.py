@@ -20,7 +20,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
 from .pairing import DoubletBatcher
-from .streams import decode_labels, epoch_seed, iter_partition, shuffled
+from .streams import decode_labels, epoch_seed, iter_partition, iter_shard, shuffled
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,6 @@ class EvalStream(IterableDataset):
         batch: List[dict] = []
         # sample-level split over the shards in file order: same slices every time
         position = 0
-        from .streams import iter_shard
         for path in self.shards:
             for s in iter_shard(path):
                 mine = position % n_streams == stream_id
