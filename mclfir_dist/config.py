@@ -83,6 +83,8 @@ class ModelConfig:
     head_channels: int = _f(256, "Channels of each head's 1x1 projection.")
     embed_dim: int = _f(128, "Embedding size of every attribute head.")
     sync_batchnorm: bool = _f(False, "Convert BatchNorm to SyncBatchNorm (GPU only; refused on CPU).")
+    trunk_bn: str = _f("train", "Trunk BatchNorm while training: train (batch statistics, running stats updated) | "
+                       "frozen (keeps the pretrained running statistics; affine weights still train).")
 
 
 @dataclass
@@ -92,6 +94,7 @@ class LossConfig:
     multi_positive: bool = _f(False, "SupCon-style: every same-value sample in the global batch is a positive.")
     gather: bool = _f(True, "All-gather embeddings across ranks (with gradient) so negatives come from every rank.")
     kd_weight: float = _f(1e-4, "Weight lambda of the distillation term.")
+    kd_anchors_only: bool = _f(False, "Distil (mclfir and lwf) on the anchor half of each batch only: halves the teacher's forward cost.")
     kd_type: str = _f("feature", "Distillation target: feature (pooled trunk features vs EMA teacher) | embedding (old heads on teacher vs student).")
 
 
@@ -170,6 +173,7 @@ CHOICES = {
     "data.teacher_view": ("perspective", "same"),
     "model.trunk": ("resnet18", "resnet34", "resnet50", "resnet101", "efficientnet_lite0"),
     "model.cut": ("layer3", "full"),
+    "model.trunk_bn": ("train", "frozen"),
     "loss.kd_type": ("feature", "embedding"),
     "optim.schedule": ("cosine", "step", "constant"),
     "train.method": ("mclfir", "finetune", "lwf", "frozen", "static_joint"),

@@ -316,7 +316,8 @@ class Trainer:
         partial_every = cfg.train.checkpoint_every if ds is None else 0  # ZeRO partitions the optimizer state
         loss_fn = DoubletInfoNCE(cfg.loss.temperature, cfg.loss.mask_same_value, cfg.loss.multi_positive,
                                  cfg.loss.gather, self.rank, self.world)
-        use_kd = method == "mclfir" and cfg.loss.kd_weight > 0
+        # embedding-level distillation has no old heads to go through in the first increment
+        use_kd = method == "mclfir" and cfg.loss.kd_weight > 0 and (cfg.loss.kd_type == "feature" or bool(old_attrs))
         use_lwf = lwf_source is not None and cfg.loss.kd_weight > 0
         # a mid-increment resume continues on a freshly seeded stream, not the exact remaining batches
         data_seed = epoch_seed(cfg.train.seed, t) if start_step == 0 else epoch_seed(cfg.train.seed, t, start_step, 7)
@@ -340,15 +341,16 @@ class Trainer:
                 emb, pooled, fmap = model(images, task, new_attrs)
                 nce, stats = loss_fn(emb, value, task, positive_index(emb.shape[0], self.device))
                 kd = torch.zeros((), device=self.device)
+                # rows are anchors then positives; the anchor half sees every doublet once
+                rows = images.shape[0] // 2 if cfg.loss.kd_anchors_only else images.shape[0]
                 if use_kd:
-                    t_img = batch["teacher_images"].to(self.device, non_blocking=True)
-                    t_fmap = self.teacher(t_img)
+                    t_img = batch["teacher_images"][:rows].to(self.device, non_blocking=True)
                     if cfg.loss.kd_type == "feature":
-                        kd = feature_distillation(pooled, t_fmap.mean(dim=(2, 3)))
-                    elif old_attrs:
-                        kd = self._old_head_distillation(model, fmap, t_fmap, old_attrs)
+                        kd = feature_distillation(pooled[:rows], self.teacher(t_img).mean(dim=(2, 3)))
+                    else:
+                        kd = self._old_head_distillation(model, fmap[:rows], self.teacher(t_img), old_attrs)
                 elif use_lwf:
-                    kd = self._old_head_distillation(model, fmap, lwf_source(images), old_attrs)
+                    kd = self._old_head_distillation(model, fmap[:rows], lwf_source(images[:rows]), old_attrs)
                 loss = nce + cfg.loss.kd_weight * kd
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at increment {t} step {step}; lower optim.lr?")

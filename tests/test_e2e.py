@@ -119,6 +119,31 @@ def test_baseline_methods_run_in_the_same_engine(tiny_shards, tmp_path, method):
             assert torch.equal(final[f"trunk.{k}"], v), k
 
 
+def test_frozen_trunk_batchnorm_and_anchor_only_distillation(tiny_shards, tmp_path, monkeypatch):
+    """trunk_bn=frozen: the trunk learns but its BatchNorm statistics stay pretrained-initial.
+    Embedding-level KD with kd_anchors_only: no teacher pass in the first increment (no old heads),
+    then the teacher sees only the anchor half of each batch."""
+    import torch
+    from mclfir_dist.teacher import EMATeacher
+    calls = []
+    forward = EMATeacher.forward
+    monkeypatch.setattr(EMATeacher, "forward", lambda self, x: calls.append(x.shape[0]) or forward(self, x))
+    cfg = load_config(ROOT / "configs/debug_cpu.yaml",
+                      tiny_train_overrides(tiny_shards, steps=10) + ["model.trunk_bn=frozen", "loss.kd_anchors_only=true",
+                                                                     "loss.kd_type=embedding", "eval.grid_queries=0",
+                                                                     "eval.frozen_baseline=false"])
+    res = train(cfg, tmp_path / "run")
+    assert res["complete"]
+    assert calls == [cfg.data.batch_doublets] * 10  # increment 1 only, anchors only
+    from mclfir_dist.model.mclfir import build_model
+    torch.manual_seed(cfg.train.seed)
+    init = build_model(cfg.model, cfg.data.image_size).trunk.state_dict()
+    final = torch.load(tmp_path / "run" / "checkpoints" / "increment_01.pt", weights_only=False)["model"]
+    stats = [k for k in init if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(final[f"trunk.{k}"], init[k]) for k in stats)
+    assert not torch.equal(final["trunk.stem.0.weight"], init["stem.0.weight"])
+
+
 def test_static_final_only_estimates_earlier_retrainings(tiny_shards, tmp_path):
     cfg = load_config(ROOT / "configs/debug_cpu.yaml",
                       tiny_train_overrides(tiny_shards, steps=10) + ["train.method=static_joint", "train.static_final_only=true",

@@ -62,3 +62,24 @@ def test_sync_batchnorm_refused_on_cpu():
     m = build_model(ModelConfig(), 32)
     with pytest.raises(ConfigError, match="SyncBatchNorm"):
         convert_sync_batchnorm(m, on_gpu=False)
+
+
+@pytest.mark.parametrize("trunk_bn", ["train", "frozen"])
+def test_trunk_batchnorm_mode(trunk_bn):
+    """trunk_bn=frozen keeps the pretrained running statistics through train() and training steps,
+    while the BatchNorm affine weights, the rest of the trunk and the heads still learn."""
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(trunk="resnet18", head_channels=32, embed_dim=16, trunk_bn=trunk_bn), 32)
+    m.add_head("a")
+    bn = m.trunk.stem[1]
+    stats_before = bn.running_mean.clone()
+    weight_before = bn.weight.detach().clone()
+    m.train()
+    assert m.heads["a"].training and m.trunk.training
+    assert bn.training == (trunk_bn == "train")
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    emb, _, _ = m(torch.randn(8, 3, 32, 32) * 3 + 1, torch.zeros(8, dtype=torch.long), ["a"])
+    emb.sum().backward()
+    opt.step()
+    assert not torch.equal(bn.weight.detach(), weight_before)
+    assert torch.equal(bn.running_mean, stats_before) == (trunk_bn == "frozen")

@@ -12,8 +12,10 @@ from .trunks import build_trunk
 
 
 class MCLFIRModel(nn.Module):
-    def __init__(self, trunk: nn.Module, trunk_channels: int, head_channels: int = 256, embed_dim: int = 128):
+    def __init__(self, trunk: nn.Module, trunk_channels: int, head_channels: int = 256, embed_dim: int = 128,
+                 trunk_bn: str = "train"):
         super().__init__()
+        self.trunk_bn = trunk_bn
         self.trunk = trunk
         self.trunk_channels = trunk_channels
         self.head_channels, self.embed_dim = head_channels, embed_dim
@@ -43,6 +45,11 @@ class MCLFIRModel(nn.Module):
         super().train(mode)
         for a in self.frozen:
             self.heads[a].eval()
+        if self.trunk_bn == "frozen":
+            # small fine-tuning batches would overwrite the pretrained statistics with noisy ones
+            for m in self.trunk.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         return self
 
     def forward(self, images: torch.Tensor, task: torch.Tensor, attributes: Sequence[str]
@@ -68,7 +75,7 @@ class MCLFIRModel(nn.Module):
 
 def build_model(cfg: ModelConfig, image_size: int) -> MCLFIRModel:
     trunk, channels = build_trunk(cfg, image_size)
-    return MCLFIRModel(trunk, channels, cfg.head_channels, cfg.embed_dim)
+    return MCLFIRModel(trunk, channels, cfg.head_channels, cfg.embed_dim, cfg.trunk_bn)
 
 
 def convert_sync_batchnorm(model: nn.Module, on_gpu: bool) -> nn.Module:
