@@ -432,6 +432,7 @@ class Trainer:
 
     def run(self) -> dict:
         cfg = self.cfg
+        run_start, wall_before = time.time(), self.results.get("wall_seconds", 0.0)
         if self.start_increment == 0 and not self.results["random_map"]:
             self._baselines()
         incs = cfg.train.increments
@@ -482,6 +483,7 @@ class Trainer:
                 self._fill_estimated_costs(cost)
                 self.results["final"] = metrics
                 self.results["complete"] = True
+            self.results["wall_seconds"] = wall_before + time.time() - run_start
             self._save_checkpoint(t)
             if self.is_main:
                 write_results(self.run_dir, self.results)

@@ -21,24 +21,32 @@ def static_costs(results: Sequence[dict]) -> Optional[dict]:
     for res in results:
         if res["config"]["train"]["method"] == "static_joint" and res["cost"]:
             return {"final": res["cost"][-1]["train_seconds"],
-                    "cumulative": sum(c["train_seconds"] for c in res["cost"])}
+                    "cumulative": sum(c["train_seconds"] for c in res["cost"]),
+                    "estimated": any(c.get("estimated") for c in res["cost"])}
     return None
 
 
 def comparison_table(runs: Sequence[str], results: Sequence[dict]) -> str:
     static = static_costs(results)
     rows = [["run", "method", "final avg mAP", "avg forgetting", "BWT", "train s", "device-s", "eval s",
-             "cost / static-final", "cost / static-cumulative"]]
+             "run wall s", "cost / static-final", "cost / static-cumulative"]]
+    est = "*" if static and static["estimated"] else ""
     for r, res in zip(runs, results):
         m = res["metrics"][-1] if res["metrics"] else {}
         train_s = sum(c["train_seconds"] for c in res["cost"])
+        run_est = "*" if any(c.get("estimated") for c in res["cost"]) else ""
         rows.append([Path(r).name, res["config"]["train"]["method"], fmt(m.get("average_map")),
-                     fmt(m.get("average_forgetting")), fmt(m.get("bwt")), f"{train_s:.1f}",
+                     fmt(m.get("average_forgetting")), fmt(m.get("bwt")), f"{train_s:.1f}{run_est}",
                      f"{sum(c['device_seconds'] for c in res['cost']):.1f}",
-                     f"{sum(c['eval_seconds'] for c in res['cost']):.1f}",
+                     f"{sum(c.get('eval_seconds', 0.0) for c in res['cost']):.1f}",
+                     f"{res['wall_seconds']:.0f}" if res.get("wall_seconds") else "-",
                      f"{train_s / static['final']:.2f}" if static else "-",
-                     f"{train_s / static['cumulative']:.2f}" if static else "-"])
-    return markdown_table(rows)
+                     f"{train_s / static['cumulative']:.2f}{est}" if static else "-"])
+    table = markdown_table(rows)
+    if est:
+        table += ("\n\n\\* includes joint retrainings that were not run (train.static_final_only): their "
+                  "seconds are computed from the final retraining's measured seconds per step.")
+    return table
 
 
 def plot_matrix(res: dict, path: Path, title: str) -> None:
@@ -88,11 +96,24 @@ def plot_cost(runs: Sequence[str], results: Sequence[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def machines_text(runs: Sequence[str], results: Sequence[dict]) -> str:
+    """Which machine measured each run's costs (runs from before this was recorded say so)."""
+    lines = ["Machines (costs compare only within one machine):"]
+    for r, res in zip(runs, results):
+        m = res.get("machine")
+        if not m:
+            lines.append(f"- {Path(r).name}: not recorded")
+            continue
+        device = m["gpu"] or f"CPU only, {m['cpu_count']} cores ({m['torch_threads']} torch threads)"
+        lines.append(f"- {Path(r).name}: {m['host']}, {device}, torch {m['torch']}, Python {m['python']}")
+    return "\n".join(lines)
+
+
 def report(runs: List[str], out: Optional[str] = None) -> str:
     results = [load_results(r) for r in runs]
     out_dir = Path(out or runs[0])
     out_dir.mkdir(parents=True, exist_ok=True)
-    parts = ["# MCL-FIR report", "## Comparison", comparison_table(runs, results)]
+    parts = ["# MCL-FIR report", "## Comparison", comparison_table(runs, results), machines_text(runs, results)]
     for r, res in zip(runs, results):
         name = Path(r).name
         png = out_dir / f"matrix_{name}.png"

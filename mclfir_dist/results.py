@@ -18,6 +18,19 @@ def fmt(x: Optional[float], pct: bool = True) -> str:
     return f"{100 * x:.2f}" if pct else f"{x:.2f}"
 
 
+def machine_info() -> dict:
+    """Where a run's costs were measured: they are only comparable on the same machine."""
+    import os
+    import platform
+    import torch
+    info = {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "torch_threads": torch.get_num_threads(), "gpu": None}
+    if torch.cuda.is_available():
+        info["gpu"] = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return info
+
+
 def new_results(config: dict, shards: str) -> dict:
     return {
         "format": "mclfir-results/1",
@@ -35,6 +48,8 @@ def new_results(config: dict, shards: str) -> dict:
         "cost": [],                  # per increment (see engine)
         "metrics": [],               # continual metrics after each increment
         "final": {},
+        "machine": machine_info(),
+        "wall_seconds": 0.0,         # run(): baselines, training, evaluation and checkpoints
     }
 
 

@@ -92,6 +92,9 @@ def test_report_writes_table_and_plots(tiny_run, tmp_path):
     assert "avg mAP" in text and "colour" in text
     assert (tmp_path / "map_vs_cost.png").stat().st_size > 1000
     assert (tmp_path / f"matrix_{run.name}.png").stat().st_size > 1000
+    res = json.loads((run / "results.json").read_text())
+    assert res["wall_seconds"] >= sum(c["train_seconds"] + c["eval_seconds"] for c in res["cost"])
+    assert f"- {run.name}: " in text and "CPU only" in text and "torch 2." in text
 
 
 def test_train_module_entry_point_errors_cleanly(tmp_path):
@@ -153,6 +156,9 @@ def test_static_final_only_estimates_earlier_retrainings(tiny_shards, tmp_path):
     assert first["estimated"] and not last.get("estimated") and last["steps"] == 20 and first["steps"] == 10
     assert first["train_seconds"] == pytest.approx(last["train_seconds"] / 2)
     assert res["accuracy_matrix"][0] == {} and set(res["accuracy_matrix"][1]) == {"colour", "garment_length"}
+    from mclfir_dist.report import comparison_table
+    table = comparison_table([str(tmp_path / "s")], [res])
+    assert "| 1.00* " in table and "not run" in table
 
 
 def test_run_killed_mid_increment_resumes_from_partial_checkpoint(tiny_shards, tmp_path, monkeypatch):
