@@ -9,6 +9,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
     """Call `write(fileobj)` on a temp file in the same folder, fsync, then rename over `path`."""
@@ -20,6 +23,7 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results should read like any written file
         os.replace(tmp, path)
     except BaseException:
         try:
