@@ -308,7 +308,7 @@ class Trainer:
             ds.deepspeed_config["train_micro_batch_size_per_gpu"] = 2 * cfg.data.batch_doublets
         start_step, elapsed_before = 0, 0.0
         partial, self.partial = self.partial, None
-        if partial is not None and partial["increment"] == t:
+        if continuing:
             optimizer.load_state_dict(partial["optimizer"])
             scheduler.load_state_dict(partial["scheduler"])
             start_step, elapsed_before = partial["step"], partial["elapsed_train_seconds"]
@@ -319,6 +319,8 @@ class Trainer:
         # embedding-level distillation has no old heads to go through in the first increment
         use_kd = method == "mclfir" and cfg.loss.kd_weight > 0 and (cfg.loss.kd_type == "feature" or bool(old_attrs))
         use_lwf = lwf_source is not None and cfg.loss.kd_weight > 0
+        # rows are anchors then positives; the anchor half sees every doublet once
+        kd_rows = cfg.data.batch_doublets if cfg.loss.kd_anchors_only else 2 * cfg.data.batch_doublets
         # a mid-increment resume continues on a freshly seeded stream, not the exact remaining batches
         data_seed = epoch_seed(cfg.train.seed, t) if start_step == 0 else epoch_seed(cfg.train.seed, t, start_step, 7)
         loader = build_train_loader(cfg.data, self.attr_manifest[new_attrs[0]], new_attrs, self.rank, self.world,
@@ -341,16 +343,14 @@ class Trainer:
                 emb, pooled, fmap = model(images, task, new_attrs)
                 nce, stats = loss_fn(emb, value, task, positive_index(emb.shape[0], self.device))
                 kd = torch.zeros((), device=self.device)
-                # rows are anchors then positives; the anchor half sees every doublet once
-                rows = images.shape[0] // 2 if cfg.loss.kd_anchors_only else images.shape[0]
                 if use_kd:
-                    t_img = batch["teacher_images"][:rows].to(self.device, non_blocking=True)
+                    t_fmap = self.teacher(batch["teacher_images"][:kd_rows].to(self.device, non_blocking=True))
                     if cfg.loss.kd_type == "feature":
-                        kd = feature_distillation(pooled[:rows], self.teacher(t_img).mean(dim=(2, 3)))
+                        kd = feature_distillation(pooled[:kd_rows], t_fmap.mean(dim=(2, 3)))
                     else:
-                        kd = self._old_head_distillation(model, fmap[:rows], self.teacher(t_img), old_attrs)
+                        kd = self._old_head_distillation(model, fmap[:kd_rows], t_fmap, old_attrs)
                 elif use_lwf:
-                    kd = self._old_head_distillation(model, fmap[:rows], lwf_source(images[:rows]), old_attrs)
+                    kd = self._old_head_distillation(model, fmap[:kd_rows], lwf_source(images[:kd_rows]), old_attrs)
                 loss = nce + cfg.loss.kd_weight * kd
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at increment {t} step {step}; lower optim.lr?")

@@ -16,13 +16,18 @@ def load_results(run_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def has_estimates(res: dict) -> bool:
+    """Some of the run's cost was computed, not run (static_final_only)."""
+    return any(c.get("estimated") for c in res["cost"])
+
+
 def static_costs(results: Sequence[dict]) -> Optional[dict]:
     """Training cost of the static baseline: the last joint retraining, and all of them summed."""
     for res in results:
         if res["config"]["train"]["method"] == "static_joint" and res["cost"]:
             return {"final": res["cost"][-1]["train_seconds"],
                     "cumulative": sum(c["train_seconds"] for c in res["cost"]),
-                    "estimated": any(c.get("estimated") for c in res["cost"])}
+                    "estimated": has_estimates(res)}
     return None
 
 
@@ -34,11 +39,11 @@ def comparison_table(runs: Sequence[str], results: Sequence[dict]) -> str:
     for r, res in zip(runs, results):
         m = res["metrics"][-1] if res["metrics"] else {}
         train_s = sum(c["train_seconds"] for c in res["cost"])
-        run_est = "*" if any(c.get("estimated") for c in res["cost"]) else ""
+        run_est = "*" if has_estimates(res) else ""
         rows.append([Path(r).name, res["config"]["train"]["method"], fmt(m.get("average_map")),
                      fmt(m.get("average_forgetting")), fmt(m.get("bwt")), f"{train_s:.1f}{run_est}",
                      f"{sum(c['device_seconds'] for c in res['cost']):.1f}",
-                     f"{sum(c.get('eval_seconds', 0.0) for c in res['cost']):.1f}",
+                     f"{sum(c['eval_seconds'] for c in res['cost']):.1f}",
                      f"{res['wall_seconds']:.0f}" if res.get("wall_seconds") else "-",
                      f"{train_s / static['final']:.2f}" if static else "-",
                      f"{train_s / static['cumulative']:.2f}{est}" if static else "-"])

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import os
+import platform
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -20,9 +22,6 @@ def fmt(x: Optional[float], pct: bool = True) -> str:
 
 def machine_info() -> dict:
     """Where a run's costs were measured: they are only comparable on the same machine."""
-    import os
-    import platform
-    import torch
     info = {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "torch_threads": torch.get_num_threads(), "gpu": None}
