@@ -5,7 +5,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	.venv/bin/mclfir train --config configs/debug_cpu.yaml --out runs/debug
+	.venv/bin/mclfir train --config configs/debug_cpu.yaml --out runs/debug --overwrite
 
 test: setup
 	.venv/bin/python -m pytest -q tests

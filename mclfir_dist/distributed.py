@@ -27,10 +27,11 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` from every rank along dim 0; gradients flow back to each rank's rows."""
     if not is_distributed():
         return x
-    from torch.distributed import _functional_collectives as funcol
-    gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd  # torch < 2.14
-    out = gather(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
-    return out.wait() if hasattr(out, "wait") else out
+    import warnings
+    from torch.distributed.nn.functional import all_gather
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)   # 2.14 points to a private API; this one is public
+        return torch.cat(all_gather(x.contiguous()), dim=0)
 
 
 def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
@@ -56,3 +57,12 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def broadcast_buffers(modules, src: int = 0) -> None:
+    """Copy rank `src`'s buffers (e.g. BatchNorm statistics, updated from each rank's own batches) to every rank."""
+    if not is_distributed():
+        return
+    for module in modules:
+        for buf in module.buffers():
+            dist.broadcast(buf.data, src=src)

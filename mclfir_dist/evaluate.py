@@ -7,6 +7,7 @@ relevant candidate has no AP and is left out of the mean (counted in `queries_wi
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Sequence
@@ -122,17 +123,31 @@ def continual_metrics(matrix: List[Dict[str, float]], learned_at: Dict[str, int]
     last = matrix[T]
     avg = float(np.mean(list(last.values()))) if last else float("nan")
     forgetting, bwt = {}, {}
+    unknown = False
     for a, t_a in learned_at.items():
         if t_a >= T or a not in last:
             continue
         history = [matrix[t][a] for t in range(t_a, T) if a in matrix[t]]
-        if not history:  # not evaluated in between (static_final_only)
+        if not history:  # not evaluated in between (static_final_only): forgetting is unknown, not 0
+            unknown = True
             continue
         forgetting[a] = max(history) - last[a]
         bwt[a] = last[a] - history[0]
+    nan = float("nan")
     return {
         "average_map": avg,
         "forgetting": forgetting,
-        "average_forgetting": float(np.mean(list(forgetting.values()))) if forgetting else 0.0,
-        "bwt": float(np.mean(list(bwt.values()))) if bwt else 0.0,
+        "average_forgetting": nan if unknown else float(np.mean(list(forgetting.values()))) if forgetting else 0.0,
+        "bwt": nan if unknown else float(np.mean(list(bwt.values()))) if bwt else 0.0,
     }
+
+
+def dataset_maps(details: Dict[str, dict], dataset_of: Dict[str, str]) -> Dict[str, float]:
+    """Per dataset: the query-count-weighted mean of its attributes' mAP (the ASEN protocol's dataset mAP)."""
+    sums: Dict[str, List[float]] = {}
+    for a, d in details.items():
+        if d.get("queries") and not math.isnan(d["map"]):
+            acc = sums.setdefault(dataset_of[a], [0.0, 0.0])
+            acc[0] += d["map"] * d["queries"]
+            acc[1] += d["queries"]
+    return {name: total / count for name, (total, count) in sums.items() if count}

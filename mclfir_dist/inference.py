@@ -8,30 +8,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .config import from_dict
+from .checkpoint import load_run_model
 from .data import build_eval_loader
 from .data.manifest import Manifest
-from .engine import latest_checkpoint
-from .evaluate import embed_split, mean_average_precision, query_candidate_rows
-from .model.mclfir import build_model
+from .evaluate import dataset_maps, embed_split, mean_average_precision, query_candidate_rows
 from .utils.io import atomic_write, atomic_write_json
 
 log = logging.getLogger(__name__)
-
-
-def load_run_model(run_dir: str | Path):
-    path = latest_checkpoint(Path(run_dir))
-    if path is None:
-        raise FileNotFoundError(f"no checkpoint under {Path(run_dir) / 'checkpoints'}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = from_dict(state["config"])
-    cfg.model.pretrained, cfg.model.weights = False, ""   # weights come from the checkpoint
-    model = build_model(cfg.model, cfg.data.image_size)
-    for a in state["heads"]:
-        model.add_head(a)
-    model.load_state_dict(state["model"])
-    model.eval()
-    return model, cfg, path
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
@@ -68,7 +51,9 @@ def evaluate_run(run_dir: str, shards: str, split: str = "test", export: Optiona
             _save_npy(od / "cand_emb.npy", emb[c].numpy())
             _save_npy(od / "cand_labels.npy", lab[c].numpy())
     out["average_map"] = float(np.mean(list(out["map"].values())))
-    print(f"{'average':24s} mAP {100 * out['average_map']:6.2f}")
+    out["dataset_map"] = dataset_maps(out["details"], {a: Path(shards).name for a in attrs})[Path(shards).name]
+    print(f"{'average':24s} mAP {100 * out['average_map']:6.2f}  (unweighted mean over attributes)")
+    print(f"{'dataset':24s} mAP {100 * out['dataset_map']:6.2f}  (query-weighted, the ASEN protocol)")
     json_path = json_path or str(Path(run_dir) / f"eval_{Path(shards).name}_{split}.json")
     atomic_write_json(json_path, out)
     print(f"wrote {json_path}")

@@ -6,13 +6,15 @@ n_local x n_global (linear in world size), and the negative pool grows with the 
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .distributed import all_gather_no_grad, all_gather_with_grad
+from .registry import Registry
 
 
 class DoubletInfoNCE(nn.Module):
@@ -41,8 +43,14 @@ class DoubletInfoNCE(nn.Module):
             offset = self.rank * n
         else:
             all_emb, all_value, all_task, offset = emb, value, task, 0
+        # fp32 whatever the autocast: a bf16 matmul here moves the loss by ~1e-2 at 128 rows
+        with torch.autocast(device_type=emb.device.type, enabled=False):
+            return self._loss(emb.float(), all_emb.float(), value, task, all_value, all_task, positive, offset)
+
+    def _loss(self, emb, all_emb, value, task, all_value, all_task, positive, offset):
+        n = emb.shape[0]
         N = all_emb.shape[0]
-        logits = emb.float() @ all_emb.float().t() / self.temperature           # n x N
+        logits = emb @ all_emb.t() / self.temperature           # n x N
         cols = torch.arange(N, device=emb.device)
         self_idx = offset + torch.arange(n, device=emb.device)
         pos_idx = offset + positive
@@ -71,3 +79,26 @@ def feature_distillation(student_pooled: torch.Tensor, teacher_pooled: torch.Ten
 def embedding_distillation(student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> torch.Tensor:
     """1 - cosine between old heads' embeddings of student and teacher features."""
     return (1.0 - (student_emb.float() * teacher_emb.float()).sum(-1)).mean()
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """A distillation target: `loss(student_pooled, student_fmap, teacher_fmap, old_heads)`.
+    `needs_old_heads`: no term (and no teacher pass) while there are no frozen heads yet."""
+    loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Sequence[nn.Module]], torch.Tensor]
+    needs_old_heads: bool
+
+
+DISTILLATIONS: Registry[Distillation] = Registry("distillation type", "loss.kd_type")
+
+
+def old_head_distillation(student_fmap: torch.Tensor, teacher_fmap: torch.Tensor,
+                          old_heads: Sequence[nn.Module]) -> torch.Tensor:
+    """Mean over the frozen heads of embedding_distillation(head(student), head(teacher))."""
+    return torch.stack([embedding_distillation(h(student_fmap), h(teacher_fmap)) for h in old_heads]).mean()
+
+
+DISTILLATIONS.register("feature", label="pooled-feature MSE")(Distillation(
+    lambda pooled, fmap, teacher_fmap, heads: feature_distillation(pooled, teacher_fmap.mean(dim=(2, 3))), False))
+DISTILLATIONS.register("embedding", label="old-head embeddings")(Distillation(
+    lambda pooled, fmap, teacher_fmap, heads: old_head_distillation(fmap, teacher_fmap, heads), True))

@@ -40,7 +40,9 @@ def comparison_table(runs: Sequence[str], results: Sequence[dict]) -> str:
         m = res["metrics"][-1] if res["metrics"] else {}
         train_s = sum(c["train_seconds"] for c in res["cost"])
         run_est = "*" if has_estimates(res) else ""
-        rows.append([Path(r).name, res["config"]["train"]["method"], fmt(m.get("average_map")),
+        done, total = len(res["accuracy_matrix"]), len(res["increments"])
+        name = Path(r).name if res.get("complete") else f"{Path(r).name} (INCOMPLETE: {done}/{total} increments)"
+        rows.append([name, res["config"]["train"]["method"], fmt(m.get("average_map")),
                      fmt(m.get("average_forgetting")), fmt(m.get("bwt")), f"{train_s:.1f}{run_est}",
                      f"{sum(c['device_seconds'] for c in res['cost']):.1f}",
                      f"{sum(c['eval_seconds'] for c in res['cost']):.1f}",

@@ -1,9 +1,12 @@
 """Run results: the results.json record, readable tables, TensorBoard, retrieval grids."""
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import os
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -23,7 +26,7 @@ def fmt(x: Optional[float], pct: bool = True) -> str:
 def machine_info() -> dict:
     """Where a run's costs were measured: they are only comparable on the same machine."""
     info = {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "cpu_count": os.cpu_count(), "torch": str(torch.__version__), "python": platform.python_version(),
             "torch_threads": torch.get_num_threads(), "gpu": None}
     if torch.cuda.is_available():
         info["gpu"] = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
@@ -54,6 +57,101 @@ def new_results(config: dict, shards: str) -> dict:
 
 def write_results(run_dir: str | Path, results: dict) -> None:
     atomic_write_json(Path(run_dir) / RESULTS_NAME, results)
+
+
+@dataclass
+class CostRecord:
+    """The cost of one increment, as results.json stores it (one row of `results["cost"]`)."""
+    increment: int
+    name: str
+    steps: int
+    images_seen: int
+    train_seconds: float
+    images_per_second: float
+    eval_seconds: float
+    world_size: int
+    device_seconds: float
+    backend: str
+    global_batch: int
+    per_rank_batch: int
+    rank_max_diff: float = 0.0      # parameters and buffers of model and teacher across ranks; 0 = identical
+    estimated: bool = False         # not run: computed from a measured retraining's seconds per step
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class RunRecord:
+    """results.json in memory: every result of a run is written through here, and only here."""
+
+    def __init__(self, results: dict):
+        self.data = results
+
+    @classmethod
+    def new(cls, config: dict, shards: str) -> "RunRecord":
+        return cls(new_results(config, shards))
+
+    def add_increment(self, row: Dict[str, float], details: Dict[str, dict], metrics: dict, cost: CostRecord,
+                      run_info: dict) -> None:
+        self.data["accuracy_matrix"].append(row)
+        self.data["map_details"].append(details)
+        self.data["metrics"].append(metrics)
+        self.data["cost"].append(cost.as_dict())
+        self.data.update(run_info)
+
+    def skip_increment(self, cost: CostRecord) -> None:
+        """An increment that was not run (static_final_only): no mAP, forgetting and BWT unknown."""
+        self.data["accuracy_matrix"].append({})
+        self.data["map_details"].append({})
+        nan = float("nan")
+        self.data["metrics"].append({"average_map": nan, "forgetting": {}, "average_forgetting": nan, "bwt": nan})
+        self.data["cost"].append(cost.as_dict())
+
+    def fill_estimates(self, measured: CostRecord) -> None:
+        """Costs of increments that were not run, from the measured one's seconds per step."""
+        per_step = measured.train_seconds / measured.steps
+        for c in self.data["cost"]:
+            if c.get("estimated"):
+                c.update({"train_seconds": per_step * c["steps"],
+                          "images_seen": c["steps"] * measured.images_seen // measured.steps,
+                          "images_per_second": measured.images_per_second, "eval_seconds": 0.0,
+                          "world_size": measured.world_size,
+                          "device_seconds": per_step * c["steps"] * measured.world_size,
+                          "backend": measured.backend, "global_batch": measured.global_batch,
+                          "per_rank_batch": measured.per_rank_batch,
+                          "note": "not run: estimated from the final retraining's measured seconds per step"})
+
+    def finish(self, metrics: dict) -> None:
+        self.data["final"] = metrics
+        self.data["complete"] = True
+
+    def save(self, run_dir: str | Path) -> None:
+        write_results(run_dir, self.data)
+
+
+log = logging.getLogger("mclfir")
+
+
+class MetricsSink:
+    """One place that metrics go: the log line and TensorBoard (main process only)."""
+
+    def __init__(self, log_dir: Optional[Path], is_main: bool):
+        self.board = Board(log_dir if is_main else None)
+
+    def emit(self, values: Dict[str, float], step: int, message: str = "") -> None:
+        if message:
+            log.info(message)
+        self.board.scalars(values, step)
+
+    def image(self, tag: str, img: torch.Tensor, step: int) -> None:
+        self.board.image(tag, img, step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        self.board.text(tag, text, step)
+
+    def close(self) -> None:
+        self.board.close()
 
 
 def accuracy_table(results: dict) -> str:
@@ -91,6 +189,9 @@ def summary_text(results: dict) -> str:
         forg = ", ".join(f"{a} {fmt(v)}" for a, v in m["forgetting"].items()) or "-"
         parts.append(f"average mAP {fmt(m['average_map'])} | average forgetting {fmt(m['average_forgetting'])} "
                      f"({forg}) | BWT {fmt(m['bwt'])}")
+        if m.get("dataset_map"):
+            parts.append("dataset mAP (query-weighted over its attributes): "
+                         + ", ".join(f"{name} {fmt(v)}" for name, v in m["dataset_map"].items()))
     parts += ["## cost per increment", cost_table(results)]
     return "\n\n".join(parts)
 

@@ -11,7 +11,7 @@ CONFIG=configs/fpi_methods_cpu.yaml
 for method in mclfir finetune lwf frozen static_joint; do
   extra=()
   [ "$method" = static_joint ] && [ "${STATIC_FINAL_ONLY:-0}" = 1 ] && extra=(train.static_final_only=true)
-  /usr/bin/time -f "$method wall %e s" .venv/bin/mclfir train --config $CONFIG --out "$OUT/$method" \
+  /usr/bin/time -f "$method wall %e s" .venv/bin/mclfir train --config $CONFIG --out "$OUT/$method" --overwrite \
       train.method=$method "${extra[@]}" 2>&1 | tee "$OUT.$method.log" | grep -E "increment [0-9]+:|wall"
 done
 .venv/bin/mclfir report "$OUT"/mclfir "$OUT"/finetune "$OUT"/lwf "$OUT"/frozen "$OUT"/static_joint --out "$REPORT"

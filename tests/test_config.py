@@ -53,3 +53,32 @@ def test_every_key_is_documented():
     assert len(lines) > 50
     for line in lines:
         assert line.split(": ", 1)[1].strip(), f"undocumented key: {line}"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.log_every=0", "must be > 0"),
+    ("data.num_workers=-1", "must be >= 0"),
+    ("optim.lr=-1", "must be > 0"),
+    ("train.checkpoint_every=-1", "must be >= 0"),
+    ("teacher.decay=1.5", "must be in [0, 1]"),
+    ("data.build.test_fraction=0.95", "must be < 1"),
+])
+def test_numeric_ranges_are_checked_before_any_work(override, message):
+    from conftest import ROOT
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/debug_cpu.yaml", [override])
+    assert override.split("=")[0] in str(e.value) and message in str(e.value)
+
+
+def test_override_errors_are_blamed_on_the_overrides_not_the_file():
+    from conftest import ROOT
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/debug_cpu.yaml", ["optim.lr=abc"])
+    assert "command-line overrides" in str(e.value) and "debug_cpu.yaml" not in str(e.value)
+
+
+def test_invalid_yaml_is_one_clear_error(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)

@@ -50,7 +50,7 @@ def write_asen_fixture(root, dataset="fashionai"):
 def test_asen_fashionai_round_trip(tmp_path):
     root = tmp_path / "fashionai"
     truth = write_asen_fixture(root)
-    assert main(["shards", "convert-asen", "--root", str(root), "--dataset", "fashionai", "--out", str(tmp_path / "out")]) == 0
+    assert main(["shards", "convert", "fashionai", "--root", str(root), "--out", str(tmp_path / "out")]) == 0
     m = Manifest.load(tmp_path / "out")
     assert m.attributes == [a for a, _ in ASEN_DATASETS["fashionai"]]
     assert [len(m.values(a)) for a in m.attributes] == [n for _, n in ASEN_DATASETS["fashionai"]]
@@ -119,3 +119,18 @@ def test_zappos_csn_value_classes_from_triplets(tmp_path):
                     for s2 in iter_shard(tar2):
                         j = int(s2["__key__"][3:])
                         assert (decode_labels(s2["lbl"])[0] == lab[0]) == (truth[i] == truth[j])
+
+
+def test_asen_refuses_a_file_listed_in_two_splits_and_overlapping_query_candidate(tmp_path):
+    from mclfir_dist.data.converters import convert_asen
+    root = tmp_path / "fa"
+    write_asen_fixture(root)
+    names = (root / "filenames_test.txt").read_text().splitlines()
+    (root / "filenames_test.txt").write_text("\n".join(["img/train/0.jpg"] + names[1:]) + "\n")
+    with pytest.raises(BadInputError, match="img/train/0.jpg' is listed in both the train and the test split"):
+        convert_asen(root, "fashionai", tmp_path / "out")
+    write_asen_fixture(root)
+    with open(root / "candidate_test.txt", "a") as f:
+        f.write("0 1 0\n")   # image 0 is already a query of sleeve_length
+    with pytest.raises(BadInputError, match="both query and candidate"):
+        convert_asen(root, "fashionai", tmp_path / "out2")

@@ -17,12 +17,19 @@ from mclfir_dist.data.manifest import Manifest, ShardError
 from mclfir_dist.data.shards import write_index
 from mclfir_dist.data.streams import iter_shard
 
-pytestmark = pytest.mark.skipif(not available()[0], reason="DALI must import on every supported machine")
+import os
+
+# DALI is a pinned dependency: on the project's machines (and CI) it must import and run, and the
+# first test fails loudly if it does not. Machines that cannot have it (the lent GPU box, where its
+# 424 MB wheel cannot travel) opt out explicitly with MCLFIR_ALLOW_NO_DALI=1.
+DALI_OK, DALI_WHY = available()
+ALLOW_NO_DALI = os.environ.get("MCLFIR_ALLOW_NO_DALI") == "1"
+needs_dali = pytest.mark.skipif(not DALI_OK and ALLOW_NO_DALI, reason=f"MCLFIR_ALLOW_NO_DALI=1 and {DALI_WHY}")
+pytestmark = needs_dali
 
 
 def test_dali_is_available_on_cpu():
-    ok, why = available()
-    assert ok and "DALI" in why
+    assert DALI_OK and "DALI" in DALI_WHY, DALI_WHY
 
 
 def _dali_source(m, split, train, shard_id=0, num_shards=1, batch=16, spec=None):

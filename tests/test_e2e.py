@@ -156,6 +156,8 @@ def test_static_final_only_estimates_earlier_retrainings(tiny_shards, tmp_path):
     assert first["estimated"] and not last.get("estimated") and last["steps"] == 20 and first["steps"] == 10
     assert first["train_seconds"] == pytest.approx(last["train_seconds"] / 2)
     assert res["accuracy_matrix"][0] == {} and set(res["accuracy_matrix"][1]) == {"colour", "garment_length"}
+    import math
+    assert math.isnan(res["final"]["average_forgetting"]) and math.isnan(res["final"]["bwt"])  # unknown, not 0
     from mclfir_dist.report import comparison_table
     table = comparison_table([str(tmp_path / "s")], [res])
     assert "| 1.00* " in table and "not run" in table
@@ -198,3 +200,30 @@ def test_increments_on_different_shard_sets(tiny_shards, tmp_path):
     for a, m in res["accuracy_matrix"][1].items():
         assert m > res["random_map"][a] + 0.15, (a, m)
     assert (tmp_path / "r" / "grids" / "increment_01_b_garment_length.png").is_file()
+
+
+def test_resume_after_the_last_checkpoint_heals_results_and_summary(tiny_run, tmp_path):
+    """A kill between the final checkpoint and the results.json write: resume rewrites both from the checkpoint."""
+    run, results = tiny_run
+    broken = tmp_path / "killed_late"
+    shutil.copytree(run, broken)
+    stale = json.loads((broken / "results.json").read_text())
+    stale["accuracy_matrix"] = stale["accuracy_matrix"][:1]
+    stale["complete"] = False
+    (broken / "results.json").write_text(json.dumps(stale))
+    (broken / "summary.md").unlink()
+    from mclfir_dist.cli import main
+    assert main(["train", "--resume", str(broken)]) == 0
+    healed = json.loads((broken / "results.json").read_text())
+    assert healed["complete"] and healed["accuracy_matrix"] == results["accuracy_matrix"]
+    assert (broken / "summary.md").is_file()
+
+
+def test_report_marks_incomplete_runs(tiny_run, tmp_path):
+    from mclfir_dist.report import comparison_table
+    run, results = tiny_run
+    partial = json.loads(json.dumps(results))
+    partial["complete"] = False
+    partial["accuracy_matrix"] = partial["accuracy_matrix"][:1]
+    assert "INCOMPLETE: 1/2 increments" in comparison_table([str(run)], [partial])
+    assert "INCOMPLETE" not in comparison_table([str(run)], [results])

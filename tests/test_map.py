@@ -59,3 +59,20 @@ def test_continual_metrics():
     assert m["average_map"] == pytest.approx((0.75 + 0.5 + 0.9) / 3)
     assert m["forgetting"] == pytest.approx({"a": 0.05, "b": 0.1})
     assert m["bwt"] == pytest.approx(((0.75 - 0.8) + (0.5 - 0.6)) / 2)
+
+
+def test_forgetting_is_unknown_when_old_attributes_were_never_evaluated():
+    """static_final_only: earlier increments are not run, so forgetting and BWT are NaN, not 0."""
+    from mclfir_dist.evaluate import continual_metrics
+    m = continual_metrics([{}, {"a": 0.7, "b": 0.6}], {"a": 0, "b": 1})
+    assert m["average_map"] == pytest.approx(0.65)
+    assert math.isnan(m["average_forgetting"]) and math.isnan(m["bwt"])
+    one = continual_metrics([{"a": 0.7}], {"a": 0})
+    assert one["average_forgetting"] == 0.0 and one["bwt"] == 0.0
+
+
+def test_dataset_map_is_query_weighted_per_dataset():
+    from mclfir_dist.evaluate import dataset_maps
+    details = {"a": {"map": 0.9, "queries": 10}, "b": {"map": 0.3, "queries": 30}, "c": {"map": 0.5, "queries": 5}}
+    out = dataset_maps(details, {"a": "fashionai", "b": "fashionai", "c": "darn"})
+    assert out == pytest.approx({"fashionai": (0.9 * 10 + 0.3 * 30) / 40, "darn": 0.5})

@@ -40,8 +40,8 @@ def test_frozen_heads_stay_bit_identical_while_training():
     m.train()
     x = torch.randn(8, 3, 32, 32)
     m(x, torch.zeros(8, dtype=torch.long), ["old"])  # populate BN stats like a real first increment
-    m.freeze_heads(["old"])
     m.add_head("new")
+    m.configure(train_heads=["new"], frozen_heads=["old"], train_trunk=True)
     snapshot = {k: v.clone() for k, v in m.heads["old"].state_dict().items()}
     params = [p for p in m.parameters() if p.requires_grad]
     assert not any(p is q for p in params for q in m.heads["old"].parameters())

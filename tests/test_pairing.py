@@ -45,3 +45,32 @@ def test_epochs_reshuffle(tiny_shards):
     m = Manifest.load(tiny_shards)
     order = lambda e: [s["__key__"] for s in iter_partition(m.shard_files("train"), 0, 2, seed=5, epoch=e)]
     assert order(0) != order(1) or len(m.shard_files("train")) < 3
+
+
+@pytest.mark.parametrize("n_streams", [1, 8, 48])
+def test_no_image_is_its_own_positive_across_epochs_and_streams(n_streams):
+    """Property test: many epochs over a small labelled set, split over many streams (ranks x workers),
+    each stream's batcher persisting across epochs as the loaders' does. A sample still pending at the
+    end of an epoch must not pair with its own next-epoch copy."""
+    import random
+    rng = np.random.default_rng(n_streams)
+    keys = [f"img{i:04d}" for i in range(240)]
+    labels = {k: rng.integers(-1, 4, size=3) for k in keys}
+    self_pairs = doublets = 0
+    for stream in range(n_streams):
+        mine = keys[stream::n_streams] if n_streams <= len(keys) else keys
+        batcher = DoubletBatcher([0, 1, 2], batch_doublets=3)
+
+        def epochs():
+            for epoch in range(12):
+                order = list(mine)
+                random.Random(epoch * 1000 + stream).shuffle(order)
+                for k in order:
+                    yield {"key": k, "labels": labels[k], "image": torch.zeros(1)}
+        for b in batcher.batches(epochs()):
+            half = len(b["keys"]) // 2
+            for anchor, positive in zip(b["keys"][:half], b["keys"][half:]):
+                doublets += 1
+                self_pairs += anchor == positive
+    assert doublets > 100
+    assert self_pairs == 0

@@ -155,3 +155,52 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
                "--min-value-count", "3", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and "nope.jpg" in err and "Traceback" not in err
+
+
+def _append_raw_line(path, raw: bytes):
+    with open(path, "ab") as f:
+        f.write(raw)
+
+
+def test_non_utf8_bytes_name_the_line_and_are_skipped_under_the_flag(tmp_path):
+    path = _make_csv(tmp_path)                       # header + 41 rows: the next line is 43
+    _append_raw_line(path, b"images/0.jpg,caf\xe9,Red,Men\r\n")
+    with pytest.raises(BadInputError, match=r"labels.csv:43: column 'id' is not valid UTF-8"):
+        build_from_config(_csv_cfg(path), tmp_path / "out")
+    m = build_from_config(_csv_cfg(path, skip=True), tmp_path / "out")
+    assert [r["row"] for r in m.data["skipped_rows"]] == [43]
+
+
+def test_non_utf8_bytes_in_an_unused_column_do_not_stop_the_build(tmp_path):
+    path = _make_csv(tmp_path)
+    _append_raw_line(path, b"images/1.jpg,extra,Blue,Wom\xe9n\r\n")   # 'gender' is not used below
+    m = build_from_config(_csv_cfg(path, attrs=("baseColour",)), tmp_path / "out")
+    assert sum(m.count(s) for s in ("train", "val", "test")) == 41 and not m.data["skipped_rows"]
+
+
+def test_byte_identical_photos_never_cross_splits(tmp_path):
+    """Copies of one photo (74 groups in the real catalogue) go to one split together."""
+    path = _make_csv(tmp_path, n=60)
+    img_dir = tmp_path / "images"
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        for i in range(20):   # 20 extra copies of 5 photos (4 each), under new ids
+            src = i % 5
+            (img_dir / f"copy{i}.jpg").write_bytes((img_dir / f"{src}.jpg").read_bytes())
+            w.writerow([f"images/copy{i}.jpg", f"copy{i}", ["Red", "Blue"][src % 2], "Men"])
+    m = build_from_config(_csv_cfg(path), tmp_path / "out")
+    split_of = {k: sp for sp in ("train", "val", "test") for k in m.keys(sp)}
+    for src in range(5):
+        group = {split_of[str(src)]} | {split_of[f"copy{i}"] for i in range(src, 20, 5)}
+        assert len(group) == 1, (src, group)
+    assert m.data["duplicate_groups"] == {"groups": 5, "images": 25, "across_splits": 0}
+
+
+def test_published_splits_with_a_query_that_is_also_a_candidate_are_refused():
+    from mclfir_dist.data.shards import check_splits
+    splits = {"train": ["a"], "val": [], "test": ["b", "c"]}
+    eval_sets = {"test": {"colour": {"query": ["b"], "candidate": ["b", "c"]}}}
+    with pytest.raises(BadInputError, match="both query and candidate"):
+        check_splits(splits, eval_sets, {})
+    with pytest.raises(BadInputError, match="both the train and the test split"):
+        check_splits({"train": ["a"], "test": ["a"]}, {}, {})

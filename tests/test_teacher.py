@@ -27,12 +27,45 @@ def test_update_matches_formula_and_copies_buffers():
     assert int(teacher.num_updates) == 1
 
 
-def test_warmup_schedule_and_no_grad():
-    teacher = EMATeacher(make_encoder(), decay=0.999, warmup_steps=10)
-    assert teacher.current_decay() == pytest.approx(1 / 10)
-    teacher.num_updates.fill_(90)
-    assert teacher.current_decay() == pytest.approx(91 / 100)
+def test_warmup_is_a_linear_ramp_to_the_decay_and_matches_a_reference_recursion():
+    """d_n = d * min(1, n / w): the teacher starts as the student and uses the full decay from update w on.
+    (The old rule min(d, (1+n)/(w+n)) with w=50, d=0.995 was still at 0.9075 after 480 updates.)"""
+    w, d = 50, 0.995
+    teacher = EMATeacher(make_encoder(), decay=d, warmup_steps=w)
+    assert [teacher.decay_at(n) for n in (0, 25, 50, 480)] == [0.0, pytest.approx(d / 2), d, d]
+    student = make_encoder()
+    reference = [p.clone() for p in teacher.module.parameters()]
+    g = torch.Generator().manual_seed(1)
+    for n in range(60):
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(torch.randn(p.shape, generator=g))
+        decay = d * min(1.0, n / w)   # written out, not taken from the class
+        reference = [decay * r + (1 - decay) * s for r, s in zip(reference, student.parameters())]
+        teacher.update(student)
+        if n == 0:   # the first update copies the student
+            for t, s in zip(teacher.module.parameters(), student.parameters()):
+                assert torch.equal(t, s)
+    for t, r in zip(teacher.module.parameters(), reference):
+        torch.testing.assert_close(t, r, rtol=1e-5, atol=1e-5)
+    assert teacher.updates == 60 and int(teacher.num_updates) == 60
     assert all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_update_count_survives_a_state_dict_round_trip():
+    teacher = EMATeacher(make_encoder(), decay=0.9, warmup_steps=10)
+    for _ in range(4):
+        teacher.update(make_encoder())
+    again = EMATeacher(make_encoder(), decay=0.9, warmup_steps=10)
+    again.load_state_dict(teacher.state_dict())
+    assert again.updates == 4 and again.current_decay() == pytest.approx(0.9 * 4 / 10)
+
+
+def test_a_student_with_extra_parameters_is_refused():
+    teacher = EMATeacher(make_encoder())
+    bigger = nn.Sequential(*make_encoder(), nn.Conv2d(2, 2, 1))
+    with pytest.raises(RuntimeError, match="differ"):
+        teacher.update(bigger)
 
 
 def test_teacher_stays_in_eval_mode():

@@ -1,17 +1,30 @@
 """Data: shard building, manifest, loaders (torch, DALI) and doublet batching.
 
-`build_train_loader` / `build_eval_loader` are the only entry points the engine uses; both
-loaders hand over the same batch contract (see pairing.py).
+`build_train_loader` / `build_eval_loader` are the only entry points the engine uses. Loaders
+are registered in `LOADERS` (name -> Loader); every loader hands over the same batch contract
+(see pairing.py).
 """
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 from ..config import DataConfig
+from ..registry import Registry
 from .manifest import Manifest
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Loader:
+    available: Callable[[], Tuple[bool, str]]      # (usable here, why)
+    train: Callable[..., Iterable[dict]]           # (cfg, manifest, columns, rank, world, seed, device)
+    eval: Callable[..., Iterable[dict]]            # (cfg, manifest, split, rank, world, device)
+
+
+LOADERS: Registry[Loader] = Registry("loader", "data.loader")
 
 
 def transform_spec(cfg: DataConfig):
@@ -19,36 +32,58 @@ def transform_spec(cfg: DataConfig):
     return TransformSpec(cfg.image_size, cfg.resize_ratio, cfg.flip, cfg.teacher_view)
 
 
-def choose_loader(cfg: DataConfig) -> Tuple[str, str]:
-    """(loader name, reason). `auto` picks DALI where it imports and runs."""
-    if cfg.loader == "torch":
-        return "torch", "data.loader=torch"
+def _torch_train(cfg, manifest, columns, rank, world, seed, device=None):
+    from .loader_torch import DoubletStream, make_loader
+    stream = DoubletStream(manifest.shard_files("train"), columns, cfg.batch_doublets, transform_spec(cfg),
+                           rank, world, seed, cfg.shuffle_buffer)
+    return make_loader(stream, cfg.num_workers)
+
+
+def _torch_eval(cfg, manifest, split, rank, world, device=None, keys=None):
+    from .loader_torch import EvalStream, make_loader
+    return make_loader(EvalStream(manifest.shard_files(split), transform_spec(cfg), cfg.eval_batch_size, rank, world,
+                                  keys), cfg.num_workers)
+
+
+def _dali_available():
     from . import loader_dali
-    ok, why = loader_dali.available()
-    if cfg.loader == "dali":
+    return loader_dali.available()
+
+
+def _dali_train(cfg, manifest, columns, rank, world, seed, device=None):
+    from .loader_dali import dali_train_batches
+    return dali_train_batches(cfg, manifest, columns, rank, world, seed, device)
+
+
+def _dali_eval(cfg, manifest, split, rank, world, device=None):
+    from .loader_dali import dali_eval_batches
+    return dali_eval_batches(cfg, manifest, split, rank, world, device)
+
+
+LOADERS.register("torch", label="webdataset + torchvision.io")(
+    Loader(lambda: (True, "always available"), _torch_train, _torch_eval))
+LOADERS.register("dali", label="NVIDIA DALI")(Loader(_dali_available, _dali_train, _dali_eval))
+
+
+def choose_loader(cfg: DataConfig) -> Tuple[str, str]:
+    """(loader name, reason). `auto` picks DALI where it imports and runs, else the torch loader."""
+    if cfg.loader != "auto":
+        ok, why = LOADERS.get(cfg.loader).available()
         if not ok:
-            raise RuntimeError(f"data.loader=dali but DALI cannot run here: {why}")
-        return "dali", f"data.loader=dali ({why})"
+            raise RuntimeError(f"data.loader={cfg.loader} but it cannot run here: {why}")
+        return cfg.loader, f"data.loader={cfg.loader}"
+    ok, why = LOADERS.get("dali").available()
     return ("dali", f"auto: {why}") if ok else ("torch", f"auto: DALI unavailable ({why})")
 
 
 def build_train_loader(cfg: DataConfig, manifest: Manifest, attributes: Sequence[str], rank: int, world: int,
                        seed: int, loader: str = "torch", device=None) -> Iterable[dict]:
     columns = [manifest.attribute_index(a) for a in attributes]
-    if loader == "dali":
-        from .loader_dali import dali_train_batches
-        return dali_train_batches(cfg, manifest, columns, rank, world, seed, device)
-    from .loader_torch import DoubletStream, make_loader
-    ds = DoubletStream(manifest.shard_files("train"), columns, cfg.batch_doublets, transform_spec(cfg),
-                       rank, world, seed, cfg.shuffle_buffer)
-    return make_loader(ds, cfg.num_workers)
+    return LOADERS.get(loader).train(cfg, manifest, columns, rank, world, seed, device)
 
 
 def build_eval_loader(cfg: DataConfig, manifest: Manifest, split: str, rank: int, world: int,
                       keys: Optional[set] = None, loader: str = "torch", device=None) -> Iterable[dict]:
-    if loader == "dali" and keys is None:
-        from .loader_dali import dali_eval_batches
-        return dali_eval_batches(cfg, manifest, split, rank, world, device)
-    from .loader_torch import EvalStream, make_loader
-    ds = EvalStream(manifest.shard_files(split), transform_spec(cfg), cfg.eval_batch_size, rank, world, keys)
-    return make_loader(ds, cfg.num_workers)
+    if keys is not None:   # a subset by key (retrieval grids): the torch loader reads it directly
+        return _torch_eval(cfg, manifest, split, rank, world, keys=keys)
+    return LOADERS.get(loader).eval(cfg, manifest, split, rank, world, device)

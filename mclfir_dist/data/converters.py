@@ -17,12 +17,14 @@ form the value classes (connected components); components too small are dropped.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
 from ..config import ShardBuildConfig
+from ..registry import Registry
 from .manifest import Manifest
 from .shards import BadInputError, RawSample, _check_jpeg, _to_jpeg, build_shards
 
@@ -50,6 +52,15 @@ def _ints(line: str, path: Path, n: int) -> List[int]:
     except ValueError:
         raise BadInputError(f"{path}: not integers: {line!r}") from None
     return vals
+
+
+def _check_files_across_splits(files_by_split: Dict[str, List[str]], root: Path) -> None:
+    """A published split must not list one image file in two splits (train/test leakage)."""
+    owner: Dict[str, str] = {}
+    for split, files in files_by_split.items():
+        for f in files:
+            if owner.setdefault(f, split) != split:
+                raise BadInputError(f"{root}: image file '{f}' is listed in both the {owner[f]} and the {split} split")
 
 
 def _attribute_spec(root: Path, dataset: str) -> Tuple[List[str], List[List[str]]]:
@@ -105,9 +116,10 @@ def convert_asen(root: str | Path, dataset: str, out: str | Path, image_root: st
             raise BadInputError(f"{where}: image has two values for {names[attr]} ({vec[attr]} and {value})")
         vec[attr] = value
 
+    files_by_split: Dict[str, List[str]] = {}
     for split, tag in _SPLIT_NAMES.items():
         fn_path = root / f"filenames_{tag}.txt"
-        files = _read_lines(fn_path)
+        files = files_by_split[split] = _read_lines(fn_path)
         keys = []
         for i, rel in enumerate(files):
             k = key_of(split, i)
@@ -137,6 +149,7 @@ def convert_asen(root: str | Path, dataset: str, out: str | Path, image_root: st
                     set_label(k, v[1], v[2], f"{qpath}:{n}")
                     eval_sets[split][names[v[1]]][role].append(k)
         splits[split] = [k for k in keys if k in labels]
+    _check_files_across_splits(files_by_split, root)
     samples = []
     for k in sorted(labels):
         p = paths[k]
@@ -203,6 +216,8 @@ def convert_zappos_csn(root: str | Path, out: str | Path, image_root: str | Path
             comps.setdefault(uf.find(i), []).append(i)
         # value names: components numbered by their smallest image id (stable across runs)
         classes[cond] = {i: f"{cond}_{root_id}" for root_id, members in comps.items() if len(members) > 1 for i in members}
+    _check_files_across_splits({sp: [files[i] for i in split_of if split_of[i] == sp] for sp in ("train", "val", "test")},
+                               root)
     samples = []
     for i in sorted(split_of):
         p = image_root / files[i]
@@ -215,3 +230,37 @@ def convert_zappos_csn(root: str | Path, out: str | Path, image_root: str | Path
     splits = {sp: [f"zap{i:06d}" for i in sorted(split_of) if split_of[i] == sp] for sp in ("train", "val", "test")}
     return build_shards(samples, ZAPPOS_CONDITIONS, out, cfg, source={"type": "zappos-csn", "root": str(root)},
                         splits=splits)
+
+
+# ---------------------------------------------------------------- registry: `mclfir shards convert NAME`
+
+@dataclass(frozen=True)
+class Converter:
+    """`convert(root, out, image_root, cfg, attribute_prefix) -> Manifest`; `about` is its CLI help."""
+    convert: Callable[..., Manifest]
+    about: str
+    default_min_value_count: int = 1
+
+
+CONVERTERS: Registry[Converter] = Registry("converter", "mclfir shards convert NAME")
+
+
+def _asen(dataset: str) -> Converter:
+    def convert(root, out, image_root=None, cfg=None, attribute_prefix=""):
+        return convert_asen(root, dataset, out, image_root, cfg, attribute_prefix)
+    return Converter(convert, f"{dataset} in ASEN's split format (meta.json, filenames_*.txt, label_train.txt, "
+                              "query_/candidate_*.txt); keeps the published query/candidate sets")
+
+
+for _dataset in ASEN_DATASETS:
+    CONVERTERS.register(_dataset)(_asen(_dataset))
+
+
+def _zappos(root, out, image_root=None, cfg=None, attribute_prefix=""):
+    if attribute_prefix:
+        raise BadInputError("the zappos converter takes no --attribute-prefix")
+    return convert_zappos_csn(root, out, image_root, cfg)
+
+
+CONVERTERS.register("zappos")(Converter(_zappos, "Zappos50k with the Conditional Similarity Networks split "
+                                                 "(filenames.json, {cond}_tripletlist_*.txt)", 2))

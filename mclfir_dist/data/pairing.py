@@ -8,7 +8,8 @@ per attribute, so every rank's batch has the same size and uses every new head.
 
 Batch layout (the contract of both loaders, after pairing): `images[0:B]` are anchors and
 `images[B:2B]` their positives, so the positive of row i is row (i + B) mod 2B. Samples still
-pending when an epoch ends wait for the next epoch; none is ever used without a positive.
+pending when an epoch ends wait for the next epoch; none is ever used without a positive, and
+none is its own positive (its next-epoch copy does not pair with it).
 """
 from __future__ import annotations
 
@@ -47,11 +48,13 @@ class DoubletBatcher:
             return
         t = min(tasks, key=lambda i: (len(self.ready[i]), i))
         value = int(labels[self.columns[t]])
-        other = self.pending[t].pop(value, None)
+        other = self.pending[t].get(value)
         if other is None:
             self.pending[t][value] = sample
-        else:
+        elif other["key"] != sample["key"]:
+            del self.pending[t][value]
             self.ready[t].append((other, sample))
+        # else: the same image again (it waited across an epoch boundary); it keeps waiting for a partner
 
     def batch_ready(self) -> bool:
         return all(len(r) >= q for r, q in zip(self.ready, self.quotas))

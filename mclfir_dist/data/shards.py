@@ -72,19 +72,35 @@ def read_csv_samples(csv_path: str | Path, image_root: str | Path, attributes: S
         raise BadInputError(f"CSV not found: {csv_path}")
     if not attributes:
         raise BadInputError("no attribute columns named (pass --attributes col1,col2,...)")
-    with open(csv_path, newline="") as f:
+    used = [image_column, *attributes] + ([key_column] if key_column else [])
+    # UTF-8 explicitly; undecodable bytes become lone surrogates so the row (not the file) is blamed
+    with open(csv_path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        for col in [image_column, *attributes] + ([key_column] if key_column else []):
-            if col not in header:
-                raise BadInputError(f"{csv_path}: unknown column '{col}' (columns: {', '.join(header)})")
-        rows = list(reader)
+        try:
+            header = reader.fieldnames or []
+            rows = []
+            for row in reader:
+                rows.append((reader.line_num, row))
+        except csv.Error as e:
+            raise BadInputError(f"{csv_path}:{reader.line_num}: not valid CSV ({e})") from None
+    if any(_undecodable(h) for h in header):
+        raise BadInputError(f"{csv_path}:1: the header is not valid UTF-8")
+    for col in used:
+        if col not in header:
+            raise BadInputError(f"{csv_path}: unknown column '{col}' (columns: {', '.join(header)})")
     samples: List[RawSample] = []
     skipped: List[dict] = []
     seen: Dict[str, int] = {}
-    for n, row in enumerate(rows, start=2):  # row 1 is the header
+    unused_bad = [n for n, row in rows if any(_undecodable(v) for c, v in row.items() if c not in used)]
+    if unused_bad:
+        log.warning("%s: %d rows have bytes that are not UTF-8 in columns that are not used (kept), first at line %d",
+                    csv_path, len(unused_bad), unused_bad[0])
+    for i, (n, row) in enumerate(rows, start=1):
         where = f"{csv_path}:{n}"
         try:
+            bad = [c for c in used if _undecodable(row.get(c))]
+            if bad:
+                raise BadInputError(f"{where}: column '{bad[0]}' is not valid UTF-8")
             rel = (row.get(image_column) or "").strip()
             if not rel:
                 raise BadInputError(f"{where}: empty '{image_column}'")
@@ -106,13 +122,21 @@ def read_csv_samples(csv_path: str | Path, image_root: str | Path, attributes: S
         except BadInputError as e:
             if not skip_bad_rows:
                 raise
-            skipped.append({"row": n, "file": row.get(image_column, ""), "reason": str(e)})
+            skipped.append({"row": n, "file": _printable(row.get(image_column)), "reason": str(e)})
             continue
         seen[key] = n
         samples.append(RawSample(key, jpeg, {a: row[a].strip() for a in attributes}))
-        if (n - 1) % 1000 == 0:
-            log.info("read %d/%d rows of %s (%d skipped)", n - 1, len(rows), csv_path.name, len(skipped))
+        if i % 1000 == 0:
+            log.info("read %d/%d rows of %s (%d skipped)", i, len(rows), csv_path.name, len(skipped))
     return samples, skipped
+
+
+def _undecodable(text) -> bool:
+    return isinstance(text, str) and any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def _printable(text) -> str:
+    return (text or "").encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def synthetic_samples(num_images: int, image_size: int, seed: int) -> List[RawSample]:
@@ -132,12 +156,56 @@ def _vocabularies(samples: Sequence[RawSample], attributes: Sequence[str], min_c
     return vocab, dropped
 
 
-def _split_keys(keys: Sequence[str], val_fraction: float, test_fraction: float, seed: int) -> Dict[str, List[str]]:
-    order = np.random.default_rng(seed).permutation(len(keys))
-    shuffled = [keys[i] for i in order]
-    n_test = int(round(len(keys) * test_fraction))
-    n_val = int(round(len(keys) * val_fraction))
-    return {"test": shuffled[:n_test], "val": shuffled[n_test:n_test + n_val], "train": shuffled[n_test + n_val:]}
+def duplicate_groups(keys: Sequence[str], content: Dict[str, bytes]) -> List[List[str]]:
+    """Keys grouped by byte-identical image content, in order of first appearance."""
+    import hashlib
+    groups: Dict[str, List[str]] = {}
+    for k in keys:
+        groups.setdefault(hashlib.sha1(content[k]).hexdigest(), []).append(k)
+    return list(groups.values())
+
+
+def _split_keys(groups: Sequence[Sequence[str]], val_fraction: float, test_fraction: float, seed: int
+                ) -> Dict[str, List[str]]:
+    """Whole groups of byte-identical images go to one split, so no photo is in two splits
+    (a copy in train and another in test would leak; two copies as query and candidate would be trivial).
+    With no duplicates this is a plain seeded permutation of the keys."""
+    n = sum(len(g) for g in groups)
+    order = np.random.default_rng(seed).permutation(len(groups))
+    n_test = int(round(n * test_fraction))
+    n_val = int(round(n * val_fraction))
+    out: Dict[str, List[str]] = {"test": [], "val": [], "train": []}
+    for i in order:
+        split = "test" if len(out["test"]) < n_test else "val" if len(out["val"]) < n_val else "train"
+        out[split] += list(groups[i])
+    return out
+
+
+def check_splits(splits: Dict[str, Sequence[str]], eval_sets: Dict[str, Dict[str, Dict[str, List[str]]]],
+                 content: Dict[str, bytes], strict: bool = True) -> List[List[str]]:
+    """No key in two splits, query and candidate sets disjoint, and no byte-identical image in two splits
+    (an error when `strict`; a published split is kept as it is and its cross-split copies are returned)."""
+    owner: Dict[str, str] = {}
+    for split, keys in splits.items():
+        for k in keys:
+            if k in owner and owner[k] != split:
+                raise BadInputError(f"sample '{k}' is in both the {owner[k]} and the {split} split")
+            owner[k] = split
+    crossing = []
+    for group in duplicate_groups([k for k in owner if k in content], content):
+        where = {owner[k] for k in group}
+        if len(where) > 1 and not strict:
+            crossing.append(group)
+        elif len(where) > 1:
+            raise BadInputError(f"byte-identical images {', '.join(group[:4])} are in different splits "
+                                f"({', '.join(sorted(where))}): the same photo would be trained on and evaluated")
+    for split, per_attribute in eval_sets.items():
+        for attribute, sets in per_attribute.items():
+            both = set(sets["query"]) & set(sets["candidate"])
+            if both:
+                raise BadInputError(f"{split} split, attribute '{attribute}': {len(both)} images are both query and "
+                                    f"candidate, e.g. '{sorted(both)[0]}'")
+    return crossing
 
 
 def _query_candidate(keys: Sequence[str], labels: Dict[str, np.ndarray], a_idx: int, query_fraction: float,
@@ -220,12 +288,19 @@ def build_shards(samples: Sequence[RawSample], attributes: Sequence[str], out: s
         labels[s.key] = vec
     keys = sorted(k for k, v in labels.items() if (v >= 0).any())
     unlabelled = len(labels) - len(keys)
+    content = {s.key: s.jpeg for s in samples}
+    groups = duplicate_groups(keys, content)
+    published = splits is not None
     if splits is None:
-        splits = _split_keys(keys, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+        splits = _split_keys(groups, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     if eval_sets is None:
         rng = np.random.default_rng(cfg.seed + 1)
         eval_sets = {sp: {a: _query_candidate(splits[sp], labels, i, cfg.query_fraction, rng)
                           for i, a in enumerate(attributes)} for sp in ("val", "test")}
+    crossing = check_splits(splits, eval_sets, content, strict=not published)
+    if crossing:
+        log.warning("the published split puts %d groups of byte-identical images in more than one split "
+                    "(kept as published; counted in the manifest), e.g. %s", len(crossing), crossing[0][:3])
 
     if out.exists():
         (out / MANIFEST_NAME).unlink(missing_ok=True)  # the set is incomplete until the new manifest lands
@@ -254,6 +329,9 @@ def build_shards(samples: Sequence[RawSample], attributes: Sequence[str], out: s
                   "samples_per_shard": cfg.samples_per_shard, "seed": cfg.seed},
         "skipped_rows": list(skipped),
         "unlabelled_images_dropped": unlabelled,
+        "duplicate_groups": {"groups": sum(len(g) > 1 for g in groups),
+                             "images": sum(len(g) for g in groups if len(g) > 1),
+                             "across_splits": len(crossing)},
     }
     atomic_write_json(out / MANIFEST_NAME, manifest)
     return Manifest(out, manifest)
@@ -285,7 +363,7 @@ def ensure_shards(shards_dir: str | Path, cfg: ShardBuildConfig) -> Manifest:
         return Manifest.load(shards_dir)
     if cfg.source == "none":
         raise ShardError(f"no shards in {shards_dir} (data.build.source=none): build or convert them first, "
-                         f"e.g. `mclfir shards convert-asen --root ... --out {shards_dir}`")
+                         f"e.g. `mclfir shards convert fashionai --root ... --out {shards_dir}`")
     log.info("no shards in %s: building them", shards_dir)
     return build_from_config(cfg, shards_dir)
 

@@ -1,7 +1,7 @@
 """The MCL-FIR model: one shared trunk, one head per attribute (a ModuleDict), freezing."""
 from __future__ import annotations
 
-from typing import Iterable, List, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ class MCLFIRModel(nn.Module):
         self.head_channels, self.embed_dim = head_channels, embed_dim
         self.heads = nn.ModuleDict()
         self.frozen: List[str] = []
+        self.train_trunk = True
 
     @property
     def attributes(self) -> List[str]:
@@ -34,18 +35,23 @@ class MCLFIRModel(nn.Module):
         self.heads[attribute] = head
         return head
 
-    def freeze_heads(self, attributes: Iterable[str]) -> None:
-        for a in attributes:
-            self.heads[a].requires_grad_(False)
-            self.heads[a].eval()
-            if a not in self.frozen:
-                self.frozen.append(a)
+    def configure(self, train_heads: Iterable[str], frozen_heads: Iterable[str], train_trunk: bool) -> None:
+        """State the trainable set from scratch: only `train_heads` (and the trunk if `train_trunk`) get
+        gradients; frozen heads run in eval mode, and so does a trunk that does not train."""
+        train_heads, self.frozen = set(train_heads), list(frozen_heads)
+        for name, head in self.heads.items():
+            head.requires_grad_(name in train_heads)
+        self.trunk.requires_grad_(train_trunk)
+        self.train_trunk = train_trunk
+        self.train(self.training)
 
     def train(self, mode: bool = True):
         super().train(mode)
         for a in self.frozen:
             self.heads[a].eval()
-        if self.trunk_bn == "frozen":
+        if not self.train_trunk:
+            self.trunk.eval()   # a trunk that does not learn keeps its BatchNorm statistics too
+        elif self.trunk_bn == "frozen":
             # small fine-tuning batches would overwrite the pretrained statistics with noisy ones
             for m in self.trunk.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -73,9 +79,16 @@ class MCLFIRModel(nn.Module):
         return torch.stack(embs, dim=1) if embs else fmap.new_zeros(images.shape[0], 0, self.embed_dim), fmap.mean(dim=(2, 3))
 
 
-def build_model(cfg: ModelConfig, image_size: int) -> MCLFIRModel:
+def build_model(cfg: ModelConfig, image_size: int, device: Optional[torch.device] = None) -> MCLFIRModel:
+    """The model as training starts it; with `device`, moved there (and SyncBatchNorm-converted if asked)."""
     trunk, channels = build_trunk(cfg, image_size)
-    return MCLFIRModel(trunk, channels, cfg.head_channels, cfg.embed_dim, cfg.trunk_bn)
+    model = MCLFIRModel(trunk, channels, cfg.head_channels, cfg.embed_dim, cfg.trunk_bn)
+    if device is None:
+        return model
+    model = model.to(device)
+    if cfg.sync_batchnorm:
+        model = convert_sync_batchnorm(model, device.type == "cuda")
+    return model
 
 
 def convert_sync_batchnorm(model: nn.Module, on_gpu: bool) -> nn.Module:

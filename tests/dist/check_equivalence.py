@@ -144,6 +144,23 @@ dist.all_gather(gathered, flat)
 report["teacher_rank_diff"] = max((gathered[0] - t).abs().max().item() for t in gathered)
 report["teacher_updates"] = int(teacher.num_updates)
 
+# ---- BatchNorm statistics diverge across ranks (each sees its own batches); broadcast_buffers aligns them
+from mclfir_dist.distributed import broadcast_buffers  # noqa: E402
+bn = nn.BatchNorm2d(3)
+bn.train()(torch.randn(8, 3, 4, 4) + rank)
+
+
+def buffer_spread():
+    flat = torch.cat([b.float().flatten() for b in bn.buffers()])
+    parts = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(parts, flat)
+    return max((parts[0] - t).abs().max().item() for t in parts)
+
+
+report["buffers_spread_before_sync"] = buffer_spread()
+broadcast_buffers([bn])
+report["buffers_spread_after_sync"] = buffer_spread()
+
 if rank == 0:
     Path(out_path).write_text(json.dumps(report, indent=2))
 dist.barrier()

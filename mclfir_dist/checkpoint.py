@@ -1,0 +1,159 @@
+"""Checkpoints: one component saves and loads every stateful part of a run.
+
+Two kinds, both written atomically (temp file + rename):
+- `checkpoints/increment_XX.pt` after every increment: model (trunk + all heads), frozen heads,
+  method state (e.g. the EMA teacher), config, results so far, RNG, global step.
+- `checkpoints/partial.pt` every `train.checkpoint_every` steps inside an increment: the same plus
+  optimizer, schedule, step and train seconds so far.
+
+A checkpoint holds only tensors and plain Python types, and every load uses
+`torch.load(weights_only=True)`, so a crafted file cannot run code. Its `format` tag is checked.
+Training (`--resume`), `mclfir eval` and `load_run_model` all load through here.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+
+from . import __version__
+from .utils.io import atomic_torch_save
+
+log = logging.getLogger("mclfir")
+
+CKPT_DIR = "checkpoints"
+PARTIAL_NAME = "partial.pt"
+INCREMENT_FORMAT = "mclfir-ckpt/2"
+PARTIAL_FORMAT = "mclfir-partial/2"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, damaged, of another format or unsafe; the message names the file."""
+
+
+def load_checkpoint(path: str | Path, expect: Tuple[str, ...] = (INCREMENT_FORMAT, PARTIAL_FORMAT)) -> dict:
+    """Load with weights_only=True and check the format tag."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = [line.strip() for line in str(e).splitlines() if "Unsupported" in line or "Unpickler error" in line]
+        raise CheckpointError(f"{path}: refused to load: it holds more than tensors and plain types, so it could "
+                              f"run code ({why[0] if why else type(e).__name__})") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        raise CheckpointError(f"{path}: damaged or not a checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    fmt = state.get("format") if isinstance(state, dict) else None
+    if fmt not in expect:
+        raise CheckpointError(f"{path}: checkpoint format {fmt!r}, this version reads {' or '.join(expect)}")
+    return state
+
+
+@dataclass
+class ResumePoint:
+    state: dict
+    path: Path
+    partial: bool          # True: continue inside state["increment"] at state["step"]
+
+    @property
+    def next_increment(self) -> int:
+        return self.state["increment"] + (0 if self.partial else 1)
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str | Path, is_main: bool = True):
+        self.dir = Path(run_dir) / CKPT_DIR
+        self.is_main = is_main
+
+    def increment_path(self, index: int) -> Path:
+        return self.dir / f"increment_{index:02d}.pt"
+
+    @property
+    def partial_path(self) -> Path:
+        return self.dir / PARTIAL_NAME
+
+    def increments(self) -> List[Path]:
+        return sorted(self.dir.glob("increment_*.pt"))
+
+    def save_increment(self, index: int, state: dict) -> Path:
+        path = self.increment_path(index)
+        if self.is_main:
+            atomic_torch_save(path, {"format": INCREMENT_FORMAT, "version": __version__, **state})
+            self.partial_path.unlink(missing_ok=True)  # superseded
+        return path
+
+    def save_partial(self, state: dict) -> None:
+        if self.is_main:
+            atomic_torch_save(self.partial_path, {"format": PARTIAL_FORMAT, "version": __version__, **state})
+
+    def remove_stale_temporaries(self) -> List[Path]:
+        """Temp files of atomic writes that a kill interrupted (`.NAME.XXXX.tmp`)."""
+        stale = list(self.dir.glob(".*.tmp")) if self.dir.is_dir() else []
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return stale
+
+    def latest_increment(self) -> Optional[Tuple[Path, dict]]:
+        """Newest increment checkpoint that loads; damaged ones are named and skipped."""
+        for path in reversed(self.increments()):
+            try:
+                return path, load_checkpoint(path, (INCREMENT_FORMAT,))
+            except CheckpointError as e:
+                if "refused to load" in str(e):
+                    raise
+                log.error("%s; falling back to an earlier checkpoint", e)
+        return None
+
+    def resume_point(self) -> Optional[ResumePoint]:
+        """Where a resumed run continues: a newer partial increment if one loads, else the last increment."""
+        stale = self.remove_stale_temporaries()
+        if stale:
+            log.info("removed %d stale temporary file(s) of interrupted writes: %s", len(stale),
+                     ", ".join(p.name for p in stale))
+        done = self.latest_increment()
+        done_index = -1 if done is None else done[1]["increment"]
+        if self.partial_path.is_file():
+            try:
+                partial = load_checkpoint(self.partial_path, (PARTIAL_FORMAT,))
+                if partial["increment"] == done_index + 1:
+                    return ResumePoint(partial, self.partial_path, True)
+            except CheckpointError as e:
+                if "refused to load" in str(e):
+                    raise
+                log.error("%s; falling back to the last increment checkpoint", e)
+        return None if done is None else ResumePoint(done[1], done[0], False)
+
+
+def restore_model(model, state: dict) -> None:
+    """Add the checkpoint's heads to a freshly built model, load its weights, freeze its frozen heads."""
+    for attribute in state["heads"]:
+        if attribute not in model.heads:
+            model.add_head(attribute)
+    model.load_state_dict(state["model"])
+    model.configure(train_heads=[], frozen_heads=state["frozen"], train_trunk=False)
+
+
+def load_run_model(run_dir: str | Path, checkpoint: Optional[str | Path] = None):
+    """(model in eval mode, RunConfig, checkpoint path) of a run's newest good increment checkpoint."""
+    from .config import from_dict
+    from .model.mclfir import build_model
+    if checkpoint is not None:
+        path, state = Path(checkpoint), load_checkpoint(checkpoint, (INCREMENT_FORMAT,))
+    else:
+        found = Checkpointer(run_dir).latest_increment()
+        if found is None:
+            raise CheckpointError(f"no checkpoint under {Path(run_dir) / CKPT_DIR}")
+        path, state = found
+    cfg = from_dict(state["config"])
+    cfg.model.pretrained, cfg.model.weights = False, ""   # weights come from the checkpoint
+    model = build_model(cfg.model, cfg.data.image_size)
+    restore_model(model, state)
+    model.eval()
+    return model, cfg, path

@@ -1,0 +1,64 @@
+"""Optimizer and learning-rate schedule of one increment.
+
+Schedules are registered lr multipliers indexed by the increment's step (`SCHEDULES`); linear
+warm-up applies to all of them. lrs scale linearly with the global batch when
+`optim.lr_reference_batch` > 0.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List
+
+import torch
+from torch import nn
+
+from .config import OptimConfig
+from .registry import Registry
+
+Schedule = Callable[[OptimConfig, int, int], float]   # (cfg, step after warm-up, steps after warm-up) -> multiplier
+SCHEDULES: Registry[Schedule] = Registry("schedule", "optim.schedule")
+
+
+@SCHEDULES.register("cosine")
+def cosine(cfg: OptimConfig, step: int, steps: int) -> float:
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, steps))))
+
+
+@SCHEDULES.register("step")
+def step_decay(cfg: OptimConfig, step: int, steps: int) -> float:
+    return cfg.gamma ** ((step + cfg.warmup_steps) // max(1, cfg.step_size))
+
+
+@SCHEDULES.register("constant")
+def constant(cfg: OptimConfig, step: int, steps: int) -> float:
+    return 1.0
+
+
+def lr_multiplier(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
+    schedule = SCHEDULES.get(cfg.schedule)
+
+    def multiplier(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        return schedule(cfg, step - cfg.warmup_steps, total_steps - cfg.warmup_steps)
+    return multiplier
+
+
+def batch_lr_scale(cfg: OptimConfig, global_batch: int) -> float:
+    return global_batch / cfg.lr_reference_batch if cfg.lr_reference_batch > 0 else 1.0
+
+
+def build_optimizer(cfg: OptimConfig, trunk: nn.Module, heads: List[nn.Module], encoder_lr_scale: float,
+                    global_batch: int) -> torch.optim.Optimizer:
+    """AdamW with two groups: the encoder (lr x encoder_lr_scale; absent when 0) and the heads in training."""
+    lr = cfg.lr * batch_lr_scale(cfg, global_batch)
+    groups: List[Dict] = []
+    if encoder_lr_scale > 0:
+        groups.append({"params": [p for p in trunk.parameters() if p.requires_grad],
+                       "lr": lr * encoder_lr_scale, "name": "encoder"})
+    groups.append({"params": [p for head in heads for p in head.parameters()], "lr": lr, "name": "heads"})
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, total_steps))

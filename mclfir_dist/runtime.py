@@ -1,0 +1,115 @@
+"""The process runtime: Accelerate set-up, seeding, logging and keeping ranks in step.
+
+Everything that depends on how the job was launched (one process, DDP, DeepSpeed; CPU or GPU)
+is decided here, so the training loop only asks `runtime.<thing>`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+from datetime import timedelta
+from typing import Iterable, List
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import ConfigError, RunConfig
+from .distributed import backend as process_group_backend, broadcast_buffers, gather_objects
+
+log = logging.getLogger("mclfir")
+
+
+def setup_logging(is_main: bool) -> None:
+    level = logging.INFO if is_main else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout, force=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Python, numpy and torch RNG states as tensors and plain types (loads with weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+
+
+def build_accelerator(cfg: RunConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+    init = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.dist_init_timeout_s))
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        init.backend = "gloo"  # without it DeepSpeed-on-CPU ranks each believe they are rank 0 of 1
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=True)
+    # Without CUDA, Accelerate only wraps models in DDP (MULTI_CPU) when told cpu=True; otherwise
+    # `--multi_gpu` on a CPU box initialises gloo but leaves every rank training alone.
+    use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    acc = Accelerator(mixed_precision=cfg.train.mixed_precision, kwargs_handlers=[init, ddp],
+                      cpu=not torch.cuda.is_available() and not use_deepspeed)
+    if acc.num_processes > 1 and acc.distributed_type.value == "NO":
+        raise RuntimeError(f"{acc.num_processes} processes but Accelerate chose no distributed wrapper")
+    if acc.num_processes > 1:
+        import torch.distributed as dist
+        dist.set_timeout(timedelta(seconds=cfg.train.dist_step_timeout_s))
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    if plugin is not None and int(plugin.zero_stage) == 3:
+        raise ConfigError("DeepSpeed ZeRO stage 3 is not supported: the EMA teacher must read full encoder "
+                          "parameters after each step and ZeRO-3 shards them. Use ZeRO stage 1 or 2.")
+    return acc
+
+
+class Runtime:
+    """One per process: the accelerator and what follows from it (rank, world, device, backend)."""
+
+    def __init__(self, cfg: RunConfig):
+        if cfg.train.num_threads > 0:
+            torch.set_num_threads(cfg.train.num_threads)
+        self.acc = build_accelerator(cfg)
+        self.is_main = self.acc.is_main_process
+        setup_logging(self.is_main)
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        self.device = self.acc.device
+        self.deepspeed = getattr(self.acc.state, "deepspeed_plugin", None)
+
+    @property
+    def backend(self) -> str:
+        name = process_group_backend()
+        return f"deepspeed-zero{self.deepspeed.zero_stage}/{name}" if self.deepspeed is not None else name
+
+    def barrier(self) -> None:
+        self.acc.wait_for_everyone()
+
+    def set_micro_batch(self, images_per_rank: int) -> None:
+        # no dataloader goes through prepare(), so DeepSpeed cannot infer the micro batch
+        if self.deepspeed is not None:
+            self.deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = images_per_rank
+
+    def sync_buffers(self, modules: Iterable[nn.Module]) -> None:
+        """BatchNorm statistics are updated from each rank's own last batch; take rank 0's everywhere."""
+        broadcast_buffers(modules, src=0)
+
+    @staticmethod
+    def rank_max_diff(modules: Iterable[nn.Module]) -> float:
+        """Max difference of parameter+buffer checksums across ranks; 0.0 = identical everywhere."""
+        with torch.no_grad():
+            tensors: List[torch.Tensor] = [t for m in modules for t in list(m.parameters()) + list(m.buffers())]
+            flat = torch.cat([t.detach().double().flatten().cpu() for t in tensors])
+            sums = (flat.sum().item(), flat.pow(2).sum().item(), flat[::97].sum().item())
+        parts = gather_objects(sums)
+        return max(abs(a - b) for p in parts for a, b in zip(p, parts[0]))
