@@ -69,7 +69,8 @@ class ResumePoint:
 
 class Checkpointer:
     def __init__(self, run_dir: str | Path, is_main: bool = True):
-        self.dir = Path(run_dir) / CKPT_DIR
+        self.run_dir = Path(run_dir)
+        self.dir = self.run_dir / CKPT_DIR
         self.is_main = is_main
 
     def increment_path(self, index: int) -> Path:
@@ -94,8 +95,8 @@ class Checkpointer:
             atomic_torch_save(self.partial_path, {"format": PARTIAL_FORMAT, "version": __version__, **state})
 
     def remove_stale_temporaries(self) -> List[Path]:
-        """Temp files of atomic writes that a kill interrupted (`.NAME.XXXX.tmp`)."""
-        stale = list(self.dir.glob(".*.tmp")) if self.dir.is_dir() else []
+        """Temp files of atomic writes that a kill interrupted (`.NAME.XXXX.tmp`: checkpoints, results, summary)."""
+        stale = [p for d in (self.dir, self.run_dir) if d.is_dir() for p in d.glob(".*.tmp")]
         for p in stale:
             p.unlink(missing_ok=True)
         return stale

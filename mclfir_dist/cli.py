@@ -195,11 +195,13 @@ def _add_eval(sub):
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--export", metavar="OUT_DIR", help="write embeddings and labels as .npy per attribute")
     p.add_argument("--json", help="where to write the mAP JSON (default RUN_DIR/eval_<shards>_<split>.json)")
+    p.add_argument("--skip-bad-shards", action="store_true",
+                   help="leave out shards whose size or sample count differs from the manifest (listed in the JSON)")
 
 
 def cmd_eval(args) -> int:
     from .inference import evaluate_run
-    evaluate_run(args.run, args.shards, args.split, args.export, args.json)
+    evaluate_run(args.run, args.shards, args.split, args.export, args.json, args.skip_bad_shards)
     return 0
 
 

@@ -73,6 +73,8 @@ class DataConfig:
     teacher_view: str = _f("perspective", "Image the EMA teacher sees: perspective (extra augmented view) | same.")
     eval_batch_size: int = _f(128, "Images per evaluation batch per rank.")
     dali_threads: int = _f(2, "DALI CPU threads per pipeline.")
+    skip_bad_shards: bool = _f(False, "Leave out shards whose size or sample count differs from the manifest "
+                                      "(listed in results.json) instead of stopping with an error naming them.")
 
 
 @dataclass

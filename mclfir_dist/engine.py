@@ -13,17 +13,18 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .checkpoint import Checkpointer, CheckpointError, ResumePoint, restore_model
 from .config import ConfigError, RunConfig, to_dict, to_yaml
 from .data import build_train_loader, choose_loader
-from .data.manifest import Manifest
+from .data.manifest import Manifest, ShardError
 from .data.pairing import positive_index
 from .data.shards import ensure_shards
 from .data.streams import epoch_seed
+from .distributed import gather_objects
 from .evaluate import continual_metrics, dataset_maps
 from .evaluator import Evaluator
 from .losses import DoubletInfoNCE
@@ -47,10 +48,11 @@ class Trainer:
         if rt.is_main:
             ensure_shards(cfg.data.shards, cfg.data.build)
         rt.barrier()
-        self.attribute_manifest = attribute_manifests(cfg)
+        self.manifests, self.attribute_manifest = attribute_manifests(cfg)
+        self.skipped_shards = check_shard_sets(self.manifests, ("train", cfg.eval.split), cfg.data.skip_bad_shards)
         self.loader_name, why = choose_loader(cfg.data)
         log.info("loader: %s (%s)", self.loader_name, why)
-        self.evaluator = Evaluator(cfg, rt, self.attribute_manifest, self.loader_name, self.run_dir)
+        self.evaluator = Evaluator(cfg, rt, self.manifests, self.attribute_manifest, self.loader_name, self.run_dir)
 
         seed_everything(cfg.train.seed)  # same initial weights on every rank (the teacher copies them)
         self.model: MCLFIRModel = build_model(cfg.model, cfg.data.image_size, rt.device)
@@ -58,10 +60,12 @@ class Trainer:
         self.method.setup(self.model)
         self.record = RunRecord.new(to_dict(cfg), str(cfg.data.shards))
         self.record.data["attribute_shards"] = {a: str(m.root) for a, m in self.attribute_manifest.items()}
+        self.record.data["skipped_shards"] = self.skipped_shards
         self.global_step, self.start_increment, self.resumed = 0, 0, resume
         self.resume_point: Optional[ResumePoint] = self._restore() if resume else None
         self.metrics = MetricsSink(self.run_dir / "tensorboard", rt.is_main)
         if rt.is_main:
+            self.checkpoints.remove_stale_temporaries()   # a fresh start after a kill inside a write
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
 
@@ -120,13 +124,14 @@ class Trainer:
             scheduler.load_state_dict(partial["scheduler"])
             start_step, seconds_before = partial["step"], partial["elapsed_train_seconds"]
         model, optimizer = rt.acc.prepare(self.model, optimizer)
-        # a mid-increment resume continues on a freshly seeded stream, not the exact remaining batches
-        data_seed = epoch_seed(cfg.train.seed, plan.index) if start_step == 0 else \
-            epoch_seed(cfg.train.seed, plan.index, start_step, 7)
+        # a mid-increment resume replays the stream up to its step (exact with the torch loader)
         loader = build_train_loader(cfg.data, self.attribute_manifest[plan.train_heads[0]], plan.train_heads,
-                                    rt.rank, rt.world, data_seed, self.loader_name, rt.device)
+                                    rt.rank, rt.world, epoch_seed(cfg.train.seed, plan.index), self.loader_name,
+                                    rt.device, start_batch=start_step)
         seconds = self._steps(plan, ctx, model, optimizer, scheduler, iter(loader), start_step, seconds_before)
         del loader
+        self.record.add_skipped(f"train/increment_{plan.index:02d}",
+                                sorted(k for keys in gather_objects(self.skipped_train) for k in keys))
         rt.acc.free_memory()  # drops the DDP/DeepSpeed wrapper; the next increment re-prepares
         self.method.end_increment(ctx, self.model)
         rt.sync_buffers([self.model] + self.method.modules())
@@ -144,6 +149,7 @@ class Trainer:
         unwrapped = acc.unwrap_model(model)
         checkpoint_every = cfg.train.checkpoint_every if rt.deepspeed is None else 0  # ZeRO partitions the optimizer
         fault = _fault_injection()
+        self.skipped_train: List[str] = []
         model.train()
         t0 = window_start = time.time()
         window_steps = 0
@@ -151,6 +157,7 @@ class Trainer:
             if fault == (rt.rank, step):
                 raise RuntimeError(f"injected fault on rank {rt.rank} at step {step} (MCLFIR_FAULT_RANK/STEP)")
             batch = next(batches)
+            self.skipped_train += batch.get("skipped", [])
             images = batch["images"].to(rt.device, non_blocking=True)
             task, value = batch["task"].to(rt.device), batch["value"].to(rt.device)
             with acc.autocast():
@@ -251,6 +258,8 @@ class Trainer:
     def _evaluate_and_record(self, plan: IncrementPlan, cost: CostRecord) -> None:
         seen = plan.evaluated_heads
         row, details, cost.eval_seconds, groups = self.evaluator.evaluate(self.model, seen)
+        for manifest, embeddings in groups:
+            self.record.add_skipped(f"{self.cfg.eval.split}/{Path(manifest.root).name}", embeddings.skipped)
         record = self.record.data
         metrics = continual_metrics(record["accuracy_matrix"] + [row], record["learned_at"])
         metrics["dataset_map"] = dataset_maps(details, {a: Path(m.root).name for a, m in self.attribute_manifest.items()})
@@ -270,8 +279,8 @@ class Trainer:
                 self.evaluator.retrieval_grids(manifest, embeddings, plan.index, self.metrics)
 
 
-def attribute_manifests(cfg: RunConfig) -> Dict[str, Manifest]:
-    """attribute -> the manifest of its shard set (an increment may name its own: a run across datasets)."""
+def attribute_manifests(cfg: RunConfig) -> Tuple[List[Manifest], Dict[str, Manifest]]:
+    """The run's shard sets, and attribute -> its shard set (an increment may name its own: a run across datasets)."""
     loaded: Dict[str, Manifest] = {str(cfg.data.shards): Manifest.load(cfg.data.shards)}
     out: Dict[str, Manifest] = {}
     for inc in cfg.train.increments:
@@ -281,7 +290,31 @@ def attribute_manifests(cfg: RunConfig) -> Dict[str, Manifest]:
         for a in inc.attributes:
             loaded[root].attribute_index(a)
             out[a] = loaded[root]
-    return out
+    return list(loaded.values()), out
+
+
+def check_shard_sets(manifests: Sequence[Manifest], splits: Sequence[str], skip_bad: bool) -> Dict[str, list]:
+    """Every shard's size and sample count against its manifest, before any training. A mismatch stops the
+    run naming the shard, or (data.skip_bad_shards) leaves the shard out; the skips are returned for results.json."""
+    skipped: Dict[str, list] = {}
+    for manifest in manifests:
+        for split in dict.fromkeys(splits):
+            problems = manifest.verify(split)
+            if not problems:
+                continue
+            where = f"{split}/{Path(manifest.root).name}"
+            if not skip_bad:
+                file, problem = problems[0]
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                raise ShardError(f"{Path(manifest.root) / file}: {problem}{more}. Rebuild the shards, or set "
+                                 f"data.skip_bad_shards=true to leave bad shards out")
+            manifest.exclude([file for file, _ in problems])
+            if not manifest.shard_files(split):
+                raise ShardError(f"every {split} shard of {manifest.root} is damaged: {problems[0][1]}")
+            skipped[where] = [{"file": file, "problem": problem} for file, problem in problems]
+            log.warning("data.skip_bad_shards: leaving out %d %s shard(s) of %s: %s", len(problems), split,
+                        manifest.root, "; ".join(f"{f}: {p}" for f, p in problems))
+    return skipped
 
 
 def _fault_injection():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Sequence
 
 import numpy as np
@@ -54,6 +54,7 @@ class SplitEmbeddings:
     pooled: torch.Tensor        # N x C pooled trunk features
     attributes: List[str]
     seconds: float
+    skipped: List[str] = field(default_factory=list)   # keys whose image did not decode (every rank)
 
 
 @torch.no_grad()
@@ -62,8 +63,11 @@ def embed_split(model, loader, attributes: Sequence[str], device: torch.device) 
     t0 = time.time()
     was_training = model.training
     model.eval()
-    keys, labels, embs, pooled = [], [], [], []
+    keys, labels, embs, pooled, skipped = [], [], [], [], []
     for batch in loader:
+        skipped += batch.get("skipped", [])
+        if not batch["keys"]:
+            continue
         e, p = model.embed_all(batch["images"].to(device, non_blocking=True), attributes)
         embs.append(e.float().cpu())
         pooled.append(p.float().cpu())
@@ -71,14 +75,16 @@ def embed_split(model, loader, attributes: Sequence[str], device: torch.device) 
         keys += batch["keys"]
     model.train(was_training)
     local = (keys, torch.cat(labels) if labels else torch.zeros(0, 0, dtype=torch.long),
-             torch.cat(embs) if embs else torch.zeros(0), torch.cat(pooled) if pooled else torch.zeros(0))
-    parts = [p for p in gather_objects(local) if len(p[0])]
+             torch.cat(embs) if embs else torch.zeros(0), torch.cat(pooled) if pooled else torch.zeros(0), skipped)
+    gathered = gather_objects(local)
+    all_skipped = sorted(k for p in gathered for k in p[4])
+    parts = [p for p in gathered if len(p[0])]
     all_keys = [k for p in parts for k in p[0]]
     order = sorted(range(len(all_keys)), key=all_keys.__getitem__)
     idx = torch.tensor(order, dtype=torch.long)
     return SplitEmbeddings([all_keys[i] for i in order], torch.cat([p[1] for p in parts])[idx],
                            torch.cat([p[2] for p in parts])[idx], torch.cat([p[3] for p in parts])[idx],
-                           list(attributes), time.time() - t0)
+                           list(attributes), time.time() - t0, all_skipped)
 
 
 def query_candidate_rows(manifest: Manifest, split: str, attribute: str, keys: Sequence[str]):

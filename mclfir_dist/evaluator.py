@@ -21,13 +21,10 @@ log = logging.getLogger("mclfir")
 
 
 class Evaluator:
-    def __init__(self, cfg: RunConfig, runtime, attribute_manifest: Dict[str, Manifest], loader: str, run_dir: Path):
+    def __init__(self, cfg: RunConfig, runtime, manifests: Sequence[Manifest], attribute_manifest: Dict[str, Manifest],
+                 loader: str, run_dir: Path):
         self.cfg, self.runtime, self.loader, self.run_dir = cfg, runtime, loader, run_dir
-        self.attribute_manifest = attribute_manifest
-        self.manifests: List[Manifest] = []
-        for m in [Manifest.load(cfg.data.shards)] + list(attribute_manifest.values()):
-            if all(m.root != seen.root for seen in self.manifests):
-                self.manifests.append(m)
+        self.manifests, self.attribute_manifest = list(manifests), attribute_manifest
 
     def _attributes_of(self, manifest: Manifest) -> List[str]:
         return [a for a, m in self.attribute_manifest.items() if m.root == manifest.root]
@@ -46,7 +43,8 @@ class Evaluator:
         return groups
 
     def evaluate(self, model, attributes: Sequence[str]):
-        """(mAP per attribute, details per attribute, eval seconds, embedding groups)."""
+        """(mAP per attribute, details per attribute, eval seconds, embedding groups); each group's
+        `skipped` lists the images that did not decode."""
         groups = self.embeddings(model, attributes)
         started = time.time()
         details: Dict[str, dict] = {}

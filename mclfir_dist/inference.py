@@ -22,9 +22,11 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
 
 
 def evaluate_run(run_dir: str, shards: str, split: str = "test", export: Optional[str] = None,
-                 json_path: Optional[str] = None) -> dict:
+                 json_path: Optional[str] = None, skip_bad_shards: bool = False) -> dict:
+    from .engine import check_shard_sets
     model, cfg, ckpt = load_run_model(run_dir)
     manifest = Manifest.load(shards)
+    skipped_shards = check_shard_sets([manifest], [split], skip_bad_shards)
     attrs = [a for a in model.attributes if a in manifest.attributes]
     missing = [a for a in model.attributes if a not in manifest.attributes]
     if not attrs:
@@ -35,7 +37,8 @@ def evaluate_run(run_dir: str, shards: str, split: str = "test", export: Optiona
     model.to(device)
     loader = build_eval_loader(cfg.data, manifest, split, 0, 1)
     se = embed_split(model, loader, attrs, device)
-    out = {"run": str(run_dir), "checkpoint": str(ckpt), "shards": str(shards), "split": split, "map": {}, "details": {}}
+    out = {"run": str(run_dir), "checkpoint": str(ckpt), "shards": str(shards), "split": split, "map": {}, "details": {},
+           "skipped_shards": skipped_shards, "skipped_samples": {"count": len(se.skipped), "keys": se.skipped}}
     for h, a in enumerate(attrs):
         q, c = query_candidate_rows(manifest, split, a, se.keys)
         lab = se.labels[:, manifest.attribute_index(a)]

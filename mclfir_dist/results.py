@@ -52,6 +52,7 @@ def new_results(config: dict, shards: str) -> dict:
         "final": {},
         "machine": machine_info(),
         "wall_seconds": 0.0,         # run(): baselines, training, evaluation and checkpoints
+        "skipped_samples": {},       # {"train/increment_00" | "<split>/<shards>": {count, keys}}
     }
 
 
@@ -121,6 +122,14 @@ class RunRecord:
                           "backend": measured.backend, "global_batch": measured.global_batch,
                           "per_rank_batch": measured.per_rank_batch,
                           "note": "not run: estimated from the final retraining's measured seconds per step"})
+
+    def add_skipped(self, where: str, keys: Sequence[str]) -> None:
+        """Samples skipped because their image did not decode, per split (and increment for training)."""
+        if not keys:
+            return
+        entry = self.data.setdefault("skipped_samples", {}).setdefault(where, {"count": 0, "keys": []})
+        entry["keys"] = sorted(set(entry["keys"]) | set(keys))   # an eval split is read once per increment
+        entry["count"] = len(entry["keys"])
 
     def finish(self, metrics: dict) -> None:
         self.data["final"] = metrics

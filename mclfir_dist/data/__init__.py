@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Loader:
     available: Callable[[], Tuple[bool, str]]      # (usable here, why)
-    train: Callable[..., Iterable[dict]]           # (cfg, manifest, columns, rank, world, seed, device)
+    train: Callable[..., Iterable[dict]]           # (cfg, manifest, columns, rank, world, seed, device[, start_batch])
     eval: Callable[..., Iterable[dict]]            # (cfg, manifest, split, rank, world, device)
+    exact_resume: bool = False                     # train(start_batch=s) yields exactly batches s, s+1, ...
 
 
 LOADERS: Registry[Loader] = Registry("loader", "data.loader")
@@ -32,10 +33,10 @@ def transform_spec(cfg: DataConfig):
     return TransformSpec(cfg.image_size, cfg.resize_ratio, cfg.flip, cfg.teacher_view)
 
 
-def _torch_train(cfg, manifest, columns, rank, world, seed, device=None):
+def _torch_train(cfg, manifest, columns, rank, world, seed, device=None, start_batch=0):
     from .loader_torch import DoubletStream, make_loader
     stream = DoubletStream(manifest.shard_files("train"), columns, cfg.batch_doublets, transform_spec(cfg),
-                           rank, world, seed, cfg.shuffle_buffer)
+                           rank, world, seed, cfg.shuffle_buffer, start_batch)
     return make_loader(stream, cfg.num_workers)
 
 
@@ -61,7 +62,7 @@ def _dali_eval(cfg, manifest, split, rank, world, device=None):
 
 
 LOADERS.register("torch", label="webdataset + torchvision.io")(
-    Loader(lambda: (True, "always available"), _torch_train, _torch_eval))
+    Loader(lambda: (True, "always available"), _torch_train, _torch_eval, exact_resume=True))
 LOADERS.register("dali", label="NVIDIA DALI")(Loader(_dali_available, _dali_train, _dali_eval))
 
 
@@ -77,9 +78,19 @@ def choose_loader(cfg: DataConfig) -> Tuple[str, str]:
 
 
 def build_train_loader(cfg: DataConfig, manifest: Manifest, attributes: Sequence[str], rank: int, world: int,
-                       seed: int, loader: str = "torch", device=None) -> Iterable[dict]:
+                       seed: int, loader: str = "torch", device=None, start_batch: int = 0) -> Iterable[dict]:
+    """Doublet batches of `attributes`; from batch `start_batch` on where the loader resumes exactly,
+    otherwise (start_batch > 0) on a stream reseeded from (seed, start_batch)."""
     columns = [manifest.attribute_index(a) for a in attributes]
-    return LOADERS.get(loader).train(cfg, manifest, columns, rank, world, seed, device)
+    entry = LOADERS.get(loader)
+    if start_batch and entry.exact_resume:
+        return entry.train(cfg, manifest, columns, rank, world, seed, device, start_batch=start_batch)
+    if start_batch:
+        from .streams import epoch_seed
+        log.warning("data.loader=%s cannot replay its stream: resuming at batch %d on a freshly seeded one "
+                    "(not bit-exact; the torch loader is)", loader, start_batch)
+        seed = epoch_seed(seed, start_batch, 7)
+    return entry.train(cfg, manifest, columns, rank, world, seed, device)
 
 
 def build_eval_loader(cfg: DataConfig, manifest: Manifest, split: str, rank: int, world: int,

@@ -101,6 +101,28 @@ def scan_corrupt(shards: Sequence[Path]) -> Dict[Path, List[str]]:
     return bad
 
 
+_VALIDATED: Dict[tuple, List[str]] = {}
+
+
+def validated_index_files(shards: Sequence[Path], index_files: Sequence[Path]) -> Tuple[List[Path], List[str]]:
+    """Index files without the samples whose JPEG does not decode on the CPU, and those samples' keys.
+
+    DALI's decoders can crash the process (not raise) on some corrupt JPEGs, so an evaluation split is
+    checked before DALI sees it; the result is cached per shard file (path, size, mtime)."""
+    out, bad_keys = [], []
+    for tar, idx in zip(shards, index_files):
+        st = tar.stat()
+        key = (str(tar), st.st_size, st.st_mtime_ns)
+        if key not in _VALIDATED:
+            _VALIDATED[key] = scan_corrupt([tar]).get(tar, [])
+        bad = _VALIDATED[key]
+        for k in bad:
+            log.warning("skipping sample '%s' in %s: JPEG does not decode (checked before DALI reads it)", k, tar)
+        bad_keys += bad
+        out.append(filtered_index(idx, bad) if bad else idx)
+    return out, bad_keys
+
+
 def filtered_index(idx: Path, drop: Sequence[str]) -> Path:
     """A copy of a wds2idx index without the samples named in `drop`."""
     lines = idx.read_text().split("\n")
@@ -195,6 +217,15 @@ class DaliSampleSource:
         self.seed, self.train, self.threads, self.shuffle_buffer = seed, train, threads, shuffle_buffer
         self.device_id = (device.index or 0) if device is not None and device.type == "cuda" else None
         self.corrupt: List[str] = []
+        self._reported = 0
+        if not train:   # an eval pass must not meet a corrupt JPEG inside DALI (it can segfault)
+            self.index_files, self.corrupt = validated_index_files(self.shards, self.index_files)
+
+    def drain_skipped(self) -> List[str]:
+        """Keys dropped as corrupt since the last call (handed to the engine with the next batch)."""
+        out = self.corrupt[self._reported:]
+        self._reported = len(self.corrupt)
+        return out
 
     def _iterator(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -250,7 +281,9 @@ def dali_train_batches(cfg: DataConfig, manifest: Manifest, columns: Sequence[in
     spec = TransformSpec(cfg.image_size, cfg.resize_ratio, cfg.flip, cfg.teacher_view)
     src = DaliSampleSource(manifest.shard_files("train"), manifest.index_files("train"), manifest.keys("train"), spec,
                            2 * cfg.batch_doublets, rank, world, seed, True, cfg.dali_threads, device, cfg.shuffle_buffer)
-    return DoubletBatcher(columns, cfg.batch_doublets).batches(iter(src))
+    for batch in DoubletBatcher(columns, cfg.batch_doublets).batches(iter(src)):
+        batch["skipped"] = src.drain_skipped()
+        yield batch
 
 
 def dali_eval_batches(cfg: DataConfig, manifest: Manifest, split: str, rank: int, world: int, device=None):
@@ -262,8 +295,8 @@ def dali_eval_batches(cfg: DataConfig, manifest: Manifest, split: str, rank: int
     for s in src:
         rows.append(s)
         if len(rows) == cfg.eval_batch_size:
-            yield collate_eval(rows)
+            yield {**collate_eval(rows), "skipped": src.drain_skipped()}
             rows = []
-    if rows:
-        yield collate_eval(rows)
+    if rows or src.corrupt[src._reported:]:
+        yield {**collate_eval(rows), "skipped": src.drain_skipped()}
 

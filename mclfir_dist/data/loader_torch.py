@@ -3,7 +3,14 @@
 Training yields doublet batches (see pairing.py) forever, epoch after epoch; the engine
 stops on steps, so every rank runs the same number of batches by construction.
 Evaluation yields (images, labels, keys) for this rank's slice of a split, once.
-A JPEG that fails to decode is counted, logged with its key and skipped.
+A JPEG that fails to decode is counted, logged with its key, skipped, and reported to the
+engine in the batch's `skipped` list (results.json counts them).
+
+Exact resume: a stream is a pure function of (seed, increment, epoch, stream id). Pairing looks
+at labels only, and every sample's augmentation is seeded by its own position in the stream,
+so `start_batch=s` replays the pairing of the first s batches without augmenting them (it still
+decodes, so a corrupt JPEG is skipped exactly as it was) and then yields batch s, s+1, ... exactly
+as an uninterrupted stream would.
 """
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
-from .pairing import DoubletBatcher
+from .pairing import DoubletBatcher, collate_doublets
 from .streams import decode_labels, epoch_seed, iter_partition, iter_shard, shuffled
 
 log = logging.getLogger(__name__)
@@ -64,51 +71,82 @@ def decode(jpeg: bytes) -> torch.Tensor:
 class CorruptCounter:
     def __init__(self):
         self.count = 0
+        self.pending: List[str] = []
 
     def report(self, key: str, err: Exception) -> None:
         self.count += 1
+        self.pending.append(key)
         log.warning("skipping sample '%s': JPEG does not decode (%s); %d skipped so far", key, err, self.count)
+
+    def drain(self) -> List[str]:
+        """Keys skipped since the last call (handed to the engine with the next batch)."""
+        out, self.pending = self.pending, []
+        return out
 
 
 def _stream_identity(rank: int, world: int):
     info = get_worker_info()
     wid, nw = (info.id, info.num_workers) if info else (0, 1)
-    return rank * nw + wid, world * nw
+    return rank * nw + wid, world * nw, wid, nw
 
 
 class DoubletStream(IterableDataset):
-    """Endless doublet batches for one increment's attributes on one rank."""
+    """Endless doublet batches for one increment's attributes on one rank.
+
+    `start_batch`: the first batch (in the DataLoader's order) to yield; earlier ones are replayed
+    without augmentation, so a resumed increment sees exactly the batches it would have seen."""
 
     def __init__(self, shards: Sequence[Path], attribute_columns: Sequence[int], batch_doublets: int,
                  spec: TransformSpec, rank: int, world: int, seed: int, shuffle_buffer: int = 512,
-                 start_epoch: int = 0):
+                 start_batch: int = 0):
         self.shards, self.columns, self.batch_doublets = list(shards), list(attribute_columns), batch_doublets
         self.spec, self.rank, self.world, self.seed = spec, rank, world, seed
-        self.shuffle_buffer, self.start_epoch = shuffle_buffer, start_epoch
+        self.shuffle_buffer, self.start_batch = shuffle_buffer, start_batch
 
-    def _samples(self, stream_id: int, n_streams: int) -> Iterator[dict]:
-        geom, norm, teacher = train_transforms(self.spec)
-        corrupt = CorruptCounter()
-        for epoch in itertools.count(self.start_epoch):
+    def _samples(self, stream_id: int, n_streams: int, corrupt: CorruptCounter) -> Iterator[dict]:
+        """Decoded (not yet augmented) samples, each with the seed of its own augmentation."""
+        for epoch in itertools.count():
             rng = random.Random(epoch_seed(self.seed, epoch, stream_id))
-            # torchvision's random transforms draw from torch's global RNG: reseed per epoch and stream
-            torch.manual_seed(epoch_seed(self.seed, epoch, stream_id, 1))
             raw = iter_partition(self.shards, stream_id, n_streams, self.seed, epoch)
-            for s in shuffled(raw, self.shuffle_buffer, rng):
+            for position, s in enumerate(shuffled(raw, self.shuffle_buffer, rng)):
                 try:
                     img = decode(s["jpg"])
                 except RuntimeError as e:
                     corrupt.report(s["__key__"], e)
                     continue
-                img = geom(img)
-                out = {"key": s["__key__"], "labels": decode_labels(s["lbl"]), "image": norm(img)}
-                out["teacher_image"] = norm(teacher(img)) if teacher is not None else out["image"]
-                yield out
+                yield {"key": s["__key__"], "labels": decode_labels(s["lbl"]), "decoded": img,
+                       "aug_seed": epoch_seed(self.seed, epoch, stream_id, position, 1)}
+
+    def _augment(self, pairs, transforms) -> None:
+        geom, norm, teacher = transforms
+        for pair in pairs:
+            for sample in pair:
+                if "image" in sample:
+                    continue
+                torch.manual_seed(sample["aug_seed"])   # torchvision's random transforms use the global RNG
+                img = geom(sample["decoded"])
+                sample["image"] = norm(img)
+                sample["teacher_image"] = norm(teacher(img)) if teacher is not None else sample["image"]
 
     def __iter__(self) -> Iterator[dict]:
-        stream_id, n_streams = _stream_identity(self.rank, self.world)
+        stream_id, n_streams, worker, n_workers = _stream_identity(self.rank, self.world)
+        # the DataLoader takes batches from its workers in turn: global batch i is this worker's if i % n == w
+        to_skip = len(range(worker, self.start_batch, n_workers))
+        transforms = train_transforms(self.spec)
+        corrupt = CorruptCounter()
         batcher = DoubletBatcher(self.columns, self.batch_doublets)
-        yield from batcher.batches(self._samples(stream_id, n_streams))
+        for samples in self._samples(stream_id, n_streams, corrupt):
+            batcher.add(samples)
+            if not batcher.batch_ready():
+                continue
+            pairs, tasks = batcher.pop_pairs()
+            if to_skip:
+                to_skip -= 1
+                continue
+            self._augment(pairs, transforms)
+            batch = collate_doublets(pairs, tasks, self.columns)
+            batch["skipped"] = corrupt.drain()
+            yield batch
 
 
 class EvalStream(IterableDataset):
@@ -120,7 +158,7 @@ class EvalStream(IterableDataset):
         self.rank, self.world, self.keys = rank, world, keys
 
     def __iter__(self) -> Iterator[dict]:
-        stream_id, n_streams = _stream_identity(self.rank, self.world)
+        stream_id, n_streams, _, _ = _stream_identity(self.rank, self.world)
         tf = eval_transform(self.spec)
         corrupt = CorruptCounter()
         batch: List[dict] = []
@@ -139,13 +177,15 @@ class EvalStream(IterableDataset):
                     continue
                 batch.append({"image": img, "labels": decode_labels(s["lbl"]), "key": s["__key__"]})
                 if len(batch) == self.batch_size:
-                    yield collate_eval(batch)
+                    yield {**collate_eval(batch), "skipped": corrupt.drain()}
                     batch = []
-        if batch:
-            yield collate_eval(batch)
+        if batch or corrupt.pending:
+            yield {**collate_eval(batch), "skipped": corrupt.drain()}
 
 
 def collate_eval(rows: List[dict]) -> Dict:
+    if not rows:
+        return {"images": torch.zeros(0), "labels": torch.zeros(0, 0, dtype=torch.long), "keys": []}
     return {"images": torch.stack([r["image"] for r in rows]),
             "labels": torch.stack([torch.as_tensor(r["labels"]) for r in rows]),
             "keys": [r["key"] for r in rows]}

@@ -4,10 +4,12 @@ The manifest is written last and atomically, so its presence means the shard set
 """
 from __future__ import annotations
 
+import functools
 import json
-from dataclasses import dataclass
+import tarfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Set, Tuple
 
 FORMAT = "mclfir-shards/2"
 MANIFEST_NAME = "manifest.json"
@@ -21,10 +23,43 @@ class ShardError(RuntimeError):
     """A shard set is missing, incomplete or corrupt; the message names the file."""
 
 
+def shard_problem(path: Path, entry: dict) -> str:
+    """Why a shard does not match its manifest entry ('' if it does): missing, size, sample count."""
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    if "bytes" in entry and size != entry["bytes"]:
+        return f"{size} bytes, the manifest says {entry['bytes']} (truncated or replaced)"
+    try:
+        with tarfile.open(path, "r:") as tf:
+            names = {m.name.split(".", 1)[0] for m in tf.getmembers() if m.isreg()}
+    except (tarfile.TarError, EOFError, OSError) as e:
+        return f"not a readable tar ({type(e).__name__}: {e})"
+    if len(names) != int(entry["count"]):
+        return f"{len(names)} samples, the manifest says {entry['count']}"
+    return ""
+
+
+@functools.lru_cache(maxsize=256)
+def _manifest_entries(root: str, mtime_ns: int) -> Dict[str, dict]:
+    data = json.loads((Path(root) / MANIFEST_NAME).read_text())
+    return {s["file"]: s for split in data["splits"].values() for s in split["shards"]}
+
+
+def manifest_entry(shard: Path) -> Optional[dict]:
+    """The manifest's record of a shard file (count, bytes), if the shard sits beside a manifest."""
+    path = shard.parent / MANIFEST_NAME
+    try:
+        return _manifest_entries(str(shard.parent), path.stat().st_mtime_ns).get(shard.name)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 @dataclass
 class Manifest:
     root: Path
     data: dict
+    excluded: Set[str] = field(default_factory=set)
 
     @classmethod
     def load(cls, root: str | Path) -> "Manifest":
@@ -54,14 +89,32 @@ class Manifest:
             raise ShardError(f"attribute '{attribute}' is not in {self.root / MANIFEST_NAME} (has: {', '.join(names)})")
         return names.index(attribute)
 
+    def _shards(self, split: str) -> List[dict]:
+        return [s for s in self.data["splits"][split]["shards"] if s["file"] not in self.excluded]
+
     def shard_files(self, split: str) -> List[Path]:
-        return [self.root / s["file"] for s in self.data["splits"][split]["shards"]]
+        return [self.root / s["file"] for s in self._shards(split)]
 
     def index_files(self, split: str) -> List[Path]:
-        return [self.root / s["index"] for s in self.data["splits"][split]["shards"]]
+        return [self.root / s["index"] for s in self._shards(split)]
 
     def shard_counts(self, split: str) -> List[int]:
-        return [int(s["count"]) for s in self.data["splits"][split]["shards"]]
+        return [int(s["count"]) for s in self._shards(split)]
+
+    def verify(self, split: str) -> List[Tuple[str, str]]:
+        """(shard file, problem) for every shard of `split` whose size or sample count is not the manifest's.
+        Reads tar headers only (no image data)."""
+        problems = []
+        for s in self.data["splits"][split]["shards"]:
+            path = self.root / s["file"]
+            problem = shard_problem(path, s)
+            if problem:
+                problems.append((s["file"], problem))
+        return problems
+
+    def exclude(self, files: List[str]) -> None:
+        """Leave these shard files out of every reader (data.skip_bad_shards)."""
+        self.excluded = set(self.excluded) | set(files)
 
     def keys(self, split: str) -> List[str]:
         """Keys of a split in shard order; `keys(split)[sid]` names the sample with that sid."""

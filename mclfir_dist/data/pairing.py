@@ -59,13 +59,17 @@ class DoubletBatcher:
     def batch_ready(self) -> bool:
         return all(len(r) >= q for r, q in zip(self.ready, self.quotas))
 
-    def pop_batch(self) -> dict:
+    def pop_pairs(self) -> Tuple[List[Tuple[dict, dict]], List[int]]:
+        """The next batch's (anchor, positive) pairs and their task indices, not yet collated."""
         pairs, tasks = [], []
         for t, q in enumerate(self.quotas):
             for _ in range(q):
                 pairs.append(self.ready[t].popleft())
                 tasks.append(t)
-        return collate_doublets(pairs, tasks, self.columns)
+        return pairs, tasks
+
+    def pop_batch(self) -> dict:
+        return collate_doublets(*self.pop_pairs(), self.columns)
 
     def batches(self, samples: Iterable[dict]) -> Iterator[dict]:
         for s in samples:

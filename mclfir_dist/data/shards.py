@@ -259,7 +259,8 @@ def _write_split(out: Path, split: str, keys: Sequence[str], by_key: Dict[str, R
             writer.close()
         os.replace(tmp, out / f"{name}.tar")
         write_index(out / f"{name}.tar", out / f"{name}.idx")
-        shards.append({"file": f"{name}.tar", "index": f"{name}.idx", "count": len(chunk)})
+        shards.append({"file": f"{name}.tar", "index": f"{name}.idx", "count": len(chunk),
+                       "bytes": (out / f"{name}.tar").stat().st_size})
     return shards
 
 

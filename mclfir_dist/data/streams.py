@@ -15,7 +15,7 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 import numpy as np
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from .manifest import IMAGE_EXT, LABEL_EXT, ShardError
+from .manifest import IMAGE_EXT, LABEL_EXT, ShardError, manifest_entry
 
 
 def epoch_seed(*parts: int) -> int:
@@ -24,14 +24,24 @@ def epoch_seed(*parts: int) -> int:
 
 
 def iter_shard(path: Path) -> Iterator[Dict]:
-    """Samples of one tar as {'__key__', 'jpg', 'lbl'}; a broken tar is reported by name."""
+    """Samples of one tar as {'__key__', 'jpg', 'lbl'}; a broken tar is reported by name. A shard beside a
+    manifest must have the manifest's size and sample count (Python's tarfile stops silently at some cuts)."""
+    expected = manifest_entry(Path(path))
     try:
+        if expected is not None and "bytes" in expected and Path(path).stat().st_size != expected["bytes"]:
+            raise ShardError(f"{path}: {Path(path).stat().st_size} bytes, the manifest says {expected['bytes']} "
+                             "(truncated or replaced); rebuild the shards, or set data.skip_bad_shards=true")
+        count = 0
         with open(path, "rb") as f:
             files = ({**fs, "__url__": str(path)} for fs in tar_file_iterator(f))
             for sample in group_by_keys(files):
                 if IMAGE_EXT not in sample or LABEL_EXT not in sample:
                     raise ShardError(f"{path}: sample '{sample.get('__key__')}' lacks .{IMAGE_EXT} or .{LABEL_EXT}")
+                count += 1
                 yield sample
+        if expected is not None and count != int(expected["count"]):
+            raise ShardError(f"{path}: {count} samples, the manifest says {expected['count']}; rebuild the shards, "
+                             "or set data.skip_bad_shards=true")
     except FileNotFoundError:
         raise ShardError(f"shard not found: {path}") from None
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
