@@ -18,7 +18,8 @@ def _user_errors():
     from .checkpoint import CheckpointError
     from .data.manifest import ShardError
     from .data.shards import BadInputError
-    return (ConfigError, ShardError, BadInputError, CheckpointError, FileNotFoundError)
+    from .utils.io import OutputError
+    return (ConfigError, ShardError, BadInputError, CheckpointError, OutputError, FileNotFoundError)
 
 
 # ---------------------------------------------------------------- shards

@@ -33,7 +33,7 @@ from .model.mclfir import MCLFIRModel, build_model
 from .optim import build_optimizer, build_scheduler
 from .results import CostRecord, MetricsSink, RunRecord, summary_text
 from .runtime import Runtime, rng_state, seed_everything, set_rng_state
-from .utils.io import atomic_write_text
+from .utils.io import atomic_write_text, ensure_writable_dir
 
 log = logging.getLogger("mclfir")
 
@@ -43,6 +43,8 @@ class Trainer:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.runtime = rt = Runtime(cfg)
         self.checkpoints = Checkpointer(self.run_dir, rt.is_main)
+        if rt.is_main:
+            ensure_writable_dir(self.run_dir)   # a read-only or full --out fails here, before any work
 
         # shards: built once by the main process; the others wait and then read the manifest
         if rt.is_main:

@@ -24,9 +24,40 @@ def test_failed_write_keeps_the_old_file(tmp_path):
 
     def fail(f):
         f.write(b"half")
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match="cannot write .*ckpt.pt: the disk is full"):
         atomic_write(path, fail)
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_named_error(tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    from mclfir_dist.checkpoint import Checkpointer
+    from mclfir_dist.utils import io as io_module
+    ck = Checkpointer(tmp_path)
+    ck.save_increment(0, {"increment": 0, "model": {"w": torch.zeros(3)}})
+    before = ck.increment_path(0).read_bytes()
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(io_module.os, "fsync", no_space)
+    with pytest.raises(io_module.OutputError, match="increment_00.pt: the disk is full"):
+        ck.save_increment(0, {"increment": 0, "model": {"w": torch.ones(3)}})
+    assert ck.increment_path(0).read_bytes() == before
+    assert [p.name for p in ck.dir.iterdir()] == ["increment_00.pt"]
+
+
+def test_train_into_a_read_only_place_is_one_line_and_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    p = subprocess.run([sys.executable, "-m", "mclfir_dist.train", "--config", str(ROOT / "configs/debug_cpu.yaml"),
+                        "--out", "/sys/mclfir_run"], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "cannot write /sys/mclfir_run" in p.stderr and "Traceback" not in p.stderr

@@ -22,7 +22,7 @@ import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 
 from ..config import ShardBuildConfig
-from ..utils.io import atomic_write_json, atomic_write_text
+from ..utils.io import atomic_write_json, atomic_write_text, ensure_writable_dir
 from . import synthetic
 from .manifest import FORMAT, IMAGE_EXT, LABEL_EXT, MANIFEST_NAME, SID_EXT, SPLITS, Manifest, ShardError
 
@@ -307,7 +307,7 @@ def build_shards(samples: Sequence[RawSample], attributes: Sequence[str], out: s
         (out / MANIFEST_NAME).unlink(missing_ok=True)  # the set is incomplete until the new manifest lands
         for p in list(out.glob("*.tar")) + list(out.glob("*.idx")):
             p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(out)
     by_key = {s.key: s for s in samples}
     split_info = {}
     for sp in SPLITS:

@@ -13,11 +13,37 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+class OutputError(OSError):
+    """An output file or folder cannot be written (read-only, full disk, no permission); names the path."""
+
+
+def _output_error(path: Path, err: OSError) -> OutputError:
+    hint = {28: "the disk is full", 122: "the disk quota is exceeded", 30: "the file system is read-only",
+            13: "permission denied", 1: "operation not permitted"}.get(err.errno or 0, err.strerror or str(err))
+    return OutputError(err.errno, f"cannot write {path}: {hint}")
+
+
+def ensure_writable_dir(path: str | Path) -> Path:
+    """Create `path` if needed and prove a file can be written there, before any work starts."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_probe.{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise _output_error(path, e) from None
+    return path
+
+
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
     """Call `write(fileobj)` on a temp file in the same folder, fsync, then rename over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _output_error(path, e) from None
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
@@ -25,11 +51,13 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results should read like any written file
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
-            os.unlink(tmp)
+            os.unlink(tmp)      # never a partial file left behind; the previous version of `path` stays
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and not isinstance(e, OutputError):
+            raise _output_error(path, e) from None
         raise
 
 
