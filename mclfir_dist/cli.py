@@ -220,22 +220,109 @@ def cmd_report(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- use a trained model
+
+def _add_use(sub, formatter):
+    e = sub.add_parser("embed", formatter_class=formatter, help="embed a catalogue of images with a run's model",
+                       description="One embedding matrix per attribute, keys beside it, a JSON of what produced "
+                                   "it; unreadable images are counted and listed, never fatal. GPU when there is one.")
+    e.add_argument("--run", required=True, help="run directory (its newest good checkpoint is used)")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="folder of images (searched recursively; key = path without suffix)")
+    src.add_argument("--csv", help="CSV with an image path column (attribute columns become labels)")
+    src.add_argument("--shards", help="a shard set (its labels come along)")
+    e.add_argument("--out", required=True, help="output folder (EMB)")
+    e.add_argument("--attributes", default="", help="comma-separated heads to use (default: all of the run's)")
+    e.add_argument("--batch", type=int, default=64, help="images per forward pass")
+    e.add_argument("--workers", type=int, default=2, help="decoding worker processes")
+    e.add_argument("--splits", default="train,val,test", help="with --shards: which splits")
+    e.add_argument("--image-column", default="filename", help="with --csv: the image path column")
+    e.add_argument("--key-column", default="", help="with --csv: the key column (default: from the image path)")
+    e.add_argument("--image-root", help="with --csv: folder the paths are relative to (default: the CSV's folder)")
+
+    i = sub.add_parser("index", formatter_class=formatter, help="build FAISS indexes over `mclfir embed` output",
+                       description="One index per attribute: exact inner product by default; IVF or HNSW for "
+                                   "catalogues above ~1M images.")
+    i.add_argument("--embeddings", required=True, help="an `mclfir embed` output folder (EMB)")
+    i.add_argument("--out", required=True, help="output folder (INDEX)")
+    i.add_argument("--kind", choices=["flat", "ivf", "hnsw"], default="flat", help="exact (flat) or approximate")
+    i.add_argument("--nlist", type=int, default=0, help="ivf: inverted lists (0 = 4 sqrt(N))")
+    i.add_argument("--nprobe", type=int, default=16, help="ivf: lists probed per query")
+    i.add_argument("--hnsw-m", type=int, default=32, help="hnsw: links per node")
+    i.add_argument("--ef-search", type=int, default=64, help="hnsw: search breadth")
+
+    q = sub.add_parser("search", formatter_class=formatter, help="top-k of a catalogue for a query, by attribute",
+                       description="Prints rank, key, score and (where the catalogue has labels) value.")
+    q.add_argument("--run", help="run directory (needed with --image: its model embeds the query)")
+    q.add_argument("--index", required=True, help="an `mclfir index` output folder (INDEX)")
+    q.add_argument("--attribute", required=True, help="whose head ranks the catalogue")
+    qs = q.add_mutually_exclusive_group(required=True)
+    qs.add_argument("--image", help="query image file")
+    qs.add_argument("--key", help="a catalogue key as the query (it is left out of its own results)")
+    q.add_argument("--k", type=int, default=10, help="results to show")
+    q.add_argument("--sheet", help="also draw the query and its top-k into this PNG")
+
+    x = sub.add_parser("export", formatter_class=formatter, help="a run -> model.safetensors + config.json",
+                       description="A portable model that `mclfir_dist.portable.load_exported` rebuilds with torch "
+                                   "and torchvision only; the trunk keeps torchvision's key names.")
+    x.add_argument("--run", required=True, help="run directory")
+    x.add_argument("--out", required=True, help="output folder")
+    x.add_argument("--checkpoint", help="a specific increment checkpoint (default: the newest good one)")
+    x.add_argument("--torch-export", action="store_true", help="also write model.pt2 (torch.export, dynamic batch)")
+
+
+def cmd_embed(args) -> int:
+    from .retrieval.embed import embed_catalogue
+    embed_catalogue(args.run, args.out, args.images, args.csv, args.shards,
+                    [a.strip() for a in args.attributes.split(",") if a.strip()], args.batch, args.workers,
+                    [s.strip() for s in args.splits.split(",") if s.strip()], args.image_column, args.key_column,
+                    args.image_root)
+    return 0
+
+
+def cmd_index(args) -> int:
+    from .retrieval.index import index_catalogue
+    meta = index_catalogue(args.embeddings, args.out, args.kind, args.nlist, args.nprobe, args.hnsw_m, args.ef_search)
+    for a, info in meta["attributes"].items():
+        print(f"{a}: {info['vectors']} vectors, {meta['kind']} index built in {info['build_seconds']:.2f} s")
+    return 0
+
+
+def cmd_search(args) -> int:
+    from .retrieval.search import search_catalogue
+    search_catalogue(args.run, args.index, args.attribute, args.image, args.key, args.k, args.sheet)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_run
+    print(f"wrote {export_run(args.run, args.out, args.checkpoint, args.torch_export)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    formatter = argparse.ArgumentDefaultsHelpFormatter
     p = argparse.ArgumentParser(prog="mclfir", description="MCL-FIR: continual attribute-specific fashion retrieval")
+    p.add_argument("--version", action="version", version=f"mclfir_dist {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     _add_shards(sub)
-    t = sub.add_parser("train", help="train over the config's increments (also: accelerate launch -m mclfir_dist.train)",
+    t = sub.add_parser("train", formatter_class=formatter,
+                       help="train over the config's increments (also: accelerate launch -m mclfir_dist.train)",
                        description="Train MCL-FIR and write RUN_DIR/results.json, checkpoints and TensorBoard events.")
     add_train_args(t)
     _add_eval(sub)
     _add_report(sub)
+    _add_use(sub, formatter)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    handlers = {"shards": cmd_shards, "train": cmd_train, "eval": cmd_eval, "report": cmd_report}
+    logging.getLogger("faiss").setLevel(logging.WARNING)   # it logs which SIMD build it loaded
+    handlers = {"shards": cmd_shards, "train": cmd_train, "eval": cmd_eval, "report": cmd_report,
+                "embed": cmd_embed, "index": cmd_index, "search": cmd_search, "export": cmd_export}
     try:
         return handlers[args.cmd](args)
     except _user_errors() as e:

@@ -31,8 +31,8 @@ from .streams import decode_labels, epoch_seed, iter_partition, iter_shard, shuf
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ..portable import IMAGENET_MEAN, IMAGENET_STD, normalise as _normalise  # noqa: F401  (one definition)
+from ..portable import eval_transform as _eval_transform
 
 
 @dataclass
@@ -47,10 +47,6 @@ class TransformSpec:
         return int(round(self.image_size * self.resize_ratio))
 
 
-def _normalise():
-    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-
 def train_transforms(spec: TransformSpec):
     """(geometry on uint8, normalisation, teacher view on uint8 or None)."""
     geom = [v2.Resize(spec.resize, antialias=True), v2.RandomCrop(spec.image_size)]
@@ -61,7 +57,7 @@ def train_transforms(spec: TransformSpec):
 
 
 def eval_transform(spec: TransformSpec):
-    return v2.Compose([v2.Resize(spec.resize, antialias=True), v2.CenterCrop(spec.image_size), _normalise()])
+    return _eval_transform(spec.image_size, spec.resize)
 
 
 def decode(jpeg: bytes) -> torch.Tensor:

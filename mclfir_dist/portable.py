@@ -1,0 +1,79 @@
+"""Use an exported model with torch and torchvision only (no accelerate, deepspeed, DALI, webdataset).
+
+`mclfir export --run RUN --out DIR` writes `DIR/model.safetensors` (trunk under torchvision's names,
+one head per attribute) and `DIR/config.json` (trunk, cut, image size, resize, normalisation,
+attributes, head sizes). Then, in plain PyTorch:
+
+    from mclfir_dist.portable import load_exported, preprocess
+    model = load_exported("DIR")                 # eval mode
+    x = preprocess(torchvision.io.decode_image("shirt.jpg"), model.config)   # 3 x S x S float
+    emb = model(x[None])["sleeve_length"]        # 1 x 128, L2-normalised
+
+Only this file and `model/heads.py` + `model/backbones.py` are imported.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import torch
+from torch import nn
+
+from .model.backbones import build_backbone
+from .model.heads import AttributeHead
+
+EXPORT_FORMAT = "mclfir-export/1"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalise():
+    from torchvision.transforms import v2
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def eval_transform(image_size: int, resize: int):
+    """uint8 C x H x W -> resize the shorter side to `resize`, centre-crop `image_size`, normalise."""
+    from torchvision.transforms import v2
+    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(image_size), normalise()])
+
+
+def preprocess(image: torch.Tensor, config: dict) -> torch.Tensor:
+    """A decoded uint8 image (C x H x W, grey or RGB(A)) -> the model's normalised input."""
+    if image.shape[0] == 1:
+        image = image.expand(3, -1, -1)
+    return eval_transform(config["image_size"], config["resize"])(image[:3])
+
+
+class ExportedModel(nn.Module):
+    """Trunk + one head per attribute; forward(images) -> {attribute: B x D L2-normalised embeddings}."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.config = config
+        self.trunk, channels = build_backbone(config["trunk"], config["cut"], config["image_size"])
+        self.heads = nn.ModuleDict({a: AttributeHead(channels, config["head_channels"], config["embed_dim"])
+                                    for a in config["attributes"]})
+
+    @property
+    def attributes(self) -> List[str]:
+        return list(self.heads)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, attributes: Sequence[str] = ()) -> Dict[str, torch.Tensor]:
+        fmap = self.trunk(images)
+        return {a: self.heads[a](fmap) for a in (attributes or self.attributes)}
+
+
+def load_exported(directory: str | Path, device: str | torch.device = "cpu") -> ExportedModel:
+    from safetensors.torch import load_file
+    directory = Path(directory)
+    config = json.loads((directory / "config.json").read_text())
+    if config.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{directory / 'config.json'}: format {config.get('format')!r}, expected {EXPORT_FORMAT}")
+    model = ExportedModel(config)
+    state = load_file(str(directory / "model.safetensors"))
+    model.trunk.load_torchvision_state({k[len("trunk."):]: v for k, v in state.items() if k.startswith("trunk.")})
+    model.heads.load_state_dict({k[len("heads."):]: v for k, v in state.items() if k.startswith("heads.")})
+    return model.eval().to(device)

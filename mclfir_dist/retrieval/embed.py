@@ -1,0 +1,195 @@
+"""`mclfir embed`: a run's model over a catalogue -> one embedding matrix per attribute, keys beside it.
+
+Output folder:
+  keys.txt            one image key per line (row i of every matrix)
+  locations.txt       where row i's image is (file path, or `shard.tar` for shard sets)
+  <attribute>.npy     float32 N x D, L2-normalised
+  labels.json         {attribute: [value or null per row]} where the catalogue has labels
+  embed.json          what produced it: run, checkpoint, trunk, image size, normalisation, counts,
+                      and every image that could not be read (counted and listed, never fatal)
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from ..checkpoint import load_run_model
+from ..portable import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from ..utils.io import atomic_write, atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def decode_file_bytes(data: bytes) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_image
+    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+class _Items(Dataset):
+    """(key, location, labels) rows read from files; a row that cannot be read yields an error instead."""
+
+    def __init__(self, rows: List[dict], transform):
+        self.rows, self.transform = rows, transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.rows[i]
+        try:
+            image = self.transform(decode_file_bytes(Path(row["location"]).read_bytes()))
+            return {**row, "image": image}
+        except (OSError, RuntimeError, ValueError) as e:
+            return {**row, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+
+
+class _ShardItems(IterableDataset):
+    """Every sample of a shard set's splits; each DataLoader worker reads its own shards."""
+
+    def __init__(self, manifest, splits: Sequence[str], transform):
+        self.manifest, self.splits, self.transform = manifest, list(splits), transform
+
+    def __iter__(self) -> Iterator[dict]:
+        from ..data.streams import decode_labels, iter_shard
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        names = [[a["name"], a["values"]] for a in self.manifest.data["attributes"]]
+        shards = [p for split in self.splits for p in self.manifest.shard_files(split)]
+        for path in shards[worker::workers]:
+            for s in iter_shard(path):
+                labels = decode_labels(s["lbl"])
+                row = {"key": s["__key__"], "location": path.name,
+                       "labels": {a: (vals[v] if v >= 0 else None) for (a, vals), v in zip(names, labels)}}
+                try:
+                    yield {**row, "image": self.transform(decode_file_bytes(s["jpg"]))}
+                except RuntimeError as e:
+                    yield {**row, "error": f"RuntimeError: {str(e).splitlines()[0] if str(e) else ''}"}
+
+
+def rows_from_images(folder: str | Path) -> List[dict]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--images: not a folder: {folder}")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return [{"key": p.relative_to(folder).with_suffix("").as_posix(), "location": str(p), "labels": {}} for p in files]
+
+
+def rows_from_csv(path: str | Path, image_column: str, key_column: str, image_root: Optional[str],
+                  attributes: Sequence[str]) -> List[dict]:
+    from ..data.shards import BadInputError
+    path = Path(path)
+    root = Path(image_root) if image_root else path.parent
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        if image_column not in header or (key_column and key_column not in header):
+            missing = image_column if image_column not in header else key_column
+            raise BadInputError(f"{path}: unknown column '{missing}' (columns: {', '.join(header)})")
+        rows = []
+        for row in reader:
+            rel = (row.get(image_column) or "").strip()
+            key = row[key_column].strip() if key_column else Path(rel).with_suffix("").as_posix()
+            rows.append({"key": key, "location": str(root / rel),
+                         "labels": {a: (row.get(a) or "").strip() or None for a in attributes if a in header}})
+    return rows
+
+
+def _collate(items: List[dict]) -> dict:
+    good = [x for x in items if "image" in x]
+    return {"images": torch.stack([x["image"] for x in good]) if good else None, "good": good,
+            "bad": [x for x in items if "error" in x]}
+
+
+def embed_catalogue(run: str, out: str, images: Optional[str] = None, csv_path: Optional[str] = None,
+                    shards: Optional[str] = None, attributes: Sequence[str] = (), batch: int = 64, workers: int = 2,
+                    splits: Sequence[str] = ("train", "val", "test"), image_column: str = "filename",
+                    key_column: str = "", image_root: Optional[str] = None, progress: bool = True) -> dict:
+    model, cfg, ckpt = load_run_model(run)
+    attrs = list(attributes) or model.attributes
+    unknown = [a for a in attrs if a not in model.heads]
+    if unknown:
+        from ..config import ConfigError
+        raise ConfigError(f"--attributes: the run has no head for {unknown} (it has {', '.join(model.attributes)})")
+    resize = int(round(cfg.data.image_size * cfg.data.resize_ratio))
+    transform = eval_transform(cfg.data.image_size, resize)
+    if sum(x is not None for x in (images, csv_path, shards)) != 1:
+        from ..config import ConfigError
+        raise ConfigError("give exactly one of --images DIR, --csv FILE, --shards DIR")
+    if shards:
+        from ..data.manifest import Manifest
+        manifest = Manifest.load(shards)
+        dataset = _ShardItems(manifest, splits, transform)
+        total = sum(manifest.count(s) for s in splits)
+        source = {"shards": str(shards), "splits": list(splits)}
+    else:
+        rows = rows_from_images(images) if images else rows_from_csv(csv_path, image_column, key_column, image_root,
+                                                                       attrs)
+        dataset, total = _Items(rows, transform), len(rows)
+        source = {"images": str(images)} if images else {"csv": str(csv_path)}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    loader = DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=_collate,
+                        pin_memory=device.type == "cuda")
+    keys, locations, bad = [], [], []
+    labels: Dict[str, List[Optional[str]]] = {a: [] for a in attrs}
+    chunks: Dict[str, List[np.ndarray]] = {a: [] for a in attrs}
+    from tqdm import tqdm
+    bar = tqdm(total=total, unit="img", desc="embedding", disable=not progress)
+    started = time.time()
+    with torch.no_grad():
+        for b in loader:
+            bad += [{"key": x["key"], "location": x["location"], "error": x["error"]} for x in b["bad"]]
+            for x in b["bad"]:
+                log.warning("unreadable image '%s' (%s): %s", x["key"], x["location"], x["error"])
+            if b["images"] is not None:
+                emb, _ = model.embed_all(b["images"].to(device, non_blocking=True), attrs)
+                for h, a in enumerate(attrs):
+                    chunks[a].append(emb[:, h].float().cpu().numpy())
+                for x in b["good"]:
+                    keys.append(x["key"])
+                    locations.append(x["location"])
+                    for a in attrs:
+                        labels[a].append(x["labels"].get(a))
+            bar.update(len(b["good"]) + len(b["bad"]))
+    bar.close()
+    seconds = time.time() - started
+    out_dir = Path(out)
+    for a in attrs:
+        matrix = np.concatenate(chunks[a]) if chunks[a] else np.zeros((0, cfg.model.embed_dim), np.float32)
+        atomic_write(out_dir / f"{a}.npy", lambda f, m=matrix: np.save(f, m))
+    atomic_write_text(out_dir / "keys.txt", "".join(k + "\n" for k in keys))
+    atomic_write_text(out_dir / "locations.txt", "".join(str(p) + "\n" for p in locations))
+    labelled = {a: v for a, v in labels.items() if any(x is not None for x in v)}
+    if labelled:
+        atomic_write_json(out_dir / "labels.json", labelled)
+    meta = {"format": "mclfir-embeddings/1", "run": str(run), "checkpoint": str(ckpt), "trunk": cfg.model.trunk,
+            "image_size": cfg.data.image_size, "resize": resize, "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD), "attributes": attrs, "embed_dim": cfg.model.embed_dim, "count": len(keys),
+            "source": source, "device": str(device), "seconds": round(seconds, 3),
+            "images_per_second": round(len(keys) / max(seconds, 1e-9), 1),
+            "unreadable": {"count": len(bad), "items": bad}}
+    atomic_write_json(out_dir / "embed.json", meta)
+    log.info("embedded %d images (%d unreadable) under %s in %.1f s -> %s", len(keys), len(bad), ", ".join(attrs),
+             seconds, out_dir)
+    return meta
+
+
+def load_embeddings(folder: str | Path) -> dict:
+    """{'meta', 'keys', 'locations', 'labels', 'matrices': {attribute: N x D}} of an `mclfir embed` folder."""
+    folder = Path(folder)
+    if not (folder / "embed.json").is_file():
+        raise FileNotFoundError(f"no embed.json in {folder}: make it with `mclfir embed --out {folder}`")
+    meta = json.loads((folder / "embed.json").read_text())
+    labels = json.loads((folder / "labels.json").read_text()) if (folder / "labels.json").is_file() else {}
+    return {"meta": meta, "keys": (folder / "keys.txt").read_text().splitlines(),
+            "locations": (folder / "locations.txt").read_text().splitlines(), "labels": labels,
+            "matrices": {a: np.load(folder / f"{a}.npy") for a in meta["attributes"]}}

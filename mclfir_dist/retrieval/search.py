@@ -1,0 +1,120 @@
+"""`mclfir search`: a query image (or a catalogue key) -> the top-k of the catalogue under one
+attribute's head, printed as rank, key, score and value, and optionally drawn as a contact sheet."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .embed import decode_file_bytes
+from .index import CatalogueIndex
+
+log = logging.getLogger(__name__)
+
+
+def embed_query(run: str, image: str, attribute: str) -> np.ndarray:
+    from ..checkpoint import load_run_model
+    from ..portable import eval_transform
+    model, cfg, _ = load_run_model(run)
+    if attribute not in model.heads:
+        from ..config import ConfigError
+        raise ConfigError(f"--attribute {attribute!r}: the run has {', '.join(model.attributes)}")
+    path = Path(image)
+    if not path.is_file():
+        raise FileNotFoundError(f"--image: no such file: {path}")
+    transform = eval_transform(cfg.data.image_size, int(round(cfg.data.image_size * cfg.data.resize_ratio)))
+    x = transform(decode_file_bytes(path.read_bytes()))[None]
+    emb, _ = model.embed_all(x, [attribute])
+    return emb[0, 0].numpy()
+
+
+def search_catalogue(run: Optional[str], index_dir: str, attribute: str, image: Optional[str] = None,
+                     key: Optional[str] = None, k: int = 10, sheet: Optional[str] = None) -> List[dict]:
+    catalogue = CatalogueIndex(index_dir)
+    if (image is None) == (key is None):
+        from ..config import ConfigError
+        raise ConfigError("give exactly one of --image Q.jpg or --key K")
+    if image is not None:
+        if run is None:
+            from ..config import ConfigError
+            raise ConfigError("--image needs --run RUN (the model that embeds the query)")
+        made_by = catalogue.meta["embed"]["run"]
+        if Path(made_by).resolve() != Path(run).resolve():
+            log.warning("the index was embedded by %s, the query by %s: scores are only meaningful within one model",
+                        made_by, run)
+        query = embed_query(run, image, attribute)
+        exclude = None
+    else:
+        query = catalogue.vector(attribute, key)
+        exclude = catalogue.row(key)   # the query itself is not a result
+    scores, rows = catalogue.search(attribute, query, k + (exclude is not None))
+    hits = []
+    for score, row in zip(scores[0].tolist(), rows[0].tolist()):
+        if row < 0 or row == exclude:
+            continue
+        hits.append({"rank": len(hits) + 1, "key": catalogue.keys[row], "score": score, "row": row,
+                     "value": catalogue.label(attribute, row), "location": catalogue.locations[row]})
+    hits = hits[:k]
+    query_value = catalogue.label(attribute, exclude) if exclude is not None else None
+    print(f"query: {image or key}" + (f"  ({attribute} = {query_value})" if query_value else "")
+          + f"  | {attribute}, top {len(hits)}")
+    print(f"{'rank':>4}  {'score':>7}  {'key':30s}  value")
+    for h in hits:
+        print(f"{h['rank']:>4}  {h['score']:7.4f}  {h['key']:30s}  {h['value'] if h['value'] is not None else '-'}")
+    if sheet:
+        query_image = Path(image).read_bytes() if image else _image_bytes(catalogue, [exclude])[exclude]
+        images = _image_bytes(catalogue, [h["row"] for h in hits])
+        draw_sheet(sheet, query_image, f"query {Path(image).name if image else key}", query_value,
+                   [(images.get(h["row"]), h) for h in hits], attribute)
+    return hits
+
+
+def _image_bytes(catalogue: CatalogueIndex, rows: List[int]) -> Dict[int, bytes]:
+    """The images of catalogue rows: files read directly; samples in shards found by key."""
+    out: Dict[int, bytes] = {}
+    by_shard: Dict[str, Dict[str, int]] = {}
+    source = catalogue.meta["embed"]["source"]
+    for row in rows:
+        location = catalogue.locations[row]
+        if "shards" in source:
+            by_shard.setdefault(location, {})[catalogue.keys[row]] = row
+        elif Path(location).is_file():
+            out[row] = Path(location).read_bytes()
+    for shard, wanted in by_shard.items():
+        from ..data.streams import iter_shard
+        for s in iter_shard(Path(source["shards"]) / shard):
+            if s["__key__"] in wanted:
+                out[wanted[s["__key__"]]] = s["jpg"]
+    return out
+
+
+def draw_sheet(path: str, query: bytes, query_title: str, query_value: Optional[str], results, attribute: str,
+               tile: int = 160) -> None:
+    """Query (blue frame) then its top-k, each captioned with key, score and value; green frame = same value."""
+    from PIL import Image, ImageDraw
+    caption = 34
+    cols = 1 + len(results)
+    sheet = Image.new("RGB", (cols * (tile + 8) + 8, tile + caption + 16), "white")
+    draw = ImageDraw.Draw(sheet)
+
+    def place(data: Optional[bytes], column: int, colour, lines: List[str]) -> None:
+        x = 8 + column * (tile + 8)
+        draw.rectangle([x - 4, 4, x + tile + 3, 12 + tile - 1], outline=colour, width=4)
+        if data is not None:
+            img = Image.fromarray(decode_file_bytes(data).permute(1, 2, 0).numpy())
+            scale = tile / max(img.size)   # small catalogue images are enlarged, large ones shrunk
+            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
+            sheet.paste(img, (x + (tile - img.width) // 2, 8 + (tile - img.height) // 2))
+        for i, line in enumerate(lines):
+            draw.text((x, tile + 14 + 11 * i), line[:26], fill="black")
+
+    place(query, 0, (40, 90, 230), [query_title, f"{attribute}: {query_value or '?'}"])
+    for column, (data, hit) in enumerate(results, start=1):
+        same = query_value is not None and hit["value"] == query_value
+        colour = (30, 180, 60) if same else (220, 40, 40) if query_value is not None else (150, 150, 150)
+        place(data, column, colour, [f"{hit['rank']}. {hit['key']}", f"{hit['score']:.3f} {hit['value'] or ''}"])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
