@@ -142,7 +142,11 @@ class TrainConfig:
     checkpoint_every: int = _f(0, "Also save checkpoints/partial.pt every N steps inside an increment (model, "
                                   "optimizer, schedule, teacher, step), so a dead run loses at most N steps; 0 = off. "
                                   "Not with DeepSpeed (partitioned optimizer state).")
-    mixed_precision: str = _f("no", "no | bf16 | fp16 (Accelerate). CPU runs should use no.")
+    mixed_precision: str = _f("auto", "auto | no | bf16 | fp16. auto: what the launcher says (accelerate launch "
+                                      "--mixed_precision, or its config file), else no. An explicit value here wins over "
+                                      "the launcher (a warning says so). CPU runs should use no.")
+    trackers: List[str] = _f(["tensorboard"], "Accelerate trackers to log to: tensorboard (RUN_DIR/tensorboard), "
+                                              "wandb, mlflow, ... (each must be installed).")
     seed: int = _f(0, "Global seed; increment t reseeds from (seed, t) so resumes are exact.")
     log_every: int = _f(20, "Print/log every N steps.")
     num_threads: int = _f(0, "torch intra-op threads per process (0 = leave torch's default).")
@@ -176,7 +180,7 @@ CHOICES = {
     "data.teacher_view": ("perspective", "same"),
     "model.cut": ("layer3", "full"),
     "model.trunk_bn": ("train", "frozen"),
-    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "eval.split": ("val", "test"),
 }
 

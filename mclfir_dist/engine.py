@@ -41,7 +41,7 @@ log = logging.getLogger("mclfir")
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False):
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.runtime = rt = Runtime(cfg)
+        self.runtime = rt = Runtime(cfg, self.run_dir)
         self.checkpoints = Checkpointer(self.run_dir, rt.is_main)
         if rt.is_main:
             ensure_writable_dir(self.run_dir)   # a read-only or full --out fails here, before any work
@@ -65,7 +65,7 @@ class Trainer:
         self.record.data["skipped_shards"] = self.skipped_shards
         self.global_step, self.start_increment, self.resumed = 0, 0, resume
         self.resume_point: Optional[ResumePoint] = self._restore() if resume else None
-        self.metrics = MetricsSink(self.run_dir / "tensorboard", rt.is_main)
+        self.metrics = MetricsSink(rt.acc, cfg.name)
         if rt.is_main:
             self.checkpoints.remove_stale_temporaries()   # a fresh start after a kill inside a write
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -191,6 +191,9 @@ class Trainer:
 
     def _log_step(self, plan, step, optimizer, seconds, steps, loss, nce, terms, stats) -> None:
         ips = steps * self.images_per_step / max(seconds, 1e-9)
+        per_step = seconds / max(steps, 1)
+        left_here = plan.steps - step - 1
+        left_run = left_here + sum(p.steps for p in self.plans[plan.index + 1:] if not p.skip)
         values = {"loss/total": loss.item(), "loss/nce": nce.item(),
                   **{f"loss/{t.name}": t.value.item() for t in terms},
                   "throughput/images_per_s": ips, "train/negative_pool": stats["negative_pool"],
@@ -200,7 +203,9 @@ class Trainer:
         self.metrics.emit(values, self.global_step,
                           f"inc {plan.index} step {step + 1}/{plan.steps}  loss {values['loss/total']:.4f}  "
                           f"nce {values['loss/nce']:.4f}  kd {values['loss/kd']:.5f}  {ips:.1f} img/s  "
-                          f"pool {stats['negative_pool']:.0f}  {1000 * seconds / steps:.0f} ms/step")
+                          f"pool {stats['negative_pool']:.0f}  {1000 * per_step:.0f} ms/step  "
+                          f"ETA increment {_duration(left_here * per_step)}, run {_duration(left_run * per_step)} "
+                          f"(+ evaluation)")
 
     def _save_partial(self, index: int, step: int, optimizer, scheduler, seconds: float) -> None:
         """Mid-increment checkpoint (train.checkpoint_every): enough to continue this increment."""
@@ -223,10 +228,13 @@ class Trainer:
         if self.start_increment == 0 and not self.record.data["random_map"]:
             self.evaluator.baselines(self.model, self.record.data)
         increments = cfg.train.increments
+        self.plans = [self.method.plan(i, inc.name, list(inc.attributes), [a for prev in increments[:i]
+                                                                            for a in prev.attributes])
+                      for i, inc in enumerate(increments)]   # pure functions of the config: the whole run's steps
         for index in range(self.start_increment, len(increments)):
             inc = increments[index]
             old = [a for prev in increments[:index] for a in prev.attributes]
-            plan = self.method.plan(index, inc.name, list(inc.attributes), old)
+            plan = self.plans[index]
             log.info("=== increment %d/%d '%s': training heads %s, frozen %s, %d steps", index, len(increments) - 1,
                      inc.name, plan.train_heads, plan.frozen_heads, plan.steps)
             for a in inc.attributes:
@@ -267,13 +275,16 @@ class Trainer:
         metrics["dataset_map"] = dataset_maps(details, {a: Path(m.root).name for a, m in self.attribute_manifest.items()})
         self.record.add_increment(row, details, metrics, cost,
                                   {"world_size": self.runtime.world, "backend": self.runtime.backend,
-                                   "global_batch": self.images_per_step, "loader": self.loader_name})
+                                   "global_batch": self.images_per_step, "loader": self.loader_name,
+                                   "mixed_precision": self.runtime.precision})
         log.info("increment %d: mAP %s | avg %.2f | train %.1fs (%.1f img/s) | eval %.1fs", plan.index,
                  {a: round(100 * v, 2) for a, v in row.items()}, 100 * metrics["average_map"],
                  cost.train_seconds, cost.images_per_second, cost.eval_seconds)
-        self.metrics.emit({f"map/{a}": v for a, v in row.items()}, plan.index)
-        self.metrics.emit({"map/average": metrics["average_map"], "forgetting/average": metrics["average_forgetting"],
-                           "cost/train_seconds": cost.train_seconds, "cost/eval_seconds": cost.eval_seconds,
+        # mAP against the global step, like the losses; costs per increment
+        self.metrics.emit({f"map/{a}": v for a, v in row.items()}, self.global_step)
+        self.metrics.emit({"map/average": metrics["average_map"], "forgetting/average": metrics["average_forgetting"]},
+                          self.global_step)
+        self.metrics.emit({"cost/train_seconds": cost.train_seconds, "cost/eval_seconds": cost.eval_seconds,
                            "cost/images_per_second": cost.images_per_second,
                            "cost/device_seconds": cost.device_seconds}, plan.index)
         if self.runtime.is_main:
@@ -317,6 +328,11 @@ def check_shard_sets(manifests: Sequence[Manifest], splits: Sequence[str], skip_
             log.warning("data.skip_bad_shards: leaving out %d %s shard(s) of %s: %s", len(problems), split,
                         manifest.root, "; ".join(f"{f}: {p}" for f, p in problems))
     return skipped
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def _fault_injection():

@@ -88,7 +88,11 @@ class Evaluator:
             query_images = torch.stack([images[embeddings.keys[i]] for i in queries.tolist()])
             top_images = torch.stack([torch.stack([images[embeddings.keys[j]] for j in row]) for row in top.tolist()])
             match = embeddings.labels[top, column] == embeddings.labels[queries, column][:, None]
-            grid = retrieval_grid(query_images, top_images, match)
+            names = manifest.values(attribute)
+            value = lambda i: names[i] if i >= 0 else "?"   # noqa: E731
+            grid = retrieval_grid(query_images, top_images, match,
+                                  query_values=[value(int(v)) for v in embeddings.labels[queries, column]],
+                                  cand_values=[[value(int(v)) for v in row] for row in embeddings.labels[top, column]])
             sink.image(f"retrieval/{attribute}", grid, index)
             out = self.run_dir / "grids" / f"increment_{index:02d}_{attribute}.png"
             out.parent.mkdir(parents=True, exist_ok=True)

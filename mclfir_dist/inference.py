@@ -17,6 +17,15 @@ from .utils.io import atomic_write, atomic_write_json
 log = logging.getLogger(__name__)
 
 
+def _with_progress(batches, total: int, desc: str):
+    """Batches as they come, with a progress bar (images, rate, ETA) on stderr."""
+    from tqdm import tqdm
+    with tqdm(total=total, unit="img", desc=desc) as bar:
+        for batch in batches:
+            bar.update(len(batch["keys"]) + len(batch.get("skipped", [])))
+            yield batch
+
+
 def _save_npy(path: Path, arr: np.ndarray) -> None:
     atomic_write(path, lambda f: np.save(f, arr))
 
@@ -36,7 +45,7 @@ def evaluate_run(run_dir: str, shards: str, split: str = "test", export: Optiona
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     loader = build_eval_loader(cfg.data, manifest, split, 0, 1)
-    se = embed_split(model, loader, attrs, device)
+    se = embed_split(model, _with_progress(loader, manifest.count(split), f"embedding {split}"), attrs, device)
     out = {"run": str(run_dir), "checkpoint": str(ckpt), "shards": str(shards), "split": split, "map": {}, "details": {},
            "skipped_shards": skipped_shards, "skipped_samples": {"count": len(se.skipped), "keys": se.skipped}}
     for h, a in enumerate(attrs):

@@ -143,24 +143,38 @@ log = logging.getLogger("mclfir")
 
 
 class MetricsSink:
-    """One place that metrics go: the log line and TensorBoard (main process only)."""
+    """One place that metrics go: the log line and every Accelerate tracker of the run (TensorBoard by
+    default; wandb, MLflow, ... via train.trackers). Trackers write on the main process only."""
 
-    def __init__(self, log_dir: Optional[Path], is_main: bool):
-        self.board = Board(log_dir if is_main else None)
+    def __init__(self, accelerator, run_name: str):
+        self.acc = accelerator
+        self.acc.init_trackers(run_name)
 
     def emit(self, values: Dict[str, float], step: int, message: str = "") -> None:
         if message:
             log.info(message)
-        self.board.scalars(values, step)
+        finite = {k: float(v) for k, v in values.items()
+                  if v is not None and not (isinstance(v, float) and math.isnan(v))}
+        self.acc.log(finite, step=step)
+
+    def _tensorboard(self):
+        try:
+            return self.acc.get_tracker("tensorboard", unwrap=True) if self.acc.is_main_process else None
+        except ValueError:   # not among train.trackers
+            return None
 
     def image(self, tag: str, img: torch.Tensor, step: int) -> None:
-        self.board.image(tag, img, step)
+        writer = self._tensorboard()
+        if writer is not None:
+            writer.add_image(tag, img, step)
 
     def text(self, tag: str, text: str, step: int) -> None:
-        self.board.text(tag, text, step)
+        writer = self._tensorboard()
+        if writer is not None:
+            writer.add_text(tag, text, step)
 
     def close(self) -> None:
-        self.board.close()
+        self.acc.end_training()
 
 
 def accuracy_table(results: dict) -> str:
@@ -212,48 +226,35 @@ def markdown_table(rows: List[List[str]]) -> str:
     return "\n".join([line(rows[0]), sep] + [line(r) for r in rows[1:]])
 
 
-class Board:
-    """TensorBoard writer that exists on the main process only (a no-op elsewhere)."""
-
-    def __init__(self, log_dir: Optional[Path]):
-        self.writer = None
-        if log_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(log_dir))
-
-    def scalars(self, values: Dict[str, float], step: int) -> None:
-        if self.writer:
-            for k, v in values.items():
-                if v is not None and not (isinstance(v, float) and math.isnan(v)):
-                    self.writer.add_scalar(k, v, step)
-
-    def image(self, tag: str, img: torch.Tensor, step: int) -> None:
-        if self.writer:
-            self.writer.add_image(tag, img, step)
-
-    def text(self, tag: str, text: str, step: int) -> None:
-        if self.writer:
-            self.writer.add_text(tag, text, step)
-
-    def close(self) -> None:
-        if self.writer:
-            self.writer.flush()
-            self.writer.close()
-
-
-def retrieval_grid(query_imgs: torch.Tensor, cand_imgs: torch.Tensor, matches: torch.Tensor, pad: int = 3) -> torch.Tensor:
-    """Rows: query (blue frame) then its top-k (green = same value, red = miss). uint8 tensors in, 3xHxW out."""
+def retrieval_grid(query_imgs: torch.Tensor, cand_imgs: torch.Tensor, matches: torch.Tensor, pad: int = 3,
+                   query_values: Optional[Sequence[str]] = None, cand_values: Optional[Sequence[Sequence[str]]] = None
+                   ) -> torch.Tensor:
+    """Rows: query (blue frame) then its top-k (green = same value, red = miss), each captioned with its
+    value when values are given. uint8 tensors in, 3xHxW out."""
     from torchvision.utils import make_grid
     colours = {"q": (40, 90, 230), True: (30, 180, 60), False: (220, 40, 40)}
+    caption = 12 if query_values is not None else 0
 
-    def framed(img: torch.Tensor, colour) -> torch.Tensor:
-        out = torch.empty(3, img.shape[1] + 2 * pad, img.shape[2] + 2 * pad, dtype=torch.uint8)
-        out[:] = torch.tensor(colour, dtype=torch.uint8)[:, None, None]
-        out[:, pad:-pad, pad:-pad] = img
+    def framed(img: torch.Tensor, colour, text: str = "") -> torch.Tensor:
+        out = torch.full((3, img.shape[1] + 2 * pad + caption, img.shape[2] + 2 * pad), 255, dtype=torch.uint8)
+        out[:, :img.shape[1] + 2 * pad] = torch.tensor(colour, dtype=torch.uint8)[:, None, None]
+        out[:, pad:pad + img.shape[1], pad:-pad] = img
+        if caption:
+            out[:, -caption:] = _text_strip(text, out.shape[2], caption)
         return out
 
     cells = []
     for qi in range(query_imgs.shape[0]):
-        cells.append(framed(query_imgs[qi], colours["q"]))
-        cells += [framed(cand_imgs[qi, k], colours[bool(matches[qi, k])]) for k in range(cand_imgs.shape[1])]
+        cells.append(framed(query_imgs[qi], colours["q"], query_values[qi] if query_values else ""))
+        cells += [framed(cand_imgs[qi, k], colours[bool(matches[qi, k])], cand_values[qi][k] if cand_values else "")
+                  for k in range(cand_imgs.shape[1])]
     return make_grid(torch.stack(cells), nrow=1 + cand_imgs.shape[1], padding=2, pad_value=255)
+
+
+def _text_strip(text: str, width: int, height: int) -> torch.Tensor:
+    """`text` in black on white, width x height, as a 3 x height x width uint8 tensor (PIL's default font)."""
+    from PIL import Image, ImageDraw
+    import numpy as np
+    strip = Image.new("RGB", (width, height), "white")
+    ImageDraw.Draw(strip).text((1, 0), text[: max(1, width // 6)], fill="black")
+    return torch.from_numpy(np.asarray(strip).copy()).permute(2, 0, 1)

@@ -50,7 +50,36 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
 
 
-def build_accelerator(cfg: RunConfig):
+def resolve_precision(configured: str, launcher: str | None) -> tuple:
+    """(precision, why). Precedence: an explicit config value (file or override) > the launcher's
+    `--mixed_precision` (ACCELERATE_MIXED_PRECISION) > no."""
+    launcher = (launcher or "").lower() or None
+    if configured != "auto":
+        if launcher and launcher != configured:
+            return configured, f"train.mixed_precision={configured} (overrides the launcher's {launcher})"
+        return configured, f"train.mixed_precision={configured}"
+    if launcher:
+        return launcher, f"the launcher's --mixed_precision {launcher} (train.mixed_precision=auto)"
+    return "no", "train.mixed_precision=auto and no launcher setting"
+
+
+def build_trackers(cfg: RunConfig, run_dir) -> list:
+    """Accelerate trackers named in train.trackers; TensorBoard writes to RUN_DIR/tensorboard."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, TensorBoardTracker
+    from accelerate.utils import imports
+    trackers = []
+    for name in cfg.train.trackers:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ConfigError(f"config key 'train.trackers': unknown tracker {name!r} "
+                              f"(Accelerate knows {', '.join(sorted(LOGGER_TYPE_TO_CLASS))})")
+        available = getattr(imports, f"is_{name}_available", None)
+        if available is not None and not available():
+            raise ConfigError(f"config key 'train.trackers': {name} is not installed (pip install {name})")
+        trackers.append(TensorBoardTracker("tensorboard", str(run_dir)) if name == "tensorboard" else name)
+    return trackers
+
+
+def build_accelerator(cfg: RunConfig, run_dir=None):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
     init = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.dist_init_timeout_s))
@@ -60,8 +89,12 @@ def build_accelerator(cfg: RunConfig):
     # Without CUDA, Accelerate only wraps models in DDP (MULTI_CPU) when told cpu=True; otherwise
     # `--multi_gpu` on a CPU box initialises gloo but leaves every rank training alone.
     use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    acc = Accelerator(mixed_precision=cfg.train.mixed_precision, kwargs_handlers=[init, ddp],
-                      cpu=not torch.cuda.is_available() and not use_deepspeed)
+    precision, why = resolve_precision(cfg.train.mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION"))
+    acc = Accelerator(mixed_precision=precision, kwargs_handlers=[init, ddp],
+                      cpu=not torch.cuda.is_available() and not use_deepspeed,
+                      log_with=build_trackers(cfg, run_dir) if run_dir is not None else None,
+                      project_dir=str(run_dir) if run_dir is not None else None)
+    acc.precision_reason = why
     if acc.num_processes > 1 and acc.distributed_type.value == "NO":
         raise RuntimeError(f"{acc.num_processes} processes but Accelerate chose no distributed wrapper")
     if acc.num_processes > 1:
@@ -77,12 +110,14 @@ def build_accelerator(cfg: RunConfig):
 class Runtime:
     """One per process: the accelerator and what follows from it (rank, world, device, backend)."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, run_dir=None):
         if cfg.train.num_threads > 0:
             torch.set_num_threads(cfg.train.num_threads)
-        self.acc = build_accelerator(cfg)
+        self.acc = build_accelerator(cfg, run_dir)
         self.is_main = self.acc.is_main_process
         setup_logging(self.is_main)
+        self.precision = str(self.acc.mixed_precision)
+        log.info("precision: %s (%s)", self.precision, self.acc.precision_reason)
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.device = self.acc.device
         self.deepspeed = getattr(self.acc.state, "deepspeed_plugin", None)
