@@ -86,6 +86,8 @@ class ModelConfig:
     head_channels: int = _f(256, "Channels of each head's 1x1 projection.")
     embed_dim: int = _f(128, "Embedding size of every attribute head.")
     sync_batchnorm: bool = _f(False, "Convert BatchNorm to SyncBatchNorm (GPU only; refused on CPU).")
+    channels_last: bool = _f(False, "Keep the model and its input in channels-last memory format (faster convolutions "
+                                    "on GPUs with tensor cores; measured 1.7x for the paper step on an H200).")
     trunk_bn: str = _f("train", "Trunk BatchNorm while training: train (batch statistics, running stats updated) | "
                        "frozen (keeps the pretrained running statistics; affine weights still train).")
 
@@ -148,7 +150,12 @@ class TrainConfig:
     trackers: List[str] = _f(["tensorboard"], "Accelerate trackers to log to: tensorboard (RUN_DIR/tensorboard), "
                                               "wandb, mlflow, ... (each must be installed).")
     seed: int = _f(0, "Global seed; increment t reseeds from (seed, t) so resumes are exact.")
-    log_every: int = _f(20, "Print/log every N steps.")
+    log_every: int = _f(20, "Print/log every N steps (loss values are read from the device only then).")
+    compile: bool = _f(False, "torch.compile the trunk and the heads in place (module.compile(); state_dict keys "
+                              "unchanged). Pays a compile time at start.")
+    deterministic: bool = _f(False, "Deterministic algorithms (torch.use_deterministic_algorithms, cuDNN "
+                                    "deterministic, CUBLAS_WORKSPACE_CONFIG), so that resume is bit-exact on CUDA "
+                                    "too; an op without a deterministic kernel then stops the run naming it.")
     num_threads: int = _f(0, "torch intra-op threads per process (0 = leave torch's default).")
     dist_init_timeout_s: int = _f(900, "Timeout of process-group initialisation.")
     dist_step_timeout_s: int = _f(300, "Timeout of collectives once training runs.")

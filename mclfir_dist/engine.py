@@ -58,8 +58,14 @@ class Trainer:
 
         seed_everything(cfg.train.seed)  # same initial weights on every rank (the teacher copies them)
         self.model: MCLFIRModel = build_model(cfg.model, cfg.data.image_size, rt.device)
+        if cfg.train.compile:
+            self.model.compile_in_place()
         self.method = build_method(cfg, rt)
         self.method.setup(self.model)
+        increments = cfg.train.increments   # plans are pure functions of the config: the whole run's steps
+        self.plans = [self.method.plan(i, inc.name, list(inc.attributes), [a for prev in increments[:i]
+                                                                            for a in prev.attributes])
+                      for i, inc in enumerate(increments)]
         self.record = RunRecord.new(to_dict(cfg), str(cfg.data.shards))
         self.record.data["attribute_shards"] = {a: str(m.root) for a, m in self.attribute_manifest.items()}
         self.record.data["skipped_shards"] = self.skipped_shards
@@ -102,6 +108,8 @@ class Trainer:
         if plan.rebuild_model and not resuming:
             seed_everything(cfg.train.seed)   # the initial (pretrained) model again
             self.model = build_model(cfg.model, cfg.data.image_size, self.runtime.device)
+            if cfg.train.compile:
+                self.model.compile_in_place()
         self.method.begin_increment(ctx, self.model, resuming)
         seed_everything(epoch_seed(cfg.train.seed, plan.index))  # new heads: identical on every rank
         for a in plan.train_heads:
@@ -115,17 +123,7 @@ class Trainer:
         partial = self.resume_point.state if self.resume_point and self.resume_point.state["increment"] == plan.index \
             else None
         self.resume_point = None
-        self._prepare_model(plan, ctx, resuming=partial is not None)
-        optimizer = build_optimizer(cfg.optim, self.model.trunk, [self.model.heads[a] for a in plan.train_heads],
-                                    plan.encoder_lr_scale, self.images_per_step)
-        scheduler = build_scheduler(cfg.optim, optimizer, plan.steps)
-        rt.set_micro_batch(2 * cfg.data.batch_doublets)
-        start_step, seconds_before = 0, 0.0
-        if partial is not None:
-            optimizer.load_state_dict(partial["optimizer"])
-            scheduler.load_state_dict(partial["scheduler"])
-            start_step, seconds_before = partial["step"], partial["elapsed_train_seconds"]
-        model, optimizer = rt.acc.prepare(self.model, optimizer)
+        model, optimizer, scheduler, start_step, seconds_before = self.setup_increment(plan, ctx, partial)
         # a mid-increment resume replays the stream up to its step (exact with the torch loader)
         loader = build_train_loader(cfg.data, self.attribute_manifest[plan.train_heads[0]], plan.train_heads,
                                     rt.rank, rt.world, epoch_seed(cfg.train.seed, plan.index), self.loader_name,
@@ -142,6 +140,23 @@ class Trainer:
                           rt.world, seconds * rt.world, rt.backend, self.images_per_step, 2 * cfg.data.batch_doublets,
                           rt.rank_max_diff([self.model] + self.method.modules()))
 
+    def setup_increment(self, plan: IncrementPlan, ctx: IncrementContext, partial: Optional[dict] = None):
+        """Model, optimizer and schedule of an increment, prepared by Accelerate (state from `partial` if given):
+        (wrapped model, optimizer, scheduler, start step, train seconds so far)."""
+        cfg, rt = self.cfg, self.runtime
+        self._prepare_model(plan, ctx, resuming=partial is not None)
+        optimizer = build_optimizer(cfg.optim, self.model.trunk, [self.model.heads[a] for a in plan.train_heads],
+                                    plan.encoder_lr_scale, self.images_per_step)
+        scheduler = build_scheduler(cfg.optim, optimizer, plan.steps)
+        rt.set_micro_batch(2 * cfg.data.batch_doublets)
+        start_step, seconds_before = 0, 0.0
+        if partial is not None:
+            optimizer.load_state_dict(partial["optimizer"])
+            scheduler.load_state_dict(partial["scheduler"])
+            start_step, seconds_before = partial["step"], partial["elapsed_train_seconds"]
+        model, optimizer = rt.acc.prepare(self.model, optimizer)
+        return model, optimizer, scheduler, start_step, seconds_before
+
     def _steps(self, plan: IncrementPlan, ctx: IncrementContext, model, optimizer, scheduler, batches,
                start_step: int, seconds_before: float) -> float:
         """The optimizer steps of one increment; returns its training seconds."""
@@ -155,12 +170,15 @@ class Trainer:
         model.train()
         t0 = window_start = time.time()
         window_steps = 0
+        nonfinite = torch.zeros((), dtype=torch.bool, device=rt.device)
         for step in range(start_step, plan.steps):
             if fault == (rt.rank, step):
                 raise RuntimeError(f"injected fault on rank {rt.rank} at step {step} (MCLFIR_FAULT_RANK/STEP)")
             batch = next(batches)
             self.skipped_train += batch.get("skipped", [])
             images = batch["images"].to(rt.device, non_blocking=True)
+            if cfg.model.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             task, value = batch["task"].to(rt.device), batch["value"].to(rt.device)
             with acc.autocast():
                 emb, pooled, fmap = model(images, task, plan.train_heads)
@@ -169,8 +187,7 @@ class Trainer:
                 loss = nce
                 for term in terms:
                     loss = loss + term.weight * term.value
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at increment {plan.index} step {step}; lower optim.lr?")
+            nonfinite = nonfinite | ~torch.isfinite(loss.detach())   # read at log and checkpoint time: no sync here
             acc.backward(loss)
             if cfg.optim.grad_clip > 0 and acc.sync_gradients:
                 acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -180,11 +197,16 @@ class Trainer:
             self.method.after_step(unwrapped)
             self.global_step += 1
             window_steps += 1
-            if (step + 1) % cfg.train.log_every == 0 or step + 1 == plan.steps:
+            logging_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == plan.steps
+            saving_now = checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < plan.steps
+            if (logging_now or saving_now) and bool(nonfinite):
+                raise FloatingPointError(f"the loss became {loss.item()} at increment {plan.index}, step {step} or "
+                                         f"earlier (checked every train.log_every steps); lower optim.lr?")
+            if logging_now:
                 seconds = time.time() - window_start
                 self._log_step(plan, step, optimizer, seconds, window_steps, loss, nce, terms, stats)
                 window_start, window_steps = time.time(), 0
-            if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < plan.steps:
+            if saving_now:
                 self._save_partial(plan.index, step + 1, optimizer, scheduler, seconds_before + time.time() - t0)
         rt.barrier()
         return seconds_before + time.time() - t0
@@ -196,14 +218,14 @@ class Trainer:
         left_run = left_here + sum(p.steps for p in self.plans[plan.index + 1:] if not p.skip)
         values = {"loss/total": loss.item(), "loss/nce": nce.item(),
                   **{f"loss/{t.name}": t.value.item() for t in terms},
-                  "throughput/images_per_s": ips, "train/negative_pool": stats["negative_pool"],
+                  "throughput/images_per_s": ips, "train/negative_pool": float(stats["negative_pool"]),
                   **{f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(optimizer.param_groups)}}
         values.setdefault("loss/kd", 0.0)
         values.update(getattr(self.method, "log_values", dict)())
         self.metrics.emit(values, self.global_step,
                           f"inc {plan.index} step {step + 1}/{plan.steps}  loss {values['loss/total']:.4f}  "
                           f"nce {values['loss/nce']:.4f}  kd {values['loss/kd']:.5f}  {ips:.1f} img/s  "
-                          f"pool {stats['negative_pool']:.0f}  {1000 * per_step:.0f} ms/step  "
+                          f"pool {values['train/negative_pool']:.0f}  {1000 * per_step:.0f} ms/step  "
                           f"ETA increment {_duration(left_here * per_step)}, run {_duration(left_run * per_step)} "
                           f"(+ evaluation)")
 
@@ -228,9 +250,6 @@ class Trainer:
         if self.start_increment == 0 and not self.record.data["random_map"]:
             self.evaluator.baselines(self.model, self.record.data)
         increments = cfg.train.increments
-        self.plans = [self.method.plan(i, inc.name, list(inc.attributes), [a for prev in increments[:i]
-                                                                            for a in prev.attributes])
-                      for i, inc in enumerate(increments)]   # pure functions of the config: the whole run's steps
         for index in range(self.start_increment, len(increments)):
             inc = increments[index]
             old = [a for prev in increments[:index] for a in prev.attributes]

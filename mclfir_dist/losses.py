@@ -33,7 +33,7 @@ class DoubletInfoNCE(nn.Module):
         self.gather, self.rank, self.world_size = gather, rank, world_size
 
     def forward(self, emb: torch.Tensor, value: torch.Tensor, task: torch.Tensor, positive: torch.Tensor
-                ) -> Tuple[torch.Tensor, Dict[str, float]]:
+                ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """emb: n x D (L2-normalised), value/task: n, positive: n (local row of each anchor's positive)."""
         n = emb.shape[0]
         if self.gather and self.world_size > 1:
@@ -67,7 +67,7 @@ class DoubletInfoNCE(nn.Module):
             per_anchor = -(log_prob.masked_fill(~same_value, 0.0) * pos_mask).sum(1) / pos_mask.sum(1).clamp_min(1)
         else:
             per_anchor = -log_prob.gather(1, pos_idx[:, None]).squeeze(1)
-        pool = (~excluded).sum(1).float().mean().item()
+        pool = (~excluded).sum(1).float().mean().detach()   # a tensor: reading it would sync with the device
         return per_anchor.mean(), {"negative_pool": pool, "global_batch": float(N)}
 
 

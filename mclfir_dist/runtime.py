@@ -107,12 +107,22 @@ def build_accelerator(cfg: RunConfig, run_dir=None):
     return acc
 
 
+def make_deterministic() -> None:
+    """Bit-reproducible kernels on CUDA (and CPU): needed for exact resume on a GPU."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # before cuBLAS starts
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 class Runtime:
     """One per process: the accelerator and what follows from it (rank, world, device, backend)."""
 
     def __init__(self, cfg: RunConfig, run_dir=None):
         if cfg.train.num_threads > 0:
             torch.set_num_threads(cfg.train.num_threads)
+        if cfg.train.deterministic:
+            make_deterministic()
         self.acc = build_accelerator(cfg, run_dir)
         self.is_main = self.acc.is_main_process
         setup_logging(self.is_main)

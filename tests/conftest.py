@@ -28,7 +28,9 @@ def tiny_shards(tmp_path_factory):
 
 
 def tiny_train_overrides(shards, steps=30, increments="[{name: a, attributes: [colour]},{name: b, attributes: [garment_length]}]"):
-    return [f"data.shards={shards}", "data.image_size=32", "data.batch_doublets=16", "data.num_workers=0",
+    # on a GPU the exactness tests need deterministic kernels; on CPU they are deterministic already
+    deterministic = ["train.deterministic=true"] if torch.cuda.is_available() else []
+    return deterministic + [f"data.shards={shards}", "data.image_size=32", "data.batch_doublets=16", "data.num_workers=0",
             "data.eval_batch_size=64", "model.head_channels=64", "model.embed_dim=32",
             f"train.steps_per_increment={steps}", "train.log_every=10", f"train.increments={increments}",
             "optim.lr=1e-3", "optim.encoder_lr_scale=0.3", "teacher.decay=0.99", "eval.grid_queries=2"]

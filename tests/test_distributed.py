@@ -71,8 +71,17 @@ def test_buffer_broadcast_makes_ranks_identical(equivalence):
     assert equivalence["buffers_spread_after_sync"] == 0.0
 
 
+def free_port() -> str:
+    """A free TCP port on this machine: parallel test processes must not meet on 29500."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def accelerate_train(config_file, out, overrides, extra=()):
-    cmd = [str(VENV_BIN / "accelerate"), "launch", "--config_file", str(ROOT / config_file), *extra,
+    cmd = [str(VENV_BIN / "accelerate"), "launch", "--config_file", str(ROOT / config_file),
+           "--main_process_port", free_port(), *extra,
            "-m", "mclfir_dist.train", "--config", str(ROOT / "configs/debug_cpu.yaml"), "--out", str(out), *overrides]
     return run(cmd, timeout=900)
 
@@ -118,6 +127,7 @@ def test_checkpoint_moves_between_world_sizes(ddp_run, tiny_shards, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     (one / "checkpoints" / "increment_01.pt").unlink()
     p = run([str(VENV_BIN / "accelerate"), "launch", "--config_file", str(ROOT / "launch/cpu_2proc.yaml"),
+             "--main_process_port", free_port(),
              "-m", "mclfir_dist.train", "--resume", str(one)], timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     r2 = json.loads((one / "results.json").read_text())

@@ -117,7 +117,7 @@ def test_baseline_methods_run_in_the_same_engine(tiny_shards, tmp_path, method):
         from mclfir_dist.model.mclfir import build_model
         torch.manual_seed(cfg.train.seed)
         init = build_model(cfg.model, cfg.data.image_size).trunk.state_dict()
-        final = torch.load(tmp_path / method / "checkpoints" / "increment_01.pt", weights_only=False)["model"]
+        final = torch.load(tmp_path / method / "checkpoints" / "increment_01.pt", map_location="cpu", weights_only=False)["model"]
         for k, v in init.items():
             assert torch.equal(final[f"trunk.{k}"], v), k
 
@@ -141,7 +141,7 @@ def test_frozen_trunk_batchnorm_and_anchor_only_distillation(tiny_shards, tmp_pa
     from mclfir_dist.model.mclfir import build_model
     torch.manual_seed(cfg.train.seed)
     init = build_model(cfg.model, cfg.data.image_size).trunk.state_dict()
-    final = torch.load(tmp_path / "run" / "checkpoints" / "increment_01.pt", weights_only=False)["model"]
+    final = torch.load(tmp_path / "run" / "checkpoints" / "increment_01.pt", map_location="cpu", weights_only=False)["model"]
     stats = [k for k in init if k.endswith(("running_mean", "running_var"))]
     assert stats and all(torch.equal(final[f"trunk.{k}"], init[k]) for k in stats)
     assert not torch.equal(final["trunk.stem.0.weight"], init["stem.0.weight"])
@@ -175,15 +175,15 @@ def test_run_killed_mid_increment_resumes_exactly(tiny_shards, tmp_path, monkeyp
     monkeypatch.setenv("MCLFIR_FAULT_STEP", "12")  # dies inside increment 0, after the step-10 checkpoint
     with pytest.raises(RuntimeError, match="injected fault"):
         train(cfg, tmp_path / "r")
-    partial = torch.load(tmp_path / "r" / "checkpoints" / "partial.pt", weights_only=True)
+    partial = torch.load(tmp_path / "r" / "checkpoints" / "partial.pt", map_location="cpu", weights_only=True)
     assert partial["increment"] == 0 and partial["step"] == 10 and "optimizer" in partial
     monkeypatch.delenv("MCLFIR_FAULT_RANK")
     res = train(load_config(tmp_path / "r" / "config.yaml"), tmp_path / "r", resume=True)
     assert res["complete"] and [c["steps"] for c in res["cost"]] == [20, 20]
     assert not (tmp_path / "r" / "checkpoints" / "partial.pt").exists()
     assert res["accuracy_matrix"] == reference["accuracy_matrix"]
-    final = torch.load(tmp_path / "r" / "checkpoints" / "increment_01.pt", weights_only=True)
-    ref = torch.load(tmp_path / "uninterrupted" / "checkpoints" / "increment_01.pt", weights_only=True)
+    final = torch.load(tmp_path / "r" / "checkpoints" / "increment_01.pt", map_location="cpu", weights_only=True)
+    ref = torch.load(tmp_path / "uninterrupted" / "checkpoints" / "increment_01.pt", map_location="cpu", weights_only=True)
     for part in ("model", "method"):
         flat, ref_flat = _flatten(final[part]), _flatten(ref[part])
         assert flat.keys() == ref_flat.keys()

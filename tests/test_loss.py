@@ -50,7 +50,7 @@ def test_random_batch_matches_loop(mask_same):
     assert loss.item() == pytest.approx(hand_loss(emb, value.tolist(), task.tolist(), pos.tolist(), 0.3, mask_same), abs=1e-5)
     # other tasks never compete: the pool is the same-task samples minus self
     if not mask_same:
-        assert stats["negative_pool"] == pytest.approx(5.0)
+        assert float(stats["negative_pool"]) == pytest.approx(5.0)
 
 
 def test_multi_positive_averages_over_same_value():

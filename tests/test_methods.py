@@ -88,7 +88,7 @@ def finished_run(tiny_shards, tmp_path_factory):
 
 
 def test_checkpoints_load_weights_only_and_restore_frozen_heads_and_rng(finished_run):
-    state = torch.load(finished_run / "checkpoints" / "increment_01.pt", weights_only=True)
+    state = torch.load(finished_run / "checkpoints" / "increment_01.pt", map_location="cpu", weights_only=True)
     assert state["format"] == "mclfir-ckpt/2" and state["frozen"] == ["colour"]
     model, cfg, path = load_run_model(finished_run)
     assert path.name == "increment_01.pt" and model.frozen == ["colour"]
@@ -107,7 +107,7 @@ def test_checkpoints_load_weights_only_and_restore_frozen_heads_and_rng(finished
 
 
 def test_checkpoint_format_tag_is_checked(finished_run, tmp_path):
-    state = torch.load(finished_run / "checkpoints" / "increment_00.pt", weights_only=True)
+    state = torch.load(finished_run / "checkpoints" / "increment_00.pt", map_location="cpu", weights_only=True)
     state["format"] = "someone-else/9"
     torch.save(state, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="format 'someone-else/9'"):

@@ -142,7 +142,7 @@ print("ok", sorted(m for m in sys.modules if m.split('.')[0] in ("accelerate", "
 """
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 0 and "ok []" in p.stdout, p.stderr[-3000:]
-    portable = torch.load(tmp_path / "portable_out.pt")
+    portable = torch.load(tmp_path / "portable_out.pt", map_location="cpu")
     model, _, _ = load_run_model(run)
     reference, _ = model.embed_all(images, ["colour", "garment_length"])
     for h, a in enumerate(["colour", "garment_length"]):

@@ -22,6 +22,14 @@ class MCLFIRModel(nn.Module):
         self.heads = nn.ModuleDict()
         self.frozen: List[str] = []
         self.train_trunk = True
+        self.compile_modules = False
+
+    def compile_in_place(self) -> None:
+        """torch.compile the trunk and every head (present and future) without changing state_dict keys."""
+        self.compile_modules = True
+        self.trunk.compile()
+        for head in self.heads.values():
+            head.compile()
 
     @property
     def attributes(self) -> List[str]:
@@ -31,7 +39,13 @@ class MCLFIRModel(nn.Module):
         if attribute in self.heads:
             raise ValueError(f"head '{attribute}' exists already")
         head = AttributeHead(self.trunk_channels, self.head_channels, self.embed_dim)
-        head.to(next(self.trunk.parameters()).device)
+        reference = next(self.trunk.parameters())
+        head.to(reference.device)
+        if reference.dim() == 4 and reference.is_contiguous(memory_format=torch.channels_last) \
+                and not reference.is_contiguous():
+            head.to(memory_format=torch.channels_last)   # the model is channels-last: so is every new head
+        if self.compile_modules:
+            head.compile()
         self.heads[attribute] = head
         return head
 
@@ -86,6 +100,8 @@ def build_model(cfg: ModelConfig, image_size: int, device: Optional[torch.device
     if device is None:
         return model
     model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     if cfg.sync_batchnorm:
         model = convert_sync_batchnorm(model, device.type == "cuda")
     return model

@@ -1,0 +1,127 @@
+"""Where a training step's time goes: model alone, the engine's step, the loader, end to end.
+
+    python -m mclfir_dist.bench.step --config configs/paper_gpu.yaml [--steps 50] [--warmup 10] [key=value ...]
+
+In one run, on the config's first increment with distillation (the second if there is one):
+  model      fwd + bwd + optimizer step of trunk + heads on tensors already on the device
+  step       the engine's whole step (InfoNCE, method terms, teacher, optimizer, EMA) on a batch already
+             on the device: trainer._steps fed the same batch again and again
+  loader     the training loader alone at steady state: --warmup batches dropped (the prefetch queue
+             drained), then --steps batches (at least 50 on a GPU) timed
+  end2end    the engine's step fed by the real loader (after --warmup steps)
+It prints images/s for each and the ratios end2end/step and loader/step (>= 1: the input keeps up).
+Numbers only; nothing is asserted. Runs on CPU at tiny size (tested) and on a GPU at paper size.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import time
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--steps", type=int, default=50, help="timed steps / batches of each part")
+    ap.add_argument("--warmup", type=int, default=10, help="untimed steps / batches before each part")
+    ap.add_argument("--out", default="runs/bench_step", help="scratch run directory")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    from ..config import load_config
+    from ..data import build_train_loader
+    from ..data.streams import epoch_seed
+    from ..engine import Trainer
+    from ..methods import IncrementContext
+    cfg = load_config(args.config, list(args.overrides) + ["train.checkpoint_every=0", "eval.grid_queries=0",
+                                                           f"train.log_every={10 ** 9}"])
+    trainer = Trainer(cfg, args.out)
+    rt = trainer.runtime
+    incs = cfg.train.increments
+    index = 1 if len(incs) > 1 else 0
+    old = [a for prev in incs[:index] for a in prev.attributes]
+    plan = trainer.method.plan(index, incs[index].name, list(incs[index].attributes), old)
+    for a in old:   # the earlier increments' heads, frozen, so distillation through them runs
+        if a not in trainer.model.heads:
+            trainer.model.add_head(a)
+    ctx = IncrementContext(plan, old)
+    model, optimizer, scheduler, _, _ = trainer.setup_increment(plan, ctx)
+    loader = build_train_loader(cfg.data, trainer.attribute_manifest[plan.train_heads[0]], plan.train_heads,
+                                rt.rank, rt.world, epoch_seed(cfg.train.seed, index), trainer.loader_name, rt.device)
+    batches = iter(loader)
+    images_per_step = trainer.images_per_step
+    results = {}
+
+    # loader alone, at steady state
+    for _ in range(args.warmup):
+        next(batches)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        next(batches)
+    results["loader"] = args.steps * images_per_step / (time.perf_counter() - t0)
+
+    # the engine's step on a batch already on the device
+    batch = next(batches)
+    on_device = {k: (v.to(rt.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    fixed = itertools.repeat(on_device)
+
+    def timed_steps(source, n):
+        part = dataclasses.replace(plan, steps=n)
+        _sync(rt.device)
+        start = time.perf_counter()
+        trainer._steps(part, ctx, model, optimizer, scheduler, source, 0, 0.0)
+        _sync(rt.device)
+        return n * images_per_step / (time.perf_counter() - start)
+
+    timed_steps(fixed, args.warmup)
+    results["step"] = timed_steps(fixed, args.steps)
+
+    # end to end: the same step fed by the loader
+    timed_steps(batches, args.warmup)
+    results["end2end"] = timed_steps(batches, args.steps)
+
+    # model alone: trunk + heads fwd/bwd + optimizer step, same batch
+    unwrapped = rt.acc.unwrap_model(model)
+    images = on_device["images"]
+    if cfg.model.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    task = on_device["task"]
+
+    def model_step():
+        with rt.acc.autocast():
+            emb, _, _ = model(images, task, plan.train_heads)
+            loss = emb.float().pow(2).mean()
+        rt.acc.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    for _ in range(args.warmup):
+        model_step()
+    _sync(rt.device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        model_step()
+    _sync(rt.device)
+    results["model"] = args.steps * images_per_step / (time.perf_counter() - t0)
+    del unwrapped
+
+    device = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "CPU"
+    print(f"bench.step on {device}, {rt.world} process(es), {images_per_step} images/step, precision "
+          f"{rt.precision}, channels_last {cfg.model.channels_last}, compile {cfg.train.compile}, "
+          f"loader {trainer.loader_name}, increment {index} ({', '.join(plan.train_heads)})")
+    for name in ("model", "step", "loader", "end2end"):
+        print(f"  {name:8s} {results[name]:10.1f} images/s  {1000 * images_per_step / results[name]:8.1f} ms/step")
+    results["end2end/step"] = results["end2end"] / results["step"]
+    results["loader/step"] = results["loader"] / results["step"]
+    print(f"  end2end/step {results['end2end/step']:.2f}   loader/step {results['loader/step']:.2f}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

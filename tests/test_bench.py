@@ -1,0 +1,14 @@
+"""Benchmarks run (at tiny size) and print their numbers; times are never asserted."""
+from conftest import ROOT
+
+
+def test_bench_step_reports_every_part_and_the_ratios(tiny_shards, tmp_path, capsys):
+    from mclfir_dist.bench.step import main
+    results = main(["--config", str(ROOT / "configs/debug_cpu.yaml"), "--steps", "2", "--warmup", "1",
+                    "--out", str(tmp_path / "run"), f"data.shards={tiny_shards}", "data.image_size=32",
+                    "data.batch_doublets=8", "data.num_workers=0", "model.head_channels=32", "model.embed_dim=16",
+                    "model.channels_last=true", "eval.frozen_baseline=false"])
+    out = capsys.readouterr().out
+    for part in ("model", "step", "loader", "end2end"):
+        assert results[part] > 0 and f"  {part} " in out
+    assert "end2end/step" in out and "loader/step" in out and "channels_last True" in out
