@@ -38,10 +38,12 @@ def _add_shards(sub):
     b.add_argument("--key-column", default="", help="column used as the sample key (default: from the image path)")
     b.add_argument("--attributes", default="", help="comma-separated attribute columns (source=csv)")
     b.add_argument("--skip-bad-rows", action="store_true",
-                   help="skip rows with a missing/undecodable image or an empty value (counted and listed in the manifest) instead of failing")
+                   help="skip rows with a missing/undecodable image or an empty value (counted and listed in the "
+                        "manifest) instead of failing")
     b.add_argument("--num-images", type=int, default=3000, help="synthetic: images to render")
     b.add_argument("--image-size", type=int, default=64, help="synthetic: image side in pixels")
-    b.add_argument("--resize-to", type=int, default=0, help="csv: re-encode images to this shorter side (0 = keep bytes)")
+    b.add_argument("--resize-to", type=int, default=0,
+                   help="csv: re-encode images to this shorter side (0 = keep bytes)")
     b.add_argument("--min-value-count", type=int, default=10, help="drop attribute values with fewer images")
     b.add_argument("--val-fraction", type=float, default=0.1)
     b.add_argument("--test-fraction", type=float, default=0.2)
@@ -55,7 +57,8 @@ def _add_shards(sub):
                         description="Convert a dataset in its published split format into shards. NAME: "
                                     + "; ".join(f"{n}: {CONVERTERS.get(n).about}" for n in CONVERTERS.names()),
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    c.add_argument("name", metavar="NAME", choices=CONVERTERS.names(), help="converter: " + ", ".join(CONVERTERS.names()))
+    c.add_argument("name", metavar="NAME", choices=CONVERTERS.names(),
+                   help="converter: " + ", ".join(CONVERTERS.names()))
     c.add_argument("--root", required=True, help="folder with the dataset's split files")
     c.add_argument("--image-root", help="folder the image paths are relative to (default: --root)")
     c.add_argument("--out", required=True, help="output shard directory")
@@ -122,7 +125,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="run directory (RUN_DIR): results.json, checkpoints/, tensorboard/")
     p.add_argument("--resume", metavar="RUN_DIR|auto",
                    help="continue a stopped run (inside its last increment if a partial checkpoint exists); "
-                        "'auto' (with --out): resume if RUN_DIR holds a checkpoint, else start fresh (elastic restarts)")
+                        "'auto' (with --out): resume if RUN_DIR holds a checkpoint, else start fresh "
+                        "(elastic restarts)")
     p.add_argument("--overwrite", action="store_true",
                    help="start fresh in a RUN_DIR that already holds a run, deleting its checkpoints and results")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
@@ -188,8 +192,8 @@ def cmd_train(args) -> int:
 
 def _add_eval(sub):
     p = sub.add_parser("eval", help="evaluate a run's last checkpoint on any shard set",
-                       description="Per-attribute mAP of the run's last checkpoint on SHARDS_DIR's query/candidate sets; "
-                                   "prints it and writes it as JSON. With --export, also writes query_emb.npy, "
+                       description="Per-attribute mAP of the run's last checkpoint on SHARDS_DIR's "
+                                   "query/candidate sets; prints it and writes it as JSON. With --export, also writes query_emb.npy, "
                                    "query_labels.npy, cand_emb.npy, cand_labels.npy under OUT_DIR/<attribute>/.")
     p.add_argument("--run", required=True, help="run directory (RUN_DIR)")
     p.add_argument("--shards", required=True, help="shard directory (SHARDS_DIR)")

@@ -41,7 +41,8 @@ class CsvSourceConfig:
     image_column: str = _f("filename", "CSV column holding the image path.")
     key_column: str = _f("", "CSV column used as sample key (empty: derived from the image path).")
     attributes: List[str] = _f([], "CSV columns to use as attributes.")
-    skip_bad_rows: bool = _f(False, "Skip (and count) rows with a missing/undecodable image or empty value instead of failing.")
+    skip_bad_rows: bool = _f(False, "Skip (and count) rows with a missing/undecodable image or empty value "
+                                    "instead of failing.")
 
 
 @dataclass
@@ -99,7 +100,8 @@ class LossConfig:
     multi_positive: bool = _f(False, "SupCon-style: every same-value sample in the global batch is a positive.")
     gather: bool = _f(True, "All-gather embeddings across ranks (with gradient) so negatives come from every rank.")
     kd_weight: float = _f(1e-4, "Weight lambda of the distillation term.")
-    kd_anchors_only: bool = _f(False, "Distil (mclfir and lwf) on the anchor half of each batch only: halves the teacher's forward cost.")
+    kd_anchors_only: bool = _f(False, "Distil (mclfir and lwf) on the anchor half of each batch only: halves the "
+                                      "teacher's forward cost.")
     kd_type: str = _f("feature", "Distillation target (losses.DISTILLATIONS): feature = MSE of pooled trunk "
                        "features vs the EMA teacher's; embedding = old heads on teacher vs student features.")
 
@@ -145,8 +147,8 @@ class TrainConfig:
                                   "optimizer, schedule, teacher, step), so a dead run loses at most N steps; 0 = off. "
                                   "Not with DeepSpeed (partitioned optimizer state).")
     mixed_precision: str = _f("auto", "auto | no | bf16 | fp16. auto: what the launcher says (accelerate launch "
-                                      "--mixed_precision, or its config file), else no. An explicit value here wins over "
-                                      "the launcher (a warning says so). CPU runs should use no.")
+                                      "--mixed_precision, or its config file), else no. An explicit value here wins "
+                                      "over the launcher (the log says so). CPU runs should use no.")
     trackers: List[str] = _f(["tensorboard"], "Accelerate trackers to log to: tensorboard (RUN_DIR/tensorboard), "
                                               "wandb, mlflow, ... (each must be installed).")
     seed: int = _f(0, "Global seed; increment t reseeds from (seed, t) so resumes are exact.")
@@ -223,7 +225,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"config key 'train.increments[{i}].attributes': empty")
         for a in inc.attributes:
             if a in seen:
-                raise ConfigError(f"config key 'train.increments[{i}].attributes': '{a}' already added by an earlier increment")
+                raise ConfigError(f"config key 'train.increments[{i}].attributes': '{a}' already added by an "
+                                  "earlier increment")
             seen.add(a)
     for key in POSITIVE:
         if not _get(cfg, key) > 0:
@@ -239,11 +242,13 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"config keys 'data.build.val_fraction' + 'data.build.test_fraction' must be < 1, "
                           f"got {b.val_fraction} + {b.test_fraction}")
     if cfg.data.resize_ratio < 1.0:
-        raise ConfigError(f"config key 'data.resize_ratio': must be >= 1 (resize, then crop), got {cfg.data.resize_ratio}")
+        raise ConfigError(f"config key 'data.resize_ratio': must be >= 1 (resize, then crop), "
+                          f"got {cfg.data.resize_ratio}")
 
 
 # numeric ranges, checked before any work starts
-POSITIVE = ["train.steps_per_increment", "train.log_every", "data.batch_doublets", "data.image_size", "data.eval_batch_size",
+POSITIVE = ["train.steps_per_increment", "train.log_every", "data.batch_doublets", "data.image_size",
+            "data.eval_batch_size",
             "data.shuffle_buffer", "data.dali_threads", "model.embed_dim", "model.head_channels", "loss.temperature",
             "optim.lr", "optim.step_size", "eval.query_chunk", "train.dist_init_timeout_s", "train.dist_step_timeout_s",
             "data.build.samples_per_shard", "data.build.synthetic.num_images", "data.build.synthetic.image_size"]

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .checkpoint import Checkpointer, CheckpointError, ResumePoint, restore_model
-from .config import ConfigError, RunConfig, to_dict, to_yaml
+from .config import RunConfig, to_dict, to_yaml
 from .data import build_train_loader, choose_loader
 from .data.manifest import Manifest, ShardError
 from .data.pairing import positive_index
@@ -291,7 +291,8 @@ class Trainer:
             self.record.add_skipped(f"{self.cfg.eval.split}/{Path(manifest.root).name}", embeddings.skipped)
         record = self.record.data
         metrics = continual_metrics(record["accuracy_matrix"] + [row], record["learned_at"])
-        metrics["dataset_map"] = dataset_maps(details, {a: Path(m.root).name for a, m in self.attribute_manifest.items()})
+        dataset_of = {a: Path(m.root).name for a, m in self.attribute_manifest.items()}
+        metrics["dataset_map"] = dataset_maps(details, dataset_of)
         self.record.add_increment(row, details, metrics, cost,
                                   {"world_size": self.runtime.world, "backend": self.runtime.backend,
                                    "global_batch": self.images_per_step, "loader": self.loader_name,
@@ -351,7 +352,9 @@ def check_shard_sets(manifests: Sequence[Manifest], splits: Sequence[str], skip_
 
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def _fault_injection():

@@ -99,7 +99,7 @@ class Evaluator:
             write_png(grid, str(out))
 
     def _raw_images(self, manifest: Manifest, keys: set) -> Dict[str, torch.Tensor]:
-        from .data.loader_torch import IMAGENET_MEAN, IMAGENET_STD
+        from .portable import IMAGENET_MEAN, IMAGENET_STD
         loader = build_eval_loader(self.cfg.data, manifest, self.cfg.eval.split, 0, 1, keys=keys)
         mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
         std = torch.tensor(IMAGENET_STD)[:, None, None]

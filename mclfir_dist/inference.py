@@ -46,7 +46,8 @@ def evaluate_run(run_dir: str, shards: str, split: str = "test", export: Optiona
     model.to(device)
     loader = build_eval_loader(cfg.data, manifest, split, 0, 1)
     se = embed_split(model, _with_progress(loader, manifest.count(split), f"embedding {split}"), attrs, device)
-    out = {"run": str(run_dir), "checkpoint": str(ckpt), "shards": str(shards), "split": split, "map": {}, "details": {},
+    out = {"run": str(run_dir), "checkpoint": str(ckpt), "shards": str(shards), "split": split, "map": {},
+           "details": {},
            "skipped_shards": skipped_shards, "skipped_samples": {"count": len(se.skipped), "keys": se.skipped}}
     for h, a in enumerate(attrs):
         q, c = query_candidate_rows(manifest, split, a, se.keys)

@@ -195,7 +195,8 @@ def accuracy_table(results: dict) -> str:
 def cost_table(results: dict) -> str:
     rows = [["increment", "steps", "images", "train s", "images/s", "eval s", "world", "device-s"]]
     for c in results["cost"]:
-        rows.append([f"{c['increment']}: {c['name']}" + (" (estimated, not run)" if c.get("estimated") else ""), str(c["steps"]), str(c["images_seen"]), f"{c['train_seconds']:.1f}",
+        name = f"{c['increment']}: {c['name']}" + (" (estimated, not run)" if c.get("estimated") else "")
+        rows.append([name, str(c["steps"]), str(c["images_seen"]), f"{c['train_seconds']:.1f}",
                      f"{c['images_per_second']:.1f}", f"{c['eval_seconds']:.1f}", str(c["world_size"]),
                      f"{c['device_seconds']:.1f}"])
     if results["cost"]:

@@ -1,5 +1,4 @@
 """Recovery: damaged or stale checkpoint files, run directories that already hold a run."""
-import json
 import logging
 from argparse import Namespace
 

@@ -65,7 +65,7 @@ def test_flat_index_search_equals_brute_force_torch_scoring(embedded, tmp_path):
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
 def test_approximate_indexes_find_the_exact_neighbours_on_a_small_catalogue(embedded, tmp_path, kind):
-    from mclfir_dist.retrieval.index import CatalogueIndex, index_catalogue
+    from mclfir_dist.retrieval.index import CatalogueIndex
     assert main(["index", "--embeddings", str(embedded), "--out", str(tmp_path / kind), "--kind", kind]) == 0
     catalogue = CatalogueIndex(tmp_path / kind)
     matrix = np.load(embedded / "colour.npy")

@@ -35,7 +35,7 @@ class PilStream(IterableDataset):
     def __iter__(self):
         from PIL import Image
         from torchvision import transforms as T
-        from ..data.loader_torch import IMAGENET_MEAN, IMAGENET_STD
+        from ..portable import IMAGENET_MEAN, IMAGENET_STD
         from ..data.streams import decode_labels, iter_shard
         tf = T.Compose([T.Resize(int(round(self.size * 1.14))), T.RandomCrop(self.size), T.RandomHorizontalFlip(),
                         T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
@@ -108,7 +108,8 @@ def report(name: str, r: dict) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", required=True, help="shard directory to read (its train split)")
-    p.add_argument("--make-large", type=int, default=0, metavar="N", help="also build N 600x800 JPEGs and compare on them")
+    p.add_argument("--make-large", type=int, default=0, metavar="N",
+                   help="also build N 600x800 JPEGs and compare on them")
     p.add_argument("--size", type=int, default=224, help="output crop size")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers = DALI threads")
@@ -117,9 +118,11 @@ def main(argv=None) -> int:
                    help="cuda: DALI nvJPEG mixed decode, images/s per GPU")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    print(f"cores: {os.cpu_count()}  workers/threads: {args.workers}  batch: {args.batch}  crop: {args.size}  device: {args.device}")
+    print(f"cores: {os.cpu_count()}  workers/threads: {args.workers}  batch: {args.batch}  crop: {args.size}  "
+          f"device: {args.device}")
     m = Manifest.load(args.shards)
-    report(f"{args.shards} ({m.data['source'].get('type')})", bench_one(m, args.size, args.batch, args.workers, args.batches, args.device))
+    report(f"{args.shards} ({m.data['source'].get('type')})",
+           bench_one(m, args.size, args.batch, args.workers, args.batches, args.device))
     if args.make_large:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.time()

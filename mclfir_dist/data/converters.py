@@ -215,9 +215,10 @@ def convert_zappos_csn(root: str | Path, out: str | Path, image_root: str | Path
         for i in list(uf.parent):
             comps.setdefault(uf.find(i), []).append(i)
         # value names: components numbered by their smallest image id (stable across runs)
-        classes[cond] = {i: f"{cond}_{root_id}" for root_id, members in comps.items() if len(members) > 1 for i in members}
-    _check_files_across_splits({sp: [files[i] for i in split_of if split_of[i] == sp] for sp in ("train", "val", "test")},
-                               root)
+        classes[cond] = {i: f"{cond}_{root_id}" for root_id, members in comps.items() if len(members) > 1
+                         for i in members}
+    files_by_split = {sp: [files[i] for i in split_of if split_of[i] == sp] for sp in ("train", "val", "test")}
+    _check_files_across_splits(files_by_split, root)
     samples = []
     for i in sorted(split_of):
         p = image_root / files[i]

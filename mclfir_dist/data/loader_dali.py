@@ -26,7 +26,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from ..config import DataConfig
-from .loader_torch import IMAGENET_MEAN, IMAGENET_STD, TransformSpec, collate_eval
+from ..portable import IMAGENET_MEAN, IMAGENET_STD
+from .loader_torch import TransformSpec, collate_eval
 from .manifest import IMAGE_EXT, LABEL_EXT, SID_EXT, Manifest, ShardError
 from .pairing import DoubletBatcher
 
@@ -280,7 +281,8 @@ def dali_train_batches(cfg: DataConfig, manifest: Manifest, columns: Sequence[in
     from .loader_torch import TransformSpec
     spec = TransformSpec(cfg.image_size, cfg.resize_ratio, cfg.flip, cfg.teacher_view)
     src = DaliSampleSource(manifest.shard_files("train"), manifest.index_files("train"), manifest.keys("train"), spec,
-                           2 * cfg.batch_doublets, rank, world, seed, True, cfg.dali_threads, device, cfg.shuffle_buffer)
+                           2 * cfg.batch_doublets, rank, world, seed, True, cfg.dali_threads, device,
+                           cfg.shuffle_buffer)
     for batch in DoubletBatcher(columns, cfg.batch_doublets).batches(iter(src)):
         batch["skipped"] = src.drain_skipped()
         yield batch

@@ -31,7 +31,7 @@ from .streams import decode_labels, epoch_seed, iter_partition, iter_shard, shuf
 
 log = logging.getLogger(__name__)
 
-from ..portable import IMAGENET_MEAN, IMAGENET_STD, normalise as _normalise  # noqa: F401  (one definition)
+from ..portable import normalise as _normalise
 from ..portable import eval_transform as _eval_transform
 
 

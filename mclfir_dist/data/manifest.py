@@ -73,7 +73,8 @@ class Manifest:
             raise ShardError(f"{path} is not valid JSON: {e}") from None
         if data.get("format") != FORMAT:
             raise ShardError(f"{path}: shard format {data.get('format')!r}, this version reads {FORMAT!r}: "
-                             f"rebuild with `mclfir shards build --out {root} ...` (or delete {root} and let `mclfir train` build it)")
+                             f"rebuild with `mclfir shards build --out {root} ...` (or delete {root} and let "
+                             "`mclfir train` build it)")
         return cls(root, data)
 
     @property

@@ -313,7 +313,8 @@ def build_shards(samples: Sequence[RawSample], attributes: Sequence[str], out: s
     for sp in SPLITS:
         log.info("writing %s split: %d samples", sp, len(splits[sp]))
         shards = _write_split(out, sp, splits[sp], by_key, labels, cfg.samples_per_shard)
-        counts = {a: {vocab[a][v]: int(c) for v, c in sorted(Counter(int(labels[k][i]) for k in splits[sp]).items()) if v >= 0}
+        counts = {a: {vocab[a][v]: int(c) for v, c in sorted(Counter(int(labels[k][i]) for k in splits[sp]).items())
+                      if v >= 0}
                   for i, a in enumerate(attributes)}
         split_info[sp] = {"count": len(splits[sp]), "shards": shards, "value_counts": counts, "keys": list(splits[sp])}
     manifest = {
@@ -345,7 +346,8 @@ def build_from_config(cfg: ShardBuildConfig, out: str | Path) -> Manifest:
         log.info("rendering %d synthetic garments at %dpx (seed %d)", sc.num_images, sc.image_size, sc.seed)
         samples = synthetic_samples(sc.num_images, sc.image_size, sc.seed)
         return build_shards(samples, list(synthetic.ATTRIBUTES), out, cfg,
-                            source={"type": "synthetic", "num_images": sc.num_images, "image_size": sc.image_size, "seed": sc.seed})
+                            source={"type": "synthetic", "num_images": sc.num_images, "image_size": sc.image_size,
+                                    "seed": sc.seed})
     c = cfg.csv
     log.info("reading %s", c.csv)
     samples, skipped = read_csv_samples(c.csv, c.image_root, c.attributes, c.image_column, c.key_column,

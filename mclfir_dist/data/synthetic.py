@@ -64,7 +64,8 @@ def render_garment(labels: Dict[str, str], size: int, rng: np.random.Generator) 
     half_w = s * 0.18 * scale
     hem = s * _HEM[labels["garment_length"]] * scale + top * 0.2
     flare = s * 0.03 * scale
-    md.polygon([(cx - half_w, top), (cx + half_w, top), (cx + half_w + flare, hem), (cx - half_w - flare, hem)], fill=255)
+    md.polygon([(cx - half_w, top), (cx + half_w, top), (cx + half_w + flare, hem), (cx - half_w - flare, hem)],
+               fill=255)
 
     sleeve = _SLEEVE[labels["sleeve_length"]] * s * scale
     if sleeve > 0:
@@ -72,7 +73,8 @@ def render_garment(labels: Dict[str, str], size: int, rng: np.random.Generator) 
         for sign in (-1, 1):
             sx = cx + sign * half_w
             ex, ey = sx + sign * sleeve * 0.75, top + sleeve * 0.9
-            md.polygon([(sx, top), (sx, top + sw * 1.2), (ex, ey + sw * 0.5), (ex + sign * sw * 0.6, ey - sw * 0.5)], fill=255)
+            md.polygon([(sx, top), (sx, top + sw * 1.2), (ex, ey + sw * 0.5), (ex + sign * sw * 0.6, ey - sw * 0.5)],
+                       fill=255)
 
     neck_w, neck_d = s * 0.12 * scale, s * 0.17 * scale
     kind = labels["neckline"]

@@ -90,7 +90,8 @@ class MCLFIRModel(nn.Module):
         """(B x len(attributes) x D embeddings, B x C pooled features) for evaluation."""
         fmap = self.trunk(images)
         embs = [self.heads[a](fmap) for a in attributes]
-        return torch.stack(embs, dim=1) if embs else fmap.new_zeros(images.shape[0], 0, self.embed_dim), fmap.mean(dim=(2, 3))
+        stacked = torch.stack(embs, dim=1) if embs else fmap.new_zeros(images.shape[0], 0, self.embed_dim)
+        return stacked, fmap.mean(dim=(2, 3))
 
 
 def build_model(cfg: ModelConfig, image_size: int, device: Optional[torch.device] = None) -> MCLFIRModel:

@@ -7,7 +7,6 @@ from typing import Callable, Tuple
 
 import torch
 from torch import nn
-import torchvision
 
 from ..config import ConfigError, ModelConfig
 from ..registry import Registry

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
-import torch
 
 from .embed import decode_file_bytes
 from .index import CatalogueIndex
