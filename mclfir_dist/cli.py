@@ -24,17 +24,21 @@ def _user_errors():
 
 # ---------------------------------------------------------------- shards
 
+FORMATTER = argparse.ArgumentDefaultsHelpFormatter   # every option's default is shown in --help
+
+
 def _add_shards(sub):
     p = sub.add_parser("shards", help="build or inspect WebDataset shard sets")
     ssub = p.add_subparsers(dest="shards_cmd", required=True)
-    b = ssub.add_parser("build", help="build shards (+ DALI index files + manifest.json)",
+    b = ssub.add_parser("build", help="build shards (+ DALI index files + manifest.json)", formatter_class=FORMATTER,
                         description="Build a shard set from the embedded synthetic generator or from a CSV of "
                                     "image paths and attribute columns.")
     b.add_argument("--out", required=True, help="output shard directory (SHARDS_DIR)")
-    b.add_argument("--source", choices=["synthetic", "csv"], default="synthetic")
+    b.add_argument("--source", choices=["synthetic", "csv"], default="synthetic",
+                   help="the embedded garment generator, or a CSV of image paths and attribute columns")
     b.add_argument("--csv", help="CSV with one row per image (source=csv)")
     b.add_argument("--image-root", help="folder the CSV's image paths are relative to (default: the CSV's folder)")
-    b.add_argument("--image-column", default="filename")
+    b.add_argument("--image-column", default="filename", help="CSV column holding the image path")
     b.add_argument("--key-column", default="", help="column used as the sample key (default: from the image path)")
     b.add_argument("--attributes", default="", help="comma-separated attribute columns (source=csv)")
     b.add_argument("--skip-bad-rows", action="store_true",
@@ -45,18 +49,19 @@ def _add_shards(sub):
     b.add_argument("--resize-to", type=int, default=0,
                    help="csv: re-encode images to this shorter side (0 = keep bytes)")
     b.add_argument("--min-value-count", type=int, default=10, help="drop attribute values with fewer images")
-    b.add_argument("--val-fraction", type=float, default=0.1)
-    b.add_argument("--test-fraction", type=float, default=0.2)
-    b.add_argument("--query-fraction", type=float, default=0.25)
-    b.add_argument("--samples-per-shard", type=int, default=500)
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--val-fraction", type=float, default=0.1, help="fraction of images in the validation split")
+    b.add_argument("--test-fraction", type=float, default=0.2, help="fraction of images in the test split")
+    b.add_argument("--query-fraction", type=float, default=0.25,
+                   help="within val/test, per attribute and value, the fraction used as queries")
+    b.add_argument("--samples-per-shard", type=int, default=500, help="samples per tar shard")
+    b.add_argument("--seed", type=int, default=0, help="seed of the generator and of the split assignment")
     i = ssub.add_parser("info", help="print a shard set's manifest summary")
-    i.add_argument("shards")
+    i.add_argument("shards", help="shard directory (holds manifest.json)")
     from .data.converters import CONVERTERS
     c = ssub.add_parser("convert", help="a published dataset split -> shards (" + ", ".join(CONVERTERS.names()) + ")",
+                        formatter_class=FORMATTER,
                         description="Convert a dataset in its published split format into shards. NAME: "
-                                    + "; ".join(f"{n}: {CONVERTERS.get(n).about}" for n in CONVERTERS.names()),
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                    + "; ".join(f"{n}: {CONVERTERS.get(n).about}" for n in CONVERTERS.names()))
     c.add_argument("name", metavar="NAME", choices=CONVERTERS.names(),
                    help="converter: " + ", ".join(CONVERTERS.names()))
     c.add_argument("--root", required=True, help="folder with the dataset's split files")
@@ -191,13 +196,13 @@ def cmd_train(args) -> int:
 # ---------------------------------------------------------------- eval
 
 def _add_eval(sub):
-    p = sub.add_parser("eval", help="evaluate a run's last checkpoint on any shard set",
+    p = sub.add_parser("eval", help="evaluate a run's last checkpoint on any shard set", formatter_class=FORMATTER,
                        description="Per-attribute mAP of the run's last checkpoint on SHARDS_DIR's "
                                    "query/candidate sets; prints it and writes it as JSON. With --export, also writes query_emb.npy, "
                                    "query_labels.npy, cand_emb.npy, cand_labels.npy under OUT_DIR/<attribute>/.")
     p.add_argument("--run", required=True, help="run directory (RUN_DIR)")
     p.add_argument("--shards", required=True, help="shard directory (SHARDS_DIR)")
-    p.add_argument("--split", default="test", choices=["val", "test"])
+    p.add_argument("--split", default="test", choices=["val", "test"], help="which split's query/candidate sets")
     p.add_argument("--export", metavar="OUT_DIR", help="write embeddings and labels as .npy per attribute")
     p.add_argument("--json", help="where to write the mAP JSON (default RUN_DIR/eval_<shards>_<split>.json)")
     p.add_argument("--skip-bad-shards", action="store_true",
@@ -213,7 +218,7 @@ def cmd_eval(args) -> int:
 # ---------------------------------------------------------------- report
 
 def _add_report(sub):
-    p = sub.add_parser("report", help="tables and plots from one or more runs' results.json")
+    p = sub.add_parser("report", help="tables and plots from one or more runs' results.json", formatter_class=FORMATTER)
     p.add_argument("runs", nargs="+", help="run directories")
     p.add_argument("--out", help="write report.md and PNG plots here (default: the first run directory)")
 
@@ -306,7 +311,7 @@ def cmd_export(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    formatter = FORMATTER
     p = argparse.ArgumentParser(prog="mclfir", description="MCL-FIR: continual attribute-specific fashion retrieval")
     p.add_argument("--version", action="version", version=f"mclfir_dist {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)

@@ -82,3 +82,22 @@ def test_invalid_yaml_is_one_clear_error(tmp_path):
     p.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(p)
+
+
+def test_every_cli_option_has_help_and_version_works(capsys):
+    import argparse
+    from mclfir_dist.cli import build_parser, main
+    missing = []
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, path + [name])
+            elif not action.help and action.dest != "help":
+                missing.append(f"{' '.join(path)} {action.option_strings or action.dest}")
+    walk(build_parser(), ["mclfir"])
+    assert not missing
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and "mclfir_dist" in capsys.readouterr().out
