@@ -221,7 +221,7 @@ class Trainer:
                   "throughput/images_per_s": ips, "train/negative_pool": float(stats["negative_pool"]),
                   **{f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(optimizer.param_groups)}}
         values.setdefault("loss/kd", 0.0)
-        values.update(getattr(self.method, "log_values", dict)())
+        values.update(self.method.log_values())
         self.metrics.emit(values, self.global_step,
                           f"inc {plan.index} step {step + 1}/{plan.steps}  loss {values['loss/total']:.4f}  "
                           f"nce {values['loss/nce']:.4f}  kd {values['loss/kd']:.5f}  {ips:.1f} img/s  "

@@ -105,6 +105,10 @@ class Method:
     def end_increment(self, ctx: IncrementContext, model: "MCLFIRModel") -> None:
         """After the increment's last step, before evaluation."""
 
+    def log_values(self) -> Dict[str, float]:
+        """Extra scalars for the step log and trackers (e.g. the teacher's current decay)."""
+        return {}
+
     # -- state ------------------------------------------------------------------------------
     def modules(self) -> List[nn.Module]:
         """Modules the method owns (kept identical on every rank, saved in checkpoints)."""
