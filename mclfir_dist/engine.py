@@ -280,8 +280,8 @@ class Trainer:
             atomic_write_text(self.run_dir / "summary.md", text + "\n")
             print("\n" + text + "\n", flush=True)
             self.metrics.text("summary", text, len(increments))
-            self.metrics.close()
         rt.barrier()
+        self.metrics.close()   # on every rank, last: Accelerate's end_training also ends the process group
         return self.record.data
 
     def _evaluate_and_record(self, plan: IncrementPlan, cost: CostRecord) -> None:
