@@ -4,7 +4,10 @@ Two kinds, both written atomically (temp file + rename):
 - `checkpoints/increment_XX.pt` after every increment: model (trunk + all heads), frozen heads,
   method state (e.g. the EMA teacher), config, results so far, RNG, global step.
 - `checkpoints/partial.pt` every `train.checkpoint_every` steps inside an increment: the same plus
-  optimizer, schedule, step and train seconds so far.
+  optimizer, schedule, step and train seconds so far. Under DeepSpeed ZeRO-1/2 each rank holds only
+  its partition of the optimizer, so each rank also writes `partial_zero_XX_SSSSSSS_rankRRRRR.pt`
+  (increment, step, rank) before the main process writes `partial.pt`, which names them; a partial
+  whose shards are not all there is treated as damaged.
 
 A checkpoint holds only tensors and plain Python types, and every load uses
 `torch.load(weights_only=True)`, so a crafted file cannot run code. Its `format` tag is checked.
@@ -30,6 +33,7 @@ CKPT_DIR = "checkpoints"
 PARTIAL_NAME = "partial.pt"
 INCREMENT_FORMAT = "mclfir-ckpt/2"
 PARTIAL_FORMAT = "mclfir-partial/2"
+ZERO_SHARD_FORMAT = "mclfir-zero-shard/1"
 
 
 class CheckpointError(RuntimeError):
@@ -88,11 +92,40 @@ class Checkpointer:
         if self.is_main:
             atomic_torch_save(path, {"format": INCREMENT_FORMAT, "version": __version__, **state})
             self.partial_path.unlink(missing_ok=True)  # superseded
+            self.remove_zero_shards()
         return path
 
     def save_partial(self, state: dict) -> None:
         if self.is_main:
             atomic_torch_save(self.partial_path, {"format": PARTIAL_FORMAT, "version": __version__, **state})
+
+    def zero_shard_path(self, index: int, step: int, rank: int) -> Path:
+        return self.dir / f"partial_zero_{index:02d}_{step:07d}_rank{rank:05d}.pt"
+
+    def save_zero_shard(self, index: int, step: int, rank: int, state: dict) -> Path:
+        """One rank's ZeRO optimizer partition; written by every rank (not only the main one)."""
+        path = self.zero_shard_path(index, step, rank)
+        atomic_torch_save(path, {"format": ZERO_SHARD_FORMAT, "version": __version__, "rank": rank, **state})
+        return path
+
+    def remove_zero_shards(self, keep: Optional[Tuple[int, int]] = None) -> None:
+        """Shards of older partials (all of them when `keep` is None); main process only."""
+        if not self.is_main:
+            return
+        keep_prefix = None if keep is None else f"partial_zero_{keep[0]:02d}_{keep[1]:07d}_"
+        for p in self.dir.glob("partial_zero_*.pt"):
+            if keep_prefix is None or not p.name.startswith(keep_prefix):
+                p.unlink(missing_ok=True)
+
+    def load_zero_shard(self, partial: dict, rank: int) -> dict:
+        return load_checkpoint(self.zero_shard_path(partial["increment"], partial["step"], rank),
+                               (ZERO_SHARD_FORMAT,))
+
+    def _check_zero_shards(self, partial: dict) -> None:
+        for rank in range(partial["zero_world"]):
+            path = self.zero_shard_path(partial["increment"], partial["step"], rank)
+            if not path.is_file():
+                raise CheckpointError(f"{self.partial_path}: damaged: its ZeRO optimizer shard {path.name} is missing")
 
     def remove_stale_temporaries(self) -> List[Path]:
         """Temp files of atomic writes that a kill interrupted (`.NAME.XXXX.tmp`: checkpoints, results, summary)."""
@@ -123,6 +156,8 @@ class Checkpointer:
         if self.partial_path.is_file():
             try:
                 partial = load_checkpoint(self.partial_path, (PARTIAL_FORMAT,))
+                if partial.get("zero_world"):
+                    self._check_zero_shards(partial)
                 if partial["increment"] == done_index + 1:
                     return ResumePoint(partial, self.partial_path, True)
             except CheckpointError as e:
@@ -130,6 +165,32 @@ class Checkpointer:
                     raise
                 log.error("%s; falling back to the last increment checkpoint", e)
         return None if done is None else ResumePoint(done[1], done[0], False)
+
+
+def zero_optimizer_state(zero_optimizer) -> dict:
+    """A ZeRO-1/2 rank's optimizer partition as tensors and plain types, so it loads with weights_only=True.
+    DeepSpeed's own checkpoints pickle objects (the loss scaler, slice mappings) and load with
+    weights_only=False; those objects are rebuilt by the optimizer, and the scaler's numbers are kept."""
+    state = zero_optimizer.state_dict()
+    scaler = state.pop("loss_scaler", None)
+    state.pop("param_slice_mappings", None)   # only for DeepSpeed's universal checkpoints
+    state["zero_stage"] = int(state["zero_stage"])
+    state["loss_scaler_numbers"] = {k: v for k, v in vars(scaler).items()
+                                    if isinstance(v, (bool, int, float))} if scaler is not None else {}
+    return state
+
+
+def load_zero_optimizer_state(zero_optimizer, states: dict, rank: int, world: int) -> None:
+    """Inverse of zero_optimizer_state for the same world size. `states` maps rank -> saved partition:
+    this rank's alone, or every rank's when the optimizer uses DeepSpeed's elastic checkpoints."""
+    numbers = states[rank].get("loss_scaler_numbers", {})
+    clean = {r: {k: v for k, v in s.items() if k not in ("format", "version", "rank", "loss_scaler_numbers")}
+             for r, s in states.items()}
+    zero_optimizer.load_state_dict([clean.get(r) for r in range(world)],
+                                   load_optimizer_states=True, load_from_fp32_weights=True)
+    for key, value in numbers.items():
+        if hasattr(zero_optimizer.loss_scaler, key):
+            setattr(zero_optimizer.loss_scaler, key, value)
 
 
 def restore_model(model, state: dict) -> None:

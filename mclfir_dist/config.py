@@ -145,7 +145,7 @@ class TrainConfig:
                                         "cost is estimated from its measured seconds per step (marked in results).")
     checkpoint_every: int = _f(0, "Also save checkpoints/partial.pt every N steps inside an increment (model, "
                                   "optimizer, schedule, teacher, step), so a dead run loses at most N steps; 0 = off. "
-                                  "Not with DeepSpeed (partitioned optimizer state).")
+                                  "Under DeepSpeed ZeRO each rank also saves its optimizer partition.")
     mixed_precision: str = _f("auto", "auto | no | bf16 | fp16. auto: what the launcher says (accelerate launch "
                                       "--mixed_precision, or its config file), else no. An explicit value here wins "
                                       "over the launcher (the log says so). CPU runs should use no.")

@@ -17,7 +17,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .checkpoint import Checkpointer, CheckpointError, ResumePoint, restore_model
+from .checkpoint import (Checkpointer, CheckpointError, ResumePoint, load_zero_optimizer_state, restore_model,
+                         zero_optimizer_state)
 from .config import RunConfig, to_dict, to_yaml
 from .data import build_train_loader, choose_loader
 from .data.manifest import Manifest, ShardError
@@ -151,11 +152,26 @@ class Trainer:
         rt.set_micro_batch(2 * cfg.data.batch_doublets)
         start_step, seconds_before = 0, 0.0
         if partial is not None:
-            optimizer.load_state_dict(partial["optimizer"])
+            if partial["optimizer"] is not None:
+                optimizer.load_state_dict(partial["optimizer"])
             scheduler.load_state_dict(partial["scheduler"])
             start_step, seconds_before = partial["step"], partial["elapsed_train_seconds"]
         model, optimizer = rt.acc.prepare(self.model, optimizer)
+        if partial is not None and partial.get("zero_world"):
+            self._load_zero_partition(partial, optimizer)
         return model, optimizer, scheduler, start_step, seconds_before
+
+    def _load_zero_partition(self, partial: dict, optimizer) -> None:
+        """Under ZeRO each rank restores its own optimizer partition, after prepare() has partitioned it."""
+        rt = self.runtime
+        if partial["zero_world"] != rt.world:
+            raise CheckpointError(f"{self.checkpoints.partial_path}: saved by {partial['zero_world']} DeepSpeed "
+                                  f"ranks, resumed with {rt.world}; resume with the same number of processes "
+                                  f"(or from the last increment checkpoint: delete partial.pt)")
+        zero = optimizer.optimizer   # Accelerate's wrapper around DeepSpeed's ZeRO optimizer
+        ranks = range(rt.world) if getattr(zero, "elastic_checkpoint", False) else [rt.rank]
+        load_zero_optimizer_state(zero, {r: self.checkpoints.load_zero_shard(partial, r) for r in ranks},
+                                  rt.rank, rt.world)
 
     def _steps(self, plan: IncrementPlan, ctx: IncrementContext, model, optimizer, scheduler, batches,
                start_step: int, seconds_before: float) -> float:
@@ -164,7 +180,7 @@ class Trainer:
         loss_fn = DoubletInfoNCE(cfg.loss.temperature, cfg.loss.mask_same_value, cfg.loss.multi_positive,
                                  cfg.loss.gather, rt.rank, rt.world)
         unwrapped = acc.unwrap_model(model)
-        checkpoint_every = cfg.train.checkpoint_every if rt.deepspeed is None else 0  # ZeRO partitions the optimizer
+        checkpoint_every = cfg.train.checkpoint_every
         fault = _fault_injection()
         self.skipped_train: List[str] = []
         model.train()
@@ -230,11 +246,19 @@ class Trainer:
                           f"(+ evaluation)")
 
     def _save_partial(self, index: int, step: int, optimizer, scheduler, seconds: float) -> None:
-        """Mid-increment checkpoint (train.checkpoint_every): enough to continue this increment."""
-        if self.runtime.is_main:
-            self.checkpoints.save_partial({**self._state(index), "step": step, "optimizer": optimizer.state_dict(),
+        """Mid-increment checkpoint (train.checkpoint_every): enough to continue this increment.
+        Under ZeRO every rank first writes its optimizer partition; partial.pt, written last, names them."""
+        rt = self.runtime
+        extra = {"optimizer": optimizer.state_dict() if rt.deepspeed is None else None, "zero_world": 0}
+        if rt.deepspeed is not None:
+            self.checkpoints.save_zero_shard(index, step, rt.rank, zero_optimizer_state(optimizer.optimizer))
+            extra["zero_world"] = rt.world
+            rt.barrier()
+        if rt.is_main:
+            self.checkpoints.save_partial({**self._state(index), "step": step, **extra,
                                            "scheduler": scheduler.state_dict(), "elapsed_train_seconds": seconds})
-        self.runtime.barrier()
+            self.checkpoints.remove_zero_shards(keep=(index, step) if rt.deepspeed is not None else None)
+        rt.barrier()
 
     @property
     def images_per_step(self) -> int:

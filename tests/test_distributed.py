@@ -147,21 +147,91 @@ def test_failing_rank_brings_the_job_down(tiny_shards, tmp_path):
     assert not (tmp_path / "r" / "results.json").exists()
 
 
-@pytest.mark.parametrize("stage", [2, 1])
-def test_deepspeed_zero_run(tiny_shards, tmp_path, stage):
-    out = tmp_path / "ds"
-    extra = []
-    if stage != 2:
-        cfg = json.loads((ROOT / "launch/deepspeed_zero2_cpu.json").read_text())
-        cfg["zero_optimization"]["stage"] = stage
-        (tmp_path / "ds.json").write_text(json.dumps(cfg))
-        extra = ["--deepspeed_config_file", str(tmp_path / "ds.json")]
-    p = accelerate_train("launch/deepspeed_zero2_cpu.yaml", out, tiny_train_overrides(tiny_shards, steps=20), extra=extra)
+def _zero_config(tmp_path, stage):
+    cfg = json.loads((ROOT / "launch/deepspeed_zero2_cpu.json").read_text())
+    cfg["zero_optimization"]["stage"] = stage
+    (tmp_path / "ds.json").write_text(json.dumps(cfg))
+    return ["--deepspeed_config_file", str(tmp_path / "ds.json")]
+
+
+ZERO_OVERRIDES = ["train.checkpoint_every=5"]
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tiny_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero2") / "ds"
+    p = accelerate_train("launch/deepspeed_zero2_cpu.yaml", out,
+                         tiny_train_overrides(tiny_shards, steps=20) + ZERO_OVERRIDES)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
-    res = json.loads((out / "results.json").read_text())
+    return out, json.loads((out / "results.json").read_text())
+
+
+def _check_zero_run(res, stage):
     assert res["world_size"] == 2 and res["backend"].startswith(f"deepspeed-zero{stage}")
     assert res["complete"] and len(res["accuracy_matrix"]) == 2
     assert all(c["rank_max_diff"] == 0.0 for c in res["cost"])
+
+
+def test_deepspeed_zero2_run(zero2_run):
+    out, res = zero2_run
+    _check_zero_run(res, 2)
+    assert not list((out / "checkpoints").glob("partial*")), "the last increment checkpoint supersedes partials"
+
+
+def test_deepspeed_zero1_run(tiny_shards, tmp_path):
+    out = tmp_path / "ds"
+    p = accelerate_train("launch/deepspeed_zero2_cpu.yaml", out, tiny_train_overrides(tiny_shards, steps=20),
+                         extra=_zero_config(tmp_path, 1))
+    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
+    _check_zero_run(json.loads((out / "results.json").read_text()), 1)
+
+
+def test_deepspeed_resume_inside_an_increment_is_exact(zero2_run, tiny_shards, tmp_path):
+    """A rank dies at step 12 of increment 0; the run resumes from the step-10 partial (each rank's ZeRO
+    optimizer partition + partial.pt) and must end exactly like the uninterrupted ZeRO-2 run."""
+    import torch
+    from mclfir_dist.checkpoint import load_checkpoint
+    ref_dir, ref = zero2_run
+    out = tmp_path / "ds"
+    overrides = tiny_train_overrides(tiny_shards, steps=20) + ZERO_OVERRIDES
+    os.environ.update({"MCLFIR_FAULT_RANK": "1", "MCLFIR_FAULT_STEP": "12"})
+    try:
+        p = accelerate_train("launch/deepspeed_zero2_cpu.yaml", out, overrides)
+    finally:
+        for k in ("MCLFIR_FAULT_RANK", "MCLFIR_FAULT_STEP"):
+            os.environ.pop(k)
+    assert p.returncode != 0 and "injected fault on rank 1 at step 12" in p.stdout + p.stderr
+    partial = load_checkpoint(out / "checkpoints/partial.pt")
+    assert (partial["increment"], partial["step"], partial["zero_world"]) == (0, 10, 2)
+    assert partial["optimizer"] is None
+    shards = sorted(p.name for p in (out / "checkpoints").glob("partial_zero_*.pt"))
+    assert shards == [f"partial_zero_00_0000010_rank{r:05d}.pt" for r in (0, 1)], shards
+
+    p = accelerate_train("launch/deepspeed_zero2_cpu.yaml", out, overrides + ["--resume", "auto"])
+    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
+    assert "continuing at step 10 of increment 0" in p.stdout + p.stderr
+    res = json.loads((out / "results.json").read_text())
+    _check_zero_run(res, 2)
+    assert res["accuracy_matrix"] == ref["accuracy_matrix"]
+    final = load_checkpoint(out / "checkpoints/increment_01.pt")["model"]
+    ref_final = load_checkpoint(ref_dir / "checkpoints/increment_01.pt")["model"]
+    assert final.keys() == ref_final.keys()
+    assert all(torch.equal(final[k], ref_final[k]) for k in final)
+
+
+def test_a_partial_missing_a_zero_shard_falls_back(tmp_path, caplog):
+    import logging
+    from mclfir_dist.checkpoint import Checkpointer
+    ck = Checkpointer(tmp_path)
+    ck.save_increment(0, {"increment": 0, "step": 0})
+    ck.save_partial({"increment": 1, "step": 5, "zero_world": 2})
+    ck.save_zero_shard(1, 5, 0, {"x": 1})
+    with caplog.at_level(logging.ERROR, logger="mclfir"):
+        point = ck.resume_point()
+    assert not point.partial and point.next_increment == 1
+    assert "partial_zero_01_0000005_rank00001.pt is missing" in caplog.text
+    ck.save_zero_shard(1, 5, 1, {"x": 1})
+    assert ck.resume_point().partial
 
 
 def test_zero3_refused_with_clear_message(tiny_shards, tmp_path):

@@ -163,12 +163,13 @@ def test_static_final_only_estimates_earlier_retrainings(tiny_shards, tmp_path):
     assert "| 1.00* " in table and "not run" in table
 
 
-def test_run_killed_mid_increment_resumes_exactly(tiny_shards, tmp_path, monkeypatch):
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_run_killed_mid_increment_resumes_exactly(tiny_shards, tmp_path, monkeypatch, loader):
     """Killed inside increment 0 after its step-10 checkpoint: the resumed run replays the data stream to
-    step 10 and ends bit-identical to an uninterrupted run (metrics and every weight)."""
+    step 10 and ends bit-identical to an uninterrupted run (metrics and every weight), with either loader."""
     import torch
     overrides = tiny_train_overrides(tiny_shards, steps=20) + ["train.checkpoint_every=5", "eval.grid_queries=0",
-                                                               "eval.frozen_baseline=false"]
+                                                               "eval.frozen_baseline=false", f"data.loader={loader}"]
     cfg = load_config(ROOT / "configs/debug_cpu.yaml", overrides)
     reference = train(cfg, tmp_path / "uninterrupted")
     monkeypatch.setenv("MCLFIR_FAULT_RANK", "0")

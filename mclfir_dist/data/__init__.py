@@ -51,9 +51,18 @@ def _dali_available():
     return loader_dali.available()
 
 
-def _dali_train(cfg, manifest, columns, rank, world, seed, device=None):
+def _dali_train(cfg, manifest, columns, rank, world, seed, device=None, start_batch=0):
     from .loader_dali import dali_train_batches
-    return dali_train_batches(cfg, manifest, columns, rank, world, seed, device)
+    batches = dali_train_batches(cfg, manifest, columns, rank, world, seed, device)
+    if start_batch:
+        # DALI's reader and random ops cannot be positioned, but they are seeded: running the pipeline
+        # through the first start_batch batches (decode + augment, no model) lands on the same state
+        import time
+        t0 = time.time()
+        for _ in range(start_batch):
+            next(batches)
+        log.info("DALI: replayed %d batches to the saved data position in %.1fs", start_batch, time.time() - t0)
+    return batches
 
 
 def _dali_eval(cfg, manifest, split, rank, world, device=None):
@@ -63,7 +72,7 @@ def _dali_eval(cfg, manifest, split, rank, world, device=None):
 
 LOADERS.register("torch", label="webdataset + torchvision.io")(
     Loader(lambda: (True, "always available"), _torch_train, _torch_eval, exact_resume=True))
-LOADERS.register("dali", label="NVIDIA DALI")(Loader(_dali_available, _dali_train, _dali_eval))
+LOADERS.register("dali", label="NVIDIA DALI")(Loader(_dali_available, _dali_train, _dali_eval, exact_resume=True))
 
 
 def choose_loader(cfg: DataConfig) -> Tuple[str, str]:
@@ -79,8 +88,9 @@ def choose_loader(cfg: DataConfig) -> Tuple[str, str]:
 
 def build_train_loader(cfg: DataConfig, manifest: Manifest, attributes: Sequence[str], rank: int, world: int,
                        seed: int, loader: str = "torch", device=None, start_batch: int = 0) -> Iterable[dict]:
-    """Doublet batches of `attributes`; from batch `start_batch` on where the loader resumes exactly,
-    otherwise (start_batch > 0) on a stream reseeded from (seed, start_batch)."""
+    """Doublet batches of `attributes`, from batch `start_batch` on (exactly the batches an uninterrupted
+    stream would give for loaders with exact_resume; a loader without it gets a stream reseeded from
+    (seed, start_batch), with a warning)."""
     columns = [manifest.attribute_index(a) for a in attributes]
     entry = LOADERS.get(loader)
     if start_batch and entry.exact_resume:
