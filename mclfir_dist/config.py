@@ -64,7 +64,9 @@ class ShardBuildConfig:
 class DataConfig:
     shards: str = _f("shards/synthetic", "Shard directory (holds manifest.json). Built from `data.build` if missing.")
     build: ShardBuildConfig = field(default_factory=ShardBuildConfig)
-    loader: str = _f("torch", "Training/eval loader (data.LOADERS), or auto: DALI where it imports and runs.")
+    loader: str = _f("torch", "Training/eval loader (data.LOADERS): torch (CPU workers decode), torch_gpu (workers "
+                              "read, the GPU decodes and augments), dali; or auto: DALI where it imports and runs, "
+                              "else torch_gpu where CUDA is, else torch. The choice and its reason are logged.")
     image_size: int = _f(64, "Training and evaluation crop size.")
     resize_ratio: float = _f(1.14, "Images are resized to image_size*resize_ratio before the crop.")
     batch_doublets: int = _f(32, "Doublets (anchor, positive) per rank per step; images per step = 2x this.")

@@ -163,7 +163,7 @@ def test_static_final_only_estimates_earlier_retrainings(tiny_shards, tmp_path):
     assert "| 1.00* " in table and "not run" in table
 
 
-@pytest.mark.parametrize("loader", ["torch", "dali"])
+@pytest.mark.parametrize("loader", ["torch", "dali", "torch_gpu"])
 def test_run_killed_mid_increment_resumes_exactly(tiny_shards, tmp_path, monkeypatch, loader):
     """Killed inside increment 0 after its step-10 checkpoint: the resumed run replays the data stream to
     step 10 and ends bit-identical to an uninterrupted run (metrics and every weight), with either loader."""

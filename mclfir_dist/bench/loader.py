@@ -1,9 +1,11 @@
-"""Loader benchmark: images/s of three loaders on the same shards and the same cores.
+"""Loader benchmark: images/s of four loaders on the same shards and the same cores.
 
     python -m mclfir_dist.bench.loader --shards shards/synthetic [--make-large 2000] [--device cuda]
 
 - torch: our loader (webdataset + torchvision.io.decode_jpeg + v2 transforms, DataLoader workers);
 - pil:   the common practice (webdataset + PIL + torchvision.transforms, DataLoader workers);
+- torch_gpu: workers read and pair, the main process decodes the batch with one decode_jpeg call and
+  augments on the device (--device cuda; on CPU it runs on CPU tensors, for comparison only);
 - dali:  our DALI loader (fn.readers.webdataset; CPU decode, or nvJPEG `mixed` with --device cuda).
 All do decode -> resize -> random crop -> flip -> normalise into batches of --batch images; the
 torch and DALI rows include our doublet pairing. Prints numbers and ratios; asserts nothing.
@@ -74,9 +76,17 @@ def bench_one(manifest: Manifest, size: int, batch: int, workers: int, n_batches
         pil = DataLoader(PilStream(manifest.shard_files("train"), size), batch_size=batch, num_workers=workers,
                          prefetch_factor=4)
         out["pil"] = _time(pil, n_batches, lambda b: b[0].shape[0])
+    from ..data import LOADERS
     dev = torch.device("cuda", 0) if device == "cuda" else None
-    dali = build_train_loader(cfg, manifest, [manifest.attributes[0]], 0, 1, seed=0, loader="dali", device=dev)
-    out["dali"] = _time(dali, n_batches, lambda b: b["images"].shape[0])
+    gpu = build_train_loader(cfg, manifest, [manifest.attributes[0]], 0, 1, seed=0, loader="torch_gpu",
+                             device=dev or "cpu")
+    out["torch_gpu"] = _time(gpu, n_batches, lambda b: b["images"].shape[0])
+    ok, why = LOADERS.get("dali").available()
+    if ok:
+        dali = build_train_loader(cfg, manifest, [manifest.attributes[0]], 0, 1, seed=0, loader="dali", device=dev)
+        out["dali"] = _time(dali, n_batches, lambda b: b["images"].shape[0])
+    else:
+        print(f"  dali: not measured ({why})")
     return out
 
 
@@ -99,10 +109,10 @@ def make_large_shards(n: int, out: Path) -> Manifest:
 def report(name: str, r: dict) -> None:
     print(f"\n[{name}]")
     for k, v in r.items():
-        print(f"  {k:6s} {v:8.1f} images/s")
-    if "torch" in r:
-        print(f"  DALI/torch ratio: {r['dali'] / r['torch']:.2f}")
-        print(f"  DALI/PIL ratio: {r['dali'] / r['pil']:.2f}")
+        print(f"  {k:9s} {v:8.1f} images/s")
+    for a, b in (("dali", "torch"), ("dali", "pil"), ("torch_gpu", "torch"), ("torch_gpu", "pil")):
+        if a in r and b in r:
+            print(f"  {a}/{b} ratio: {r[a] / r[b]:.2f}")
 
 
 def main(argv=None) -> int:
@@ -120,7 +130,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     print(f"cores: {os.cpu_count()}  workers/threads: {args.workers}  batch: {args.batch}  crop: {args.size}  "
           f"device: {args.device}")
-    m = Manifest.load(args.shards)
+    from ..data.manifest import ShardError
+    try:
+        m = Manifest.load(args.shards)
+    except ShardError as e:
+        print(f"error: {e}", file=__import__("sys").stderr)
+        return 2
     report(f"{args.shards} ({m.data['source'].get('type')})",
            bench_one(m, args.size, args.batch, args.workers, args.batches, args.device))
     if args.make_large:

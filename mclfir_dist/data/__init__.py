@@ -70,20 +70,45 @@ def _dali_eval(cfg, manifest, split, rank, world, device=None):
     return dali_eval_batches(cfg, manifest, split, rank, world, device)
 
 
+def _device_available():
+    from .loader_device import available
+    return available()
+
+
+def _device_train(cfg, manifest, columns, rank, world, seed, device=None, start_batch=0):
+    from .loader_device import device_train_batches
+    return device_train_batches(cfg, manifest, columns, rank, world, seed, device, start_batch)
+
+
+def _device_eval(cfg, manifest, split, rank, world, device=None):
+    from .loader_device import device_eval_batches
+    return device_eval_batches(cfg, manifest, split, rank, world, device)
+
+
 LOADERS.register("torch", label="webdataset + torchvision.io")(
     Loader(lambda: (True, "always available"), _torch_train, _torch_eval, exact_resume=True))
 LOADERS.register("dali", label="NVIDIA DALI")(Loader(_dali_available, _dali_train, _dali_eval, exact_resume=True))
+LOADERS.register("torch_gpu", label="webdataset + batched torchvision.io.decode_jpeg and augmentation on the GPU")(
+    Loader(_device_available, _device_train, _device_eval, exact_resume=True))
 
 
-def choose_loader(cfg: DataConfig) -> Tuple[str, str]:
-    """(loader name, reason). `auto` picks DALI where it imports and runs, else the torch loader."""
+def choose_loader(cfg: DataConfig, cuda: Optional[bool] = None) -> Tuple[str, str]:
+    """(loader name, reason). `auto`: DALI where it imports and runs; else, with CUDA, decode and augment on
+    the GPU with torchvision (torch_gpu); else the CPU torch loader."""
     if cfg.loader != "auto":
         ok, why = LOADERS.get(cfg.loader).available()
         if not ok:
             raise RuntimeError(f"data.loader={cfg.loader} but it cannot run here: {why}")
         return cfg.loader, f"data.loader={cfg.loader}"
     ok, why = LOADERS.get("dali").available()
-    return ("dali", f"auto: {why}") if ok else ("torch", f"auto: DALI unavailable ({why})")
+    if ok:
+        return "dali", f"auto: {why}"
+    if cuda is None:
+        import torch
+        cuda = torch.cuda.is_available()
+    if cuda:
+        return "torch_gpu", f"auto: DALI unavailable ({why}); CUDA is here, so decode and augment on the GPU"
+    return "torch", f"auto: DALI unavailable ({why}) and no CUDA: decode and augment in CPU workers"
 
 
 def build_train_loader(cfg: DataConfig, manifest: Manifest, attributes: Sequence[str], rank: int, world: int,

@@ -106,12 +106,16 @@ class DoubletStream(IterableDataset):
             raw = iter_partition(self.shards, stream_id, n_streams, self.seed, epoch)
             for position, s in enumerate(shuffled(raw, self.shuffle_buffer, rng)):
                 try:
-                    img = decode(s["jpg"])
+                    img = self._load(s["jpg"])
                 except RuntimeError as e:
                     corrupt.report(s["__key__"], e)
                     continue
                 yield {"key": s["__key__"], "labels": decode_labels(s["lbl"]), "decoded": img,
                        "aug_seed": epoch_seed(self.seed, epoch, stream_id, position, 1)}
+
+    def _load(self, jpeg: bytes) -> torch.Tensor:
+        """What the workers do with a sample's JPEG: decode it here (the device loader overrides this)."""
+        return decode(jpeg)
 
     def _augment(self, pairs, transforms) -> None:
         geom, norm, teacher = transforms
@@ -124,12 +128,11 @@ class DoubletStream(IterableDataset):
                 sample["image"] = norm(img)
                 sample["teacher_image"] = norm(teacher(img)) if teacher is not None else sample["image"]
 
-    def __iter__(self) -> Iterator[dict]:
+    def _paired(self, corrupt: CorruptCounter) -> Iterator[tuple]:
+        """(pairs, tasks) of every batch this worker yields, after the `start_batch` replay."""
         stream_id, n_streams, worker, n_workers = _stream_identity(self.rank, self.world)
         # the DataLoader takes batches from its workers in turn: global batch i is this worker's if i % n == w
         to_skip = len(range(worker, self.start_batch, n_workers))
-        transforms = train_transforms(self.spec)
-        corrupt = CorruptCounter()
         batcher = DoubletBatcher(self.columns, self.batch_doublets)
         for samples in self._samples(stream_id, n_streams, corrupt):
             batcher.add(samples)
@@ -139,6 +142,12 @@ class DoubletStream(IterableDataset):
             if to_skip:
                 to_skip -= 1
                 continue
+            yield pairs, tasks
+
+    def __iter__(self) -> Iterator[dict]:
+        transforms = train_transforms(self.spec)
+        corrupt = CorruptCounter()
+        for pairs, tasks in self._paired(corrupt):
             self._augment(pairs, transforms)
             batch = collate_doublets(pairs, tasks, self.columns)
             batch["skipped"] = corrupt.drain()
@@ -167,16 +176,22 @@ class EvalStream(IterableDataset):
                 if not mine or (self.keys is not None and s["__key__"] not in self.keys):
                     continue
                 try:
-                    img = tf(decode(s["jpg"]))
+                    img = self._load(s["jpg"], tf)
                 except RuntimeError as e:
                     corrupt.report(s["__key__"], e)
                     continue
                 batch.append({"image": img, "labels": decode_labels(s["lbl"]), "key": s["__key__"]})
                 if len(batch) == self.batch_size:
-                    yield {**collate_eval(batch), "skipped": corrupt.drain()}
+                    yield {**self._collate(batch), "skipped": corrupt.drain()}
                     batch = []
         if batch or corrupt.pending:
-            yield {**collate_eval(batch), "skipped": corrupt.drain()}
+            yield {**self._collate(batch), "skipped": corrupt.drain()}
+
+    def _collate(self, rows: List[dict]) -> Dict:
+        return collate_eval(rows)
+
+    def _load(self, jpeg: bytes, transform) -> torch.Tensor:
+        return transform(decode(jpeg))
 
 
 def collate_eval(rows: List[dict]) -> Dict:

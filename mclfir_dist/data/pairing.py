@@ -86,12 +86,13 @@ def collate_doublets(pairs: Sequence[Tuple[dict, dict]], tasks: Sequence[int], c
     labels = torch.stack([torch.as_tensor(np.asarray(r["labels"])) for r in rows]).long()
     col = torch.tensor(columns, dtype=torch.long)[task]
     batch = {
-        "images": torch.stack([r["image"] for r in rows]),
         "labels": labels,
         "task": task,
         "value": labels.gather(1, col[:, None]).squeeze(1),
         "keys": [r["key"] for r in rows],
     }
+    if "image" in rows[0]:   # the device loader collates before decoding: images come later
+        batch["images"] = torch.stack([r["image"] for r in rows])
     if "teacher_image" in rows[0]:
         batch["teacher_images"] = torch.stack([r["teacher_image"] for r in rows])
     return batch

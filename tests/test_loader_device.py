@@ -1,0 +1,126 @@
+"""The torch_gpu loader (decode and augment on the device) run on CPU tensors: it must give the
+torch loader's batches, resume exactly, and drop what does not decode with the key named."""
+import itertools
+import logging
+import shutil
+
+import pytest
+import torch
+import webdataset as wds
+
+from mclfir_dist.config import DataConfig
+from mclfir_dist.data import choose_loader
+from mclfir_dist.data.loader_device import (RawDoubletStream, DeviceDoubletBatches, batched_perspective,
+                                            device_eval_batches)
+from mclfir_dist.data.loader_torch import DoubletStream, EvalStream, TransformSpec, eval_transform
+from mclfir_dist.data.manifest import Manifest
+from mclfir_dist.data.shards import write_index
+from mclfir_dist.data.streams import iter_shard
+
+SPEC = TransformSpec(32)
+# one uint8 level after normalisation is 1/255/0.225 = 0.0174
+ONE_LEVEL = 1 / 255 / 0.224 + 1e-4
+
+
+def _streams(m, cls, start_batch=0, seed=3):
+    columns = [m.attribute_index("colour"), m.attribute_index("garment_length")]
+    return cls(m.shard_files("train"), columns, 8, SPEC, 0, 1, seed, 64, start_batch)
+
+
+def _cpu_batches(m, n, start_batch=0):
+    return list(itertools.islice(iter(_streams(m, DoubletStream, start_batch)), n))
+
+
+def _device_batches(m, n, start_batch=0):
+    loader = DeviceDoubletBatches(_streams(m, RawDoubletStream), 0, "cpu", start_batch)
+    return list(itertools.islice(iter(loader), n))
+
+
+def test_device_path_gives_the_torch_loaders_batches(tiny_shards):
+    m = Manifest.load(tiny_shards)
+    cpu, dev = _cpu_batches(m, 12), _device_batches(m, 12)   # 12 batches of 16 doublets: past one epoch
+    for a, b in zip(cpu, dev):
+        assert a["keys"] == b["keys"]
+        for k in ("labels", "task", "value"):
+            assert torch.equal(a[k], b[k]), k
+        assert torch.equal(a["images"], b["images"])        # the same transforms and draws: bit-identical
+        diff = (a["teacher_images"] - b["teacher_images"]).abs()
+        assert diff.max().item() <= ONE_LEVEL             # batched grid_sample: at most one level of rounding
+        assert (diff > 0).float().mean().item() < 0.01
+        assert not torch.equal(a["images"], a["teacher_images"])
+
+
+def test_batched_perspective_is_torchvisions_per_image():
+    from torchvision.transforms import v2
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 40, 40), dtype=torch.uint8)
+    t = v2.RandomPerspective(distortion_scale=0.3, p=1.0)
+    placeholder = torch.zeros((), dtype=torch.uint8).expand(3, 40, 40)
+    coefficients = [t.make_params([placeholder])["coefficients"] for _ in images]
+    ours = batched_perspective(images, torch.tensor(coefficients))
+    for img, c, out in zip(images, coefficients, ours):
+        ref = v2.functional.perspective(img, None, None, fill=0, coefficients=c)
+        assert (ref.int() - out.int()).abs().max().item() <= 1
+    assert not torch.equal(ours, images)
+
+
+def test_device_path_resumes_exactly(tiny_shards):
+    m = Manifest.load(tiny_shards)
+    whole = _device_batches(m, 9)
+    resumed = _device_batches(m, 4, start_batch=5)
+    for a, b in zip(whole[5:], resumed):
+        assert a["keys"] == b["keys"] and torch.equal(a["images"], b["images"])
+        assert torch.equal(a["teacher_images"], b["teacher_images"])
+
+
+def _break_train_jpeg(src, dst):
+    shutil.copytree(src, dst)
+    m = Manifest.load(dst)
+    tar = m.shard_files("train")[0]
+    samples = list(iter_shard(tar))
+    bad_key = samples[3]["__key__"]
+    with open(tar, "wb") as f:
+        w = wds.TarWriter(f, encoder=False, mtime=0)
+        for s in samples:
+            jpg = s["jpg"][:2] + b"\x00garbage" * 10 if s["__key__"] == bad_key else s["jpg"]
+            w.write({"__key__": s["__key__"], "jpg": jpg, "lbl": s["lbl"], "sid": s["sid"]})
+        w.close()
+    write_index(tar, tar.with_suffix(".idx"))
+    return Manifest.load(dst), bad_key
+
+
+def test_a_jpeg_that_does_not_decode_drops_its_batch_and_is_named(tiny_shards, tmp_path, caplog):
+    m, bad_key = _break_train_jpeg(tiny_shards, tmp_path / "bad")
+    caplog.set_level(logging.WARNING)
+    loader = DeviceDoubletBatches(_streams(m, RawDoubletStream), 0, "cpu")
+    batches = list(itertools.islice(iter(loader), 14))
+    assert all(bad_key not in b["keys"] for b in batches)
+    assert bad_key in [k for b in batches for k in b["skipped"]]
+    assert loader.skipped_total == 1 and bad_key in caplog.text and "dropped a batch" in caplog.text
+    # resume replays the drop: batches 6.. are the same
+    resumed = list(itertools.islice(iter(DeviceDoubletBatches(_streams(m, RawDoubletStream), 0, "cpu", 6)), 3))
+    assert [b["keys"] for b in resumed] == [b["keys"] for b in batches[6:9]]
+
+
+def test_device_eval_equals_torch_eval(tiny_shards):
+    m = Manifest.load(tiny_shards)
+    cfg = DataConfig(image_size=32, eval_batch_size=16, num_workers=0)
+    ref = list(EvalStream(m.shard_files("test"), SPEC, 16))
+    ours = list(device_eval_batches(cfg, m, "test", 0, 1, "cpu"))
+    assert [b["keys"] for b in ref] == [b["keys"] for b in ours]
+    for a, b in zip(ref, ours):
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["labels"], b["labels"])
+
+
+def test_auto_picks_dali_then_gpu_decode_then_cpu(monkeypatch):
+    from mclfir_dist.data import LOADERS
+    import dataclasses
+    cfg = DataConfig(loader="auto")
+    dali = LOADERS.get("dali")
+    monkeypatch.setitem(LOADERS._entries, "dali", dataclasses.replace(dali, available=lambda: (False, "not here")))
+    name, why = choose_loader(cfg, cuda=True)
+    assert name == "torch_gpu" and "not here" in why and "GPU" in why
+    name, why = choose_loader(cfg, cuda=False)
+    assert name == "torch" and "no CUDA" in why
+    monkeypatch.setitem(LOADERS._entries, "dali", dataclasses.replace(dali, available=lambda: (True, "DALI x")))
+    assert choose_loader(cfg, cuda=True) == ("dali", "auto: DALI x")
