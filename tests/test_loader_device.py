@@ -4,7 +4,6 @@ import itertools
 import logging
 import shutil
 
-import pytest
 import torch
 import webdataset as wds
 
@@ -12,7 +11,7 @@ from mclfir_dist.config import DataConfig
 from mclfir_dist.data import choose_loader
 from mclfir_dist.data.loader_device import (RawDoubletStream, DeviceDoubletBatches, batched_perspective,
                                             device_eval_batches)
-from mclfir_dist.data.loader_torch import DoubletStream, EvalStream, TransformSpec, eval_transform
+from mclfir_dist.data.loader_torch import DoubletStream, EvalStream, TransformSpec
 from mclfir_dist.data.manifest import Manifest
 from mclfir_dist.data.shards import write_index
 from mclfir_dist.data.streams import iter_shard

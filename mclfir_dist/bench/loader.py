@@ -66,7 +66,6 @@ def _time(batches, n_batches: int, images_per_batch) -> float:
 
 def bench_one(manifest: Manifest, size: int, batch: int, workers: int, n_batches: int, device: str) -> dict:
     from ..data import build_train_loader
-    col = [0]
     cfg = DataConfig(image_size=size, batch_doublets=batch // 2, num_workers=workers, teacher_view="same",
                      dali_threads=workers, shuffle_buffer=256)
     out = {}

@@ -20,7 +20,6 @@ from typing import Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import IterableDataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from .loader_torch import (DoubletStream, EvalStream, TransformSpec, collate_eval, eval_transform, make_loader,
