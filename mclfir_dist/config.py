@@ -73,6 +73,9 @@ class DataConfig:
     num_workers: int = _f(1, "DataLoader worker processes per rank (0 = load in the main process).")
     shuffle_buffer: int = _f(512, "Samples held in the per-stream shuffle buffer.")
     flip: bool = _f(True, "Random horizontal flip during training.")
+    task_sampling: str = _f("mixed", "Increments with several attributes (static_joint): mixed = every batch splits "
+                                     "its doublets over the attributes; rotate = every batch is one attribute's, "
+                                     "in turn, so each anchor sees as many negatives as in a one-attribute increment.")
     teacher_view: str = _f("perspective", "Image the EMA teacher sees: perspective (extra augmented view) | same.")
     eval_batch_size: int = _f(128, "Images per evaluation batch per rank.")
     dali_threads: int = _f(2, "DALI CPU threads per pipeline.")
@@ -189,6 +192,7 @@ class RunConfig:
 CHOICES = {
     "data.build.source": ("synthetic", "csv", "none"),
     "data.teacher_view": ("perspective", "same"),
+    "data.task_sampling": ("mixed", "rotate"),
     "model.cut": ("layer3", "full"),
     "model.trunk_bn": ("train", "frozen"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),

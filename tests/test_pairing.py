@@ -29,6 +29,19 @@ def test_every_anchor_has_a_positive_and_tasks_are_balanced():
         assert len(set(b["keys"])) == 12  # an image is never its own positive
 
 
+def test_rotate_gives_each_batch_one_attribute_in_turn():
+    """data.task_sampling=rotate (static_joint): every row of a batch competes with 2B-1 rows of its own
+    attribute, as in a one-attribute increment."""
+    batcher = DoubletBatcher([0, 1, 2], batch_doublets=6, rotate=True)
+    batches = list(batcher.batches(fake_samples(900, n_attr=3)))
+    assert len(batches) > 9
+    for i, b in enumerate(batches):
+        assert b["images"].shape[0] == 12 and (b["task"] == i % 3).all()
+        pos = positive_index(12)
+        assert torch.equal(b["value"], b["value"][pos]) and (b["value"] >= 0).all()
+        assert len(set(b["keys"])) == 12
+
+
 @pytest.mark.parametrize("world,workers", [(2, 1), (2, 2), (3, 1), (8, 1)])
 def test_streams_partition_each_epoch(tiny_shards, world, workers):
     m = Manifest.load(tiny_shards)
@@ -74,3 +87,15 @@ def test_no_image_is_its_own_positive_across_epochs_and_streams(n_streams):
                 self_pairs += anchor == positive
     assert doublets > 100
     assert self_pairs == 0
+
+
+@pytest.mark.parametrize("loader", ["torch", "torch_gpu", "dali"])
+def test_every_loader_honours_task_sampling_rotate(tiny_shards, loader):
+    import itertools
+    from mclfir_dist.config import DataConfig
+    from mclfir_dist.data import build_train_loader
+    m = Manifest.load(tiny_shards)
+    cfg = DataConfig(image_size=32, batch_doublets=8, num_workers=0, task_sampling="rotate", dali_threads=1)
+    batches = list(itertools.islice(iter(build_train_loader(cfg, m, ["colour", "garment_length"], 0, 1, 0,
+                                                            loader)), 4))
+    assert [sorted(set(b["task"].tolist())) for b in batches] == [[0], [1], [0], [1]]

@@ -36,7 +36,7 @@ def transform_spec(cfg: DataConfig):
 def _torch_train(cfg, manifest, columns, rank, world, seed, device=None, start_batch=0):
     from .loader_torch import DoubletStream, make_loader
     stream = DoubletStream(manifest.shard_files("train"), columns, cfg.batch_doublets, transform_spec(cfg),
-                           rank, world, seed, cfg.shuffle_buffer, start_batch)
+                           rank, world, seed, cfg.shuffle_buffer, start_batch, cfg.task_sampling == "rotate")
     return make_loader(stream, cfg.num_workers)
 
 

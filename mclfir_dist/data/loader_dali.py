@@ -283,7 +283,7 @@ def dali_train_batches(cfg: DataConfig, manifest: Manifest, columns: Sequence[in
     src = DaliSampleSource(manifest.shard_files("train"), manifest.index_files("train"), manifest.keys("train"), spec,
                            2 * cfg.batch_doublets, rank, world, seed, True, cfg.dali_threads, device,
                            cfg.shuffle_buffer)
-    for batch in DoubletBatcher(columns, cfg.batch_doublets).batches(iter(src)):
+    for batch in DoubletBatcher(columns, cfg.batch_doublets, cfg.task_sampling == "rotate").batches(iter(src)):
         batch["skipped"] = src.drain_skipped()
         yield batch
 

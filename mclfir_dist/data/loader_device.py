@@ -171,7 +171,7 @@ def device_train_batches(cfg, manifest, columns, rank: int, world: int, seed: in
                          start_batch: int = 0) -> DeviceDoubletBatches:
     from . import transform_spec
     stream = RawDoubletStream(manifest.shard_files("train"), columns, cfg.batch_doublets, transform_spec(cfg),
-                              rank, world, seed, cfg.shuffle_buffer)
+                              rank, world, seed, cfg.shuffle_buffer, rotate=cfg.task_sampling == "rotate")
     return DeviceDoubletBatches(stream, cfg.num_workers, device or "cpu", start_batch)
 
 

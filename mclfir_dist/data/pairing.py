@@ -4,7 +4,9 @@ Samples arrive shuffled. Each one is routed to one of the increment's attributes
 labelled for (the one with the fewest ready doublets, so tasks stay balanced). Per
 (attribute, value) we hold at most one pending sample; when a second sample with that value
 arrives, the two form a doublet (anchor, positive). A batch takes a fixed quota of doublets
-per attribute, so every rank's batch has the same size and uses every new head.
+per attribute, so every rank's batch has the same size and uses every new head. With `rotate`
+(data.task_sampling=rotate) a batch is instead all one attribute's doublets, attribute after attribute
+in turn, so each anchor competes with as many rows as in a one-attribute increment.
 
 Batch layout (the contract of both loaders, after pairing): `images[0:B]` are anchors and
 `images[B:2B]` their positives, so the positive of row i is row (i + B) mod 2B. Samples still
@@ -35,9 +37,10 @@ class DoubletBatcher:
     'image' (tensor), 'labels' (int64 vector), 'key' and optionally 'teacher_image'.
     """
 
-    def __init__(self, attribute_columns: Sequence[int], batch_doublets: int):
+    def __init__(self, attribute_columns: Sequence[int], batch_doublets: int, rotate: bool = False):
         self.columns = list(attribute_columns)
         self.quotas = task_quotas(batch_doublets, len(self.columns))
+        self.batch_doublets, self.rotate, self.turn = batch_doublets, rotate and len(self.columns) > 1, 0
         self.pending: List[Dict[int, dict]] = [dict() for _ in self.columns]
         self.ready: List[Deque[Tuple[dict, dict]]] = [deque() for _ in self.columns]
 
@@ -57,10 +60,15 @@ class DoubletBatcher:
         # else: the same image again (it waited across an epoch boundary); it keeps waiting for a partner
 
     def batch_ready(self) -> bool:
+        if self.rotate:
+            return len(self.ready[self.turn]) >= self.batch_doublets
         return all(len(r) >= q for r, q in zip(self.ready, self.quotas))
 
     def pop_pairs(self) -> Tuple[List[Tuple[dict, dict]], List[int]]:
         """The next batch's (anchor, positive) pairs and their task indices, not yet collated."""
+        if self.rotate:
+            t, self.turn = self.turn, (self.turn + 1) % len(self.columns)
+            return [self.ready[t].popleft() for _ in range(self.batch_doublets)], [t] * self.batch_doublets
         pairs, tasks = [], []
         for t, q in enumerate(self.quotas):
             for _ in range(q):
