@@ -1,0 +1,50 @@
+"""The several-seed report (scripts/fpi_seeds.py): statistics and verdicts from results.json files."""
+import importlib.util
+import json
+import math
+from argparse import Namespace
+
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("fpi_seeds", ROOT / "scripts/fpi_seeds.py")
+fpi_seeds = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(fpi_seeds)
+
+
+def _result(avg, forgetting, seconds, estimated_first=False):
+    cost = [{"train_seconds": s, "estimated": estimated_first and i < len(seconds) - 1} for i, s in enumerate(seconds)]
+    return {"complete": True, "final": {"average_map": avg, "average_forgetting": forgetting},
+            "cost": cost, "increments": [{"attributes": ["a"]}, {"attributes": ["b"]}],
+            "accuracy_matrix": [{"a": avg}, {"a": avg, "b": avg}]}
+
+
+def _write(runs, name, res):
+    (runs / name).mkdir(parents=True)
+    (runs / name / "results.json").write_text(json.dumps(res))
+
+
+def test_noise_rule():
+    d, noise = fpi_seeds.beyond_noise((0.60, 0.01, 3), (0.58, 0.01, 3))
+    assert math.isclose(d, 0.02) and math.isclose(noise, 2 * math.sqrt(2 * 0.01 ** 2 / 3))
+
+
+def test_report_states_each_target_from_the_runs(tmp_path):
+    runs = tmp_path / "runs" / "seeds"
+    for seed, jitter in enumerate((0.0, 0.004, -0.004)):
+        _write(runs, f"mclfir_s{seed}", _result(0.640 + jitter, 0.010, [10, 10]))
+        _write(runs, f"finetune_s{seed}", _result(0.600 + jitter, 0.050, [9, 9]))
+        _write(runs, f"lwf_s{seed}", _result(0.638 + jitter, 0.008, [10, 10]))
+        # static_joint: seed 0 retrains at every increment (10 + 20 s), the others only at the last
+        _write(runs, f"static_joint_s{seed}", _result(0.660 + jitter, float("nan"), [10, 20], seed > 0))
+    args = Namespace(runs=tmp_path / "runs", out=tmp_path / "out", seeds=[0, 1, 2],
+                     methods=["mclfir", "finetune", "lwf", "static_joint"], config=ROOT / "configs/fpi_seeds_cpu.yaml")
+    (tmp_path / "out").mkdir()
+    text = fpi_seeds.report(args)
+    assert "Within 1 point of tuned static_joint: does not hold" in text    # 64.0 vs 66.0
+    assert "At most 35% of static-cumulative training cost: does not hold" in text   # 20 s / 30 s
+    assert "67%" in text
+    assert "Average forgetting at most 2 points: holds" in text
+    assert "Above finetune beyond the seed noise: holds" in text
+    assert "Above lwf beyond the seed noise: does not hold" in text
+    assert (tmp_path / "out" / "final_map.png").stat().st_size > 0
+    assert (tmp_path / "out" / "map_vs_cost.png").stat().st_size > 0
