@@ -221,6 +221,9 @@ def _get(cfg: Any, dotted: str) -> Any:
 def validate(cfg: RunConfig) -> None:
     for key, allowed in {**CHOICES, **registered_choices()}.items():
         value = _get(cfg, key)
+        if value == "False" and "no" in allowed:   # YAML reads a bare `no` as false
+            parent, leaf = key.rsplit(".", 1)
+            setattr(_get(cfg, parent), leaf, value := "no")
         if value not in allowed:
             raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(allowed)}")
     if not cfg.train.increments:

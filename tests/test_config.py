@@ -101,3 +101,9 @@ def test_every_cli_option_has_help_and_version_works(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and "mclfir_dist" in capsys.readouterr().out
+
+
+def test_a_bare_no_is_the_choice_no_not_yaml_false():
+    from conftest import ROOT
+    from mclfir_dist.config import load_config
+    assert load_config(ROOT / "configs/debug_cpu.yaml", ["train.mixed_precision=no"]).train.mixed_precision == "no"

