@@ -73,7 +73,17 @@ def test_device_path_resumes_exactly(tiny_shards):
         assert torch.equal(a["teacher_images"], b["teacher_images"])
 
 
-def _break_train_jpeg(src, dst):
+def _header_only(jpeg: bytes) -> bytes:
+    """A JPEG whose headers (and so its size) read fine but that holds no image data."""
+    i = 2
+    while True:
+        length = int.from_bytes(jpeg[i + 2:i + 4], "big")
+        if jpeg[i + 1] == 0xDA:   # start of scan: cut here
+            return jpeg[:i] + b"\xff\xd9"
+        i += 2 + length
+
+
+def _break_train_jpeg(src, dst, how):
     shutil.copytree(src, dst)
     m = Manifest.load(dst)
     tar = m.shard_files("train")[0]
@@ -82,15 +92,25 @@ def _break_train_jpeg(src, dst):
     with open(tar, "wb") as f:
         w = wds.TarWriter(f, encoder=False, mtime=0)
         for s in samples:
-            jpg = s["jpg"][:2] + b"\x00garbage" * 10 if s["__key__"] == bad_key else s["jpg"]
+            jpg = s["jpg"]
+            if s["__key__"] == bad_key:
+                jpg = jpg[:2] + b"\x00garbage" * 10 if how == "header" else _header_only(jpg)
             w.write({"__key__": s["__key__"], "jpg": jpg, "lbl": s["lbl"], "sid": s["sid"]})
         w.close()
     write_index(tar, tar.with_suffix(".idx"))
     return Manifest.load(dst), bad_key
 
 
+def test_a_corrupt_header_is_skipped_in_the_worker_like_the_torch_loader(tiny_shards, tmp_path):
+    m, bad_key = _break_train_jpeg(tiny_shards, tmp_path / "bad", "header")
+    cpu, dev = _cpu_batches(m, 14), _device_batches(m, 14)
+    assert [b["keys"] for b in cpu] == [b["keys"] for b in dev]
+    assert [b["skipped"] for b in cpu] == [b["skipped"] for b in dev]
+    assert bad_key in [k for b in dev for k in b["skipped"]] and bad_key not in [k for b in dev for k in b["keys"]]
+
+
 def test_a_jpeg_that_does_not_decode_drops_its_batch_and_is_named(tiny_shards, tmp_path, caplog):
-    m, bad_key = _break_train_jpeg(tiny_shards, tmp_path / "bad")
+    m, bad_key = _break_train_jpeg(tiny_shards, tmp_path / "bad", "no image data")
     caplog.set_level(logging.WARNING)
     loader = DeviceDoubletBatches(_streams(m, RawDoubletStream), 0, "cpu")
     batches = list(itertools.islice(iter(loader), 14))
@@ -137,3 +157,34 @@ def test_cuda_decode_and_augment_match_the_cpu_path(tiny_shards):
         for k in ("images", "teacher_images"):
             diff = (a[k] - b[k].cpu()).abs()
             assert diff.mean().item() < 0.06 and diff.max().item() < 1.0, k
+
+
+def test_jpeg_size_from_the_header_matches_the_decoded_image(tiny_shards):
+    from mclfir_dist.data.loader_device import jpeg_size
+    from mclfir_dist.data.loader_torch import decode
+    import io
+    from PIL import Image
+    samples = list(iter_shard(Manifest.load(tiny_shards).shard_files("train")[0]))[:20]
+    jpegs = [s["jpg"] for s in samples]
+    for mode, size, progressive in (("L", (37, 91), False), ("RGB", (300, 17), True), ("CMYK", (64, 48), False)):
+        buf = io.BytesIO()
+        Image.new(mode, size).save(buf, format="JPEG", progressive=progressive)
+        jpegs.append(buf.getvalue())
+    for data in jpegs:
+        assert jpeg_size(data) == tuple(decode(data).shape[1:])
+    for bad in (b"", b"\xff\xd8", b"GIF89a" + bytes(20), jpegs[0][:20]):
+        with pytest.raises(RuntimeError):
+            jpeg_size(bad)
+
+
+def test_the_prefetch_thread_keeps_order_and_hands_over_errors(tiny_shards, tmp_path):
+    m = Manifest.load(tiny_shards)
+    plain = _device_batches(m, 5)
+    threaded = list(itertools.islice(iter(DeviceDoubletBatches(_streams(m, RawDoubletStream), 0, "cpu",
+                                                               prefetch=2)), 5))
+    for a, b in zip(plain, threaded):
+        assert a["keys"] == b["keys"] and torch.equal(a["images"], b["images"])
+    broken = DeviceDoubletBatches(_streams(m, RawDoubletStream), 0, "cpu", prefetch=2)
+    broken.stream.shards = [tmp_path / "missing.tar"]
+    with pytest.raises(Exception, match="missing.tar"):
+        next(iter(broken))

@@ -1,26 +1,34 @@
 """The device loader: batched JPEG decode and augmentation on the GPU, for machines without DALI.
 
-CPU workers read, shuffle and pair exactly as the torch loader does, but do not decode: they hand
-over JPEG bytes, labels and each sample's augmentation seed. The main process decodes a whole batch
-with one `torchvision.io.decode_jpeg(list, device=...)` call (nvJPEG on CUDA), then augments on the
-device with the torch loader's own transforms and random draws: per sample, resize / random crop /
-flip from the sample's seed; for the batch, the teacher's perspective view as one `grid_sample`
-with a per-sample grid (torchvision's perspective formula, batched). On CPU tensors the result is
-the torch loader's, to float rounding; that is how CI tests this path.
+CPU workers read, shuffle and pair exactly as the torch loader does, but do not decode: they read
+each JPEG's size from its header and draw its augmentation (resize, crop box, flip, the teacher's
+perspective) from the sample's own seed, with the torch loader's transforms and in its order, and
+hand over bytes + parameters. The training process decodes the batch with one
+`torchvision.io.decode_jpeg(list, device=...)` call (nvJPEG on CUDA) and applies the parameters:
+per image resize / crop / flip, then the perspective view for the whole batch in one `grid_sample`
+(torchvision's formula, batched). No random number is drawn on the device side, so on CUDA this runs
+in a background thread on its own stream, overlapping the training step. On CPU tensors the batches
+are the torch loader's (views bit-identical, teacher views within one level); that is how CI tests it.
 
-- A JPEG whose batch does not decode is found by decoding the batch one image at a time; its key is
-  logged and counted, and the whole batch is dropped (its doublets cannot be completed here).
+- A sample whose header does not parse is skipped in the worker, as the torch loader skips a JPEG
+  that does not decode. A batch that then fails to decode on the device is decoded one image at a
+  time to name the culprit; its key is logged and counted, and the batch is dropped (its doublets
+  cannot be completed here).
 - Resume is exact: batches before `start_batch` are decoded (to drop exactly the batches an
   uninterrupted run dropped) but not augmented.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Iterator, List, Optional, Sequence
+import queue
+import threading
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import v2
 
 from .loader_torch import (DoubletStream, EvalStream, TransformSpec, collate_eval, eval_transform, make_loader,
                            train_transforms)
@@ -28,37 +36,95 @@ from .pairing import collate_doublets
 
 log = logging.getLogger(__name__)
 
-JPEG_SOI = b"\xff\xd8"
+# start-of-frame markers (baseline, extended, progressive, lossless...): they carry the image size
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
-def jpeg_bytes(jpeg: bytes) -> torch.Tensor:
-    """A sample's JPEG as a uint8 tensor, undecoded; what is plainly not a JPEG is refused here."""
-    if len(jpeg) < 4 or jpeg[:2] != JPEG_SOI:
+def jpeg_size(data: bytes) -> Tuple[int, int]:
+    """(height, width) from a JPEG's frame header, without decoding it."""
+    if len(data) < 4 or data[:2] != b"\xff\xd8":
         raise RuntimeError("not a JPEG (no start-of-image marker)")
-    return torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)
+    i = 2
+    while i + 9 < len(data):
+        if data[i] != 0xFF:
+            raise RuntimeError(f"corrupt JPEG header at byte {i}")
+        marker = data[i + 1]
+        if marker == 0xFF:      # fill byte
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:   # markers without a length
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if marker in _SOF:
+            height, width = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+            if height == 0 or width == 0:
+                raise RuntimeError("JPEG frame header with a zero size")
+            return height, width
+        if marker == 0xDA or length < 2:
+            break
+        i += 2 + length
+    raise RuntimeError("JPEG without a frame header (truncated or corrupt)")
+
+
+def resized_size(height: int, width: int, short_side: int) -> Tuple[int, int]:
+    """v2.Resize(short_side)'s output (height, width): the shorter edge to short_side."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(short_side * long / short)
+    return (new_long, short_side) if width <= height else (short_side, new_long)
+
+
+class AugmentationDraws:
+    """The torch loader's random draws for one sample, made without its pixels: the same transform
+    objects and the same order as DoubletStream._augment (Resize, RandomCrop, RandomHorizontalFlip, then
+    the teacher's RandomPerspective), from the same per-sample seed."""
+
+    def __init__(self, spec: TransformSpec):
+        self.spec = spec
+        geometry, _, self.teacher = train_transforms(spec)
+        self.crop = next(t for t in geometry.transforms if isinstance(t, v2.RandomCrop))
+        self.flip = next((t for t in geometry.transforms if isinstance(t, v2.RandomHorizontalFlip)), None)
+
+    @staticmethod
+    def _shape(height: int, width: int) -> torch.Tensor:
+        return torch.zeros((), dtype=torch.uint8).expand(3, height, width)   # make_params reads shapes only
+
+    def __call__(self, seed: int, height: int, width: int) -> dict:
+        torch.manual_seed(seed)
+        size = resized_size(height, width, self.spec.resize)
+        crop = self.crop.make_params([self._shape(*size)])
+        flip = self.flip is not None and bool(torch.rand(1) < self.flip.p)   # its forward(): skip if rand >= p
+        coefficients = None
+        if self.teacher is not None:
+            torch.rand(1)   # RandomPerspective's p check (p = 1), drawn as its forward() draws it
+            side = self.spec.image_size
+            coefficients = self.teacher.make_params([self._shape(side, side)])["coefficients"]
+        return {"resize": size, "top": crop["top"], "left": crop["left"], "flip": flip, "coefficients": coefficients}
 
 
 class RawDoubletStream(DoubletStream):
-    """The torch loader's doublet stream with undecoded images (`jpegs`) and their `aug_seeds`."""
+    """The torch loader's doublet stream with undecoded images (`jpegs`) and their drawn augmentation."""
 
-    def _load(self, jpeg: bytes) -> torch.Tensor:
-        return jpeg_bytes(jpeg)
+    def _load(self, jpeg: bytes) -> dict:
+        return {"bytes": torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), "size": jpeg_size(jpeg)}
 
     def __iter__(self) -> Iterator[dict]:
         from .loader_torch import CorruptCounter
         corrupt = CorruptCounter()
+        draws = AugmentationDraws(self.spec)
         for pairs, tasks in self._paired(corrupt):
             rows = [a for a, _ in pairs] + [p for _, p in pairs]
             batch = collate_doublets(pairs, tasks, self.columns)
-            batch["jpegs"] = [r["decoded"] for r in rows]
-            batch["aug_seeds"] = [r["aug_seed"] for r in rows]
+            batch["jpegs"] = [r["decoded"]["bytes"] for r in rows]
+            batch["augment"] = [draws(r["aug_seed"], *r["decoded"]["size"]) for r in rows]
             batch["skipped"] = corrupt.drain()
             yield batch
 
 
 class RawEvalStream(EvalStream):
     def _load(self, jpeg: bytes, transform) -> torch.Tensor:
-        return jpeg_bytes(jpeg)
+        jpeg_size(jpeg)   # what plainly is not a JPEG is skipped here, by key
+        return torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)
 
     def _collate(self, rows: List[dict]) -> dict:
         batch = collate_eval([{**r, "image": torch.zeros(0)} for r in rows])
@@ -112,45 +178,41 @@ def batched_perspective(images: torch.Tensor, coefficients: torch.Tensor) -> tor
     return pixels.mul_(mask).round_().to(images.dtype)
 
 
-class DeviceAugmenter:
-    """The torch loader's training augmentation applied to decoded images already on the device."""
-
-    def __init__(self, spec: TransformSpec):
-        self.spec = spec
-        self.geometry, self.normalise, self.teacher = train_transforms(spec)
-
-    def __call__(self, images: List[torch.Tensor], seeds: Sequence[int]) -> tuple:
-        """(normalised views, normalised teacher views) as (N, 3, S, S) float batches."""
-        views, coefficients = [], []
-        size = self.spec.image_size
-        placeholder = torch.zeros((), dtype=torch.uint8).expand(3, size, size)   # make_params reads its shape
-        for img, seed in zip(images, seeds):
-            torch.manual_seed(seed)   # the same draws, in the same order, as DoubletStream._augment
-            views.append(self.geometry(img))
-            if self.teacher is not None:
-                torch.rand(1)         # RandomPerspective's p check (p = 1), drawn as its forward() does
-                coefficients.append(self.teacher.make_params([placeholder])["coefficients"])
-        batch = torch.stack(views)
-        normalised = self.normalise(batch)
-        if self.teacher is None:
-            return normalised, normalised
-        warped = batched_perspective(batch, torch.tensor(coefficients, dtype=torch.float32))
-        return normalised, self.normalise(warped)
+def apply_augmentation(images: List[torch.Tensor], params: Sequence[dict], spec: TransformSpec,
+                       normalise) -> tuple:
+    """(views, teacher views): normalised (N, 3, S, S) float batches from decoded uint8 images and their draws."""
+    side = spec.image_size
+    views = []
+    for img, p in zip(images, params):
+        img = v2.functional.resize(img, list(p["resize"]), antialias=True)
+        img = img[..., p["top"]:p["top"] + side, p["left"]:p["left"] + side]
+        views.append(img.flip(-1) if p["flip"] else img)
+    batch = torch.stack(views)
+    normalised = normalise(batch)
+    if params[0]["coefficients"] is None:
+        return normalised, normalised
+    warped = batched_perspective(batch, torch.tensor([p["coefficients"] for p in params], dtype=torch.float32))
+    return normalised, normalise(warped)
 
 
 class DeviceDoubletBatches:
-    """Doublet batches decoded and augmented on `device`, from RawDoubletStream workers."""
+    """Doublet batches decoded and augmented on `device`, from RawDoubletStream workers. On CUDA a
+    background thread prepares the next batches on its own stream while the current step runs."""
 
-    def __init__(self, stream: RawDoubletStream, num_workers: int, device, start_batch: int = 0):
-        self.stream, self.num_workers, self.device, self.start_batch = stream, num_workers, device, start_batch
+    def __init__(self, stream: RawDoubletStream, num_workers: int, device, start_batch: int = 0,
+                 prefetch: Optional[int] = None):
+        self.stream, self.num_workers, self.start_batch = stream, num_workers, start_batch
+        self.device = torch.device(device)
+        # batches prepared ahead in a thread: 2 on CUDA (overlaps the step), none on CPU unless asked
+        self.prefetch = (2 if self.device.type == "cuda" else 0) if prefetch is None else prefetch
         self.skipped_total = 0
 
-    def __iter__(self) -> Iterator[dict]:
-        augment = DeviceAugmenter(self.stream.spec)
+    def _batches(self) -> Iterator[dict]:
+        normalise = train_transforms(self.stream.spec)[1]
         pending_skipped: List[str] = []
         produced = 0
         for raw in make_loader(self.stream, self.num_workers):
-            jpegs, seeds = raw.pop("jpegs"), raw.pop("aug_seeds")
+            jpegs, params = raw.pop("jpegs"), raw.pop("augment")
             pending_skipped += raw.pop("skipped")
             images, bad = decode_batch(jpegs, raw["keys"], self.device)
             if images is None:
@@ -162,9 +224,70 @@ class DeviceDoubletBatches:
             produced += 1
             if produced <= self.start_batch:   # replay: decoded (to drop what was dropped), not augmented
                 continue
-            raw["images"], raw["teacher_images"] = augment(images, seeds)
+            raw["images"], raw["teacher_images"] = apply_augmentation(images, params, self.stream.spec, normalise)
             raw["skipped"], pending_skipped = pending_skipped, []
             yield raw
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.prefetch <= 0:
+            yield from self._batches()
+            return
+        yield from _prefetched(self._batches(), self.device, self.prefetch)
+
+
+def _prefetched(batches: Iterator[dict], device: torch.device, depth: int) -> Iterator[dict]:
+    """Run `batches` in a thread, `depth` ahead. On CUDA the thread works on a side stream; the consumer's
+    stream waits for each batch's event, and its tensors are marked as used there so that their memory
+    is not reused early. An error in the thread is raised in the consumer; closing the consumer stops it."""
+    cuda = device.type == "cuda"
+    side = torch.cuda.Stream(device) if cuda else None
+    out: "queue.Queue" = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+                for batch in batches:
+                    event = None
+                    if cuda:
+                        event = torch.cuda.Event()
+                        event.record(side)
+                    if not put((batch, event)):
+                        return
+            put((done, None))
+        except BaseException as e:   # handed to the consumer, raised there
+            put((e, None))
+        finally:
+            batches.close()   # stops the DataLoader's workers from this thread
+
+    thread = threading.Thread(target=produce, name="mclfir-device-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            batch, event = out.get()
+            if batch is done:
+                return
+            if isinstance(batch, BaseException):
+                raise batch
+            if cuda:
+                current = torch.cuda.current_stream(device)
+                current.wait_event(event)
+                for key in ("images", "teacher_images"):
+                    batch[key].record_stream(current)
+            yield batch
+    finally:
+        stop.set()
+        thread.join(timeout=30)
 
 
 def device_train_batches(cfg, manifest, columns, rank: int, world: int, seed: int, device=None,
