@@ -153,10 +153,9 @@ def perspective_grid(coefficients: torch.Tensor, height: int, width: int) -> tor
     """torchvision's perspective sampling grid (v2.functional.perspective), one per row of
     `coefficients` (N, 8): (N, height, width, 2)."""
     n, dtype, device = coefficients.shape[0], coefficients.dtype, coefficients.device
-    c = coefficients
-    one = torch.ones(n, device=device, dtype=dtype)
-    theta1 = torch.stack([torch.stack([c[:, 0], c[:, 1], c[:, 2]], 1), torch.stack([c[:, 3], c[:, 4], c[:, 5]], 1)], 1)
-    theta2 = torch.stack([torch.stack([c[:, 6], c[:, 7], one], 1)] * 2, 1)
+    theta1 = coefficients[:, :6].reshape(n, 2, 3)
+    denominator = torch.cat([coefficients[:, 6:8], torch.ones(n, 1, device=device, dtype=dtype)], 1)
+    theta2 = denominator[:, None, :].expand(n, 2, 3)
     base = torch.empty(1, height, width, 3, dtype=dtype, device=device)
     base[..., 0].copy_(torch.linspace(0.5, width - 0.5, steps=width, device=device, dtype=dtype))
     base[..., 1].copy_(torch.linspace(0.5, height - 0.5, steps=height, device=device, dtype=dtype).unsqueeze_(-1))
@@ -323,4 +322,4 @@ def device_eval_batches(cfg, manifest, split: str, rank: int, world: int, device
 def available():
     if torch.cuda.is_available():
         return True, f"batched torchvision.io.decode_jpeg and augmentation on {torch.cuda.get_device_name()}"
-    return True, "no CUDA here: decodes and augments CPU tensors in the main process (for tests; slower than torch)"
+    return True, "no CUDA here: decodes and augments CPU tensors in the main process (meant for tests)"
