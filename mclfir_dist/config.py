@@ -7,6 +7,7 @@ prints them all, so the docs cannot drift from the code.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,7 +120,7 @@ class TeacherConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = _f(1e-4, "Adam learning rate of the new heads (per global batch of `lr_reference_batch` images).")
+    lr: float = _f(1e-4, "Adam learning rate of the new heads, at train.reference_batch_doublets if that is set.")
     encoder_lr_scale: float = _f(0.1, "Encoder lr = lr * this, from the second increment on.")
     first_encoder_lr_scale: float = _f(1.0, "Encoder lr scale in the first increment.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
@@ -128,7 +129,8 @@ class OptimConfig:
     step_size: int = _f(1000, "StepLR: steps between decays.")
     gamma: float = _f(0.9, "StepLR: decay factor.")
     grad_clip: float = _f(0.0, "Clip the gradient norm to this value (0 = off).")
-    lr_reference_batch: int = _f(0, "If > 0, lrs scale linearly with global_batch / this.")
+    lr_scaling: str = _f("sqrt", "How the lr follows a global batch k times train.reference_batch_doublets: "
+                                 "sqrt (x sqrt(k), the rule for Adam) | linear (x k) | none.")
 
 
 @dataclass
@@ -146,6 +148,11 @@ class TrainConfig:
                               "seen so far at every increment.")
     increments: List[IncrementConfig] = _f([], "Ordered increments; each adds heads.")
     steps_per_increment: int = _f(200, "Optimizer steps of each increment (training stops on steps).")
+    reference_batch_doublets: int = _f(0, "Global doublets per step the config's step counts, lr and EMA decay are "
+                                          "written for. If > 0 and the run's global batch (batch_doublets x "
+                                          "processes) differs by k, each increment keeps its sample budget: steps, "
+                                          "schedule and warm-up lengths / k, lr by optim.lr_scaling, teacher.decay "
+                                          "** k (batch_scaling.py; logged and kept in results.json). 0 = off.")
     static_final_only: bool = _f(False, "static_joint: retrain only at the last increment; the earlier retrainings' "
                                         "cost is estimated from its measured seconds per step (marked in results).")
     checkpoint_every: int = _f(0, "Also save checkpoints/partial.pt every N steps inside an increment (model, "
@@ -196,6 +203,7 @@ CHOICES = {
     "model.cut": ("layer3", "full"),
     "model.trunk_bn": ("train", "frozen"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "optim.lr_scaling": ("sqrt", "linear", "none"),
     "eval.split": ("val", "test"),
 }
 
@@ -262,11 +270,17 @@ POSITIVE = ["train.steps_per_increment", "train.log_every", "data.batch_doublets
             "optim.lr", "optim.step_size", "eval.query_chunk", "train.dist_init_timeout_s", "train.dist_step_timeout_s",
             "data.build.samples_per_shard", "data.build.synthetic.num_images", "data.build.synthetic.image_size"]
 NON_NEGATIVE = ["data.num_workers", "train.checkpoint_every", "train.num_threads", "optim.warmup_steps",
-                "optim.weight_decay", "optim.grad_clip", "optim.lr_reference_batch", "optim.encoder_lr_scale",
+                "optim.weight_decay", "optim.grad_clip", "train.reference_batch_doublets", "optim.encoder_lr_scale",
                 "optim.first_encoder_lr_scale", "loss.kd_weight", "teacher.warmup_steps", "eval.grid_queries",
                 "eval.grid_topk", "data.build.min_value_count", "data.build.resize_to"]
 UNIT_INTERVAL = ["teacher.decay", "optim.gamma", "data.build.val_fraction", "data.build.test_fraction",
                  "data.build.query_fraction"]
+
+
+# keys that existed once: a clear message for a config that still has them; dropped from old checkpoints
+RETIRED = {"optim.lr_reference_batch": "retired; use train.reference_batch_doublets (in doublets, not images), "
+                                       "which scales the lr (optim.lr_scaling) and also keeps each increment's "
+                                       "sample budget"}
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> RunConfig:
@@ -290,7 +304,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]
         obj: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or getattr(e, "key", None)
-        msg = str(e).splitlines()[0]
+        msg = RETIRED.get(str(key)) or str(e).splitlines()[0]
         raise ConfigError(f"config key '{key}'{where}: {msg}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
@@ -303,6 +317,10 @@ def to_dict(cfg: RunConfig) -> dict:
 
 
 def from_dict(d: dict) -> RunConfig:
+    d = copy.deepcopy(d)
+    for dotted in RETIRED:
+        section, key = dotted.split(".")
+        d.get(section, {}).pop(key, None)
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), d))  # type: ignore[return-value]
 
 

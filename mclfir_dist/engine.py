@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .batch_scaling import describe as describe_scaling, scale_to_global_batch
 from .checkpoint import (Checkpointer, CheckpointError, ResumePoint, load_zero_optimizer_state, restore_model,
                          zero_optimizer_state)
 from .config import RunConfig, to_dict, to_yaml
@@ -43,6 +44,11 @@ class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.runtime = rt = Runtime(cfg, self.run_dir)
+        # step counts, lr and EMA decay for this run's global batch (train.reference_batch_doublets)
+        cfg, scaling = scale_to_global_batch(cfg, rt.world)
+        self.cfg, self.batch_scaling = cfg, scaling
+        if scaling:
+            log.info("batch scaling: %s", describe_scaling(scaling))
         self.checkpoints = Checkpointer(self.run_dir, rt.is_main)
         if rt.is_main:
             ensure_writable_dir(self.run_dir)   # a read-only or full --out fails here, before any work
@@ -70,13 +76,15 @@ class Trainer:
         self.record = RunRecord.new(to_dict(cfg), str(cfg.data.shards))
         self.record.data["attribute_shards"] = {a: str(m.root) for a, m in self.attribute_manifest.items()}
         self.record.data["skipped_shards"] = self.skipped_shards
+        self.record.data["batch_scaling"] = scaling
         self.global_step, self.start_increment, self.resumed = 0, 0, resume
         self.resume_point: Optional[ResumePoint] = self._restore() if resume else None
         self.metrics = MetricsSink(rt.acc, cfg.name)
         if rt.is_main:
             self.checkpoints.remove_stale_temporaries()   # a fresh start after a kill inside a write
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
+            header = f"# effective config; {describe_scaling(scaling)}\n" if scaling else ""
+            atomic_write_text(self.run_dir / "config.yaml", header + to_yaml(cfg))
 
     # ---------------------------------------------------------------- state
 
@@ -147,7 +155,7 @@ class Trainer:
         cfg, rt = self.cfg, self.runtime
         self._prepare_model(plan, ctx, resuming=partial is not None)
         optimizer = build_optimizer(cfg.optim, self.model.trunk, [self.model.heads[a] for a in plan.train_heads],
-                                    plan.encoder_lr_scale, self.images_per_step)
+                                    plan.encoder_lr_scale)
         scheduler = build_scheduler(cfg.optim, optimizer, plan.steps)
         rt.set_micro_batch(2 * cfg.data.batch_doublets)
         start_step, seconds_before = 0, 0.0

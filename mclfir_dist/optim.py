@@ -1,8 +1,8 @@
 """Optimizer and learning-rate schedule of one increment.
 
 Schedules are registered lr multipliers indexed by the increment's step (`SCHEDULES`); linear
-warm-up applies to all of them. lrs scale linearly with the global batch when
-`optim.lr_reference_batch` > 0.
+warm-up applies to all of them. A global batch other than the config's reference is handled before
+this (batch_scaling.py): the lr and step counts here are already the effective ones.
 """
 from __future__ import annotations
 
@@ -44,14 +44,10 @@ def lr_multiplier(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
     return multiplier
 
 
-def batch_lr_scale(cfg: OptimConfig, global_batch: int) -> float:
-    return global_batch / cfg.lr_reference_batch if cfg.lr_reference_batch > 0 else 1.0
-
-
-def build_optimizer(cfg: OptimConfig, trunk: nn.Module, heads: List[nn.Module], encoder_lr_scale: float,
-                    global_batch: int) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimConfig, trunk: nn.Module, heads: List[nn.Module],
+                    encoder_lr_scale: float) -> torch.optim.Optimizer:
     """AdamW with two groups: the encoder (lr x encoder_lr_scale; absent when 0) and the heads in training."""
-    lr = cfg.lr * batch_lr_scale(cfg, global_batch)
+    lr = cfg.lr
     groups: List[Dict] = []
     if encoder_lr_scale > 0:
         groups.append({"params": [p for p in trunk.parameters() if p.requires_grad],

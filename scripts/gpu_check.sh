@@ -51,7 +51,7 @@ for doublets in "${BIG[@]}"; do
   for layout in false true; do
     echo "== bench.step: $doublets doublets/step, channels_last=$layout" | tee -a "$OUT/bench_step.txt"
     $PY -m mclfir_dist.bench.step --config configs/paper_gpu.yaml --steps $STEPS --warmup $WARM \
-        --project-steps 275000 --out "$OUT/bench_run" "${COMMON[@]}" data.batch_doublets=$doublets \
+        --project-doublets 4400000 --out "$OUT/bench_run" "${COMMON[@]}" data.batch_doublets=$doublets \
         model.channels_last=$layout 2>&1 | grep -v WARN | tail -9 | tee -a "$OUT/bench_step.txt"
   done
 done

@@ -7,10 +7,11 @@ def test_bench_step_reports_every_part_and_the_ratios(tiny_shards, tmp_path, cap
     results = main(["--config", str(ROOT / "configs/debug_cpu.yaml"), "--steps", "2", "--warmup", "1",
                     "--out", str(tmp_path / "run"), f"data.shards={tiny_shards}", "data.image_size=32",
                     "data.batch_doublets=8", "data.num_workers=0", "model.head_channels=32", "model.embed_dim=16",
-                    "model.channels_last=true", "eval.frozen_baseline=false", "--project-steps", "1000"])
+                    "model.channels_last=true", "eval.frozen_baseline=false", "--project-doublets", "1000"])
     out = capsys.readouterr().out
     for part in ("model", "step", "loader", "end2end"):
         assert results[part] > 0 and f"  {part} " in out
     assert "end2end/step" in out and "loader/step" in out and "channels_last True" in out
     assert results["after_step_ms"] > 0 and "EMA teacher update" in out
-    assert results["projected_hours"] > 0 and "1000 steps at the end-to-end rate" in out
+    assert "1000 doublets (125 steps of 8) at the end-to-end rate" in out
+    assert abs(results["projected_hours"] - 2000 / results["end2end"] / 3600) < 1e-9

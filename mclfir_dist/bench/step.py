@@ -10,7 +10,7 @@ In one run, on the config's first increment with distillation (the second if the
              drained), then --steps batches (at least 50 on a GPU) timed
   end2end    the engine's step fed by the real loader (after --warmup steps)
 It prints images/s for each and the ratios end2end/step and loader/step (>= 1: the input keeps up), the
-method's after-step time (MCL-FIR: the EMA update) and, with --project-steps, the hours a run would take.
+method's after-step time (MCL-FIR: the EMA update) and, with --project-doublets, the hours a run would take.
 Numbers only; nothing is asserted. Runs on CPU at tiny size (tested) and on a GPU at paper size.
 """
 from __future__ import annotations
@@ -34,9 +34,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=50, help="timed steps / batches of each part")
     ap.add_argument("--warmup", type=int, default=10, help="untimed steps / batches before each part")
     ap.add_argument("--out", default="runs/bench_step", help="scratch run directory")
-    ap.add_argument("--project-steps", type=int, default=0, metavar="N",
-                    help="also print the hours N steps would take at the measured end-to-end rate "
-                         "(the paper's 22 tasks x 12,500 steps: 275000)")
+    ap.add_argument("--project-doublets", type=int, default=0, metavar="N",
+                    help="also print the hours N training doublets would take at the measured end-to-end rate, "
+                         "whatever the batch (the paper's 22 tasks x 12,500 steps x 16 doublets: 4400000)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     from ..config import load_config
@@ -47,6 +47,7 @@ def main(argv=None) -> dict:
     cfg = load_config(args.config, list(args.overrides) + ["train.checkpoint_every=0", "eval.grid_queries=0",
                                                            f"train.log_every={10 ** 9}"])
     trainer = Trainer(cfg, args.out)
+    cfg = trainer.cfg   # effective (train.reference_batch_doublets may have scaled it)
     rt = trainer.runtime
     incs = cfg.train.increments
     index = 1 if len(incs) > 1 else 0
@@ -135,9 +136,11 @@ def main(argv=None) -> dict:
     results["loader/step"] = results["loader"] / results["step"]
     print(f"  end2end/step {results['end2end/step']:.2f}   loader/step {results['loader/step']:.2f}")
     print(f"  {cfg.train.method} after_step (EMA teacher update for mclfir): {results['after_step_ms']:.3f} ms")
-    if args.project_steps:
-        results["projected_hours"] = args.project_steps * images_per_step / results["end2end"] / 3600
-        print(f"  {args.project_steps} steps at the end-to-end rate: {results['projected_hours']:.2f} h")
+    if args.project_doublets:
+        steps = -(-args.project_doublets // (images_per_step // 2))
+        results["projected_hours"] = 2 * args.project_doublets / results["end2end"] / 3600
+        print(f"  {args.project_doublets} doublets ({steps} steps of {images_per_step // 2}) at the end-to-end "
+              f"rate: {results['projected_hours']:.2f} h")
     return results
 
 
