@@ -167,6 +167,12 @@ class TrainConfig:
     log_every: int = _f(20, "Print/log every N steps (loss values are read from the device only then).")
     compile: bool = _f(False, "torch.compile the trunk and the heads in place (module.compile(); state_dict keys "
                               "unchanged). Pays a compile time at start.")
+    compile_mode: str = _f("default", "torch.compile mode with train.compile: default | reduce-overhead (CUDA "
+                                      "graphs: fewer kernel launches for small batches on a GPU) | max-autotune "
+                                      "| max-autotune-no-cudagraphs.")
+    compile_backend: str = _f("inductor", "torch.compile backend with train.compile: inductor (generates fused "
+                                          "kernels) | aot_eager | eager (no code generation: to bisect a compile "
+                                          "problem, or test the compiled path quickly).")
     deterministic: bool = _f(False, "Deterministic algorithms (torch.use_deterministic_algorithms, cuDNN "
                                     "deterministic, CUBLAS_WORKSPACE_CONFIG), so that resume is bit-exact on CUDA "
                                     "too; an op without a deterministic kernel then stops the run naming it.")
@@ -204,6 +210,8 @@ CHOICES = {
     "model.trunk_bn": ("train", "frozen"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "optim.lr_scaling": ("sqrt", "linear", "none"),
+    "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    "train.compile_backend": ("inductor", "aot_eager", "eager"),
     "eval.split": ("val", "test"),
 }
 

@@ -66,7 +66,7 @@ class Trainer:
         seed_everything(cfg.train.seed)  # same initial weights on every rank (the teacher copies them)
         self.model: MCLFIRModel = build_model(cfg.model, cfg.data.image_size, rt.device)
         if cfg.train.compile:
-            self.model.compile_in_place()
+            self.model.compile_in_place(cfg.train.compile_mode, cfg.train.compile_backend)
         self.method = build_method(cfg, rt)
         self.method.setup(self.model)
         increments = cfg.train.increments   # plans are pure functions of the config: the whole run's steps
@@ -118,7 +118,7 @@ class Trainer:
             seed_everything(cfg.train.seed)   # the initial (pretrained) model again
             self.model = build_model(cfg.model, cfg.data.image_size, self.runtime.device)
             if cfg.train.compile:
-                self.model.compile_in_place()
+                self.model.compile_in_place(cfg.train.compile_mode, cfg.train.compile_backend)
         self.method.begin_increment(ctx, self.model, resuming)
         seed_everything(epoch_seed(cfg.train.seed, plan.index))  # new heads: identical on every rank
         for a in plan.train_heads:
@@ -195,7 +195,12 @@ class Trainer:
         t0 = window_start = time.time()
         window_steps = 0
         nonfinite = torch.zeros((), dtype=torch.bool, device=rt.device)
+        # compiled with CUDA graphs: each step replays them anew (outputs of the last step may be overwritten)
+        cuda_graphs = cfg.train.compile and rt.device.type == "cuda" and \
+            cfg.train.compile_mode in ("reduce-overhead", "max-autotune")
         for step in range(start_step, plan.steps):
+            if cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             if fault == (rt.rank, step):
                 raise RuntimeError(f"injected fault on rank {rt.rank} at step {step} (MCLFIR_FAULT_RANK/STEP)")
             batch = next(batches)

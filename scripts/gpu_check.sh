@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (issue: fast on the GPU). Everything it measures goes to $OUT (default
 # runs/gpu_check): bench.step at paper size (ResNet-50 to layer3, 224 px, bf16) with the torch_gpu loader
-# at 16 and 128 doublets per step, channels_last, the EMA update and the 22-task projection; bench.loader
-# on the GPU; the test suite on the GPU. Commit the figures under docs/results/gpu/, naming the card.
+# at 16 and 128 doublets per step, channels_last, the EMA update and the 22-task projection; bench.ema and
+# bench.loader on the GPU; the test suite on the GPU; last, train.compile (default and CUDA graphs) at 16
+# doublets. Commit the figures under docs/results/gpu/, naming the card.
 #
 # Here, first (downloads the small wheels the GPU machine lacks into the git-ignored .gpu_wheels/):
 #   bash scripts/gpu_check.sh --prepare
@@ -55,11 +56,23 @@ for doublets in "${BIG[@]}"; do
         model.channels_last=$layout 2>&1 | grep -v WARN | tail -9 | tee -a "$OUT/bench_step.txt"
   done
 done
+echo "== bench.ema" | tee "$OUT/bench_ema.txt"
+EMA_DEVICE=cuda; [ "${TINY:-0}" = 1 ] && EMA_DEVICE=cpu
+$PY -m mclfir_dist.bench.ema --device $EMA_DEVICE 2>&1 | grep -v WARN | tee -a "$OUT/bench_ema.txt"
 echo "== bench.loader" | tee "$OUT/bench_loader.txt"
 $PY -m mclfir_dist.bench.loader --shards $SHARDS "${LOADER_ARGS[@]}" 2>&1 | grep -v WARN | tee -a "$OUT/bench_loader.txt"
 if [ "${TINY:-0}" != 1 ]; then
   echo "== tests on the GPU" | tee "$OUT/tests.txt"
   timeout 300 $PY -m pytest -q -x -p no:cacheprovider tests/test_loader_device.py tests/test_e2e.py \
       tests/test_loss.py tests/test_teacher.py tests/test_model.py 2>&1 | tail -15 | tee -a "$OUT/tests.txt" || true
+fi
+if [ "${TINY:-0}" != 1 ] && [ "${COMPILE:-1}" = 1 ]; then   # last: compile time is long and least sure
+  for mode in default reduce-overhead; do
+    echo "== bench.step: 16 doublets/step, channels_last, train.compile mode $mode" | tee -a "$OUT/bench_compile.txt"
+    timeout 240 $PY -m mclfir_dist.bench.step --config configs/paper_gpu.yaml --steps $STEPS --warmup $WARM \
+        --project-doublets 4400000 --out "$OUT/bench_run" "${COMMON[@]}" data.batch_doublets=16 \
+        model.channels_last=true train.compile=true train.compile_mode=$mode 2>&1 | grep -v WARN | tail -9 \
+        | tee -a "$OUT/bench_compile.txt" || true
+  done
 fi
 echo "figures in $OUT"

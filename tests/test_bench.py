@@ -15,3 +15,11 @@ def test_bench_step_reports_every_part_and_the_ratios(tiny_shards, tmp_path, cap
     assert results["after_step_ms"] > 0 and "EMA teacher update" in out
     assert "1000 doublets (125 steps of 8) at the end-to-end rate" in out
     assert abs(results["projected_hours"] - 2000 / results["end2end"] / 3600) < 1e-9
+
+
+def test_bench_ema_times_the_update_against_the_previous_one_and_a_loop(capsys):
+    from mclfir_dist.bench.ema import main
+    results = main(["--trunk", "resnet18", "--image-size", "32", "--updates", "2", "--warmup", "1", "--host-only"])
+    out = capsys.readouterr().out
+    assert set(results) == {"teacher.update", "previous", "loop"} and all(v > 0 for v in results.values())
+    assert "host only" in out and "previous/this" in out

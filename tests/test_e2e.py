@@ -103,6 +103,26 @@ def test_train_module_entry_point_errors_cleanly(tmp_path):
     assert p.returncode == 2 and "train.nonsense" in p.stderr and "Traceback" not in p.stderr
 
 
+@pytest.mark.parametrize("method", ["mclfir", "lwf"])
+def test_compiled_run_equals_the_eager_run(tiny_shards, tmp_path, method):
+    """train.compile with the aot_eager backend traces trunk, heads, the EMA teacher (or LwF's snapshot)
+    and their backward exactly as inductor would, without code generation: the run must equal the eager
+    one (a copied compiled module running the original's weights, i.e. a teacher equal to the student,
+    would change the result), and checkpoints keep their keys."""
+    import torch
+    short = tiny_train_overrides(tiny_shards, steps=4) + [f"train.method={method}", "eval.grid_queries=0",
+                                                          "eval.frozen_baseline=false", "train.log_every=2"]
+    eager = train(load_config(ROOT / "configs/debug_cpu.yaml", short), tmp_path / "eager")
+    compiled = train(load_config(ROOT / "configs/debug_cpu.yaml", short + ["train.compile=true",
+                                                                           "train.compile_backend=aot_eager"]),
+                     tmp_path / "compiled")
+    assert compiled["accuracy_matrix"] == eager["accuracy_matrix"]
+    a, b = (torch.load(tmp_path / r / "checkpoints" / "increment_01.pt", weights_only=True) for r in ("eager", "compiled"))
+    assert list(a["model"]) == list(b["model"]) and not any("_orig_mod" in k for k in b["model"])
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("method", ["finetune", "lwf", "frozen", "static_joint"])
 def test_baseline_methods_run_in_the_same_engine(tiny_shards, tmp_path, method):
     import torch

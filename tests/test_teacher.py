@@ -24,7 +24,59 @@ def test_update_matches_formula_and_copies_buffers():
         torch.testing.assert_close(t, 0.9 * b + 0.1 * s, rtol=0, atol=1e-6)
     for tb, sb in zip(teacher.module.buffers(), student.buffers()):
         assert torch.equal(tb, sb)
-    assert int(teacher.num_updates) == 1
+    assert teacher.updates == 1 and int(teacher.num_updates) == 1
+
+
+def test_repeated_updates_track_the_same_student_tensors_and_a_new_student_is_picked_up():
+    """The tensor lists are cached: later in-place changes of the student must still be seen, and a
+    different student object (a rebuilt model) must be listed again, not the cached one used."""
+    student = make_encoder()
+    teacher = EMATeacher(student, decay=0.5)
+    reference = [p.detach().clone() for p in teacher.module.parameters()]
+    for _ in range(3):
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(1.0)
+            student[1].running_mean.add_(1.0)
+        teacher.update(student)
+        reference = [0.5 * r + 0.5 * s.detach() for r, s in zip(reference, student.parameters())]
+    for t, r in zip(teacher.module.parameters(), reference):
+        torch.testing.assert_close(t, r)
+    assert torch.equal(teacher.module[1].running_mean, student[1].running_mean)
+    other = make_encoder()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.fill_(7.0)
+    teacher.update(other)
+    for t, r in zip(teacher.module.parameters(), reference):
+        torch.testing.assert_close(t, 0.5 * r + 3.5)
+
+
+def test_a_student_in_another_dtype_is_converted():
+    student = make_encoder()
+    teacher = EMATeacher(student, decay=0.75)
+    before = [p.detach().clone() for p in teacher.module.parameters()]
+    half = make_encoder().to(torch.bfloat16)
+    teacher.update(half)
+    for t, b, s in zip(teacher.module.parameters(), before, half.parameters()):
+        assert t.dtype == torch.float32
+        torch.testing.assert_close(t, 0.75 * b + 0.25 * s.float(), rtol=0, atol=1e-6)
+
+
+def test_a_compiled_encoder_gets_a_teacher_with_its_own_weights():
+    """The teacher is a deepcopy of a module.compile()'d trunk: its compiled call must run the copy's
+    weights, not the student's (else the teacher equals the student and distillation is void)."""
+    from mclfir_dist.model.mclfir import compile_module
+    student = make_encoder().eval()
+    compile_module(student, backend="eager")   # inductor would only add compile time here
+    teacher = EMATeacher(student, decay=0.9)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert not torch.allclose(teacher(x), student(x))
+        torch.testing.assert_close(teacher(x), teacher.module._call_impl(x))   # compiled == eager, own weights
 
 
 def test_warmup_is_a_linear_ramp_to_the_decay_and_matches_a_reference_recursion():

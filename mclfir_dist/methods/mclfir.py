@@ -16,6 +16,9 @@ class MCLFIR(Method):
         self.teacher.to(self.runtime.device)
         self.kd = DISTILLATIONS.get(self.cfg.loss.kd_type)
 
+    def begin_increment(self, ctx: IncrementContext, model, resuming: bool) -> None:
+        self.teacher.forget_tensor_lists()   # the increment's prepare() may move or cast the student
+
     def distillation(self, ctx: IncrementContext, model, out: StepOutput) -> List[LossTerm]:
         if self.cfg.loss.kd_weight <= 0 or (self.kd.needs_old_heads and not ctx.old_attributes):
             return []

@@ -11,6 +11,11 @@ from .heads import AttributeHead
 from .trunks import build_trunk
 
 
+def compile_module(module: nn.Module, mode: str = "default", **options) -> None:
+    """module.compile() in place (state_dict keys unchanged); `options` go to torch.compile."""
+    module.compile(mode=None if mode == "default" else mode, **options)
+
+
 class MCLFIRModel(nn.Module):
     def __init__(self, trunk: nn.Module, trunk_channels: int, head_channels: int = 256, embed_dim: int = 128,
                  trunk_bn: str = "train"):
@@ -22,14 +27,15 @@ class MCLFIRModel(nn.Module):
         self.heads = nn.ModuleDict()
         self.frozen: List[str] = []
         self.train_trunk = True
-        self.compile_modules = False
+        self.compile_options: dict = {}   # how trunk and heads were compiled (new heads too); {} = not compiled
 
-    def compile_in_place(self) -> None:
-        """torch.compile the trunk and every head (present and future) without changing state_dict keys."""
-        self.compile_modules = True
-        self.trunk.compile()
+    def compile_in_place(self, mode: str = "default", backend: str = "inductor") -> None:
+        """torch.compile the trunk and every head (present and future) without changing state_dict keys.
+        mode: torch.compile's (reduce-overhead = CUDA graphs, for launch-bound small batches)."""
+        self.compile_options = {"mode": mode, "backend": backend}
+        compile_module(self.trunk, mode, backend=backend)
         for head in self.heads.values():
-            head.compile()
+            compile_module(head, mode, backend=backend)
 
     @property
     def attributes(self) -> List[str]:
@@ -44,8 +50,8 @@ class MCLFIRModel(nn.Module):
         if reference.dim() == 4 and reference.is_contiguous(memory_format=torch.channels_last) \
                 and not reference.is_contiguous():
             head.to(memory_format=torch.channels_last)   # the model is channels-last: so is every new head
-        if self.compile_modules:
-            head.compile()
+        if self.compile_options:
+            compile_module(head, **self.compile_options)
         self.heads[attribute] = head
         return head
 
