@@ -137,7 +137,7 @@ def test_dali_training_run_matches_torch_loader_map(tiny_shards, tmp_path):
     for loader in final:
         for seed in (0, 1, 2):
             cfg = load_config(ROOT / "configs/debug_cpu.yaml",
-                              tiny_train_overrides(tiny_shards, steps=150) + [f"data.loader={loader}", f"train.seed={seed}",
+                              tiny_train_overrides(tiny_shards, steps=80) + [f"data.loader={loader}", f"train.seed={seed}",
                                                                               "eval.grid_queries=0", "eval.frozen_baseline=false"])
             res = train(cfg, tmp_path / f"{loader}{seed}")
             assert res["loader"] == loader
