@@ -208,9 +208,11 @@ class Trainer:
             images = batch["images"].to(rt.device, non_blocking=True)
             if cfg.model.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            task, value = batch["task"].to(rt.device), batch["value"].to(rt.device)
+            task = batch["task"].to(rt.device, non_blocking=True)     # pinned by the loader on CUDA
+            value = batch["value"].to(rt.device, non_blocking=True)
+            task_counts = torch.bincount(batch["task"], minlength=len(plan.train_heads)).tolist()   # on the host
             with acc.autocast():
-                emb, pooled, fmap = model(images, task, plan.train_heads)
+                emb, pooled, fmap = model(images, task, plan.train_heads, task_counts)
                 nce, stats = loss_fn(emb, value, task, positive_index(emb.shape[0], rt.device))
                 terms = self.method.distillation(ctx, unwrapped, StepOutput(batch, images, emb, pooled, fmap))
                 loss = nce

@@ -83,3 +83,27 @@ def test_trunk_batchnorm_mode(trunk_bn):
     opt.step()
     assert not torch.equal(bn.weight.detach(), weight_before)
     assert torch.equal(bn.running_mean, stats_before) == (trunk_bn == "frozen")
+
+
+def test_rows_are_routed_to_their_heads_with_or_without_host_counts():
+    """Each row is embedded by its task's head, whatever the order of the rows; the host-count path
+    (argsort + host slices, no device read) equals the counted one and a row-by-row reference.
+    Heads run in eval mode here so that a row's embedding does not depend on which rows share its call."""
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(trunk="resnet18", head_channels=32, embed_dim=16), 32)
+    for a in ("a", "b", "c"):
+        m.add_head(a)
+    m.eval()
+    x = torch.randn(10, 3, 32, 32)
+    task = torch.tensor([2, 0, 2, 1, 0, 0, 2, 1, 2, 0])
+    counts = torch.bincount(task, minlength=3).tolist()
+    with torch.no_grad():
+        counted, _, fmap = m(x, task, ["a", "b", "c"])
+        routed, _, _ = m(x, task, ["a", "b", "c"], counts)
+        reference = torch.stack([m.heads["abc"[t]](fmap[i:i + 1])[0] for i, t in enumerate(task.tolist())])
+        torch.testing.assert_close(routed, reference)
+        assert torch.equal(routed, counted)
+        one, _, _ = m(x, torch.zeros(10, dtype=torch.long), ["b"], [10])   # one head for all rows: no routing
+        torch.testing.assert_close(one, m.heads["b"](fmap))
+        missing, _, _ = m(x, torch.full((10,), 1), ["a", "b"], [0, 10])  # a task with no rows is skipped
+        torch.testing.assert_close(missing, m.heads["b"](fmap))

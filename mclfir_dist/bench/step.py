@@ -28,6 +28,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def increment_with_distillation(trainer):
+    """(index, plan, context) of the config's second increment (the first if there is one): the earlier
+    increments' heads are added, so the method's distillation through them runs as in a real run."""
+    from ..methods import IncrementContext
+    incs = trainer.cfg.train.increments
+    index = 1 if len(incs) > 1 else 0
+    old = [a for prev in incs[:index] for a in prev.attributes]
+    plan = trainer.method.plan(index, incs[index].name, list(incs[index].attributes), old)
+    for a in old:
+        if a not in trainer.model.heads:
+            trainer.model.add_head(a)
+    return index, plan, IncrementContext(plan, old)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
@@ -43,20 +57,12 @@ def main(argv=None) -> dict:
     from ..data import build_train_loader
     from ..data.streams import epoch_seed
     from ..engine import Trainer
-    from ..methods import IncrementContext
     cfg = load_config(args.config, list(args.overrides) + ["train.checkpoint_every=0", "eval.grid_queries=0",
                                                            f"train.log_every={10 ** 9}"])
     trainer = Trainer(cfg, args.out)
     cfg = trainer.cfg   # effective (train.reference_batch_doublets may have scaled it)
     rt = trainer.runtime
-    incs = cfg.train.increments
-    index = 1 if len(incs) > 1 else 0
-    old = [a for prev in incs[:index] for a in prev.attributes]
-    plan = trainer.method.plan(index, incs[index].name, list(incs[index].attributes), old)
-    for a in old:   # the earlier increments' heads, frozen, so distillation through them runs
-        if a not in trainer.model.heads:
-            trainer.model.add_head(a)
-    ctx = IncrementContext(plan, old)
+    index, plan, ctx = increment_with_distillation(trainer)
     model, optimizer, scheduler, _, _ = trainer.setup_increment(plan, ctx)
     loader = build_train_loader(cfg.data, trainer.attribute_manifest[plan.train_heads[0]], plan.train_heads,
                                 rt.rank, rt.world, epoch_seed(cfg.train.seed, index), trainer.loader_name, rt.device)
@@ -98,10 +104,11 @@ def main(argv=None) -> dict:
     if cfg.model.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     task = on_device["task"]
+    task_counts = torch.bincount(batch["task"], minlength=len(plan.train_heads)).tolist()
 
     def model_step():
         with rt.acc.autocast():
-            emb, _, _ = model(images, task, plan.train_heads)
+            emb, _, _ = model(images, task, plan.train_heads, task_counts)
             loss = emb.float().pow(2).mean()
         rt.acc.backward(loss)
         optimizer.step()

@@ -37,13 +37,13 @@ def _torch_train(cfg, manifest, columns, rank, world, seed, device=None, start_b
     from .loader_torch import DoubletStream, make_loader
     stream = DoubletStream(manifest.shard_files("train"), columns, cfg.batch_doublets, transform_spec(cfg),
                            rank, world, seed, cfg.shuffle_buffer, start_batch, cfg.task_sampling == "rotate")
-    return make_loader(stream, cfg.num_workers)
+    return make_loader(stream, cfg.num_workers, device)
 
 
 def _torch_eval(cfg, manifest, split, rank, world, device=None, keys=None):
     from .loader_torch import EvalStream, make_loader
     return make_loader(EvalStream(manifest.shard_files(split), transform_spec(cfg), cfg.eval_batch_size, rank, world,
-                                  keys), cfg.num_workers)
+                                  keys), cfg.num_workers, device)
 
 
 def _dali_available():

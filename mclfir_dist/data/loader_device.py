@@ -210,7 +210,7 @@ class DeviceDoubletBatches:
         normalise = train_transforms(self.stream.spec)[1]
         pending_skipped: List[str] = []
         produced = 0
-        for raw in make_loader(self.stream, self.num_workers):
+        for raw in make_loader(self.stream, self.num_workers, self.device):
             jpegs, params = raw.pop("jpegs"), raw.pop("augment")
             pending_skipped += raw.pop("skipped")
             images, bad = decode_batch(jpegs, raw["keys"], self.device)

@@ -202,6 +202,9 @@ def collate_eval(rows: List[dict]) -> Dict:
             "keys": [r["key"] for r in rows]}
 
 
-def make_loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers,
+def make_loader(dataset: IterableDataset, num_workers: int, device=None) -> DataLoader:
+    """For a CUDA `device` the batches come in pinned memory, so that their copies to the device are
+    asynchronous (a copy from pageable memory may wait for the device)."""
+    pin = device is not None and torch.device(device).type == "cuda"
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin,
                       persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)

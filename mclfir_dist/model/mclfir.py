@@ -78,17 +78,30 @@ class MCLFIRModel(nn.Module):
                     m.eval()
         return self
 
-    def forward(self, images: torch.Tensor, task: torch.Tensor, attributes: Sequence[str]
-                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, task: torch.Tensor, attributes: Sequence[str],
+                task_counts: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Embed row i with the head of attributes[task[i]].
 
+        task_counts: rows per task, known on the host (the batch's task tensor on the CPU); with it, rows
+        are routed by a stable sort of `task` and host-known slices, so no shape depends on device values
+        (no device sync). Without it they are counted here, which reads `task` back from the device.
         Returns (embeddings B x D, pooled trunk features B x C, trunk feature map)."""
         fmap = self.trunk(images)
-        emb = fmap.new_zeros(images.shape[0], self.embed_dim)
-        for t, name in enumerate(attributes):
-            rows = (task == t).nonzero(as_tuple=True)[0]
-            if rows.numel():
-                emb = emb.index_copy(0, rows, self.heads[name](fmap.index_select(0, rows)).to(emb.dtype))
+        if task_counts is None:
+            task_counts = torch.bincount(task, minlength=len(attributes)).tolist()
+        rows_total = images.shape[0]
+        present = [(t, n) for t, n in enumerate(task_counts) if n]
+        if len(present) == 1 and present[0][1] == rows_total:   # one head for the whole batch
+            emb = self.heads[attributes[present[0][0]]](fmap)
+        else:
+            order = torch.argsort(task, stable=True)   # rows of task 0, then task 1, ...
+            emb = fmap.new_zeros(rows_total, self.embed_dim)
+            start = 0
+            for t, n in enumerate(task_counts):
+                if n:
+                    rows = order[start:start + n]
+                    emb = emb.index_copy(0, rows, self.heads[attributes[t]](fmap.index_select(0, rows)).to(emb.dtype))
+                start += n
         return emb, fmap.mean(dim=(2, 3)), fmap
 
     @torch.no_grad()
