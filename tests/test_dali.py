@@ -60,6 +60,19 @@ def test_training_epochs_split_by_rank_and_reshuffle(tiny_shards):
     assert epochs[0][0] != epochs[0][1]  # the next epoch comes in another order
 
 
+def test_a_batch_larger_than_a_ranks_share_of_the_split_still_trains(tiny_shards):
+    """DALI drops partial training batches, so a decode batch above the rank's share of samples used to
+    yield nothing ("no data in the pipeline"); the doublet batch itself may be that large."""
+    from mclfir_dist.data import build_train_loader
+    m = Manifest.load(tiny_shards)
+    doublets = m.count("train") // 2 + 10       # 2 x doublets images > the whole split
+    cfg = DataConfig(image_size=32, batch_doublets=doublets, teacher_view="same", dali_threads=2)
+    batch = next(iter(build_train_loader(cfg, m, ["colour"], 0, 1, seed=0, loader="dali")))
+    keys = batch["keys"]
+    assert batch["images"].shape[0] == 2 * doublets
+    assert all(keys[i] != keys[i + doublets] for i in range(doublets))   # nothing is its own positive
+
+
 def test_deterministic_images_match_torch_within_tolerance(tiny_shards):
     m = Manifest.load(tiny_shards)
     cfg = DataConfig(image_size=32, eval_batch_size=40)

@@ -188,3 +188,15 @@ def test_the_prefetch_thread_keeps_order_and_hands_over_errors(tiny_shards, tmp_
     broken.stream.shards = [tmp_path / "missing.tar"]
     with pytest.raises(Exception, match="missing.tar"):
         next(iter(broken))
+
+
+def test_augmentation_seeding_draws_what_torch_manual_seed_draws():
+    """seed_augmentation seeds only the CPU generator (no queued CUDA seeding in the workers): the
+    transforms must draw exactly what they drew under torch.manual_seed."""
+    from mclfir_dist.data.loader_torch import seed_augmentation
+    torch.manual_seed(1234)
+    expected = (torch.rand(5), torch.randint(0, 100, (3,)))
+    torch.manual_seed(99)
+    seed_augmentation(1234)
+    drawn = (torch.rand(5), torch.randint(0, 100, (3,)))
+    assert all(torch.equal(a, b) for a, b in zip(expected, drawn))

@@ -6,6 +6,8 @@
 - pil:   the common practice (webdataset + PIL + torchvision.transforms, DataLoader workers);
 - torch_gpu: workers read and pair, the main process decodes the batch with one decode_jpeg call and
   augments on the device (--device cuda; on CPU it runs on CPU tensors, for comparison only);
+- gpu_feed: torch_gpu's CPU side alone (workers read, pair, parse JPEG headers, draw augmentations; no
+  decode): the ceiling these workers put on what a GPU can be fed;
 - dali:  our DALI loader (fn.readers.webdataset; CPU decode, or nvJPEG `mixed` with --device cuda).
 All do decode -> resize -> random crop -> flip -> normalise into batches of --batch images; the
 torch and DALI rows include our doublet pairing. Prints numbers and ratios; asserts nothing.
@@ -80,6 +82,10 @@ def bench_one(manifest: Manifest, size: int, batch: int, workers: int, n_batches
     gpu = build_train_loader(cfg, manifest, [manifest.attributes[0]], 0, 1, seed=0, loader="torch_gpu",
                              device=dev or "cpu")
     out["torch_gpu"] = _time(gpu, n_batches, lambda b: b["images"].shape[0])
+    # its CPU side alone (read, shuffle, pair, JPEG header sizes, augmentation draws; no decode): the most
+    # images/s these workers can hand a GPU, whatever nvJPEG does
+    from ..data.loader_torch import make_loader
+    out["gpu_feed"] = _time(make_loader(gpu.stream, gpu.num_workers), n_batches, lambda b: len(b["keys"]))
     ok, why = LOADERS.get("dali").available()
     if ok:
         dali = build_train_loader(cfg, manifest, [manifest.attributes[0]], 0, 1, seed=0, loader="dali", device=dev)
@@ -109,7 +115,8 @@ def report(name: str, r: dict) -> None:
     print(f"\n[{name}]")
     for k, v in r.items():
         print(f"  {k:9s} {v:8.1f} images/s")
-    for a, b in (("dali", "torch"), ("dali", "pil"), ("torch_gpu", "torch"), ("torch_gpu", "pil")):
+    for a, b in (("dali", "torch"), ("dali", "pil"), ("torch_gpu", "torch"), ("torch_gpu", "pil"),
+                 ("gpu_feed", "torch")):
         if a in r and b in r:
             print(f"  {a}/{b} ratio: {r[a] / r[b]:.2f}")
 

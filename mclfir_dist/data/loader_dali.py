@@ -230,7 +230,10 @@ class DaliSampleSource:
 
     def _iterator(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-        pipe = _build_pipeline(self.shards, self.index_files, self.spec, self.batch_size, self.rank, self.world,
+        # DALI's batch is only the decode unit (pairing comes after), but a training pass that drops partial
+        # batches yields nothing when it exceeds this rank's share of samples: cap it there
+        batch_size = max(1, min(self.batch_size, len(self.keys) // self.world)) if self.train else self.batch_size
+        pipe = _build_pipeline(self.shards, self.index_files, self.spec, batch_size, self.rank, self.world,
                                self.seed % (2 ** 31), self.train, self.threads, self.device_id, self.shuffle_buffer)
         return DALIGenericIterator([pipe], self.OUTPUTS, reader_name="Reader", auto_reset=False,
                                    last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL)

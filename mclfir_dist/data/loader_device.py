@@ -31,6 +31,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
 from .loader_torch import (DoubletStream, EvalStream, TransformSpec, collate_eval, eval_transform, make_loader,
+                           seed_augmentation,
                            train_transforms)
 from .pairing import collate_doublets
 
@@ -90,7 +91,7 @@ class AugmentationDraws:
         return torch.zeros((), dtype=torch.uint8).expand(3, height, width)   # make_params reads shapes only
 
     def __call__(self, seed: int, height: int, width: int) -> dict:
-        torch.manual_seed(seed)
+        seed_augmentation(seed)
         size = resized_size(height, width, self.spec.resize)
         crop = self.crop.make_params([self._shape(*size)])
         flip = self.flip is not None and bool(torch.rand(1) < self.flip.p)   # its forward(): skip if rand >= p
