@@ -10,12 +10,10 @@ w updates; it tracks the student closely while the student still moves fast."""
 from __future__ import annotations
 
 import copy
-
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
-
 
 
 class _UpdateLists:
@@ -31,7 +29,10 @@ class _UpdateLists:
         self.same_dtype = all(s.dtype == t.dtype for s, t in zip(self.s_params, self.t_params))
         # foreach ops take one dtype per call: BN's float statistics and its long counters apart
         groups: Dict[Tuple[torch.dtype, torch.dtype], Tuple[List[torch.Tensor], List[torch.Tensor]]] = {}
-        for t, s in zip(teacher.buffers(), student.buffers()):
+        t_bufs, s_bufs = list(teacher.buffers()), list(student.buffers())
+        if len(s_bufs) != len(t_bufs):
+            raise RuntimeError(f"teacher and student encoders differ: {len(t_bufs)} vs {len(s_bufs)} buffers")
+        for t, s in zip(t_bufs, s_bufs):
             ts, ss = groups.setdefault((t.dtype, s.dtype), ([], []))
             ts.append(t)
             ss.append(s)
