@@ -285,10 +285,20 @@ UNIT_INTERVAL = ["teacher.decay", "optim.gamma", "data.build.val_fraction", "dat
                  "data.build.query_fraction"]
 
 
-# keys that existed once: a clear message for a config that still has them; dropped from old checkpoints
+# keys that existed once: at their old default (what saved run configs hold) they are dropped, so old
+# runs resume; set to anything else they stop the run with a pointer to what replaced them
 RETIRED = {"optim.lr_reference_batch": "retired; use train.reference_batch_doublets (in doublets, not images), "
                                        "which scales the lr (optim.lr_scaling) and also keeps each increment's "
                                        "sample budget"}
+RETIRED_INERT = {"optim.lr_reference_batch": 0}
+
+
+def _drop_inert_retired(node) -> None:
+    for dotted, inert in RETIRED_INERT.items():
+        section, key = dotted.split(".")
+        parent = node.get(section) if hasattr(node, "get") else None
+        if parent is not None and key in parent and parent[key] == inert:
+            del parent[key]
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> RunConfig:
@@ -301,7 +311,9 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]
             if not path.is_file():
                 raise ConfigError(f"config file not found: {path}")
             where = f" (in {path})"
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            loaded = OmegaConf.load(path)
+            _drop_inert_retired(loaded)
+            cfg = OmegaConf.merge(cfg, loaded)
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:

@@ -57,9 +57,19 @@ def test_off_by_default_and_when_the_batch_matches():
     assert scale_to_global_batch(paper, world=1) == (paper, None)
 
 
-def test_retired_key_gets_a_pointer_and_old_checkpoints_still_load():
+def test_retired_key_gets_a_pointer_and_old_runs_still_load(tmp_path):
     with pytest.raises(ConfigError, match=r"optim.lr_reference_batch.*train.reference_batch_doublets"):
         load_config(ROOT / "configs/debug_cpu.yaml", ["optim.lr_reference_batch=256"])
+    import yaml
+    saved = tmp_path / "config.yaml"    # a run directory's config.yaml from before the change: resumes
+    before = yaml.safe_load((ROOT / "configs/debug_cpu.yaml").read_text())
+    before["optim"]["lr_reference_batch"] = 0
+    saved.write_text(yaml.safe_dump(before))
+    assert load_config(saved).optim.lr == 1e-3
+    before["optim"]["lr_reference_batch"] = 256    # set: it would have changed the lr, so it is refused
+    saved.write_text(yaml.safe_dump(before))
+    with pytest.raises(ConfigError, match="optim.lr_reference_batch.*retired"):
+        load_config(saved)
     old = to_dict(load_config(ROOT / "configs/debug_cpu.yaml"))
     old["optim"]["lr_reference_batch"] = 0        # what checkpoints written before the change hold
     assert from_dict(old).optim.lr == old["optim"]["lr"]
