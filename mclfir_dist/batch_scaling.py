@@ -23,7 +23,7 @@ from typing import List, Optional, Tuple
 
 from .config import RunConfig
 
-LR_RULES = {"sqrt": lambda k: math.sqrt(k), "linear": lambda k: k, "none": lambda k: 1.0}
+LR_RULES = {"sqrt": math.sqrt, "linear": lambda k: k, "none": lambda k: 1.0}
 
 
 def _steps(value: int, k: float, round_up: bool = False) -> int:

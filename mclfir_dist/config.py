@@ -285,16 +285,15 @@ UNIT_INTERVAL = ["teacher.decay", "optim.gamma", "data.build.val_fraction", "dat
                  "data.build.query_fraction"]
 
 
-# keys that existed once: at their old default (what saved run configs hold) they are dropped, so old
-# runs resume; set to anything else they stop the run with a pointer to what replaced them
-RETIRED = {"optim.lr_reference_batch": "retired; use train.reference_batch_doublets (in doublets, not images), "
-                                       "which scales the lr (optim.lr_scaling) and also keeps each increment's "
-                                       "sample budget"}
-RETIRED_INERT = {"optim.lr_reference_batch": 0}
+# keys that existed once: (what replaced them, their old default). At the old default (what saved run
+# configs hold) they are dropped, so old runs resume; set to anything else they stop the run with the pointer
+RETIRED = {"optim.lr_reference_batch": ("retired; use train.reference_batch_doublets (in doublets, not images), "
+                                        "which scales the lr (optim.lr_scaling) and also keeps each increment's "
+                                        "sample budget", 0)}
 
 
 def _drop_inert_retired(node) -> None:
-    for dotted, inert in RETIRED_INERT.items():
+    for dotted, (_, inert) in RETIRED.items():
         section, key = dotted.split(".")
         parent = node.get(section) if hasattr(node, "get") else None
         if parent is not None and key in parent and parent[key] == inert:
@@ -324,7 +323,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]
         obj: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or getattr(e, "key", None)
-        msg = RETIRED.get(str(key)) or str(e).splitlines()[0]
+        msg = RETIRED[str(key)][0] if str(key) in RETIRED else str(e).splitlines()[0]
         raise ConfigError(f"config key '{key}'{where}: {msg}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None

@@ -33,9 +33,8 @@ class MCLFIRModel(nn.Module):
         """torch.compile the trunk and every head (present and future) without changing state_dict keys.
         mode: torch.compile's (reduce-overhead = CUDA graphs, for launch-bound small batches)."""
         self.compile_options = {"mode": mode, "backend": backend}
-        compile_module(self.trunk, mode, backend=backend)
-        for head in self.heads.values():
-            compile_module(head, mode, backend=backend)
+        for module in [self.trunk, *self.heads.values()]:
+            compile_module(module, **self.compile_options)
 
     @property
     def attributes(self) -> List[str]:
