@@ -131,6 +131,10 @@ class OptimConfig:
     grad_clip: float = _f(0.0, "Clip the gradient norm to this value (0 = off).")
     lr_scaling: str = _f("sqrt", "How the lr follows a global batch k times train.reference_batch_doublets: "
                                  "sqrt (x sqrt(k), the rule for Adam) | linear (x k) | none.")
+    implementation: str = _f("auto", "AdamW kernels: fused (one kernel per update) | foreach (a few multi-tensor "
+                                     "kernels) | for_loop (one tensor at a time) | auto (fused on CUDA, where a "
+                                     "small step is bound by kernel launches; elsewhere torch's default, for_loop "
+                                     "on CPU, which keeps CPU runs bit-identical to the published ones).")
 
 
 @dataclass
@@ -210,6 +214,7 @@ CHOICES = {
     "model.trunk_bn": ("train", "frozen"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "optim.lr_scaling": ("sqrt", "linear", "none"),
+    "optim.implementation": ("auto", "fused", "foreach", "for_loop"),
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "train.compile_backend": ("inductor", "aot_eager", "eager"),
     "eval.split": ("val", "test"),

@@ -44,6 +44,16 @@ def lr_multiplier(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
     return multiplier
 
 
+def kernel_options(implementation: str, params: List[torch.Tensor]) -> Dict[str, bool]:
+    """AdamW's keyword for `optim.implementation`. Fused is one kernel per update where foreach launches
+    several multi-tensor kernels; auto takes it on CUDA, where a 32-image step is bound by launches.
+    Elsewhere auto leaves torch's default (a loop on CPU): the numbers of every published CPU run."""
+    if implementation == "auto":
+        on_cuda = bool(params) and all(p.is_floating_point() and p.device.type == "cuda" for p in params)
+        return {"fused": True} if on_cuda else {}
+    return {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[implementation]
+
+
 def build_optimizer(cfg: OptimConfig, trunk: nn.Module, heads: List[nn.Module],
                     encoder_lr_scale: float) -> torch.optim.Optimizer:
     """AdamW with two groups: the encoder (lr x encoder_lr_scale; absent when 0) and the heads in training."""
@@ -53,7 +63,9 @@ def build_optimizer(cfg: OptimConfig, trunk: nn.Module, heads: List[nn.Module],
         groups.append({"params": [p for p in trunk.parameters() if p.requires_grad],
                        "lr": lr * encoder_lr_scale, "name": "encoder"})
     groups.append({"params": [p for head in heads for p in head.parameters()], "lr": lr, "name": "heads"})
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay,
+                             **kernel_options(cfg.implementation, params))
 
 
 def build_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int):

@@ -183,13 +183,16 @@ def test_static_final_only_estimates_earlier_retrainings(tiny_shards, tmp_path):
     assert "| 1.00* " in table and "not run" in table
 
 
-@pytest.mark.parametrize("loader", ["torch", "dali", "torch_gpu"])
-def test_run_killed_mid_increment_resumes_exactly(tiny_shards, tmp_path, monkeypatch, loader):
+@pytest.mark.parametrize("loader,optimizer", [("torch", "auto"), ("dali", "auto"), ("torch_gpu", "auto"),
+                                              ("torch", "fused")])
+def test_run_killed_mid_increment_resumes_exactly(tiny_shards, tmp_path, monkeypatch, loader, optimizer):
     """Killed inside increment 0 after its step-10 checkpoint: the resumed run replays the data stream to
-    step 10 and ends bit-identical to an uninterrupted run (metrics and every weight), with either loader."""
+    step 10 and ends bit-identical to an uninterrupted run (metrics and every weight), with either loader,
+    and with the fused AdamW that CUDA runs take (its step counts live on the parameters' device)."""
     import torch
     overrides = tiny_train_overrides(tiny_shards, steps=20) + ["train.checkpoint_every=5", "eval.grid_queries=0",
-                                                               "eval.frozen_baseline=false", f"data.loader={loader}"]
+                                                               "eval.frozen_baseline=false", f"data.loader={loader}",
+                                                               f"optim.implementation={optimizer}"]
     cfg = load_config(ROOT / "configs/debug_cpu.yaml", overrides)
     reference = train(cfg, tmp_path / "uninterrupted")
     monkeypatch.setenv("MCLFIR_FAULT_RANK", "0")
@@ -198,6 +201,7 @@ def test_run_killed_mid_increment_resumes_exactly(tiny_shards, tmp_path, monkeyp
         train(cfg, tmp_path / "r")
     partial = torch.load(tmp_path / "r" / "checkpoints" / "partial.pt", map_location="cpu", weights_only=True)
     assert partial["increment"] == 0 and partial["step"] == 10 and "optimizer" in partial
+    assert all(bool(g["fused"]) == (optimizer == "fused") for g in partial["optimizer"]["param_groups"])
     monkeypatch.delenv("MCLFIR_FAULT_RANK")
     res = train(load_config(tmp_path / "r" / "config.yaml"), tmp_path / "r", resume=True)
     assert res["complete"] and [c["steps"] for c in res["cost"]] == [20, 20]

@@ -10,7 +10,8 @@ In one run, on the config's first increment with distillation (the second if the
              drained), then --steps batches (at least 50 on a GPU) timed
   end2end    the engine's step fed by the real loader (after --warmup steps)
 It prints images/s for each and the ratios end2end/step and loader/step (>= 1: the input keeps up), the
-method's after-step time (MCL-FIR: the EMA update) and, with --project-doublets, the hours a run would take.
+method's after-step time (MCL-FIR: the EMA update), the AdamW step alone with each kernel choice
+(optim.implementation) side by side and, with --project-doublets, the hours a run would take.
 Numbers only; nothing is asserted. Runs on CPU at tiny size (tested) and on a GPU at paper size.
 """
 from __future__ import annotations
@@ -26,6 +27,23 @@ import torch
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def adamw_ms(params, implementation: str, warmup: int, steps: int, device: torch.device) -> float:
+    """ms per AdamW step with optim.implementation's kernels, on copies of `params` and their gradients."""
+    from ..optim import kernel_options
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    for copy, p in zip(copies, params):
+        copy.grad = p.grad.detach().clone()
+    opt = torch.optim.AdamW(copies, lr=1e-4, **kernel_options(implementation, copies))
+    for _ in range(max(1, warmup)):
+        opt.step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        opt.step()
+    _sync(device)
+    return 1000 * (time.perf_counter() - t0) / steps
 
 
 def increment_with_distillation(trainer):
@@ -131,6 +149,14 @@ def main(argv=None) -> dict:
         trainer.method.after_step(unwrapped)
     _sync(rt.device)
     results["after_step_ms"] = 1000 * (time.perf_counter() - t0) / args.steps
+
+    # the optimizer step alone, with each kernel choice, side by side on copies of the trained tensors
+    model_step()
+    rt.acc.backward(model(images, task, plan.train_heads, task_counts)[0].float().pow(2).mean())
+    trained = [p for p in unwrapped.parameters() if p.grad is not None]
+    results["adamw_ms"] = {impl: adamw_ms(trained, impl, args.warmup, args.steps, rt.device)
+                           for impl in ("fused", "foreach", "for_loop")}
+    optimizer.zero_grad(set_to_none=True)
     del unwrapped
 
     device = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "CPU"
@@ -143,6 +169,10 @@ def main(argv=None) -> dict:
     results["loader/step"] = results["loader"] / results["step"]
     print(f"  end2end/step {results['end2end/step']:.2f}   loader/step {results['loader/step']:.2f}")
     print(f"  {cfg.train.method} after_step (EMA teacher update for mclfir): {results['after_step_ms']:.3f} ms")
+    used = "fused" if optimizer.param_groups[0].get("fused") else \
+        "foreach" if optimizer.param_groups[0].get("foreach") else "torch default"
+    print(f"  AdamW step over {len(trained)} tensors: " +
+          ", ".join(f"{k} {v:.3f} ms" for k, v in results["adamw_ms"].items()) + f" (this run: {used})")
     if args.project_doublets:
         steps = -(-args.project_doublets // (images_per_step // 2))
         results["projected_hours"] = 2 * args.project_doublets / results["end2end"] / 3600
