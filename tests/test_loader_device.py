@@ -10,9 +10,11 @@ import webdataset as wds
 
 from mclfir_dist.config import DataConfig
 from mclfir_dist.data import choose_loader
-from mclfir_dist.data.loader_device import (RawDoubletStream, DeviceDoubletBatches, batched_perspective,
-                                            device_eval_batches)
-from mclfir_dist.data.loader_torch import DoubletStream, EvalStream, TransformSpec
+from mclfir_dist.data import loader_device
+from mclfir_dist.data.loader_device import (AugmentationDraws, RawDoubletStream, DeviceDoubletBatches,
+                                            batched_perspective, cropped_views, device_eval_batches,
+                                            transformed_together)
+from mclfir_dist.data.loader_torch import DoubletStream, EvalStream, TransformSpec, eval_transform
 from mclfir_dist.data.manifest import Manifest
 from mclfir_dist.data.shards import write_index
 from mclfir_dist.data.streams import iter_shard
@@ -62,6 +64,72 @@ def test_batched_perspective_is_torchvisions_per_image():
         ref = v2.functional.perspective(img, None, None, fill=0, coefficients=c)
         assert (ref.int() - out.int()).abs().max().item() <= 1
     assert not torch.equal(ours, images)
+
+
+def _views_one_at_a_time(images, params, side):
+    """The reference: torchvision's resize, crop and flip applied to each image on its own."""
+    from torchvision.transforms import v2
+    out = []
+    for img, p in zip(images, params):
+        img = v2.functional.resize(img, list(p["resize"]), antialias=True)
+        img = img[..., p["top"]:p["top"] + side, p["left"]:p["left"] + side]
+        out.append(img.flip(-1) if p["flip"] else img)
+    return torch.stack(out)
+
+
+def _mixed_size_batch(n, seed=0):
+    torch.manual_seed(seed)
+    sizes = [(60, 40), (48, 48), (40, 70)]
+    images = [torch.randint(0, 256, (3, *sizes[i % 3 if i % 4 else 0]), dtype=torch.uint8) for i in range(n)]
+    draws = AugmentationDraws(SPEC)
+    return images, [draws(seed * 1000 + i, *img.shape[1:]) for i, img in enumerate(images)]
+
+
+def test_views_resized_together_equal_one_at_a_time(monkeypatch):
+    """Same-size images share one resize call (in chunks that bound its memory): the views are the
+    per-image pipeline's, bit for bit, over several sizes, chunk limits and flips."""
+    images, params = _mixed_size_batch(22)
+    assert 0 < sum(p["flip"] for p in params) < len(params)
+    expected = _views_one_at_a_time(images, params, SPEC.image_size)
+    assert torch.equal(cropped_views(images, params, SPEC.image_size), expected)
+    monkeypatch.setattr(loader_device, "RESIZE_CHUNK_ELEMENTS", 3 * 60 * 40 * 3)   # 3 images per call
+    assert torch.equal(cropped_views(images, params, SPEC.image_size), expected)
+    noflip = [{**p, "flip": False} for p in params]
+    assert torch.equal(cropped_views(images, noflip, SPEC.image_size),
+                       _views_one_at_a_time(images, noflip, SPEC.image_size))
+    transform = eval_transform(SPEC)   # evaluation: resize, centre crop, normalise
+    assert torch.equal(transformed_together(images, transform), torch.stack([transform(img) for img in images]))
+
+
+def _kernels(fn, *args) -> int:
+    """Ops dispatched by fn that compute (views, which launch nothing on a GPU, left out)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+    with Count():
+        fn(*args)
+    return Count.n
+
+
+def test_augmenting_a_batch_launches_a_fixed_number_of_kernels():
+    """On a GPU the side thread pays a launch (and Python dispatch, under the GIL the step also needs)
+    per op: images of one size cost the same ops for 8 images as for 64; one at a time grows with N."""
+    def same_size(n):
+        torch.manual_seed(0)
+        images = [torch.randint(0, 256, (3, 48, 40), dtype=torch.uint8) for _ in range(n)]
+        draws = AugmentationDraws(SPEC)
+        return images, [{**draws(i, 48, 40), "flip": i % 2 == 0} for i in range(n)]
+    small, large = same_size(8), same_size(64)
+    grouped = [_kernels(cropped_views, *b, SPEC.image_size) for b in (small, large)]
+    one_by_one = [_kernels(_views_one_at_a_time, *b, SPEC.image_size) for b in (small, large)]
+    assert grouped[0] == grouped[1] <= 12
+    assert one_by_one[1] > 8 * grouped[1]
 
 
 def test_device_path_resumes_exactly(tiny_shards):
