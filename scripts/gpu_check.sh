@@ -58,7 +58,7 @@ for run in "${RUNS[@]}"; do
   echo "== bench.step: $doublets doublets/step, channels_last=$layout" | tee -a "$OUT/bench_step.txt"
   $PY -m mclfir_dist.bench.step --config configs/paper_gpu.yaml --steps $STEPS --warmup $WARM \
       --project-doublets 4400000 --out "$OUT/bench_run" "${COMMON[@]}" data.batch_doublets=$doublets \
-      model.channels_last=$layout 2>&1 | grep -v WARN | tail -10 | tee -a "$OUT/bench_step.txt" || true
+      model.channels_last=$layout 2>&1 | grep -v WARN | tail -11 | tee -a "$OUT/bench_step.txt" || true
 done
 echo "== bench.ema" | tee "$OUT/bench_ema.txt"
 $PY -m mclfir_dist.bench.ema --device $EMA_DEVICE 2>&1 | grep -v WARN | tee -a "$OUT/bench_ema.txt" || true
@@ -76,7 +76,7 @@ if [ "${TINY:-0}" != 1 ] && [ "${COMPILE:-1}" = 1 ]; then   # last: compile time
     echo "== bench.step: 16 doublets/step, channels_last, train.compile mode $mode" | tee -a "$OUT/bench_compile.txt"
     timeout 150 $PY -m mclfir_dist.bench.step --config configs/paper_gpu.yaml --steps $STEPS --warmup $WARM \
         --project-doublets 4400000 --out "$OUT/bench_run" "${COMMON[@]}" data.batch_doublets=16 \
-        model.channels_last=true train.compile=true train.compile_mode=$mode 2>&1 | grep -v WARN | tail -10 \
+        model.channels_last=true train.compile=true train.compile_mode=$mode 2>&1 | grep -v WARN | tail -11 \
         | tee -a "$OUT/bench_compile.txt" || true
   done
 fi

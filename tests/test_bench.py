@@ -13,6 +13,8 @@ def test_bench_step_reports_every_part_and_the_ratios(tiny_shards, tmp_path, cap
         assert results[part] > 0 and f"  {part} " in out
     assert "end2end/step" in out and "loader/step" in out and "channels_last True" in out
     assert results["after_step_ms"] > 0 and "EMA teacher update" in out
+    total, in_optimizer = results["ops_per_step"]
+    assert total > in_optimizer > 0 and f"ops dispatched per engine step: {total}" in out
     assert set(results["adamw_ms"]) == {"fused", "foreach", "for_loop"} and min(results["adamw_ms"].values()) > 0
     assert "AdamW step over" in out and "(this run: torch default)" in out   # auto on CPU
     assert "1000 doublets (125 steps of 8) at the end-to-end rate" in out

@@ -10,7 +10,8 @@ In one run, on the config's first increment with distillation (the second if the
              drained), then --steps batches (at least 50 on a GPU) timed
   end2end    the engine's step fed by the real loader (after --warmup steps)
 It prints images/s for each and the ratios end2end/step and loader/step (>= 1: the input keeps up), the
-method's after-step time (MCL-FIR: the EMA update), the AdamW step alone with each kernel choice
+ops dispatched per step (each a kernel launch on a GPU: what bounds a small batch), the method's
+after-step time (MCL-FIR: the EMA update), the AdamW step alone with each kernel choice
 (optim.implementation) side by side and, with --project-doublets, the hours a run would take.
 Numbers only; nothing is asserted. Runs on CPU at tiny size (tested) and on a GPU at paper size.
 """
@@ -44,6 +45,34 @@ def adamw_ms(params, implementation: str, warmup: int, steps: int, device: torch
         opt.step()
     _sync(device)
     return 1000 * (time.perf_counter() - t0) / steps
+
+
+def ops_per_step(run_steps) -> tuple:
+    """(ops, of which in torch.optim) dispatched per step, views left out: run_steps(n) runs n engine steps;
+    the count of 2 steps less that of 1, so per-call set-up cancels."""
+    import sys
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.total = self.optim = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                self.total += 1
+                frame = sys._getframe(1)
+                while frame is not None and "/torch/optim/" not in frame.f_code.co_filename.replace("\\", "/"):
+                    frame = frame.f_back
+                self.optim += frame is not None
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for n in (1, 2):
+        with Count() as count:
+            run_steps(n)
+        counts.append((count.total, count.optim))
+    return counts[1][0] - counts[0][0], counts[1][1] - counts[0][1]
 
 
 def increment_with_distillation(trainer):
@@ -111,6 +140,8 @@ def main(argv=None) -> dict:
 
     timed_steps(fixed, args.warmup)
     results["step"] = timed_steps(fixed, args.steps)
+    if not cfg.train.compile:   # a dispatch mode would make the compiled graphs retrace
+        results["ops_per_step"] = ops_per_step(lambda n: timed_steps(fixed, n))
 
     # end to end: the same step fed by the loader
     timed_steps(batches, args.warmup)
@@ -168,6 +199,10 @@ def main(argv=None) -> dict:
     results["end2end/step"] = results["end2end"] / results["step"]
     results["loader/step"] = results["loader"] / results["step"]
     print(f"  end2end/step {results['end2end/step']:.2f}   loader/step {results['loader/step']:.2f}")
+    if "ops_per_step" in results:
+        total, optim_ops = results["ops_per_step"]
+        print(f"  ops dispatched per engine step: {total} ({optim_ops} in the optimizer); each is a kernel "
+              f"launch on a GPU (or a few, for a multi-tensor op)")
     print(f"  {cfg.train.method} after_step (EMA teacher update for mclfir): {results['after_step_ms']:.3f} ms")
     used = "fused" if optimizer.param_groups[0].get("fused") else \
         "foreach" if optimizer.param_groups[0].get("foreach") else "torch default"
