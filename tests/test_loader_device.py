@@ -2,6 +2,7 @@
 torch loader's batches, resume exactly, and drop what does not decode with the key named."""
 import itertools
 import logging
+import math
 import shutil
 
 import pytest
@@ -225,6 +226,29 @@ def test_cuda_decode_and_augment_match_the_cpu_path(tiny_shards):
         for k in ("images", "teacher_images"):
             diff = (a[k] - b[k].cpu()).abs()
             assert diff.mean().item() < 0.06 and diff.max().item() < 1.0, k
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG's stream ordering exists only on a GPU")
+def test_cuda_decode_does_not_overwrite_memory_a_queued_kernel_still_reads(tiny_shards):
+    """pytorch/vision#9606: the CUDA decoder writes into blocks freed on the current stream without waiting
+    for it. Tensors the size of the decoded images are freed while a stalled stream still has to sum them;
+    decode_batch must not let nvJPEG overwrite them first."""
+    from mclfir_dist.data.loader_device import decode_batch
+    samples = list(iter_shard(Manifest.load(tiny_shards).shard_files("train")[0]))[:8]
+    jpegs = [torch.frombuffer(bytearray(s["jpg"]), dtype=torch.uint8) for s in samples]
+    keys = [s["__key__"] for s in samples]
+    shapes = [tuple(img.shape) for img in decode_batch(jpegs, keys, "cpu")[0]]
+    corrupted = 0
+    for _ in range(20):
+        victims = [torch.full(shape, 7, dtype=torch.uint8, device="cuda") for shape in shapes]
+        torch.cuda.synchronize()
+        torch.cuda._sleep(100_000_000)   # the stream stalls; the sums below wait behind it
+        sums = [v.sum(dtype=torch.int64) for v in victims]
+        del victims                      # freed while the sums are still queued
+        decode_batch(jpegs, keys, "cuda")
+        torch.cuda.synchronize()
+        corrupted += sum(int(total) != 7 * math.prod(shape) for total, shape in zip(sums, shapes))
+    assert corrupted == 0
 
 
 def test_jpeg_size_from_the_header_matches_the_decoded_image(tiny_shards):

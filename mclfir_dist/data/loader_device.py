@@ -5,7 +5,7 @@ each JPEG's size from its header and draw its augmentation (resize, crop box, fl
 perspective) from the sample's own seed, with the torch loader's transforms and in its order, and
 hand over bytes + parameters. The training process decodes the batch with one
 `torchvision.io.decode_jpeg(list, device=...)` call (nvJPEG on CUDA) and applies the parameters:
-per image resize / crop / flip, then the perspective view for the whole batch in one `grid_sample`
+same-size images resized together, crops and flips as views and one select, then the perspective view for the whole batch in one `grid_sample`
 (torchvision's formula, batched). No random number is drawn on the device side, so on CUDA this runs
 in a background thread on its own stream, overlapping the training step. On CPU tensors the batches
 are the torch loader's (views bit-identical, teacher views within one level); that is how CI tests it.
@@ -136,6 +136,11 @@ class RawEvalStream(EvalStream):
 def decode_batch(jpegs: Sequence[torch.Tensor], keys: Sequence[str], device) -> tuple:
     """(decoded images on `device`, keys that failed). One batched call; one at a time only on failure."""
     device = torch.device(device)
+    if device.type == "cuda":
+        # torchvision's nvJPEG decode writes, on a stream of its own, into memory taken from the current
+        # stream's pool without waiting for that stream (pytorch/vision#9606): blocks freed while kernels
+        # queued here still read them would be overwritten. Let this stream's queued work finish first.
+        torch.cuda.current_stream(device).synchronize()
     try:
         return decode_jpeg(list(jpegs), mode=ImageReadMode.RGB, device=device), []
     except RuntimeError:
@@ -353,7 +358,7 @@ def device_eval_batches(cfg, manifest, split: str, rank: int, world: int, device
         if images is None:   # keep the good ones: evaluation has no pairs to complete
             good = [i for i, k in enumerate(raw["keys"]) if k not in bad]
             skipped += bad
-            images = [decode_jpeg(jpegs[i], mode=ImageReadMode.RGB, device=torch.device(device)) for i in good]
+            images = [decode_batch([jpegs[i]], [raw["keys"][i]], device)[0][0] for i in good]
             raw["labels"], raw["keys"] = raw["labels"][good], [raw["keys"][i] for i in good]
         raw["images"] = transformed_together(images, transform) if images else torch.zeros(0)
         raw["skipped"] = skipped
