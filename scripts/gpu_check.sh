@@ -64,7 +64,7 @@ echo "== bench.ema" | tee "$OUT/bench_ema.txt"
 $PY -m mclfir_dist.bench.ema --device $EMA_DEVICE 2>&1 | grep -v WARN | tee -a "$OUT/bench_ema.txt" || true
 if [ "${TINY:-0}" != 1 ]; then
   echo "== tests on the GPU" | tee "$OUT/tests.txt"
-  timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_host_sync.py tests/test_loader_device.py \
+  timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_host_sync.py tests/test_loader_device.py tests/test_optim.py \
       tests/test_loss.py tests/test_teacher.py tests/test_model.py tests/test_e2e.py 2>&1 | tail -15 \
       | tee -a "$OUT/tests.txt" || true
 fi
