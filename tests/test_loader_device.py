@@ -86,6 +86,31 @@ def _mixed_size_batch(n, seed=0):
     return images, [draws(seed * 1000 + i, *img.shape[1:]) for i, img in enumerate(images)]
 
 
+def test_draws_for_a_batch_are_torchvisions_own_bit_for_bit():
+    """The workers draw each sample's corners and solve the whole batch's perspective systems at once:
+    the same crops, flips and coefficients as torchvision's transforms drawing from the same seeds."""
+    from torchvision.transforms import v2
+    from mclfir_dist.data.loader_device import resized_size
+    from mclfir_dist.data.loader_torch import seed_augmentation, train_transforms
+    spec = TransformSpec(224)
+    geometry, _, teacher = train_transforms(spec)
+    crop = next(t for t in geometry.transforms if isinstance(t, v2.RandomCrop))
+    shape = lambda h, w: torch.zeros((), dtype=torch.uint8).expand(3, h, w)
+    samples = [(1000 + i, 224 + 37 * (i % 5), 300 - 11 * (i % 7)) for i in range(300)]
+    expected = []
+    for seed, height, width in samples:
+        seed_augmentation(seed)
+        size = resized_size(height, width, spec.resize)
+        box = crop.make_params([shape(*size)])
+        flip = bool(torch.rand(1) < 0.5)
+        torch.rand(1)
+        coefficients = teacher.make_params([shape(224, 224)])["coefficients"]
+        expected.append({"resize": size, "top": box["top"], "left": box["left"], "flip": flip,
+                         "coefficients": coefficients})
+    assert AugmentationDraws(spec).batch(samples) == expected
+    assert AugmentationDraws(spec)(*samples[3]) == expected[3]
+
+
 def test_views_resized_together_equal_one_at_a_time(monkeypatch):
     """Same-size images share one resize call (in chunks that bound its memory): the views are the
     per-image pipeline's, bit for bit, over several sizes, chunk limits and flips."""
