@@ -182,8 +182,9 @@ def main(argv=None) -> dict:
     results["after_step_ms"] = 1000 * (time.perf_counter() - t0) / args.steps
 
     # the optimizer step alone, with each kernel choice, side by side on copies of the trained tensors
-    model_step()
-    rt.acc.backward(model(images, task, plan.train_heads, task_counts)[0].float().pow(2).mean())
+    with rt.acc.autocast():
+        loss = model(images, task, plan.train_heads, task_counts)[0].float().pow(2).mean()
+    rt.acc.backward(loss)
     trained = [p for p in unwrapped.parameters() if p.grad is not None]
     results["adamw_ms"] = {impl: adamw_ms(trained, impl, args.warmup, args.steps, rt.device)
                            for impl in ("fused", "foreach", "for_loop")}

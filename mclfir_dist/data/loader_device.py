@@ -6,9 +6,10 @@ perspective) from the sample's own seed, with the torch loader's transforms and 
 hand over bytes + parameters. The training process decodes the batch with one
 `torchvision.io.decode_jpeg(list, device=...)` call (nvJPEG on CUDA) and applies the parameters:
 same-size images resized together, crops as views, flips in one select, then the perspective view
-for the whole batch in one `grid_sample` (torchvision's formula, batched). No random number is drawn on the device side, so on CUDA this runs
-in a background thread on its own stream, overlapping the training step. On CPU tensors the batches
-are the torch loader's (views bit-identical, teacher views within one level); that is how CI tests it.
+for the whole batch in one `grid_sample` (torchvision's formula, batched). No random number is drawn
+on the device side, so on CUDA this runs in a background thread on its own stream, overlapping the
+training step. On CPU tensors the batches are the torch loader's (views bit-identical, teacher views
+within one level); that is how CI tests it.
 
 - A sample whose header does not parse is skipped in the worker, as the torch loader skips a JPEG
   that does not decode. A batch that then fails to decode on the device is decoded one image at a
