@@ -27,3 +27,15 @@ def test_bench_ema_times_the_update_against_the_previous_one_and_a_loop(capsys):
     out = capsys.readouterr().out
     assert set(results) == {"teacher.update", "previous", "loop"} and all(v > 0 for v in results.values())
     assert "host only" in out and "previous/this" in out
+
+
+def test_bench_loader_times_every_loader_and_the_gpu_feed(tiny_shards, capsys):
+    from mclfir_dist.bench.loader import main
+    assert main(["--shards", str(tiny_shards), "--size", "32", "--batch", "16", "--workers", "1",
+                 "--batches", "2", "--teacher-view", "perspective"]) == 0
+    out = capsys.readouterr().out
+    assert "teacher view: perspective" in out
+    for row in ("torch", "pil", "torch_gpu", "gpu_feed"):
+        assert f"  {row} " in out and "images/s" in out
+    assert "gpu_feed/torch ratio:" in out
+    assert main(["--shards", str(tiny_shards / "missing")]) == 2   # a wrong folder: one line, exit 2

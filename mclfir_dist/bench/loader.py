@@ -10,7 +10,9 @@
   decode): the ceiling these workers put on what a GPU can be fed;
 - dali:  our DALI loader (fn.readers.webdataset; CPU decode, or nvJPEG `mixed` with --device cuda).
 All do decode -> resize -> random crop -> flip -> normalise into batches of --batch images; the
-torch and DALI rows include our doublet pairing. Prints numbers and ratios; asserts nothing.
+torch and DALI rows include our doublet pairing. `--teacher-view perspective` (the paper configs' view)
+adds the teacher's warped view to torch, torch_gpu, gpu_feed and DALI, not to pil, which has none: compare
+pil only at the default `same`. Prints numbers and ratios; asserts nothing.
 """
 from __future__ import annotations
 
@@ -66,9 +68,10 @@ def _time(batches, n_batches: int, images_per_batch) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def bench_one(manifest: Manifest, size: int, batch: int, workers: int, n_batches: int, device: str) -> dict:
+def bench_one(manifest: Manifest, size: int, batch: int, workers: int, n_batches: int, device: str,
+              teacher_view: str = "same") -> dict:
     from ..data import build_train_loader
-    cfg = DataConfig(image_size=size, batch_doublets=batch // 2, num_workers=workers, teacher_view="same",
+    cfg = DataConfig(image_size=size, batch_doublets=batch // 2, num_workers=workers, teacher_view=teacher_view,
                      dali_threads=workers, shuffle_buffer=256)
     out = {}
     if device == "cpu":
@@ -132,10 +135,12 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, default=30, help="timed batches per loader")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: DALI nvJPEG mixed decode, images/s per GPU")
+    p.add_argument("--teacher-view", choices=["same", "perspective"], default="same",
+                   help="perspective: also the teacher's warped view (not in the pil row)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     print(f"cores: {os.cpu_count()}  workers/threads: {args.workers}  batch: {args.batch}  crop: {args.size}  "
-          f"device: {args.device}")
+          f"device: {args.device}  teacher view: {args.teacher_view}")
     from ..data.manifest import ShardError
     try:
         m = Manifest.load(args.shards)
@@ -143,13 +148,14 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=__import__("sys").stderr)
         return 2
     report(f"{args.shards} ({m.data['source'].get('type')})",
-           bench_one(m, args.size, args.batch, args.workers, args.batches, args.device))
+           bench_one(m, args.size, args.batch, args.workers, args.batches, args.device, args.teacher_view))
     if args.make_large:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.time()
             large = make_large_shards(args.make_large, Path(tmp) / "large")
             print(f"\nbuilt {args.make_large} 600x800 JPEGs in {time.time() - t0:.0f}s")
-            report("600x800 JPEGs", bench_one(large, args.size, args.batch, args.workers, args.batches, args.device))
+            report("600x800 JPEGs", bench_one(large, args.size, args.batch, args.workers, args.batches, args.device,
+                                              args.teacher_view))
     return 0
 
 
