@@ -129,18 +129,10 @@ def test_views_resized_together_equal_one_at_a_time(monkeypatch):
 
 def _kernels(fn, *args) -> int:
     """Ops dispatched by fn that compute (views, which launch nothing on a GPU, left out)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not func.is_view:
-                Count.n += 1
-            return func(*args, **(kwargs or {}))
-    with Count():
+    from mclfir_dist.utils.ops import OpCounter
+    with OpCounter() as ops:
         fn(*args)
-    return Count.n
+    return ops.total
 
 
 def test_augmenting_a_batch_launches_a_fixed_number_of_kernels():

@@ -50,28 +50,12 @@ def adamw_ms(params, implementation: str, warmup: int, steps: int, device: torch
 def ops_per_step(run_steps) -> tuple:
     """(ops, of which in torch.optim) dispatched per step, views left out: run_steps(n) runs n engine steps;
     the count of 2 steps less that of 1, so per-call set-up cancels."""
-    import sys
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.total = self.optim = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not func.is_view:
-                self.total += 1
-                frame = sys._getframe(1)
-                while frame is not None and "/torch/optim/" not in frame.f_code.co_filename.replace("\\", "/"):
-                    frame = frame.f_back
-                self.optim += frame is not None
-            return func(*args, **(kwargs or {}))
-
+    from ..utils.ops import OpCounter
     counts = []
     for n in (1, 2):
-        with Count() as count:
+        with OpCounter() as ops:
             run_steps(n)
-        counts.append((count.total, count.optim))
+        counts.append((ops.total, ops.optimizer))
     return counts[1][0] - counts[0][0], counts[1][1] - counts[0][1]
 
 
