@@ -309,3 +309,17 @@ def test_augmentation_seeding_draws_what_torch_manual_seed_draws():
     seed_augmentation(1234)
     drawn = (torch.rand(5), torch.randint(0, 100, (3,)))
     assert all(torch.equal(a, b) for a, b in zip(expected, drawn))
+
+
+def test_workers_hand_over_a_batchs_jpegs_in_one_tensor(tiny_shards):
+    """Each tensor a DataLoader worker returns is a shared-memory segment the training process maps on its
+    main thread: the JPEGs of a batch travel packed in one, and unpack to the shard's exact bytes."""
+    from mclfir_dist.data.loader_device import unpack_jpegs
+    from mclfir_dist.data.loader_torch import make_loader
+    m = Manifest.load(tiny_shards)
+    stored = {s["__key__"]: s["jpg"] for path in m.shard_files("train") for s in iter_shard(path)}
+    for batch in itertools.islice(iter(make_loader(_streams(m, RawDoubletStream), 2)), 3):
+        assert isinstance(batch["jpegs"]["data"], torch.Tensor) and len(batch["jpegs"]["lengths"]) == 16
+        jpegs = unpack_jpegs(batch["jpegs"])
+        assert all(j.data_ptr() >= batch["jpegs"]["data"].data_ptr() for j in jpegs)   # views, not copies
+        assert [bytes(j.numpy()) for j in jpegs] == [stored[k] for k in batch["keys"]]
