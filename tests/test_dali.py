@@ -9,7 +9,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from conftest import ROOT, tiny_train_overrides
+from conftest import ROOT, needs, tiny_train_overrides
 from mclfir_dist.config import DataConfig, load_config
 from mclfir_dist.data.loader_dali import DaliSampleSource, available, dali_eval_batches
 from mclfir_dist.data.loader_torch import EvalStream, TransformSpec
@@ -17,15 +17,8 @@ from mclfir_dist.data.manifest import Manifest, ShardError
 from mclfir_dist.data.shards import write_index
 from mclfir_dist.data.streams import iter_shard
 
-import os
-
-# DALI is a pinned dependency: on the project's machines (and CI) it must import and run, and the
-# first test fails loudly if it does not. Machines that cannot have it (the lent GPU box, where its
-# 424 MB wheel cannot travel) opt out explicitly with MCLFIR_ALLOW_NO_DALI=1.
 DALI_OK, DALI_WHY = available()
-ALLOW_NO_DALI = os.environ.get("MCLFIR_ALLOW_NO_DALI") == "1"
-needs_dali = pytest.mark.skipif(not DALI_OK and ALLOW_NO_DALI, reason=f"MCLFIR_ALLOW_NO_DALI=1 and {DALI_WHY}")
-pytestmark = needs_dali
+pytestmark = needs("dali")
 
 
 def test_dali_is_available_on_cpu():

@@ -4,13 +4,14 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, tiny_train_overrides
+from conftest import ROOT, needs, tiny_train_overrides
 
-VENV_BIN = Path(sys.executable).parent
+# launchers as modules of this interpreter: their console scripts need not sit beside it
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 
 
 def _env():
@@ -28,7 +29,7 @@ def run(cmd, timeout=600):
 @pytest.fixture(scope="module")
 def equivalence(tiny_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("eq") / "eq.json"
-    p = run([str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node", "2",
+    p = run([*TORCHRUN, "--standalone", "--nproc_per_node", "2",
              str(ROOT / "tests/dist/check_equivalence.py"), str(out), str(tiny_shards)])
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(out.read_text())
@@ -80,7 +81,7 @@ def free_port() -> str:
 
 
 def accelerate_train(config_file, out, overrides, extra=()):
-    cmd = [str(VENV_BIN / "accelerate"), "launch", "--config_file", str(ROOT / config_file),
+    cmd = [*ACCELERATE_LAUNCH, "--config_file", str(ROOT / config_file),
            "--main_process_port", free_port(), *extra,
            "-m", "mclfir_dist.train", "--config", str(ROOT / "configs/debug_cpu.yaml"), "--out", str(out), *overrides]
     return run(cmd, timeout=900)
@@ -126,7 +127,7 @@ def test_checkpoint_moves_between_world_sizes(ddp_run, tiny_shards, tmp_path):
              *tiny_train_overrides(tiny_shards, steps=10)])
     assert p.returncode == 0, p.stderr[-3000:]
     (one / "checkpoints" / "increment_01.pt").unlink()
-    p = run([str(VENV_BIN / "accelerate"), "launch", "--config_file", str(ROOT / "launch/cpu_2proc.yaml"),
+    p = run([*ACCELERATE_LAUNCH, "--config_file", str(ROOT / "launch/cpu_2proc.yaml"),
              "--main_process_port", free_port(),
              "-m", "mclfir_dist.train", "--resume", str(one)], timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -172,12 +173,14 @@ def _check_zero_run(res, stage):
     assert all(c["rank_max_diff"] == 0.0 for c in res["cost"])
 
 
+@needs("deepspeed")
 def test_deepspeed_zero2_run(zero2_run):
     out, res = zero2_run
     _check_zero_run(res, 2)
     assert not list((out / "checkpoints").glob("partial*")), "the last increment checkpoint supersedes partials"
 
 
+@needs("deepspeed")
 def test_deepspeed_zero1_run(tiny_shards, tmp_path):
     out = tmp_path / "ds"
     p = accelerate_train("launch/deepspeed_zero2_cpu.yaml", out, tiny_train_overrides(tiny_shards, steps=20),
@@ -186,6 +189,7 @@ def test_deepspeed_zero1_run(tiny_shards, tmp_path):
     _check_zero_run(json.loads((out / "results.json").read_text()), 1)
 
 
+@needs("deepspeed")
 def test_deepspeed_resume_inside_an_increment_is_exact(zero2_run, tiny_shards, tmp_path):
     """A rank dies at step 12 of increment 0; the run resumes from the step-10 partial (each rank's ZeRO
     optimizer partition + partial.pt) and must end exactly like the uninterrupted ZeRO-2 run."""
@@ -234,6 +238,7 @@ def test_a_partial_missing_a_zero_shard_falls_back(tmp_path, caplog):
     assert ck.resume_point().partial
 
 
+@needs("deepspeed")
 def test_zero3_refused_with_clear_message(tiny_shards, tmp_path):
     cfg = tmp_path / "z3.json"
     cfg.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_train_overrides
+from conftest import ROOT, needs, tiny_train_overrides
 from mclfir_dist.config import load_config
 from mclfir_dist.engine import train
 from mclfir_dist.evaluate import mean_average_precision
@@ -183,7 +183,8 @@ def test_static_final_only_estimates_earlier_retrainings(tiny_shards, tmp_path):
     assert "| 1.00* " in table and "not run" in table
 
 
-@pytest.mark.parametrize("loader,optimizer", [("torch", "auto"), ("dali", "auto"), ("torch_gpu", "auto"),
+@pytest.mark.parametrize("loader,optimizer", [("torch", "auto"), pytest.param("dali", "auto", marks=needs("dali")),
+                                              ("torch_gpu", "auto"),
                                               ("torch", "fused")])
 def test_run_killed_mid_increment_resumes_exactly(tiny_shards, tmp_path, monkeypatch, loader, optimizer):
     """Killed inside increment 0 after its step-10 checkpoint: the resumed run replays the data stream to

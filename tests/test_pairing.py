@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import needs
 from mclfir_dist.data.manifest import Manifest
 from mclfir_dist.data.pairing import DoubletBatcher, positive_index
 from mclfir_dist.data.streams import iter_partition
@@ -89,7 +90,7 @@ def test_no_image_is_its_own_positive_across_epochs_and_streams(n_streams):
     assert self_pairs == 0
 
 
-@pytest.mark.parametrize("loader", ["torch", "torch_gpu", "dali"])
+@pytest.mark.parametrize("loader", ["torch", "torch_gpu", pytest.param("dali", marks=needs("dali"))])
 def test_every_loader_honours_task_sampling_rotate(tiny_shards, loader):
     import itertools
     from mclfir_dist.config import DataConfig

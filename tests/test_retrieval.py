@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, tiny_train_overrides
+from conftest import ROOT, needs, tiny_train_overrides
 from mclfir_dist.cli import main
 from mclfir_dist.config import load_config
 
@@ -51,6 +51,7 @@ def test_embeddings_are_the_runs_own_with_keys_labels_and_provenance(run, tiny_s
     assert len(labels["colour"]) == len(keys) and all(isinstance(v, str) for v in labels["colour"])
 
 
+@needs("faiss")
 def test_flat_index_search_equals_brute_force_torch_scoring(embedded, tmp_path):
     from mclfir_dist.retrieval.index import CatalogueIndex, index_catalogue
     index_catalogue(embedded, tmp_path / "idx")
@@ -63,6 +64,7 @@ def test_flat_index_search_equals_brute_force_torch_scoring(embedded, tmp_path):
     assert np.abs(scores - ref_scores.numpy()).max() <= 1e-5
 
 
+@needs("faiss")
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
 def test_approximate_indexes_find_the_exact_neighbours_on_a_small_catalogue(embedded, tmp_path, kind):
     from mclfir_dist.retrieval.index import CatalogueIndex
@@ -76,6 +78,7 @@ def test_approximate_indexes_find_the_exact_neighbours_on_a_small_catalogue(embe
     assert np.allclose(catalogue.vector("colour", catalogue.keys[3]), matrix[3], atol=1e-6)
 
 
+@needs("faiss")
 def test_search_by_key_and_by_image_prints_ranks_and_draws_a_sheet(run, embedded, tmp_path, capsys):
     from mclfir_dist.retrieval.search import _image_bytes
     from mclfir_dist.retrieval.index import CatalogueIndex
@@ -97,6 +100,7 @@ def test_search_by_key_and_by_image_prints_ranks_and_draws_a_sheet(run, embedded
     assert main(["search", "--index", str(tmp_path / "idx"), "--attribute", "colour", "--key", "nope"]) == 2
 
 
+@needs("faiss")
 def test_embedding_a_folder_counts_and_lists_unreadable_images(run, embedded, tmp_path):
     from mclfir_dist.retrieval.index import CatalogueIndex, index_catalogue
     from mclfir_dist.retrieval.search import _image_bytes

@@ -25,7 +25,8 @@ def test_precision_precedence(configured, launcher, expected):
 
 
 def test_the_launcher_precision_reaches_the_run_and_is_recorded(tiny_shards, tmp_path):
-    env = dict(os.environ, ACCELERATE_MIXED_PRECISION="bf16", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, ACCELERATE_MIXED_PRECISION="bf16",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     overrides = tiny_train_overrides(tiny_shards, steps=2, increments="[{name: a, attributes: [colour]}]")
     p = subprocess.run([sys.executable, "-m", "mclfir_dist.train", "--config", str(ROOT / "configs/debug_cpu.yaml"),
                         "--out", str(tmp_path / "r"), *overrides, "eval.grid_queries=0", "eval.frozen_baseline=false"],
