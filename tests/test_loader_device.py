@@ -208,11 +208,12 @@ def test_a_jpeg_that_does_not_decode_drops_its_batch_and_is_named(tiny_shards, t
     assert [b["keys"] for b in resumed] == [b["keys"] for b in batches[6:9]]
 
 
-def test_device_eval_equals_torch_eval(tiny_shards):
+@pytest.mark.parametrize("prefetch", [0, 2])   # 2: in a thread, as on CUDA
+def test_device_eval_equals_torch_eval(tiny_shards, prefetch):
     m = Manifest.load(tiny_shards)
     cfg = DataConfig(image_size=32, eval_batch_size=16, num_workers=0)
     ref = list(EvalStream(m.shard_files("test"), SPEC, 16))
-    ours = list(device_eval_batches(cfg, m, "test", 0, 1, "cpu"))
+    ours = list(device_eval_batches(cfg, m, "test", 0, 1, "cpu", prefetch=prefetch))
     assert [b["keys"] for b in ref] == [b["keys"] for b in ours]
     for a, b in zip(ref, ours):
         assert torch.equal(a["images"], b["images"]) and torch.equal(a["labels"], b["labels"])
@@ -243,6 +244,12 @@ def test_cuda_decode_and_augment_match_the_cpu_path(tiny_shards):
         for k in ("images", "teacher_images"):
             diff = (a[k] - b[k].cpu()).abs()
             assert diff.mean().item() < 0.06 and diff.max().item() < 1.0, k
+    cfg = DataConfig(image_size=32, eval_batch_size=16, num_workers=0)   # evaluation, prefetched on a side stream
+    on_cpu, on_cuda = (device_eval_batches(cfg, m, "test", 0, 1, d) for d in ("cpu", "cuda"))
+    for a, b in zip(on_cpu, on_cuda):
+        assert a["keys"] == b["keys"] and b["images"].is_cuda
+        diff = (a["images"] - b["images"].cpu()).abs()
+        assert diff.mean().item() < 0.06 and diff.max().item() < 1.0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG's stream ordering exists only on a GPU")

@@ -383,7 +383,8 @@ def _prefetched(batches: Iterator[dict], device: torch.device, depth: int) -> It
                 current = torch.cuda.current_stream(device)
                 current.wait_event(event)
                 for key in ("images", "teacher_images"):
-                    batch[key].record_stream(current)
+                    if key in batch and batch[key].is_cuda:   # an empty eval batch's images stay on the CPU
+                        batch[key].record_stream(current)
             yield batch
     finally:
         stop.set()
@@ -399,14 +400,21 @@ def device_train_batches(cfg, manifest, columns, rank: int, world: int, seed: in
 
 
 def device_eval_batches(cfg, manifest, split: str, rank: int, world: int, device=None,
-                        keys: Optional[set] = None) -> Iterator[dict]:
-    """The torch loader's eval batches (resize, centre crop, normalise), decoded on `device`."""
+                        keys: Optional[set] = None, prefetch: Optional[int] = None) -> Iterator[dict]:
+    """The torch loader's eval batches (resize, centre crop, normalise), decoded on `device`. On CUDA they
+    are prepared `prefetch` (default 2) ahead in a thread on a side stream, as in training: the decode's
+    wait for its stream then stalls that thread, not the embedding of the previous batch."""
     from . import transform_spec
+    device = torch.device(device or "cpu")
     spec = transform_spec(cfg)
-    transform = eval_transform(spec)
-    device = device or "cpu"
     stream = RawEvalStream(manifest.shard_files(split), spec, cfg.eval_batch_size, rank, world, keys)
-    for raw in make_loader(stream, cfg.num_workers):
+    batches = _decoded_eval_batches(stream, cfg.num_workers, eval_transform(spec), device)
+    depth = (2 if device.type == "cuda" else 0) if prefetch is None else prefetch
+    return _prefetched(batches, device, depth) if depth > 0 else batches
+
+
+def _decoded_eval_batches(stream: RawEvalStream, num_workers: int, transform, device) -> Iterator[dict]:
+    for raw in make_loader(stream, num_workers):
         jpegs = unpack_jpegs(raw["images"])
         skipped = list(raw["skipped"])
         images, bad = decode_batch(jpegs, raw["keys"], device) if jpegs else ([], [])
