@@ -1,5 +1,6 @@
 """Benchmarks run (at tiny size) and print their numbers; times are never asserted."""
 from conftest import ROOT
+from mclfir_dist.data.loader_torch import DoubletStream
 
 
 def test_bench_step_reports_every_part_and_the_ratios(tiny_shards, tmp_path, capsys):
@@ -39,3 +40,42 @@ def test_bench_loader_times_every_loader_and_the_gpu_feed(tiny_shards, capsys):
         assert f"  {row} " in out and "images/s" in out
     assert "gpu_feed/torch ratio:" in out
     assert main(["--shards", str(tiny_shards / "missing")]) == 2   # a wrong folder: one line, exit 2
+
+
+class _CountingStream(DoubletStream):
+    """The torch loader's stream, counting in shared memory the batches its workers have made."""
+
+    def __init__(self, made, *args):
+        super().__init__(*args)
+        self.made = made
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            with self.made.get_lock():
+                self.made.value += 1
+            yield batch
+
+
+def test_a_paused_loader_holds_no_more_than_bench_step_drains(tiny_shards):
+    """bench.step drains batches_held_ahead batches before timing a loader-bound rate: that must be at least
+    what a real torch loader's workers make ahead while its consumer is busy elsewhere."""
+    import multiprocessing
+    import time
+    from mclfir_dist.config import DataConfig
+    from mclfir_dist.data import batches_held_ahead
+    from mclfir_dist.data.loader_torch import PREFETCH_FACTOR, TransformSpec, make_loader
+    from mclfir_dist.data.manifest import Manifest
+    m = Manifest.load(tiny_shards)
+    cfg = DataConfig(image_size=32, batch_doublets=4, num_workers=2)
+    made = multiprocessing.Value("i", 0)
+    stream = _CountingStream(made, m.shard_files("train"), [m.attribute_index("colour")], 4, TransformSpec(32),
+                             0, 1, 0, 64)
+    batches = iter(make_loader(stream, cfg.num_workers))
+    next(batches)
+    last, deadline = -1, time.time() + 60
+    while made.value != last and time.time() < deadline:   # until the workers stop: the consumer is "busy"
+        last = made.value
+        time.sleep(1.5)
+    ahead = made.value - 1
+    assert ahead == cfg.num_workers * PREFETCH_FACTOR <= batches_held_ahead(cfg)
+    del batches

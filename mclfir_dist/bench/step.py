@@ -6,9 +6,12 @@ In one run, on the config's first increment with distillation (the second if the
   model      fwd + bwd + optimizer step of trunk + heads on tensors already on the device
   step       the engine's whole step (InfoNCE, method terms, teacher, optimizer, EMA) on a batch already
              on the device: trainer._steps fed the same batch again and again
-  loader     the training loader alone at steady state: --warmup batches dropped (the prefetch queue
-             drained), then --steps batches (at least 50 on a GPU) timed
-  end2end    the engine's step fed by the real loader (after --warmup steps)
+  loader     the training loader alone at steady state: at least --warmup batches dropped, and at least
+             as many as its queues hold (workers x prefetch + the decode thread's), then --steps batches
+             (at least 50 on a GPU) timed
+  end2end    the engine's step fed by the real loader: its queues (refilled while the step was timed) are
+             drained first, then --warmup steps, then --steps timed; undrained, the first timed steps
+             would be fed from them and overstate a loader-bound rate
 It prints images/s for each and the ratios end2end/step and loader/step (>= 1: the input keeps up), the
 ops dispatched per step (each a kernel launch on a GPU: what bounds a small batch), the method's
 after-step time (MCL-FIR: the EMA update), the AdamW step alone with each kernel choice
@@ -85,7 +88,7 @@ def main(argv=None) -> dict:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     from ..config import load_config
-    from ..data import build_train_loader
+    from ..data import batches_held_ahead, build_train_loader
     from ..data.streams import epoch_seed
     from ..engine import Trainer
     cfg = load_config(args.config, list(args.overrides) + ["train.checkpoint_every=0", "eval.grid_queries=0",
@@ -101,8 +104,9 @@ def main(argv=None) -> dict:
     images_per_step = trainer.images_per_step
     results = {}
 
-    # loader alone, at steady state
-    for _ in range(args.warmup):
+    # loader alone, at steady state: past the first burst (every worker's first batch at once)
+    held = batches_held_ahead(cfg.data)
+    for _ in range(max(args.warmup, held)):
         next(batches)
     t0 = time.perf_counter()
     for _ in range(args.steps):
@@ -127,7 +131,9 @@ def main(argv=None) -> dict:
     if not cfg.train.compile:   # a dispatch mode would make the compiled graphs retrace
         results["ops_per_step"] = ops_per_step(lambda n: timed_steps(fixed, n))
 
-    # end to end: the same step fed by the loader
+    # end to end: the same step fed by the loader, once the batches its queues filled meanwhile are gone
+    for _ in range(held):
+        next(batches)
     timed_steps(batches, args.warmup)
     results["end2end"] = timed_steps(batches, args.steps)
 

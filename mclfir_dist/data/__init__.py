@@ -128,6 +128,14 @@ def build_train_loader(cfg: DataConfig, manifest: Manifest, attributes: Sequence
     return entry.train(cfg, manifest, columns, rank, world, seed, device)
 
 
+def batches_held_ahead(cfg: DataConfig) -> int:
+    """At most how many batches a train loader holds ready when its consumer pauses: the DataLoader workers'
+    requests ahead, plus torch_gpu's decode thread (its queue and the batch in hand) or DALI's prefetch
+    queue. A benchmark drains this many before timing a loader-bound rate."""
+    from .loader_torch import PREFETCH_FACTOR
+    return cfg.num_workers * PREFETCH_FACTOR + 3
+
+
 def build_eval_loader(cfg: DataConfig, manifest: Manifest, split: str, rank: int, world: int,
                       keys: Optional[set] = None, loader: str = "torch", device=None) -> Iterable[dict]:
     if keys is not None:   # a subset by key (retrieval grids): the torch loader reads it directly

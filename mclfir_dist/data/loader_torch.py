@@ -209,9 +209,13 @@ def seed_augmentation(seed: int) -> None:
     torch.random.default_generator.manual_seed(seed)
 
 
+# batches each DataLoader worker may have requested ahead of the consumer
+PREFETCH_FACTOR = 4
+
+
 def make_loader(dataset: IterableDataset, num_workers: int, device=None) -> DataLoader:
     """For a CUDA `device` the batches come in pinned memory, so that their copies to the device are
     asynchronous (a copy from pageable memory may wait for the device)."""
     pin = device is not None and torch.device(device).type == "cuda"
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin,
-                      persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)
+                      persistent_workers=False, prefetch_factor=PREFETCH_FACTOR if num_workers > 0 else None)
