@@ -12,7 +12,8 @@
 All do decode -> resize -> random crop -> flip -> normalise into batches of --batch images; the
 torch and DALI rows include our doublet pairing. `--teacher-view perspective` (the paper configs' view)
 adds the teacher's warped view to torch, torch_gpu, gpu_feed and DALI, not to pil, which has none: compare
-pil only at the default `same`. Prints numbers and ratios; asserts nothing.
+pil only at the default `same`. Each is timed after max(3, workers x 4 + 3) batches (past the first wave,
+when every worker hands over its first batch at once). Prints numbers and ratios; asserts nothing.
 """
 from __future__ import annotations
 
@@ -54,9 +55,9 @@ class PilStream(IterableDataset):
                     yield tf(img), torch.as_tensor(decode_labels(s["lbl"]))
 
 
-def _time(batches, n_batches: int, images_per_batch) -> float:
+def _time(batches, n_batches: int, images_per_batch, warmup: int = 3) -> float:
     it = iter(batches)
-    for _ in range(3):  # warm-up: workers start, pipelines fill
+    for _ in range(warmup):  # workers start; past the first wave (every worker's first batch at once)
         next(it)
     t0 = time.perf_counter()
     n = 0
@@ -74,25 +75,27 @@ def bench_one(manifest: Manifest, size: int, batch: int, workers: int, n_batches
     cfg = DataConfig(image_size=size, batch_doublets=batch // 2, num_workers=workers, teacher_view=teacher_view,
                      dali_threads=workers, shuffle_buffer=256)
     out = {}
+    from ..data import batches_held_ahead
+    warmup = max(3, batches_held_ahead(cfg))
     if device == "cpu":
         torch_loader = build_train_loader(cfg, manifest, [manifest.attributes[0]], 0, 1, seed=0, loader="torch")
-        out["torch"] = _time(torch_loader, n_batches, lambda b: b["images"].shape[0])
+        out["torch"] = _time(torch_loader, n_batches, lambda b: b["images"].shape[0], warmup)
         pil = DataLoader(PilStream(manifest.shard_files("train"), size), batch_size=batch, num_workers=workers,
                          prefetch_factor=4)
-        out["pil"] = _time(pil, n_batches, lambda b: b[0].shape[0])
+        out["pil"] = _time(pil, n_batches, lambda b: b[0].shape[0], warmup)
     from ..data import LOADERS
     dev = torch.device("cuda", 0) if device == "cuda" else None
     gpu = build_train_loader(cfg, manifest, [manifest.attributes[0]], 0, 1, seed=0, loader="torch_gpu",
                              device=dev or "cpu")
-    out["torch_gpu"] = _time(gpu, n_batches, lambda b: b["images"].shape[0])
+    out["torch_gpu"] = _time(gpu, n_batches, lambda b: b["images"].shape[0], warmup)
     # its CPU side alone (read, shuffle, pair, JPEG header sizes, augmentation draws; no decode): the most
     # images/s these workers can hand a GPU, whatever nvJPEG does
     from ..data.loader_torch import make_loader
-    out["gpu_feed"] = _time(make_loader(gpu.stream, gpu.num_workers), n_batches, lambda b: len(b["keys"]))
+    out["gpu_feed"] = _time(make_loader(gpu.stream, gpu.num_workers), n_batches, lambda b: len(b["keys"]), warmup)
     ok, why = LOADERS.get("dali").available()
     if ok:
         dali = build_train_loader(cfg, manifest, [manifest.attributes[0]], 0, 1, seed=0, loader="dali", device=dev)
-        out["dali"] = _time(dali, n_batches, lambda b: b["images"].shape[0])
+        out["dali"] = _time(dali, n_batches, lambda b: b["images"].shape[0], warmup)
     else:
         print(f"  dali: not measured ({why})")
     return out
