@@ -169,10 +169,10 @@ def _header_only(jpeg: bytes) -> bytes:
         i += 2 + length
 
 
-def _break_train_jpeg(src, dst, how):
+def _break_train_jpeg(src, dst, how, split="train"):
     shutil.copytree(src, dst)
     m = Manifest.load(dst)
-    tar = m.shard_files("train")[0]
+    tar = m.shard_files(split)[0]
     samples = list(iter_shard(tar))
     bad_key = samples[3]["__key__"]
     with open(tar, "wb") as f:
@@ -206,6 +206,18 @@ def test_a_jpeg_that_does_not_decode_drops_its_batch_and_is_named(tiny_shards, t
     # resume replays the drop: batches 6.. are the same
     resumed = list(itertools.islice(iter(DeviceDoubletBatches(_streams(m, RawDoubletStream), 0, "cpu", 6)), 3))
     assert [b["keys"] for b in resumed] == [b["keys"] for b in batches[6:9]]
+
+
+def test_eval_keeps_the_good_images_of_a_batch_with_one_that_does_not_decode(tiny_shards, tmp_path):
+    m, bad_key = _break_train_jpeg(tiny_shards, tmp_path / "bad", "no image data", split="test")
+    cfg = DataConfig(image_size=32, eval_batch_size=16, num_workers=0)
+    ours = list(device_eval_batches(cfg, m, "test", 0, 1, "cpu"))
+    ref = {k: img for b in EvalStream(m.shard_files("test"), SPEC, 16) for k, img in zip(b["keys"], b["images"])}
+    assert bad_key in [k for b in ours for k in b["skipped"]] and bad_key not in ref
+    assert sorted(k for b in ours for k in b["keys"]) == sorted(ref)
+    for b in ours:
+        assert b["images"].shape[0] == len(b["keys"]) == b["labels"].shape[0]
+        assert all(torch.equal(img, ref[k]) for k, img in zip(b["keys"], b["images"]))
 
 
 @pytest.mark.parametrize("prefetch", [0, 2])   # 2: in a thread, as on CUDA

@@ -71,11 +71,10 @@ def _time(batches, n_batches: int, images_per_batch, warmup: int = 3) -> float:
 
 def bench_one(manifest: Manifest, size: int, batch: int, workers: int, n_batches: int, device: str,
               teacher_view: str = "same") -> dict:
-    from ..data import build_train_loader
+    from ..data import LOADERS, batches_held_ahead, build_train_loader
     cfg = DataConfig(image_size=size, batch_doublets=batch // 2, num_workers=workers, teacher_view=teacher_view,
                      dali_threads=workers, shuffle_buffer=256)
     out = {}
-    from ..data import batches_held_ahead
     warmup = max(3, batches_held_ahead(cfg))
     if device == "cpu":
         torch_loader = build_train_loader(cfg, manifest, [manifest.attributes[0]], 0, 1, seed=0, loader="torch")
@@ -83,7 +82,6 @@ def bench_one(manifest: Manifest, size: int, batch: int, workers: int, n_batches
         pil = DataLoader(PilStream(manifest.shard_files("train"), size), batch_size=batch, num_workers=workers,
                          prefetch_factor=4)
         out["pil"] = _time(pil, n_batches, lambda b: b[0].shape[0], warmup)
-    from ..data import LOADERS
     dev = torch.device("cuda", 0) if device == "cuda" else None
     gpu = build_train_loader(cfg, manifest, [manifest.attributes[0]], 0, 1, seed=0, loader="torch_gpu",
                              device=dev or "cpu")
