@@ -12,12 +12,14 @@
 # Here, first (downloads the small wheels the GPU machine lacks into the git-ignored .gpu_wheels/):
 #   bash scripts/gpu_check.sh --prepare
 #   TINY=1 bash scripts/gpu_check.sh          # the same steps at toy size on CPU: proves the script runs
-# On the lent machine (device tool: carry .gpu_wheels):
+# On the lent machine (device tool: carry .gpu_wheels and .gpu_data):
 #   bash scripts/gpu_check.sh
 #   bash scripts/gpu_check.sh --suite          # the test suite alone
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=.gpu_wheels
+REAL=${REAL:-../shared/data/fashion-product-images}   # the real photos, on the developers' machines only
+GPU_DATA=.gpu_data; REAL_SHARDS=$GPU_DATA/fpi3000
 if [ "${1:-}" = "--prepare" ]; then
   mkdir -p $WHEELS
   # pyproject's pins; the GPU machine has torch, numpy and PyYAML
@@ -26,6 +28,15 @@ if [ "${1:-}" = "--prepare" ]; then
   # pytest, installed there only if missing
   .venv/bin/pip download --no-deps --only-binary :all: -d $WHEELS/pytest pytest==9.2.0 pluggy iniconfig pygments
   ls -la $WHEELS $WHEELS/pytest
+  # 3,000 of the real 224 px catalogue photos as shards (~25 MB), where they are: the baseline was measured
+  # on real photos, and JPEG decoding depends on content. Carry .gpu_data with .gpu_wheels.
+  if [ -f "$REAL/labels.csv" ] && [ ! -f $REAL_SHARDS/manifest.json ]; then
+    mkdir -p $GPU_DATA && head -n 3001 "$REAL/labels.csv" > $GPU_DATA/labels_3000.csv
+    .venv/bin/python -m mclfir_dist.cli shards build --source csv --csv $GPU_DATA/labels_3000.csv --image-root "$REAL" \
+        --key-column id --attributes baseColour,articleType --min-value-count 20 --out $REAL_SHARDS 2>&1 | tail -3
+    rm $GPU_DATA/labels_3000.csv
+  fi
+  du -sh $WHEELS $GPU_DATA 2>/dev/null
   exit 0
 fi
 OUT=${OUT:-runs/gpu_check}
@@ -82,10 +93,17 @@ else
   LOADER_ARGS=(--size 224 --batch 256 --batches 60 --workers 12 --device cuda --make-large 1500)
   SUITE_CAP=${SUITE_CAP:-240}
 fi
-SHARDS=$WORK/shards
-[ -f $SHARDS/manifest.json ] || $PY -m mclfir_dist.cli shards build --out $SHARDS --num-images $N \
-    --image-size $SIZE 2>&1 | tail -2
-INCS="train.increments=[{name: colour, attributes: [colour]},{name: sleeve_length, attributes: [sleeve_length]}]"
+if [ "${TINY:-0}" != 1 ] && [ -f $REAL_SHARDS/manifest.json ]; then   # carried real photos (--prepare)
+  SHARDS=$REAL_SHARDS
+  INCS="train.increments=[{name: colour, attributes: [baseColour]},{name: type, attributes: [articleType]}]"
+  echo "data: 3,000 real catalogue photos, 224 px ($SHARDS)" | tee -a "$OUT/machine.txt"
+else
+  SHARDS=$WORK/shards
+  [ -f $SHARDS/manifest.json ] || $PY -m mclfir_dist.cli shards build --out $SHARDS --num-images $N \
+      --image-size $SIZE 2>&1 | tail -2
+  INCS="train.increments=[{name: colour, attributes: [colour]},{name: sleeve_length, attributes: [sleeve_length]}]"
+  echo "data: $N synthetic garments, $SIZE px ($SHARDS)" | tee -a "$OUT/machine.txt"
+fi
 COMMON=(data.shards=$SHARDS data.build.source=none data.loader=torch_gpu data.image_size=$CROP model.pretrained=false
         "model.weights=''" "$INCS" eval.frozen_baseline=false "${EXTRA[@]}")
 bench_step() {   # bench_step DOUBLETS CHANNELS_LAST FILE CAP [overrides]
