@@ -5,8 +5,8 @@
 # projection); bench.ema; the whole test suite (pytest-xdist there); train.compile at 16 doublets;
 # 128 doublets without channels_last; bench.loader on 600x800 JPEGs; 16 doublets without channels_last; compile
 # with CUDA graphs. Each part is cut to the time left before DEADLINE (570 s) and appends to $OUT as it
-# ends (machine.txt, bench_step.txt, bench_ema.txt, suite.txt, bench_compile.txt, bench_loader.txt and
-# full.log: at most 8 files come back from the device). Run it with timeout_s=600, then give the machine
+# ends (machine.txt, bench_step.txt, bench_ema.txt, suite.txt, bench_compile.txt, bench_loader.txt,
+# profile.txt (torch.profiler tables of each bench.step run) and full.log: 8 files, what the device returns). Run it with timeout_s=600, then give the machine
 # back; commit the figures under docs/results/gpu/, naming the card.
 #
 # Here, first (downloads the small wheels the GPU machine lacks into the git-ignored .gpu_wheels/):
@@ -110,8 +110,13 @@ bench_step() {   # bench_step DOUBLETS CHANNELS_LAST FILE CAP [overrides]
   local doublets=$1 layout=$2 file=$3 cap=$4; shift 4
   echo "== bench.step: $doublets doublets/step, channels_last=$layout $*" | tee -a "$OUT/$file"
   run_for "$cap" $PY -m mclfir_dist.bench.step --config configs/paper_gpu.yaml --steps $STEPS --warmup $WARM \
-      --project-doublets 4400000 --out "$WORK/bench_run" "${COMMON[@]}" data.batch_doublets=$doublets \
-      model.channels_last=$layout "$@" 2>&1 | tee -a "$OUT/full.log" | grep -v WARN | tail -11 | tee -a "$OUT/$file"
+      --project-doublets 4400000 --out "$WORK/bench_run" --profile "$WORK/profile.txt" "${COMMON[@]}" \
+      data.batch_doublets=$doublets model.channels_last=$layout "$@" 2>&1 | tee -a "$OUT/full.log" | grep -v WARN \
+      | tail -11 | tee -a "$OUT/$file"
+  if [ -f "$WORK/profile.txt" ]; then   # why the figures are what they are: op tables, device busy share
+    { echo "== $doublets doublets/step, channels_last=$layout $*"; cat "$WORK/profile.txt"; } >> "$OUT/profile.txt"
+    rm "$WORK/profile.txt"
+  fi
 }
 bench_step 16 true bench_step.txt 120
 bench_step 128 true bench_step.txt 120

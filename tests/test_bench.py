@@ -8,7 +8,8 @@ def test_bench_step_reports_every_part_and_the_ratios(tiny_shards, tmp_path, cap
     results = main(["--config", str(ROOT / "configs/debug_cpu.yaml"), "--steps", "2", "--warmup", "1",
                     "--out", str(tmp_path / "run"), f"data.shards={tiny_shards}", "data.image_size=32",
                     "data.batch_doublets=8", "data.num_workers=0", "model.head_channels=32", "model.embed_dim=16",
-                    "model.channels_last=true", "eval.frozen_baseline=false", "--project-doublets", "1000"])
+                    "model.channels_last=true", "eval.frozen_baseline=false", "--project-doublets", "1000",
+                    "--profile", str(tmp_path / "profile.txt")])
     out = capsys.readouterr().out
     for part in ("model", "step", "loader", "end2end"):
         assert results[part] > 0 and f"  {part} " in out
@@ -20,6 +21,9 @@ def test_bench_step_reports_every_part_and_the_ratios(tiny_shards, tmp_path, cap
     assert "AdamW step over" in out and "(this run: torch default)" in out   # auto on CPU
     assert "1000 doublets (125 steps of 8) at the end-to-end rate" in out
     assert abs(results["projected_hours"] - 2000 / results["end2end"] / 3600) < 1e-9
+    profile = (tmp_path / "profile.txt").read_text()   # the step's ops, as torch.profiler counted them
+    assert "2 end-to-end steps profiled" in profile and "by self CPU time" in profile
+    assert "aten::convolution_backward" in profile and "16 images/step" in profile   # 8 doublets
 
 
 def test_bench_ema_times_the_update_against_the_previous_one_and_a_loop(capsys):

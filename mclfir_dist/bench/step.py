@@ -16,6 +16,8 @@ It prints images/s for each and the ratios end2end/step and loader/step (>= 1: t
 ops dispatched per step (each a kernel launch on a GPU: what bounds a small batch), the method's
 after-step time (MCL-FIR: the EMA update), the AdamW step alone with each kernel choice
 (optim.implementation) side by side and, with --project-doublets, the hours a run would take.
+--profile FILE writes torch.profiler's tables for a few end-to-end steps (by self device time and by self
+CPU time, and the share of the wall time the device was busy): why a figure is what it is, from one run.
 Numbers only; nothing is asserted. Runs on CPU at tiny size (tested) and on a GPU at paper size.
 """
 from __future__ import annotations
@@ -62,6 +64,31 @@ def ops_per_step(run_steps) -> tuple:
     return counts[1][0] - counts[0][0], counts[1][1] - counts[0][1]
 
 
+def profile_steps(run_steps, steps: int, device: torch.device, path: str, header: str) -> float:
+    """Profile run_steps(steps) and write torch.profiler's op tables to `path`; returns the share of the
+    wall time the device was busy (kernels' self time over wall time; 0 on CPU). Low on a GPU: the step is
+    bound by the host (launches, Python, the loader), not by the device's arithmetic."""
+    from torch.profiler import ProfilerActivity, profile
+    from ..utils.io import atomic_write_text
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        run_steps(steps)
+        wall_us = 1e6 * (time.perf_counter() - t0)
+    averages = prof.key_averages()
+    # the kernels' own rows (the CPU ops that launched them carry the same time again)
+    device_us = sum(e.self_device_time_total for e in averages if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy = device_us / wall_us
+    sections = [f"{header}\n{steps} end-to-end steps profiled: {wall_us / 1000 / steps:.2f} ms/step wall; "
+                f"device busy {100 * busy:.0f}% of it" + ("" if cuda else " (no device: CPU run)")]
+    if cuda:
+        sections.append("by self device time:\n" + averages.table(sort_by="self_device_time_total", row_limit=25))
+    sections.append("by self CPU time:\n" + averages.table(sort_by="self_cpu_time_total", row_limit=25))
+    atomic_write_text(path, "\n\n".join(sections) + "\n")
+    return busy
+
+
 def increment_with_distillation(trainer):
     """(index, plan, context) of the config's second increment (the first if there is one): the earlier
     increments' heads are added, so the method's distillation through them runs as in a real run."""
@@ -85,6 +112,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--project-doublets", type=int, default=0, metavar="N",
                     help="also print the hours N training doublets would take at the measured end-to-end rate, "
                          "whatever the batch (the paper's 22 tasks x 12,500 steps x 16 doublets: 4400000)")
+    ap.add_argument("--profile", metavar="FILE", help="write torch.profiler tables of a few end-to-end steps")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     from ..config import load_config
@@ -136,6 +164,10 @@ def main(argv=None) -> dict:
         next(batches)
     timed_steps(batches, args.warmup)
     results["end2end"] = timed_steps(batches, args.steps)
+    if args.profile:
+        header = (f"{cfg.name}: {images_per_step} images/step, channels_last {cfg.model.channels_last}, "
+                  f"compile {cfg.train.compile}, loader {trainer.loader_name}, on {rt.device}")
+        profile_steps(lambda n: timed_steps(batches, n), min(args.steps, 10), rt.device, args.profile, header)
 
     # model alone: trunk + heads fwd/bwd + optimizer step, same batch
     unwrapped = rt.acc.unwrap_model(model)
