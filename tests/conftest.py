@@ -10,6 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 REAL_DATA = ROOT.parent / "shared" / "data" / "fashion-product-images"
 torch.set_num_threads(2)
+# before any test starts cuBLAS: runs with train.deterministic (every training run here, on a GPU) need it
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 # Pinned dependencies that a machine may lack: the lent GPU machine has no DALI (its 424 MB wheel cannot
 # travel), DeepSpeed or faiss. Here and in CI a test that needs one runs, and fails loudly if it does not
@@ -28,6 +30,16 @@ def needs(name: str):
         except Exception as e:   # ImportError, or a broken install
             missing = f"{type(e).__name__}: {e}"
     return pytest.mark.skipif(missing is not None, reason=f"MCLFIR_TESTS_WITHOUT names {name}: {missing}")
+
+
+@pytest.fixture(autouse=True)
+def _restore_determinism():
+    """train.deterministic switches process-wide flags; put them back so that no later test inherits them."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
 
 
 def tiny_build_config(num_images=400, image_size=32, seed=0):

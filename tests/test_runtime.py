@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT, tiny_train_overrides
 from mclfir_dist.config import ConfigError, load_config
@@ -46,3 +47,15 @@ def test_trackers_are_checked(tmp_path):
     if not is_wandb_available():
         with pytest.raises(ConfigError, match="wandb is not installed"):
             build_trackers(load_config(ROOT / "configs/debug_cpu.yaml", ["train.trackers=[wandb]"]), tmp_path)
+
+
+def test_deterministic_run_trains_on_deterministic_kernels(tiny_shards, tmp_path):
+    """train.deterministic: no op of the step, the teacher's distillation or evaluation lacks a deterministic
+    kernel (such an op raises), and the run switches torch's process-wide flags (conftest restores them)."""
+    from mclfir_dist.engine import train
+    assert not torch.are_deterministic_algorithms_enabled()
+    cfg = load_config(ROOT / "configs/debug_cpu.yaml", tiny_train_overrides(tiny_shards, steps=3) + [
+        "train.deterministic=true", "eval.grid_queries=0", "eval.frozen_baseline=false"])
+    assert train(cfg, tmp_path / "r")["complete"]
+    assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+    assert not torch.backends.cudnn.benchmark and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
