@@ -51,7 +51,8 @@ def test_trackers_are_checked(tmp_path):
 
 def test_deterministic_run_trains_on_deterministic_kernels(tiny_shards, tmp_path):
     """train.deterministic: no op of the step, the teacher's distillation or evaluation lacks a deterministic
-    kernel (such an op raises), and the run switches torch's process-wide flags (conftest restores them)."""
+    kernel on this device (such an op raises: on CPU the CPU kernels are checked, on a GPU the CUDA ones),
+    and the run switches torch's process-wide flags (conftest restores them)."""
     from mclfir_dist.engine import train
     assert not torch.are_deterministic_algorithms_enabled()
     cfg = load_config(ROOT / "configs/debug_cpu.yaml", tiny_train_overrides(tiny_shards, steps=3) + [
