@@ -45,8 +45,9 @@ mkdir -p "$OUT" "$WORK"
 # the project's venv here; there, the image's python3 (it holds torch; `python` may not exist)
 if [ -x .venv/bin/python ]; then PY=.venv/bin/python; elif command -v python3 >/dev/null; then PY=python3; else PY=python; fi
 if ! $PY -c "import webdataset, omegaconf" 2>/dev/null; then   # the GPU machine: install the carried wheels
-  $PY -m pip install --no-deps --quiet --target .gpu_deps $WHEELS/*.whl
-  $PY -c "import pytest" 2>/dev/null || $PY -m pip install --no-deps --quiet --target .gpu_deps $WHEELS/pytest/*.whl
+  PIP=($PY -m pip install --no-index --no-deps --quiet --disable-pip-version-check --target .gpu_deps)  # offline there
+  "${PIP[@]}" $WHEELS/*.whl
+  $PY -c "import pytest" 2>/dev/null || "${PIP[@]}" $WHEELS/pytest/*.whl
   export PYTHONPATH=$PWD/.gpu_deps:$PWD:${PYTHONPATH:-}
 fi
 set +e   # from here a failing part is reported and the next one runs
@@ -68,6 +69,8 @@ import os, platform, torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "python", platform.python_version(), "cpus", os.cpu_count())
 print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only")
 PYEOF
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm \
+    --format=csv,noheader 2>&1 | tee -a "$OUT/machine.txt"
 
 # the whole test suite, xdist-parallel where pytest-xdist is installed (the GPU machine has it)
 suite() {
