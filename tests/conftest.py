@@ -32,14 +32,22 @@ def needs(name: str):
     return pytest.mark.skipif(missing is not None, reason=f"MCLFIR_TESTS_WITHOUT names {name}: {missing}")
 
 
+def _determinism_flags():
+    return (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+
+
+_INITIAL_DETERMINISM = _determinism_flags()
+
+
 @pytest.fixture(autouse=True)
 def _restore_determinism():
-    """train.deterministic switches process-wide flags; put them back so that no later test inherits them."""
-    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    """train.deterministic switches process-wide flags; after each test they go back to the process's own, so
+    that no later test inherits them (a module-scoped run switches them before this fixture starts)."""
     yield
-    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
+    deterministic, warn_only, cudnn_deterministic, cudnn_benchmark = _INITIAL_DETERMINISM
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_deterministic, cudnn_benchmark
 
 
 def tiny_build_config(num_images=400, image_size=32, seed=0):
