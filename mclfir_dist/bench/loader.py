@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import DataConfig, ShardBuildConfig
+from ..data.loader_torch import PREFETCH_FACTOR, make_loader
 from ..data.manifest import Manifest
 
 
@@ -80,7 +81,7 @@ def bench_one(manifest: Manifest, size: int, batch: int, workers: int, n_batches
         torch_loader = build_train_loader(cfg, manifest, [manifest.attributes[0]], 0, 1, seed=0, loader="torch")
         out["torch"] = _time(torch_loader, n_batches, lambda b: b["images"].shape[0], warmup)
         pil = DataLoader(PilStream(manifest.shard_files("train"), size), batch_size=batch, num_workers=workers,
-                         prefetch_factor=4)
+                         prefetch_factor=PREFETCH_FACTOR)   # the warm-up assumes it
         out["pil"] = _time(pil, n_batches, lambda b: b[0].shape[0], warmup)
     dev = torch.device("cuda", 0) if device == "cuda" else None
     gpu = build_train_loader(cfg, manifest, [manifest.attributes[0]], 0, 1, seed=0, loader="torch_gpu",
@@ -88,7 +89,6 @@ def bench_one(manifest: Manifest, size: int, batch: int, workers: int, n_batches
     out["torch_gpu"] = _time(gpu, n_batches, lambda b: b["images"].shape[0], warmup)
     # its CPU side alone (read, shuffle, pair, JPEG header sizes, augmentation draws; no decode): the most
     # images/s these workers can hand a GPU, whatever nvJPEG does
-    from ..data.loader_torch import make_loader
     out["gpu_feed"] = _time(make_loader(gpu.stream, gpu.num_workers), n_batches, lambda b: len(b["keys"]), warmup)
     ok, why = LOADERS.get("dali").available()
     if ok:
