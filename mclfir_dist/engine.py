@@ -205,19 +205,9 @@ class Trainer:
                 raise RuntimeError(f"injected fault on rank {rt.rank} at step {step} (MCLFIR_FAULT_RANK/STEP)")
             batch = next(batches)
             self.skipped_train += batch.get("skipped", [])
-            images = batch["images"].to(rt.device, non_blocking=True)
-            if cfg.model.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            task = batch["task"].to(rt.device, non_blocking=True)     # pinned by the loader on CUDA
-            value = batch["value"].to(rt.device, non_blocking=True)
-            task_counts = torch.bincount(batch["task"], minlength=len(plan.train_heads)).tolist()   # on the host
             with acc.autocast():
-                emb, pooled, fmap = model(images, task, plan.train_heads, task_counts)
-                nce, stats = loss_fn(emb, value, task, positive_index(emb.shape[0], rt.device))
-                terms = self.method.distillation(ctx, unwrapped, StepOutput(batch, images, emb, pooled, fmap))
-                loss = nce
-                for term in terms:
-                    loss = loss + term.weight * term.value
+                loss, nce, terms, stats = step_loss(batch, model, unwrapped, self.method, ctx, loss_fn,
+                                                    plan.train_heads, rt.device, cfg.model.channels_last)
             nonfinite = nonfinite | ~torch.isfinite(loss.detach())   # read at log and checkpoint time: no sync here
             acc.backward(loss)
             if cfg.optim.grad_clip > 0 and acc.sync_gradients:
@@ -349,6 +339,32 @@ class Trainer:
         if self.runtime.is_main:
             for manifest, embeddings in groups:
                 self.evaluator.retrieval_grids(manifest, embeddings, plan.index, self.metrics)
+
+
+def step_loss(batch: dict, model, unwrapped: MCLFIRModel, method, ctx: IncrementContext, loss_fn: DoubletInfoNCE,
+              heads: Sequence[str], device: torch.device, channels_last: bool = False) -> tuple:
+    """The forward of one training step: (loss, InfoNCE, the method's terms, the InfoNCE stats) for a loader
+    batch, whose tensors may be on the host (moved here) or already on `device` (images from a device loader).
+    `model` may be wrapped (DDP); the method reads heads from `unwrapped`."""
+    images = batch["images"].to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    task = batch["task"].to(device, non_blocking=True)     # pinned by the loader on CUDA
+    value = batch["value"].to(device, non_blocking=True)
+    task_counts = rows_per_task(batch["task"], len(heads))
+    emb, pooled, fmap = model(images, task, heads, task_counts)
+    nce, stats = loss_fn(emb, value, task, positive_index(emb.shape[0], device))
+    terms = method.distillation(ctx, unwrapped, StepOutput(batch, images, emb, pooled, fmap))
+    loss = nce
+    for term in terms:
+        loss = loss + term.weight * term.value
+    return loss, nce, terms, stats
+
+
+def rows_per_task(task: torch.Tensor, heads: int) -> List[int]:
+    """Rows of each head in a batch, counted from the loader's host copy of `task` (on the device, reading
+    the count back would be a sync every step)."""
+    return torch.bincount(task, minlength=heads).tolist()
 
 
 def attribute_manifests(cfg: RunConfig) -> Tuple[List[Manifest], Dict[str, Manifest]]:
