@@ -118,7 +118,7 @@ def main(argv=None) -> dict:
     from ..config import load_config
     from ..data import batches_held_ahead, build_train_loader
     from ..data.streams import epoch_seed
-    from ..engine import Trainer
+    from ..engine import Trainer, rows_per_task
     cfg = load_config(args.config, list(args.overrides) + ["train.checkpoint_every=0", "eval.grid_queries=0",
                                                            f"train.log_every={10 ** 9}"])
     trainer = Trainer(cfg, args.out)
@@ -177,7 +177,7 @@ def main(argv=None) -> dict:
     if cfg.model.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     task = on_device["task"].to(rt.device)
-    task_counts = torch.bincount(batch["task"], minlength=len(plan.train_heads)).tolist()
+    task_counts = rows_per_task(batch["task"], len(plan.train_heads))
 
     def model_step():
         with rt.acc.autocast():
