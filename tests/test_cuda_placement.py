@@ -147,3 +147,25 @@ def test_fake_cuda_catches_a_host_tensor_in_a_device_op():
         mask = torch.tensor([True, False, True, False]).view(-1, 1, 1, 1)
         with pytest.raises(RuntimeError, match="device"):
             torch.where(mask, images.flip(-1), images)
+
+
+def test_evaluation_embeds_on_the_device_and_hands_back_host_tensors():
+    """embed_split with the model on CUDA, fed a host batch (torch loader) and a batch already on the
+    device (torch_gpu): the embeddings come back on the host, where mAP is computed."""
+    from mclfir_dist.config import ModelConfig
+    from mclfir_dist.evaluate import embed_split
+    model = build_model(ModelConfig(), SIDE)
+    for a in ("colour", "pattern"):
+        model.add_head(a)
+    mode = fake_cuda_mode()
+    move_to_fake_cuda(model, mode, channels_last=False)
+
+    def batch(images, keys):
+        return {"images": images, "labels": torch.zeros(len(keys), 2, dtype=torch.long), "keys": keys}
+    host = batch(torch.randn(3, 3, SIDE, SIDE), ["c", "a", "b"])
+    with mode:
+        on_device = batch(torch.empty(2, 3, SIDE, SIDE, device=CUDA), ["e", "d"])
+        se = embed_split(model, [host, on_device], ["colour", "pattern"], CUDA)
+        assert se.keys == ["a", "b", "c", "d", "e"]
+        assert se.emb.shape == (5, 2, model.embed_dim)
+        assert se.emb.device.type == se.pooled.device.type == "cpu"
