@@ -57,7 +57,8 @@ def host_batch(doublets: int, heads: int, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     n = 2 * doublets
     task = torch.arange(doublets) % heads
-    return {"images": torch.randn(n, 3, SIDE, SIDE, generator=g), "teacher_images": torch.randn(n, 3, SIDE, SIDE, generator=g),
+    return {"images": torch.randn(n, 3, SIDE, SIDE, generator=g),
+            "teacher_images": torch.randn(n, 3, SIDE, SIDE, generator=g),
             "task": torch.cat([task, task]), "value": torch.randint(0, 3, (n,), generator=g),
             "keys": [f"k{i}" for i in range(n)]}
 
