@@ -15,7 +15,7 @@ from .config import ConfigError
 
 
 def _user_errors():
-    from .checkpoint import CheckpointError
+    from .training.checkpoint import CheckpointError
     from .data.manifest import ShardError
     from .data.shards import BadInputError
     from .utils.io import OutputError
@@ -157,7 +157,7 @@ def resolve_run_dir(args) -> tuple:
         raise ConfigError("give --out RUN_DIR (or --resume RUN_DIR)")
     run_dir = Path(args.out)
     if args.resume == "auto":
-        from .checkpoint import Checkpointer
+        from .training.checkpoint import Checkpointer
         has_state = bool(Checkpointer(run_dir).increments()) or Checkpointer(run_dir).partial_path.is_file()
         return run_dir, has_state
     if holds_run(run_dir):
@@ -188,7 +188,7 @@ def cmd_train(args) -> int:
     if not config:
         raise ConfigError("give --config FILE")
     cfg = load_config(config, args.overrides)
-    from .engine import train
+    from .training.engine import train
     train(cfg, run_dir, resume=resume)
     return 0
 
@@ -210,7 +210,7 @@ def _add_eval(sub):
 
 
 def cmd_eval(args) -> int:
-    from .inference import evaluate_run
+    from .evaluation.offline import evaluate_run
     evaluate_run(args.run, args.shards, args.split, args.export, args.json, args.skip_bad_shards)
     return 0
 
@@ -224,7 +224,7 @@ def _add_report(sub):
 
 
 def cmd_report(args) -> int:
-    from .report import report
+    from .evaluation.report import report
     report(args.runs, args.out)
     return 0
 
@@ -272,7 +272,7 @@ def _add_use(sub, formatter):
     q.add_argument("--sheet", help="also draw the query and its top-k into this PNG")
 
     x = sub.add_parser("export", formatter_class=formatter, help="a run -> model.safetensors + config.json",
-                       description="A portable model that `mclfir_dist.portable.load_exported` rebuilds with torch "
+                       description="A portable model that `mclfir_dist.retrieval.portable.load_exported` rebuilds with torch "
                                    "and torchvision only; the trunk keeps torchvision's key names.")
     x.add_argument("--run", required=True, help="run directory")
     x.add_argument("--out", required=True, help="output folder")
@@ -304,7 +304,7 @@ def cmd_search(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_run
+    from .retrieval.export import export_run
     print(f"wrote {export_run(args.run, args.out, args.checkpoint, args.torch_export)}")
     return 0
 

@@ -224,10 +224,10 @@ CHOICES = {
 def registered_choices() -> dict:
     """Config keys whose allowed values are the names in a registry (so plug-ins are valid choices)."""
     from .data import LOADERS
-    from .losses import DISTILLATIONS
+    from .training.losses import DISTILLATIONS
     from .methods import METHODS
     from .model.trunks import TRUNKS
-    from .optim import SCHEDULES
+    from .training.optim import SCHEDULES
     return {"data.loader": ("auto",) + tuple(LOADERS.names()), "model.trunk": tuple(TRUNKS.names()),
             "loss.kd_type": tuple(DISTILLATIONS.names()), "optim.schedule": tuple(SCHEDULES.names()),
             "train.method": tuple(METHODS.names())}

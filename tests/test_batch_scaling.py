@@ -4,7 +4,7 @@ import math
 import pytest
 
 from conftest import ROOT, tiny_train_overrides
-from mclfir_dist.batch_scaling import scale_to_global_batch
+from mclfir_dist.training.batch_scaling import scale_to_global_batch
 from mclfir_dist.config import ConfigError, from_dict, load_config, to_dict
 
 
@@ -78,7 +78,7 @@ def test_retired_key_gets_a_pointer_and_old_runs_still_load(tmp_path):
 
 
 def test_trainer_runs_the_scaled_plan_and_saves_the_effective_config(tiny_shards, tmp_path):
-    from mclfir_dist.engine import Trainer
+    from mclfir_dist.training.engine import Trainer
     cfg = load_config(ROOT / "configs/debug_cpu.yaml",
                       tiny_train_overrides(tiny_shards, steps=30) + ["train.reference_batch_doublets=8"])
     trainer = Trainer(cfg, tmp_path / "run")                  # 16 doublets per step = 2 x the reference

@@ -18,12 +18,12 @@ from conftest import ROOT, tiny_train_overrides
 from mclfir_dist.config import load_config
 from mclfir_dist.data.loader_device import AugmentationDraws, apply_augmentation, transformed_together
 from mclfir_dist.data.loader_torch import TransformSpec, eval_transform, train_transforms
-from mclfir_dist import engine
-from mclfir_dist.engine import step_loss
-from mclfir_dist.losses import DoubletInfoNCE
+from mclfir_dist.training import engine
+from mclfir_dist.training.engine import step_loss
+from mclfir_dist.training.losses import DoubletInfoNCE
 from mclfir_dist.methods import IncrementContext, build_method
 from mclfir_dist.model.mclfir import build_model
-from mclfir_dist.optim import build_optimizer
+from mclfir_dist.training.optim import build_optimizer
 
 CUDA = torch.device("cuda", 0)
 SIDE = 32
@@ -154,7 +154,7 @@ def test_evaluation_embeds_on_the_device_and_hands_back_host_tensors():
     """embed_split with the model on CUDA, fed a host batch (torch loader) and a batch already on the
     device (torch_gpu): the embeddings come back on the host, where mAP is computed."""
     from mclfir_dist.config import ModelConfig
-    from mclfir_dist.evaluate import embed_split
+    from mclfir_dist.evaluation.metrics import embed_split
     model = build_model(ModelConfig(), SIDE)
     for a in ("colour", "pattern"):
         model.add_head(a)

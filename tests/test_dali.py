@@ -139,7 +139,7 @@ def test_dali_training_run_matches_torch_loader_map(tiny_shards, tmp_path):
     """Same runs with either loader: mean mAP over 3 seeds within a few points (one seed alone
     varies by ~0.03 on this tiny set, whichever the loader). One increment training both heads: DALI
     across increments is exercised by the kill-and-resume test; here it is what the images teach."""
-    from mclfir_dist.engine import train
+    from mclfir_dist.training.engine import train
     final = {"torch": [], "dali": []}
     both_heads = "[{name: a, attributes: [colour, garment_length]}]"
     for loader in final:

@@ -194,7 +194,7 @@ def test_deepspeed_resume_inside_an_increment_is_exact(zero2_run, tiny_shards, t
     """A rank dies at step 12 of increment 0; the run resumes from the step-10 partial (each rank's ZeRO
     optimizer partition + partial.pt) and must end exactly like the uninterrupted ZeRO-2 run."""
     import torch
-    from mclfir_dist.checkpoint import load_checkpoint
+    from mclfir_dist.training.checkpoint import load_checkpoint
     ref_dir, ref = zero2_run
     out = tmp_path / "ds"
     overrides = tiny_train_overrides(tiny_shards, steps=20) + ZERO_OVERRIDES
@@ -225,7 +225,7 @@ def test_deepspeed_resume_inside_an_increment_is_exact(zero2_run, tiny_shards, t
 
 def test_a_partial_missing_a_zero_shard_falls_back(tmp_path, caplog):
     import logging
-    from mclfir_dist.checkpoint import Checkpointer
+    from mclfir_dist.training.checkpoint import Checkpointer
     ck = Checkpointer(tmp_path)
     ck.save_increment(0, {"increment": 0, "step": 0})
     ck.save_partial({"increment": 1, "step": 5, "zero_world": 2})

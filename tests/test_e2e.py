@@ -10,8 +10,8 @@ import pytest
 
 from conftest import ROOT, needs, tiny_train_overrides
 from mclfir_dist.config import load_config
-from mclfir_dist.engine import train
-from mclfir_dist.evaluate import mean_average_precision
+from mclfir_dist.training.engine import train
+from mclfir_dist.evaluation.metrics import mean_average_precision
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,7 @@ def test_frozen_trunk_batchnorm_and_anchor_only_distillation(tiny_shards, tmp_pa
     Embedding-level KD with kd_anchors_only: no teacher pass in the first increment (no old heads),
     then the teacher sees only the anchor half of each batch."""
     import torch
-    from mclfir_dist.teacher import EMATeacher
+    from mclfir_dist.methods.teacher import EMATeacher
     calls = []
     forward = EMATeacher.forward
     monkeypatch.setattr(EMATeacher, "forward", lambda self, x: calls.append(x.shape[0]) or forward(self, x))
@@ -178,7 +178,7 @@ def test_static_final_only_estimates_earlier_retrainings(tiny_shards, tmp_path):
     assert res["accuracy_matrix"][0] == {} and set(res["accuracy_matrix"][1]) == {"colour", "garment_length"}
     import math
     assert math.isnan(res["final"]["average_forgetting"]) and math.isnan(res["final"]["bwt"])  # unknown, not 0
-    from mclfir_dist.report import comparison_table
+    from mclfir_dist.evaluation.report import comparison_table
     table = comparison_table([str(tmp_path / "s")], [res])
     assert "| 1.00* " in table and "not run" in table
 
@@ -266,7 +266,7 @@ def test_resume_after_the_last_checkpoint_heals_results_and_summary(tiny_run, tm
 
 
 def test_report_marks_incomplete_runs(tiny_run, tmp_path):
-    from mclfir_dist.report import comparison_table
+    from mclfir_dist.evaluation.report import comparison_table
     run, results = tiny_run
     partial = json.loads(json.dumps(results))
     partial["complete"] = False

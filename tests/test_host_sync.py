@@ -73,7 +73,7 @@ def test_a_step_reads_nothing_back_from_the_device_except_when_it_logs(tiny_shar
     from mclfir_dist.config import load_config
     from mclfir_dist.data import build_train_loader
     from mclfir_dist.data.streams import epoch_seed
-    from mclfir_dist.engine import Trainer
+    from mclfir_dist.training.engine import Trainer
     # log_every larger than any run below: only the increment's last step logs
     cfg = load_config(ROOT / "configs/debug_cpu.yaml", tiny_train_overrides(tiny_shards) + [
         "train.log_every=1000", "eval.grid_queries=0", "eval.frozen_baseline=false", "data.batch_doublets=8",

@@ -60,7 +60,7 @@ def test_an_empty_valid_tar_is_not_a_silent_pass(shards):
 
 
 def test_training_stops_naming_a_damaged_shard_or_skips_and_records_it(shards, tmp_path):
-    from mclfir_dist.engine import train
+    from mclfir_dist.training.engine import train
     m = Manifest.load(shards)
     bad = m.shard_files("train")[1]
     _cut_at_header(bad, 12)
@@ -78,7 +78,7 @@ def test_training_stops_naming_a_damaged_shard_or_skips_and_records_it(shards, t
 
 def test_eval_cli_names_a_truncated_test_shard(tiny_shards, shards, tmp_path, capsys):
     from mclfir_dist.cli import main
-    from mclfir_dist.engine import train
+    from mclfir_dist.training.engine import train
     run = tmp_path / "run"
     cfg = load_config(ROOT / "configs/debug_cpu.yaml",
                       tiny_train_overrides(tiny_shards, steps=2, increments="[{name: a, attributes: [colour]}]") + FAST)
@@ -94,7 +94,7 @@ def test_eval_cli_names_a_truncated_test_shard(tiny_shards, shards, tmp_path, ca
 
 def test_corrupt_images_are_counted_in_results(shards, tmp_path):
     """A JPEG that does not decode is skipped in training and evaluation, and results.json counts it."""
-    from mclfir_dist.engine import train
+    from mclfir_dist.training.engine import train
     m = Manifest.load(shards)
     # replace one test image's bytes (same length, so the shard's size still matches)
     path = m.shard_files("test")[0]

@@ -37,7 +37,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_named_error(tmp_path, monkeypatc
 
     import torch
 
-    from mclfir_dist.checkpoint import Checkpointer
+    from mclfir_dist.training.checkpoint import Checkpointer
     from mclfir_dist.utils import io as io_module
     ck = Checkpointer(tmp_path)
     ck.save_increment(0, {"increment": 0, "model": {"w": torch.zeros(3)}})

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from mclfir_dist.evaluate import average_precision, continual_metrics, mean_average_precision
+from mclfir_dist.evaluation.metrics import average_precision, continual_metrics, mean_average_precision
 
 
 def reference_ap(q_emb, q_lab, c_emb, c_lab):
@@ -63,7 +63,7 @@ def test_continual_metrics():
 
 def test_forgetting_is_unknown_when_old_attributes_were_never_evaluated():
     """static_final_only: earlier increments are not run, so forgetting and BWT are NaN, not 0."""
-    from mclfir_dist.evaluate import continual_metrics
+    from mclfir_dist.evaluation.metrics import continual_metrics
     m = continual_metrics([{}, {"a": 0.7, "b": 0.6}], {"a": 0, "b": 1})
     assert m["average_map"] == pytest.approx(0.65)
     assert math.isnan(m["average_forgetting"]) and math.isnan(m["bwt"])
@@ -72,7 +72,7 @@ def test_forgetting_is_unknown_when_old_attributes_were_never_evaluated():
 
 
 def test_dataset_map_is_query_weighted_per_dataset():
-    from mclfir_dist.evaluate import dataset_maps
+    from mclfir_dist.evaluation.metrics import dataset_maps
     details = {"a": {"map": 0.9, "queries": 10}, "b": {"map": 0.3, "queries": 30}, "c": {"map": 0.5, "queries": 5}}
     out = dataset_maps(details, {"a": "fashionai", "b": "fashionai", "c": "darn"})
     assert out == pytest.approx({"fashionai": (0.9 * 10 + 0.3 * 30) / 40, "darn": 0.5})

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_train_overrides
-from mclfir_dist.checkpoint import CheckpointError, load_checkpoint, load_run_model
+from mclfir_dist.training.checkpoint import CheckpointError, load_checkpoint, load_run_model
 from mclfir_dist.config import ConfigError, load_config
-from mclfir_dist.engine import Trainer, train
+from mclfir_dist.training.engine import Trainer, train
 from mclfir_dist.methods import METHODS
 
 FAST = ["eval.grid_queries=0", "eval.frozen_baseline=false"]
@@ -72,7 +72,7 @@ def test_lwf_distils_from_a_frozen_snapshot_of_the_increment_start(tiny_shards, 
     trainer = Trainer(tiny_cfg(tiny_shards, extra=["train.method=lwf"]), tmp_path / "l")
     trainer.run()
     snapshot = trainer.method.snapshot
-    from mclfir_dist.teacher import EMATeacher
+    from mclfir_dist.methods.teacher import EMATeacher
     assert not isinstance(snapshot, EMATeacher) and not snapshot.training
     assert all(not p.requires_grad for p in snapshot.parameters())
     start = load_checkpoint(tmp_path / "l" / "checkpoints" / "increment_00.pt")["model"]

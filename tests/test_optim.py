@@ -6,7 +6,7 @@ import torch
 
 from conftest import ROOT
 from mclfir_dist.config import ConfigError, load_config
-from mclfir_dist.optim import build_optimizer, kernel_options
+from mclfir_dist.training.optim import build_optimizer, kernel_options
 
 
 def _param(device: str, floating: bool = True):

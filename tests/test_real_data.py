@@ -11,7 +11,7 @@ pytestmark = pytest.mark.skipif(not (REAL_DATA / "labels.csv").is_file(), reason
 def test_real_photos_to_shards_and_a_short_run(tmp_path):
     from mclfir_dist.config import ShardBuildConfig, load_config
     from mclfir_dist.data.shards import build_from_config
-    from mclfir_dist.engine import train
+    from mclfir_dist.training.engine import train
     rows = list(csv.DictReader(open(REAL_DATA / "labels.csv")))[:600]
     sub = tmp_path / "labels.csv"
     with open(sub, "w", newline="") as f:

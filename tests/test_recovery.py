@@ -5,7 +5,7 @@ from argparse import Namespace
 import pytest
 import torch
 
-from mclfir_dist.checkpoint import Checkpointer
+from mclfir_dist.training.checkpoint import Checkpointer
 from mclfir_dist.cli import resolve_run_dir
 from mclfir_dist.config import ConfigError
 

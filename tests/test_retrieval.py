@@ -14,7 +14,7 @@ from mclfir_dist.config import load_config
 
 @pytest.fixture(scope="module")
 def run(tiny_shards, tmp_path_factory):
-    from mclfir_dist.engine import train
+    from mclfir_dist.training.engine import train
     out = tmp_path_factory.mktemp("retrieval") / "run"
     cfg = load_config(ROOT / "configs/debug_cpu.yaml",
                       tiny_train_overrides(tiny_shards, steps=8) + ["eval.grid_queries=0", "eval.frozen_baseline=false"])
@@ -31,10 +31,10 @@ def embedded(run, tiny_shards, tmp_path_factory):
 
 
 def test_embeddings_are_the_runs_own_with_keys_labels_and_provenance(run, tiny_shards, embedded):
-    from mclfir_dist.checkpoint import load_run_model
+    from mclfir_dist.training.checkpoint import load_run_model
     from mclfir_dist.data import build_eval_loader
     from mclfir_dist.data.manifest import Manifest
-    from mclfir_dist.evaluate import embed_split
+    from mclfir_dist.evaluation.metrics import embed_split
     meta = json.loads((embedded / "embed.json").read_text())
     keys = (embedded / "keys.txt").read_text().splitlines()
     assert meta["count"] == len(keys) == Manifest.load(tiny_shards).count("test")
@@ -124,7 +124,7 @@ BLOCKED = ["accelerate", "deepspeed", "nvidia.dali", "webdataset", "omegaconf", 
 
 
 def test_export_loads_with_torch_and_torchvision_only_and_matches_the_run(run, tmp_path):
-    from mclfir_dist.checkpoint import load_run_model
+    from mclfir_dist.training.checkpoint import load_run_model
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "exp"), "--torch-export"]) == 0
     config = json.loads((tmp_path / "exp" / "config.json").read_text())
     assert config["attributes"] == ["colour", "garment_length"] and config["image_size"] == 32
@@ -138,7 +138,7 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError("blocked: " + name)
 sys.meta_path.insert(0, Block())
 import torch
-from mclfir_dist.portable import load_exported
+from mclfir_dist.retrieval.portable import load_exported
 model = load_exported({str(tmp_path / 'exp')!r})
 out = model(torch.load({str(tmp_path / 'x.pt')!r}))
 torch.save(out, {str(tmp_path / 'portable_out.pt')!r})

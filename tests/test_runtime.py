@@ -9,7 +9,7 @@ import torch
 
 from conftest import ROOT, tiny_train_overrides
 from mclfir_dist.config import ConfigError, load_config
-from mclfir_dist.runtime import build_trackers, resolve_precision
+from mclfir_dist.training.runtime import build_trackers, resolve_precision
 
 
 @pytest.mark.parametrize("configured,launcher,expected", [
@@ -53,7 +53,7 @@ def test_deterministic_run_trains_on_deterministic_kernels(tiny_shards, tmp_path
     """train.deterministic: no op of the step, the teacher's distillation or evaluation lacks a deterministic
     kernel on this device (such an op raises: on CPU the CPU kernels are checked, on a GPU the CUDA ones),
     and the run switches torch's process-wide flags (conftest restores them)."""
-    from mclfir_dist.engine import train
+    from mclfir_dist.training.engine import train
     assert not torch.are_deterministic_algorithms_enabled()
     cfg = load_config(ROOT / "configs/debug_cpu.yaml", tiny_train_overrides(tiny_shards, steps=3) + [
         "train.deterministic=true", "eval.grid_queries=0", "eval.frozen_baseline=false"])

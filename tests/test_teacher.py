@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from mclfir_dist.teacher import EMATeacher
+from mclfir_dist.methods.teacher import EMATeacher
 
 
 def make_encoder():

@@ -53,7 +53,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     from ..config import ModelConfig
     from ..model.trunks import build_trunk
-    from ..teacher import EMATeacher
+    from ..methods.teacher import EMATeacher
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but CUDA is not available")

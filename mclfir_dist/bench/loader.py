@@ -43,7 +43,7 @@ class PilStream(IterableDataset):
     def __iter__(self):
         from PIL import Image
         from torchvision import transforms as T
-        from ..portable import IMAGENET_MEAN, IMAGENET_STD
+        from ..retrieval.portable import IMAGENET_MEAN, IMAGENET_STD
         from ..data.streams import decode_labels, iter_shard
         tf = T.Compose([T.Resize(int(round(self.size * 1.14))), T.RandomCrop(self.size), T.RandomHorizontalFlip(),
                         T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])

@@ -37,7 +37,7 @@ def _sync(device: torch.device) -> None:
 
 def adamw_ms(params, implementation: str, warmup: int, steps: int, device: torch.device) -> float:
     """ms per AdamW step with optim.implementation's kernels, on copies of `params` and their gradients."""
-    from ..optim import kernel_options
+    from ..training.optim import kernel_options
     copies = [p.detach().clone().requires_grad_() for p in params]
     for copy, p in zip(copies, params):
         copy.grad = p.grad.detach().clone()
@@ -118,7 +118,7 @@ def main(argv=None) -> dict:
     from ..config import load_config
     from ..data import batches_held_ahead, build_train_loader
     from ..data.streams import epoch_seed
-    from ..engine import Trainer, rows_per_task
+    from ..training.engine import Trainer, rows_per_task
     cfg = load_config(args.config, list(args.overrides) + ["train.checkpoint_every=0", "eval.grid_queries=0",
                                                            f"train.log_every={10 ** 9}"])
     trainer = Trainer(cfg, args.out)

@@ -26,7 +26,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from ..config import DataConfig
-from ..portable import IMAGENET_MEAN, IMAGENET_STD
+from ..retrieval.portable import IMAGENET_MEAN, IMAGENET_STD
 from .loader_torch import TransformSpec, collate_eval
 from .manifest import IMAGE_EXT, LABEL_EXT, SID_EXT, Manifest, ShardError
 from .pairing import DoubletBatcher

@@ -31,8 +31,8 @@ from .streams import decode_labels, epoch_seed, iter_partition, iter_shard, shuf
 
 log = logging.getLogger(__name__)
 
-from ..portable import normalise as _normalise
-from ..portable import eval_transform as _eval_transform
+from ..retrieval.portable import normalise as _normalise
+from ..retrieval.portable import eval_transform as _eval_transform
 
 
 @dataclass

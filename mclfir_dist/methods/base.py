@@ -25,7 +25,7 @@ from ..registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..model.mclfir import MCLFIRModel
-    from ..runtime import Runtime
+    from ..training.runtime import Runtime
 
 
 @dataclass

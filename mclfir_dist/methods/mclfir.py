@@ -2,8 +2,8 @@
 term (`loss.kd_type`, registered in losses.DISTILLATIONS) that pulls the student towards it."""
 from typing import Dict, List
 
-from ..losses import DISTILLATIONS
-from ..teacher import EMATeacher
+from ..training.losses import DISTILLATIONS
+from .teacher import EMATeacher
 from .base import METHODS, IncrementContext, LossTerm, Method, StepOutput, distil_rows
 
 

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from ..checkpoint import load_run_model
-from ..portable import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from ..training.checkpoint import load_run_model
+from .portable import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from ..utils.io import atomic_write, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)

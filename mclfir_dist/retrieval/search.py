@@ -15,8 +15,8 @@ log = logging.getLogger(__name__)
 
 
 def embed_query(run: str, image: str, attribute: str) -> np.ndarray:
-    from ..checkpoint import load_run_model
-    from ..portable import eval_transform
+    from ..training.checkpoint import load_run_model
+    from .portable import eval_transform
     model, cfg, _ = load_run_model(run)
     if attribute not in model.heads:
         from ..config import ConfigError

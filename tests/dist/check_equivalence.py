@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from mclfir_dist.data.pairing import positive_index  # noqa: E402
-from mclfir_dist.losses import DoubletInfoNCE  # noqa: E402
+from mclfir_dist.training.losses import DoubletInfoNCE  # noqa: E402
 
 out_path, shards = sys.argv[1], sys.argv[2]
 dist.init_process_group("gloo")
@@ -99,7 +99,7 @@ report["train_count"] = m.count("train")
 # ---- distributed evaluation == single-process evaluation
 from mclfir_dist.config import DataConfig, ModelConfig  # noqa: E402
 from mclfir_dist.data import build_eval_loader  # noqa: E402
-from mclfir_dist.evaluate import embed_split, evaluate_heads  # noqa: E402
+from mclfir_dist.evaluation.metrics import embed_split, evaluate_heads  # noqa: E402
 from mclfir_dist.model.mclfir import build_model  # noqa: E402
 torch.manual_seed(3)
 model = build_model(ModelConfig(head_channels=32, embed_dim=16), 32)
@@ -116,7 +116,7 @@ if rank == 0:
         for b in build_eval_loader(dcfg, m, "test", 0, 1):
             e, _ = model.embed_all(b["images"], ["colour", "garment_length"])
             keys += b["keys"]; embs.append(e); labels.append(b["labels"])
-    from mclfir_dist.evaluate import SplitEmbeddings
+    from mclfir_dist.evaluation.metrics import SplitEmbeddings
     order = sorted(range(len(keys)), key=keys.__getitem__)
     idx = torch.tensor(order)
     ref_se = SplitEmbeddings([keys[i] for i in order], torch.cat(labels)[idx], torch.cat(embs)[idx],
@@ -127,7 +127,7 @@ if rank == 0:
     report["eval_rows"] = len(se.keys)
 
 # ---- EMA teacher identical on every rank after N DDP steps
-from mclfir_dist.teacher import EMATeacher  # noqa: E402
+from mclfir_dist.methods.teacher import EMATeacher  # noqa: E402
 torch.manual_seed(5)
 student = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
 teacher = EMATeacher(student, decay=0.9)
@@ -145,7 +145,7 @@ report["teacher_rank_diff"] = max((gathered[0] - t).abs().max().item() for t in 
 report["teacher_updates"] = int(teacher.num_updates)
 
 # ---- BatchNorm statistics diverge across ranks (each sees its own batches); broadcast_buffers aligns them
-from mclfir_dist.distributed import broadcast_buffers  # noqa: E402
+from mclfir_dist.training.distributed import broadcast_buffers  # noqa: E402
 bn = nn.BatchNorm2d(3)
 bn.train()(torch.randn(8, 3, 4, 4) + rank)
 

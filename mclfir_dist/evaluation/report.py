@@ -5,8 +5,8 @@ import json
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from .results import RESULTS_NAME, fmt, markdown_table, summary_text
-from .utils.io import atomic_write_text
+from .record import RESULTS_NAME, fmt, markdown_table, summary_text
+from ..utils.io import atomic_write_text
 
 
 def load_results(run_dir: str | Path) -> dict:

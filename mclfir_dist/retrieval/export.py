@@ -9,10 +9,10 @@ from typing import Optional
 
 import torch
 
-from . import __version__
-from .checkpoint import load_run_model
+from .. import __version__
+from ..training.checkpoint import load_run_model
 from .portable import EXPORT_FORMAT, IMAGENET_MEAN, IMAGENET_STD, load_exported
-from .utils.io import atomic_write, atomic_write_text
+from ..utils.io import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -8,11 +8,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .checkpoint import load_run_model
-from .data import build_eval_loader
-from .data.manifest import Manifest
-from .evaluate import dataset_maps, embed_split, mean_average_precision, query_candidate_rows
-from .utils.io import atomic_write, atomic_write_json
+from ..training.checkpoint import load_run_model
+from ..data import build_eval_loader
+from ..data.manifest import Manifest
+from .metrics import dataset_maps, embed_split, mean_average_precision, query_candidate_rows
+from ..utils.io import atomic_write, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
 
 def evaluate_run(run_dir: str, shards: str, split: str = "test", export: Optional[str] = None,
                  json_path: Optional[str] = None, skip_bad_shards: bool = False) -> dict:
-    from .engine import check_shard_sets
+    from ..training.engine import check_shard_sets
     model, cfg, ckpt = load_run_model(run_dir)
     manifest = Manifest.load(shards)
     skipped_shards = check_shard_sets([manifest], [split], skip_bad_shards)

@@ -15,8 +15,8 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
-from .data.manifest import Manifest
-from .distributed import gather_objects
+from ..data.manifest import Manifest
+from ..training.distributed import gather_objects
 
 log = logging.getLogger(__name__)
 

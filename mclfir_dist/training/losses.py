@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distributed import all_gather_no_grad, all_gather_with_grad
-from .registry import Registry
+from ..registry import Registry
 
 
 class DoubletInfoNCE(nn.Module):

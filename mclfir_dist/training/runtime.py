@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig
 from .distributed import backend as process_group_backend, broadcast_buffers, gather_objects
 
 log = logging.getLogger("mclfir")

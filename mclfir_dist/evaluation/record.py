@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .utils.io import atomic_write_json
+from ..utils.io import atomic_write_json
 
 RESULTS_NAME = "results.json"
 

@@ -10,12 +10,12 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from .config import RunConfig
-from .data import build_eval_loader
-from .data.manifest import Manifest
-from .evaluate import (SplitEmbeddings, embed_split, evaluate_heads, pooled_feature_map, query_candidate_rows,
+from ..config import RunConfig
+from ..data import build_eval_loader
+from ..data.manifest import Manifest
+from .metrics import (SplitEmbeddings, embed_split, evaluate_heads, pooled_feature_map, query_candidate_rows,
                        random_embedding_map)
-from .results import retrieval_grid
+from .record import retrieval_grid
 
 log = logging.getLogger("mclfir")
 
@@ -99,7 +99,7 @@ class Evaluator:
             write_png(grid, str(out))
 
     def _raw_images(self, manifest: Manifest, keys: set) -> Dict[str, torch.Tensor]:
-        from .portable import IMAGENET_MEAN, IMAGENET_STD
+        from ..retrieval.portable import IMAGENET_MEAN, IMAGENET_STD
         loader = build_eval_loader(self.cfg.data, manifest, self.cfg.eval.split, 0, 1, keys=keys)
         mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
         std = torch.tensor(IMAGENET_STD)[:, None, None]

@@ -24,8 +24,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from . import __version__
-from .utils.io import atomic_torch_save
+from .. import __version__
+from ..utils.io import atomic_torch_save
 
 log = logging.getLogger("mclfir")
 
@@ -204,8 +204,8 @@ def restore_model(model, state: dict) -> None:
 
 def load_run_model(run_dir: str | Path, checkpoint: Optional[str | Path] = None):
     """(model in eval mode, RunConfig, checkpoint path) of a run's newest good increment checkpoint."""
-    from .config import from_dict
-    from .model.mclfir import build_model
+    from ..config import from_dict
+    from ..model.mclfir import build_model
     if checkpoint is not None:
         path, state = Path(checkpoint), load_checkpoint(checkpoint, (INCREMENT_FORMAT,))
     else:

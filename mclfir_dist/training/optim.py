@@ -12,8 +12,8 @@ from typing import Callable, Dict, List
 import torch
 from torch import nn
 
-from .config import OptimConfig
-from .registry import Registry
+from ..config import OptimConfig
+from ..registry import Registry
 
 Schedule = Callable[[OptimConfig, int, int], float]   # (cfg, step after warm-up, steps after warm-up) -> multiplier
 SCHEDULES: Registry[Schedule] = Registry("schedule", "optim.schedule")

@@ -21,7 +21,7 @@ import copy
 import math
 from typing import List, Optional, Tuple
 
-from .config import RunConfig
+from ..config import RunConfig
 
 LR_RULES = {"sqrt": math.sqrt, "linear": lambda k: k, "none": lambda k: 1.0}
 

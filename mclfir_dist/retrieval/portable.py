@@ -4,7 +4,7 @@
 one head per attribute) and `DIR/config.json` (trunk, cut, image size, resize, normalisation,
 attributes, head sizes). Then, in plain PyTorch:
 
-    from mclfir_dist.portable import load_exported, preprocess
+    from mclfir_dist.retrieval.portable import load_exported, preprocess
     model = load_exported("DIR")                 # eval mode
     x = preprocess(torchvision.io.decode_image("shirt.jpg"), model.config)   # 3 x S x S float
     emb = model(x[None])["sleeve_length"]        # 1 x 128, L2-normalised
@@ -20,8 +20,8 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
-from .model.backbones import build_backbone
-from .model.heads import AttributeHead
+from ..model.backbones import build_backbone
+from ..model.heads import AttributeHead
 
 EXPORT_FORMAT = "mclfir-export/1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

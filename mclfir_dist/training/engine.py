@@ -20,22 +20,22 @@ import torch
 from .batch_scaling import describe as describe_scaling, scale_to_global_batch
 from .checkpoint import (Checkpointer, CheckpointError, ResumePoint, load_zero_optimizer_state, restore_model,
                          zero_optimizer_state)
-from .config import RunConfig, to_dict, to_yaml
-from .data import build_train_loader, choose_loader
-from .data.manifest import Manifest, ShardError
-from .data.pairing import positive_index
-from .data.shards import ensure_shards
-from .data.streams import epoch_seed
+from ..config import RunConfig, to_dict, to_yaml
+from ..data import build_train_loader, choose_loader
+from ..data.manifest import Manifest, ShardError
+from ..data.pairing import positive_index
+from ..data.shards import ensure_shards
+from ..data.streams import epoch_seed
 from .distributed import gather_objects
-from .evaluate import continual_metrics, dataset_maps
-from .evaluator import Evaluator
+from ..evaluation.metrics import continual_metrics, dataset_maps
+from ..evaluation.evaluator import Evaluator
 from .losses import DoubletInfoNCE
-from .methods import IncrementContext, IncrementPlan, StepOutput, build_method
-from .model.mclfir import MCLFIRModel, build_model
+from ..methods import IncrementContext, IncrementPlan, StepOutput, build_method
+from ..model.mclfir import MCLFIRModel, build_model
 from .optim import build_optimizer, build_scheduler
-from .results import CostRecord, MetricsSink, RunRecord, summary_text
+from ..evaluation.record import CostRecord, MetricsSink, RunRecord, summary_text
 from .runtime import Runtime, rng_state, seed_everything, set_rng_state
-from .utils.io import atomic_write_text, ensure_writable_dir
+from ..utils.io import atomic_write_text, ensure_writable_dir
 
 log = logging.getLogger("mclfir")
 
