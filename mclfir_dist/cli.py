@@ -7,19 +7,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .config import ConfigError
-
-
-def _user_errors():
-    from .training.checkpoint import CheckpointError
-    from .data.manifest import ShardError
-    from .data.shards import BadInputError
-    from .utils.io import OutputError
-    return (ConfigError, ShardError, BadInputError, CheckpointError, OutputError, FileNotFoundError)
+from . import __version__
+from .config import ShardBuildConfig, describe, peek_plugins
+from .configure import import_plugins, load_config
+from .errors import USER_ERRORS, ConfigError
 
 
 # ---------------------------------------------------------------- shards
@@ -28,6 +25,7 @@ FORMATTER = argparse.ArgumentDefaultsHelpFormatter   # every option's default is
 
 
 def _add_shards(sub):
+    d = ShardBuildConfig()   # the defaults are the config's, stated once
     p = sub.add_parser("shards", help="build or inspect WebDataset shard sets")
     ssub = p.add_subparsers(dest="shards_cmd", required=True)
     b = ssub.add_parser("build", help="build shards (+ DALI index files + manifest.json)", formatter_class=FORMATTER,
@@ -38,23 +36,23 @@ def _add_shards(sub):
                    help="the embedded garment generator, or a CSV of image paths and attribute columns")
     b.add_argument("--csv", help="CSV with one row per image (source=csv)")
     b.add_argument("--image-root", help="folder the CSV's image paths are relative to (default: the CSV's folder)")
-    b.add_argument("--image-column", default="filename", help="CSV column holding the image path")
+    b.add_argument("--image-column", default=d.csv.image_column, help="CSV column holding the image path")
     b.add_argument("--key-column", default="", help="column used as the sample key (default: from the image path)")
     b.add_argument("--attributes", default="", help="comma-separated attribute columns (source=csv)")
     b.add_argument("--skip-bad-rows", action="store_true",
                    help="skip rows with a missing/undecodable image or an empty value (counted and listed in the "
                         "manifest) instead of failing")
-    b.add_argument("--num-images", type=int, default=3000, help="synthetic: images to render")
-    b.add_argument("--image-size", type=int, default=64, help="synthetic: image side in pixels")
-    b.add_argument("--resize-to", type=int, default=0,
+    b.add_argument("--num-images", type=int, default=d.synthetic.num_images, help="synthetic: images to render")
+    b.add_argument("--image-size", type=int, default=d.synthetic.image_size, help="synthetic: image side in pixels")
+    b.add_argument("--resize-to", type=int, default=d.resize_to,
                    help="csv: re-encode images to this shorter side (0 = keep bytes)")
-    b.add_argument("--min-value-count", type=int, default=10, help="drop attribute values with fewer images")
-    b.add_argument("--val-fraction", type=float, default=0.1, help="fraction of images in the validation split")
-    b.add_argument("--test-fraction", type=float, default=0.2, help="fraction of images in the test split")
-    b.add_argument("--query-fraction", type=float, default=0.25,
+    b.add_argument("--min-value-count", type=int, default=d.min_value_count, help="drop attribute values with fewer images")
+    b.add_argument("--val-fraction", type=float, default=d.val_fraction, help="fraction of images in the validation split")
+    b.add_argument("--test-fraction", type=float, default=d.test_fraction, help="fraction of images in the test split")
+    b.add_argument("--query-fraction", type=float, default=d.query_fraction,
                    help="within val/test, per attribute and value, the fraction used as queries")
-    b.add_argument("--samples-per-shard", type=int, default=500, help="samples per tar shard")
-    b.add_argument("--seed", type=int, default=0, help="seed of the generator and of the split assignment")
+    b.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard, help="samples per tar shard")
+    b.add_argument("--seed", type=int, default=d.seed, help="seed of the generator and of the split assignment")
     i = ssub.add_parser("info", help="print a shard set's manifest summary")
     i.add_argument("shards", help="shard directory (holds manifest.json)")
     from .data.converters import CONVERTERS
@@ -76,7 +74,6 @@ def _add_shards(sub):
 
 
 def cmd_shards(args) -> int:
-    from .config import ShardBuildConfig
     from .data.manifest import Manifest
     from .data.shards import build_from_config
     if args.shards_cmd == "info":
@@ -164,8 +161,6 @@ def resolve_run_dir(args) -> tuple:
         if not args.overwrite:
             raise ConfigError(f"{run_dir} already holds a run (checkpoints or results.json): pass --resume {run_dir} "
                               f"to continue it, --overwrite to replace it, or another --out")
-        import os
-        import shutil
         if int(os.environ.get("RANK", "0")) == 0:   # under a launcher every rank parses the same flags
             for name in RUN_FILES:
                 target = run_dir / name
@@ -177,8 +172,8 @@ def resolve_run_dir(args) -> tuple:
 
 
 def cmd_train(args) -> int:
-    from .config import describe, load_config
     if args.help_config:
+        import_plugins(peek_plugins(args.config, args.overrides))
         print("\n".join(describe()))
         return 0
     run_dir, resume = resolve_run_dir(args)
@@ -310,10 +305,13 @@ def cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
     formatter = FORMATTER
     p = argparse.ArgumentParser(prog="mclfir", description="MCL-FIR: continual attribute-specific fashion retrieval")
     p.add_argument("--version", action="version", version=f"mclfir_dist {__version__}")
+    p.add_argument("--plugins", metavar="MODULE[,MODULE]",
+                   help="import these modules first (they may register converters, trunks, methods...); a run's "
+                        "own plug-ins come from its config, and installed ones from the mclfir_dist.plugins entry "
+                        "points")
     sub = p.add_subparsers(dest="cmd", required=True)
     _add_shards(sub)
     t = sub.add_parser("train", formatter_class=formatter,
@@ -326,7 +324,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _plugin_option(argv: List[str]) -> List[str]:
+    """Modules named by `--plugins a,b` (read before the parser is built: they may add converters)."""
+    names: List[str] = []
+    for i, arg in enumerate(argv):
+        if arg == "--plugins" and i + 1 < len(argv):
+            names += argv[i + 1].split(",")
+        elif arg.startswith("--plugins="):
+            names += arg.split("=", 1)[1].split(",")
+    return [n.strip() for n in names if n.strip()]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        import_plugins(_plugin_option(argv))
+    except USER_ERRORS as e:
+        print(f"mclfir: error: {e}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("faiss").setLevel(logging.WARNING)   # it logs which SIMD build it loaded
@@ -334,7 +349,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 "embed": cmd_embed, "index": cmd_index, "search": cmd_search, "export": cmd_export}
     try:
         return handlers[args.cmd](args)
-    except _user_errors() as e:
+    except USER_ERRORS as e:
         print(f"mclfir {args.cmd}: error: {e}", file=sys.stderr)
         return 2
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -17,9 +18,10 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .errors import ConfigError
+from .registry import CONFIG_SECTIONS, config_choices
 
-class ConfigError(ValueError):
-    """A config file or override is wrong; the message names the key."""
+__all__ = ["ConfigError", "RunConfig", "load_config", "from_dict", "to_dict", "to_yaml", "describe"]
 
 
 def _f(default: Any, help: str, **kw):
@@ -115,7 +117,8 @@ class LossConfig:
 @dataclass
 class TeacherConfig:
     decay: float = _f(0.999, "EMA decay d: theta_T <- d*theta_T + (1-d)*theta_S.")
-    warmup_steps: int = _f(0, "If > 0, decay ramps as min(d, (1+n)/(warmup_steps+n)) over optimizer steps n.")
+    warmup_steps: int = _f(0, "If > 0, the decay ramps linearly: d_n = d * min(1, n / warmup_steps) for the n-th "
+                              "update, so the teacher starts as the student and reaches d after warmup_steps.")
 
 
 @dataclass
@@ -197,6 +200,9 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     name: str = _f("run", "Run name.")
+    plugins: List[str] = _f([], "Python modules imported on every process before the config is validated (they "
+                                "register methods, trunks, loaders, schedules, config sections...); saved with the "
+                                "run, so --resume imports them again. Also: the `mclfir_dist.plugins` entry points.")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -222,15 +228,23 @@ CHOICES = {
 
 
 def registered_choices() -> dict:
-    """Config keys whose allowed values are the names in a registry (so plug-ins are valid choices)."""
-    from .data import LOADERS
-    from .training.losses import DISTILLATIONS
-    from .methods import METHODS
-    from .model.trunks import TRUNKS
-    from .training.optim import SCHEDULES
-    return {"data.loader": ("auto",) + tuple(LOADERS.names()), "model.trunk": tuple(TRUNKS.names()),
-            "loss.kd_type": tuple(DISTILLATIONS.names()), "optim.schedule": tuple(SCHEDULES.names()),
-            "train.method": tuple(METHODS.names())}
+    """Config keys whose allowed values are the names in a registry (so plug-ins are valid choices). The
+    registries must be filled first: `configure.load_config` imports the built-ins and the plug-ins."""
+    return config_choices()
+
+
+def run_config_class() -> type:
+    """RunConfig, extended with one typed field per registered config section (plug-ins)."""
+    sections = tuple((name, CONFIG_SECTIONS.get(name)) for name in CONFIG_SECTIONS.names())
+    if not sections:
+        return RunConfig
+    if _EXTENDED.get("key") != sections:
+        fields = [(name, cls, field(default_factory=cls)) for name, cls in sections]
+        _EXTENDED.update(key=sections, cls=dataclasses.make_dataclass("RunConfig", fields, bases=(RunConfig,)))
+    return _EXTENDED["cls"]
+
+
+_EXTENDED: dict = {}
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -309,7 +323,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]
     """YAML file + dotted `key=value` overrides -> validated RunConfig."""
     where = ""
     try:
-        cfg = OmegaConf.structured(RunConfig)
+        cfg = OmegaConf.structured(run_config_class())
         if path is not None:
             path = Path(path)
             if not path.is_file():
@@ -340,20 +354,36 @@ def to_dict(cfg: RunConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
 
 
+def peek_plugins(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> List[str]:
+    """The `plugins` a config file and its overrides name, read before validation (the plug-ins they
+    name may register the very choices and sections that validation needs)."""
+    names: List[str] = []
+    try:
+        if path is not None and Path(path).is_file():
+            names = list(OmegaConf.load(path).get("plugins") or [])
+        for o in overrides or []:
+            if o.split("=", 1)[0].strip() == "plugins":
+                names = list(OmegaConf.from_dotlist([o]).get("plugins") or [])
+    except (OmegaConfBaseException, yaml.YAMLError, AttributeError, TypeError):
+        return []   # load_config names the problem with its key
+    return [str(n) for n in names]
+
+
 def from_dict(d: dict) -> RunConfig:
     d = copy.deepcopy(d)
     for dotted in RETIRED:
         section, key = dotted.split(".")
         d.get(section, {}).pop(key, None)
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), d))  # type: ignore[return-value]
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(run_config_class()), d))  # type: ignore[return-value]
 
 
 def to_yaml(cfg: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def describe(cls: type = RunConfig, prefix: str = "") -> List[str]:
+def describe(cls: Optional[type] = None, prefix: str = "") -> List[str]:
     """One line per key: `dotted.key (type, default): help`."""
+    cls = cls or run_config_class()
     lines = []
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
@@ -375,7 +405,6 @@ def describe(cls: type = RunConfig, prefix: str = "") -> List[str]:
 
 
 def _nested_dataclass(cls: type, name: str) -> Optional[type]:
-    import typing
     hints = typing.get_type_hints(cls)
     t = hints.get(name)
     return t if dataclasses.is_dataclass(t) else None

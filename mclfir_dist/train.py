@@ -9,7 +9,8 @@ import argparse
 import sys
 from typing import List, Optional
 
-from .cli import add_train_args, cmd_train, _user_errors
+from .cli import add_train_args, cmd_train
+from .errors import USER_ERRORS
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -19,7 +20,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     try:
         return cmd_train(args)
-    except _user_errors() as e:
+    except USER_ERRORS as e:
         print(f"mclfir train: error: {e}", file=sys.stderr)
         return 2
 

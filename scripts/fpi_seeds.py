@@ -53,7 +53,7 @@ def run_train(config: Path, out: Path, overrides, log: Path) -> dict:
 
 def increments_override(config: Path, n: int) -> str:
     sys.path.insert(0, str(ROOT))
-    from mclfir_dist.config import load_config
+    from mclfir_dist.configure import load_config
     incs = load_config(config).train.increments[:n]
     return "train.increments=[" + ", ".join(
         f"{{name: {i.name}, attributes: [{', '.join(i.attributes)}]}}" for i in incs) + "]"

@@ -5,7 +5,8 @@ import pytest
 
 from conftest import ROOT, tiny_train_overrides
 from mclfir_dist.training.batch_scaling import scale_to_global_batch
-from mclfir_dist.config import ConfigError, from_dict, load_config, to_dict
+from mclfir_dist.config import ConfigError, from_dict, to_dict
+from mclfir_dist.configure import load_config
 
 
 def test_paper_config_on_eight_gpus_keeps_the_doublets_per_task():
@@ -81,7 +82,7 @@ def test_trainer_runs_the_scaled_plan_and_saves_the_effective_config(tiny_shards
     from mclfir_dist.training.engine import Trainer
     cfg = load_config(ROOT / "configs/debug_cpu.yaml",
                       tiny_train_overrides(tiny_shards, steps=30) + ["train.reference_batch_doublets=8"])
-    trainer = Trainer(cfg, tmp_path / "run")                  # 16 doublets per step = 2 x the reference
+    trainer = Trainer.create(cfg, tmp_path / "run")                  # 16 doublets per step = 2 x the reference
     assert [p.steps for p in trainer.plans] == [15, 15]
     assert trainer.record.data["batch_scaling"]["changes"]["train.steps_per_increment"] == {"from": 30, "to": 15}
     saved = (tmp_path / "run" / "config.yaml").read_text()

@@ -1,7 +1,8 @@
 """Config validation: unknown keys, wrong types and bad choices name the key."""
 import pytest
 
-from mclfir_dist.config import ConfigError, describe, load_config
+from mclfir_dist.config import ConfigError, describe
+from mclfir_dist.configure import load_config
 
 ROOT_CONFIGS = ["configs/debug_cpu.yaml", "configs/fpi_cpu.yaml", "configs/fpi_methods_cpu.yaml",
                 "configs/paper_gpu.yaml", "configs/paper22_gpu.yaml"]
@@ -105,5 +106,5 @@ def test_every_cli_option_has_help_and_version_works(capsys):
 
 def test_a_bare_no_is_the_choice_no_not_yaml_false():
     from conftest import ROOT
-    from mclfir_dist.config import load_config
+    from mclfir_dist.configure import load_config
     assert load_config(ROOT / "configs/debug_cpu.yaml", ["train.mixed_precision=no"]).train.mixed_precision == "no"

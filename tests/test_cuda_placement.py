@@ -15,7 +15,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from conftest import ROOT, tiny_train_overrides
-from mclfir_dist.config import load_config
+from mclfir_dist.configure import load_config
 from mclfir_dist.data.loader_device import AugmentationDraws, apply_augmentation, transformed_together
 from mclfir_dist.data.loader_torch import TransformSpec, eval_transform, train_transforms
 from mclfir_dist.training import engine

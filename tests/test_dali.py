@@ -10,7 +10,8 @@ import torch
 import webdataset as wds
 
 from conftest import ROOT, needs, tiny_train_overrides
-from mclfir_dist.config import DataConfig, load_config
+from mclfir_dist.config import DataConfig
+from mclfir_dist.configure import load_config
 from mclfir_dist.data.loader_dali import DaliSampleSource, available, dali_eval_batches
 from mclfir_dist.data.loader_torch import EvalStream, TransformSpec
 from mclfir_dist.data.manifest import Manifest, ShardError

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, needs, tiny_train_overrides
-from mclfir_dist.config import load_config
+from mclfir_dist.configure import load_config
 from mclfir_dist.training.engine import train
 from mclfir_dist.evaluation.metrics import mean_average_precision
 

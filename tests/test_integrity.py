@@ -7,7 +7,7 @@ import tarfile
 import pytest
 
 from conftest import ROOT, tiny_train_overrides
-from mclfir_dist.config import load_config
+from mclfir_dist.configure import load_config
 from mclfir_dist.data.manifest import Manifest, ShardError
 from mclfir_dist.data.streams import iter_shard
 

@@ -7,9 +7,11 @@ import torch
 
 from conftest import ROOT, tiny_train_overrides
 from mclfir_dist.training.checkpoint import CheckpointError, load_checkpoint, load_run_model
-from mclfir_dist.config import ConfigError, load_config
+from mclfir_dist.config import ConfigError
+from mclfir_dist.configure import load_config
 from mclfir_dist.training.engine import Trainer, train
 from mclfir_dist.methods import METHODS
+from mclfir_dist.registry import CONFIG_SECTIONS
 
 FAST = ["eval.grid_queries=0", "eval.frozen_baseline=false"]
 
@@ -18,21 +20,31 @@ def tiny_cfg(shards, steps=8, extra=()):
     return load_config(ROOT / "configs/debug_cpu.yaml", tiny_train_overrides(shards, steps=steps) + FAST + list(extra))
 
 
-def test_a_method_registered_outside_the_package_trains_two_increments(tiny_shards, tmp_path):
-    sys.path.insert(0, str(ROOT / "tests" / "plugins"))
-    import replay_method  # noqa: F401  (registers replay_one_batch)
-    try:
-        trainer = Trainer(tiny_cfg(tiny_shards, extra=["train.method=replay_one_batch"]), tmp_path / "r")
-        res = trainer.run()
-        assert res["complete"] and set(res["accuracy_matrix"][-1]) == {"colour", "garment_length"}
-        assert list(trainer.method.stored) == ["colour", "garment_length"]
-        assert trainer.method.replayed_steps == 8   # every step of increment 1 replayed colour's batch
-        state = load_checkpoint(tmp_path / "r" / "checkpoints" / "increment_01.pt")
-        assert set(state["method"]["stored"]) == {"colour", "garment_length"}
-    finally:
-        METHODS.unregister("replay_one_batch")
+@pytest.fixture
+def replay_plugin(monkeypatch):
+    """tests/plugins on the path; afterwards the plug-in's registrations go, so no later test sees them."""
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "plugins"))
+    yield
+    METHODS.unregister("replay_one_batch")
+    CONFIG_SECTIONS.unregister("replay")
+    sys.modules.pop("replay_method", None)
+
+
+def test_a_method_named_as_a_plugin_in_the_config_trains_two_increments(tiny_shards, tmp_path, replay_plugin):
     with pytest.raises(ConfigError, match="train.method.*replay_one_batch.*not one of|not one of.*train.method"):
-        tiny_cfg(tiny_shards, extra=["train.method=replay_one_batch"])
+        tiny_cfg(tiny_shards, extra=["train.method=replay_one_batch"])   # not imported yet
+    cfg = tiny_cfg(tiny_shards, extra=["plugins=[replay_method]", "train.method=replay_one_batch",
+                                       "replay.weight=0.5"])
+    assert cfg.replay.weight == 0.5   # the plug-in's own typed section
+    trainer = Trainer.create(cfg, tmp_path / "r")
+    res = trainer.run()
+    assert res["complete"] and set(res["accuracy_matrix"][-1]) == {"colour", "garment_length"}
+    assert list(trainer.method.stored) == ["colour", "garment_length"]
+    assert trainer.method.replayed_steps == 8   # every step of increment 1 replayed colour's batch
+    state = load_checkpoint(tmp_path / "r" / "checkpoints" / "increment_01.pt")
+    assert set(state["method"]["stored"]) == {"colour", "garment_length"}
+    saved = (tmp_path / "r" / "config.yaml").read_text()
+    assert "- replay_method" in saved and "weight: 0.5" in saved   # --resume imports it again
 
 
 def test_unknown_registry_names_are_config_errors(tiny_shards):
@@ -61,7 +73,7 @@ def test_static_joint_rebuilds_go_through_the_same_model_builder(tiny_shards, tm
     import mclfir_dist.model.mclfir as mclfir_model
     converted = []
     monkeypatch.setattr(mclfir_model, "convert_sync_batchnorm", lambda m, on_gpu: converted.append(m) or m)
-    trainer = Trainer(tiny_cfg(tiny_shards, steps=4, extra=["train.method=static_joint", "model.sync_batchnorm=true"]),
+    trainer = Trainer.create(tiny_cfg(tiny_shards, steps=4, extra=["train.method=static_joint", "model.sync_batchnorm=true"]),
                       tmp_path / "s")
     trainer.run()
     assert len(converted) == 3   # the initial model and one rebuild per increment
@@ -69,7 +81,7 @@ def test_static_joint_rebuilds_go_through_the_same_model_builder(tiny_shards, tm
 
 
 def test_lwf_distils_from_a_frozen_snapshot_of_the_increment_start(tiny_shards, tmp_path):
-    trainer = Trainer(tiny_cfg(tiny_shards, extra=["train.method=lwf"]), tmp_path / "l")
+    trainer = Trainer.create(tiny_cfg(tiny_shards, extra=["train.method=lwf"]), tmp_path / "l")
     trainer.run()
     snapshot = trainer.method.snapshot
     from mclfir_dist.methods.teacher import EMATeacher
@@ -97,8 +109,8 @@ def test_checkpoints_load_weights_only_and_restore_frozen_heads_and_rng(finished
     (finished_run / "checkpoints" / "increment_01.pt").rename(finished_run / "increment_01.pt.bak")
     try:
         saved = load_checkpoint(finished_run / "checkpoints" / "increment_00.pt")["rng"]
-        trainer = Trainer(load_config(finished_run / "config.yaml"), finished_run, resume=True)
-        assert trainer.start_increment == 1
+        trainer = Trainer.create(load_config(finished_run / "config.yaml"), finished_run, resume=True)
+        assert trainer.progress.next_increment == 1
         assert torch.equal(torch.get_rng_state(), saved["torch"])
         import random
         assert random.getstate()[1] == tuple(saved["python"][1])

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from mclfir_dist.config import ConfigError, load_config
+from mclfir_dist.config import ConfigError
+from mclfir_dist.configure import load_config
 from mclfir_dist.training.optim import build_optimizer, kernel_options
 
 

@@ -9,7 +9,8 @@ pytestmark = pytest.mark.skipif(not (REAL_DATA / "labels.csv").is_file(), reason
 
 
 def test_real_photos_to_shards_and_a_short_run(tmp_path):
-    from mclfir_dist.config import ShardBuildConfig, load_config
+    from mclfir_dist.config import ShardBuildConfig
+    from mclfir_dist.configure import load_config
     from mclfir_dist.data.shards import build_from_config
     from mclfir_dist.training.engine import train
     rows = list(csv.DictReader(open(REAL_DATA / "labels.csv")))[:600]

@@ -9,7 +9,7 @@ import torch
 
 from conftest import ROOT, needs, tiny_train_overrides
 from mclfir_dist.cli import main
-from mclfir_dist.config import load_config
+from mclfir_dist.configure import load_config
 
 
 @pytest.fixture(scope="module")

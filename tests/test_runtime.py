@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_train_overrides
-from mclfir_dist.config import ConfigError, load_config
+from mclfir_dist.config import ConfigError
+from mclfir_dist.configure import load_config
 from mclfir_dist.training.runtime import build_trackers, resolve_precision
 
 

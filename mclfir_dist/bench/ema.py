@@ -22,6 +22,10 @@ import time
 
 import torch
 
+from ..config import ModelConfig
+from ..methods.teacher import EMATeacher
+from ..model.trunks import build_trunk
+
 
 def previous_update(teacher, encoder, decay: float) -> None:
     """The update as it was before the tensor lists were cached (kept here as the baseline)."""
@@ -51,9 +55,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--updates", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=20)
     args = ap.parse_args(argv)
-    from ..config import ModelConfig
-    from ..model.trunks import build_trunk
-    from ..methods.teacher import EMATeacher
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but CUDA is not available")

@@ -28,10 +28,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision import transforms as T
 
 from ..config import DataConfig, ShardBuildConfig
+from ..data import LOADERS, batches_held_ahead, build_train_loader, synthetic
 from ..data.loader_torch import PREFETCH_FACTOR, make_loader
-from ..data.manifest import Manifest
+from ..data.manifest import Manifest, ShardError
+from ..data.shards import RawSample, build_shards
+from ..data.streams import decode_labels, iter_shard
+from ..model.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 
 class PilStream(IterableDataset):
@@ -42,9 +47,6 @@ class PilStream(IterableDataset):
 
     def __iter__(self):
         from PIL import Image
-        from torchvision import transforms as T
-        from ..retrieval.portable import IMAGENET_MEAN, IMAGENET_STD
-        from ..data.streams import decode_labels, iter_shard
         tf = T.Compose([T.Resize(int(round(self.size * 1.14))), T.RandomCrop(self.size), T.RandomHorizontalFlip(),
                         T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
         info = get_worker_info()
@@ -72,7 +74,6 @@ def _time(batches, n_batches: int, images_per_batch, warmup: int = 3) -> float:
 
 def bench_one(manifest: Manifest, size: int, batch: int, workers: int, n_batches: int, device: str,
               teacher_view: str = "same") -> dict:
-    from ..data import LOADERS, batches_held_ahead, build_train_loader
     cfg = DataConfig(image_size=size, batch_doublets=batch // 2, num_workers=workers, teacher_view=teacher_view,
                      dali_threads=workers, shuffle_buffer=256)
     out = {}
@@ -102,8 +103,6 @@ def bench_one(manifest: Manifest, size: int, batch: int, workers: int, n_batches
 def make_large_shards(n: int, out: Path) -> Manifest:
     """N synthetic garments re-rendered as 600x800 JPEGs (a typical catalogue photo size)."""
     from PIL import Image
-    from ..data import synthetic
-    from ..data.shards import RawSample, build_shards
     rng = np.random.default_rng(0)
     samples = []
     for i, (key, _, labels) in enumerate(synthetic.generate(n, 16, seed=1)):
@@ -142,7 +141,6 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     print(f"cores: {os.cpu_count()}  workers/threads: {args.workers}  batch: {args.batch}  crop: {args.size}  "
           f"device: {args.device}  teacher view: {args.teacher_view}")
-    from ..data.manifest import ShardError
     try:
         m = Manifest.load(args.shards)
     except ShardError as e:

@@ -16,6 +16,8 @@ import time
 
 import numpy as np
 
+from ..retrieval.index import build_index
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -26,7 +28,6 @@ def main() -> None:
     ap.add_argument("--kinds", default="flat,ivf,hnsw")
     args = ap.parse_args()
     import faiss
-    from ..retrieval.index import build_index
     print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads, {os.cpu_count()} cores, "
           f"dim {args.dim}, k {args.k}")
     print(f"{'vectors':>9} {'kind':5} {'build s':>8} {'p50 ms':>8} {'p95 ms':>8} {'batch q/s':>10} "

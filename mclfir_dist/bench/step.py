@@ -5,7 +5,7 @@
 In one run, on the config's first increment with distillation (the second if there is one):
   model      fwd + bwd + optimizer step of trunk + heads on tensors already on the device
   step       the engine's whole step (InfoNCE, method terms, teacher, optimizer, EMA) on a batch already
-             on the device: trainer._steps fed the same batch again and again
+             on the device: Trainer.train_steps fed the same batch again and again
   loader     the training loader alone at steady state: at least --warmup batches dropped, and at least
              as many as its queues hold (workers x prefetch + the decode thread's), then --steps batches
              (at least 50 on a GPU) timed
@@ -23,11 +23,21 @@ Numbers only; nothing is asserted. Runs on CPU at tiny size (tested) and on a GP
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
+import sys
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
+
+from ..configure import load_config
+from ..data import batches_held_ahead
+from ..errors import USER_ERRORS
+from ..methods import IncrementContext
+from ..training.engine import Trainer, rows_per_task
+from ..training.optim import kernel_options
+from ..utils.io import atomic_write_text
+from ..utils.ops import OpCounter
 
 
 def _sync(device: torch.device) -> None:
@@ -37,7 +47,6 @@ def _sync(device: torch.device) -> None:
 
 def adamw_ms(params, implementation: str, warmup: int, steps: int, device: torch.device) -> float:
     """ms per AdamW step with optim.implementation's kernels, on copies of `params` and their gradients."""
-    from ..training.optim import kernel_options
     copies = [p.detach().clone().requires_grad_() for p in params]
     for copy, p in zip(copies, params):
         copy.grad = p.grad.detach().clone()
@@ -55,7 +64,6 @@ def adamw_ms(params, implementation: str, warmup: int, steps: int, device: torch
 def ops_per_step(run_steps) -> tuple:
     """(ops, of which in torch.optim) dispatched per step, views left out: run_steps(n) runs n engine steps;
     the count of 2 steps less that of 1, so per-call set-up cancels."""
-    from ..utils.ops import OpCounter
     counts = []
     for n in (1, 2):
         with OpCounter() as ops:
@@ -68,8 +76,6 @@ def profile_steps(run_steps, steps: int, device: torch.device, path: str, header
     """Profile run_steps(steps) and write torch.profiler's op tables to `path`; returns the share of the
     wall time the device was busy (kernels' self time over wall time; 0 on CPU). Low on a GPU: the step is
     bound by the host (launches, Python, the loader), not by the device's arithmetic."""
-    from torch.profiler import ProfilerActivity, profile
-    from ..utils.io import atomic_write_text
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
@@ -92,7 +98,6 @@ def profile_steps(run_steps, steps: int, device: torch.device, path: str, header
 def increment_with_distillation(trainer):
     """(index, plan, context) of the config's second increment (the first if there is one): the earlier
     increments' heads are added, so the method's distillation through them runs as in a real run."""
-    from ..methods import IncrementContext
     incs = trainer.cfg.train.increments
     index = 1 if len(incs) > 1 else 0
     old = [a for prev in incs[:index] for a in prev.attributes]
@@ -103,7 +108,7 @@ def increment_with_distillation(trainer):
     return index, plan, IncrementContext(plan, old)
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
     ap.add_argument("--steps", type=int, default=50, help="timed steps / batches of each part")
@@ -114,139 +119,150 @@ def main(argv=None) -> dict:
                          "whatever the batch (the paper's 22 tasks x 12,500 steps x 16 doublets: 4400000)")
     ap.add_argument("--profile", metavar="FILE", help="write torch.profiler tables of a few end-to-end steps")
     ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args(argv)
-    from ..config import load_config
-    from ..data import batches_held_ahead, build_train_loader
-    from ..data.streams import epoch_seed
-    from ..training.engine import Trainer, rows_per_task
-    cfg = load_config(args.config, list(args.overrides) + ["train.checkpoint_every=0", "eval.grid_queries=0",
-                                                           f"train.log_every={10 ** 9}"])
-    trainer = Trainer(cfg, args.out)
-    cfg = trainer.cfg   # effective (train.reference_batch_doublets may have scaled it)
-    rt = trainer.runtime
-    index, plan, ctx = increment_with_distillation(trainer)
-    model, optimizer, scheduler, _, _ = trainer.setup_increment(plan, ctx)
-    loader = build_train_loader(cfg.data, trainer.attribute_manifest[plan.train_heads[0]], plan.train_heads,
-                                rt.rank, rt.world, epoch_seed(cfg.train.seed, index), trainer.loader_name, rt.device)
-    batches = iter(loader)
-    images_per_step = trainer.images_per_step
-    results = {}
+    return ap.parse_args(argv)
 
-    # loader alone, at steady state: past the first burst (every worker's first batch at once)
-    held = batches_held_ahead(cfg.data)
-    for _ in range(max(args.warmup, held)):
-        next(batches)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        next(batches)
-    results["loader"] = args.steps * images_per_step / (time.perf_counter() - t0)
 
-    # the engine's step on a batch already on the device
-    batch = next(batches)
-    # images on the device; the rest stays on the host as every loader hands it over (the step counts
-    # each task's rows from the host copy: on the device that count would be a sync per step)
-    on_device = {k: (v.to(rt.device) if k in ("images", "teacher_images") else v) for k, v in batch.items()}
-    fixed = itertools.repeat(on_device)
+class Bench:
+    """One increment opened through the trainer's public step API, and each part timed on it."""
 
-    def timed_steps(source, n):
-        part = dataclasses.replace(plan, steps=n)
-        _sync(rt.device)
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        cfg = load_config(args.config, list(args.overrides) + ["train.checkpoint_every=0", "eval.grid_queries=0",
+                                                               f"train.log_every={10 ** 9}"])
+        self.trainer = trainer = Trainer.create(cfg, args.out)
+        self.cfg, self.rt = trainer.cfg, trainer.runtime   # effective (reference_batch_doublets may scale it)
+        self.index, plan, ctx = increment_with_distillation(trainer)
+        self.session = trainer.open_increment(plan, ctx)
+        self.batches = iter(trainer.train_loader(plan))
+        self.images_per_step = trainer.images_per_step
+        self.held = batches_held_ahead(self.cfg.data)
+        self.results: dict = {}
+
+    @property
+    def plan(self):
+        return self.session.plan
+
+    def rate(self, seconds: float, n: int) -> float:
+        return n * self.images_per_step / seconds
+
+    def steps(self, source, n: int) -> float:
+        """images/s of n engine steps fed from `source`."""
+        _sync(self.rt.device)
         start = time.perf_counter()
-        trainer._steps(part, ctx, model, optimizer, scheduler, source, 0, 0.0)
-        _sync(rt.device)
-        return n * images_per_step / (time.perf_counter() - start)
+        self.trainer.train_steps(self.session.with_steps(n), source)
+        _sync(self.rt.device)
+        return self.rate(time.perf_counter() - start, n)
 
-    timed_steps(fixed, args.warmup)
-    results["step"] = timed_steps(fixed, args.steps)
-    if not cfg.train.compile:   # a dispatch mode would make the compiled graphs retrace
-        results["ops_per_step"] = ops_per_step(lambda n: timed_steps(fixed, n))
+    def loader(self) -> None:
+        """The loader alone, at steady state: past the first burst (every worker's first batch at once)."""
+        for _ in range(max(self.args.warmup, self.held)):
+            next(self.batches)
+        t0 = time.perf_counter()
+        for _ in range(self.args.steps):
+            next(self.batches)
+        self.results["loader"] = self.rate(time.perf_counter() - t0, self.args.steps)
 
-    # end to end: the same step fed by the loader, once the batches its queues filled meanwhile are gone
-    for _ in range(held):
-        next(batches)
-    timed_steps(batches, args.warmup)
-    results["end2end"] = timed_steps(batches, args.steps)
-    if args.profile:
-        header = (f"{cfg.name}: {images_per_step} images/step, channels_last {cfg.model.channels_last}, "
-                  f"compile {cfg.train.compile}, loader {trainer.loader_name}, on {rt.device}")
-        profile_steps(lambda n: timed_steps(batches, n), min(args.steps, 10), rt.device, args.profile, header)
+    def step(self) -> None:
+        """The engine's step on a batch already on the device. Images on the device; the rest stays on the
+        host as every loader hands it over (the step counts each task's rows from the host copy)."""
+        self.batch = batch = next(self.batches)
+        self.on_device = {k: (v.to(self.rt.device) if k in ("images", "teacher_images") else v)
+                          for k, v in batch.items()}
+        fixed = itertools.repeat(self.on_device)
+        self.steps(fixed, self.args.warmup)
+        self.results["step"] = self.steps(fixed, self.args.steps)
+        if not self.cfg.train.compile:   # a dispatch mode would make the compiled graphs retrace
+            self.results["ops_per_step"] = ops_per_step(lambda n: self.steps(fixed, n))
 
-    # model alone: trunk + heads fwd/bwd + optimizer step, same batch
-    unwrapped = rt.acc.unwrap_model(model)
-    images = on_device["images"]
-    if cfg.model.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    task = on_device["task"].to(rt.device)
-    task_counts = rows_per_task(batch["task"], len(plan.train_heads))
+    def end_to_end(self) -> None:
+        """The step fed by the loader, once the batches its queues filled meanwhile are gone."""
+        for _ in range(self.held):
+            next(self.batches)
+        self.steps(self.batches, self.args.warmup)
+        self.results["end2end"] = self.steps(self.batches, self.args.steps)
+        if self.args.profile:
+            cfg = self.cfg
+            header = (f"{cfg.name}: {self.images_per_step} images/step, channels_last {cfg.model.channels_last}, "
+                      f"compile {cfg.train.compile}, loader {self.trainer.data.loader}, on {self.rt.device}")
+            profile_steps(lambda n: self.steps(self.batches, n), min(self.args.steps, 10), self.rt.device,
+                          self.args.profile, header)
 
-    def model_step():
-        with rt.acc.autocast():
-            emb, _, _ = model(images, task, plan.train_heads, task_counts)
-            loss = emb.float().pow(2).mean()
-        rt.acc.backward(loss)
-        optimizer.step()
+    def _forward(self):
+        images = self.on_device["images"]
+        if self.cfg.model.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        task = self.on_device["task"].to(self.rt.device)
+        counts = rows_per_task(self.batch["task"], len(self.plan.train_heads))
+        with self.rt.acc.autocast():
+            return self.session.model(images, task, self.plan.train_heads, counts)[0].float().pow(2).mean()
+
+    def timed(self, fn, n: int) -> float:
+        """Seconds of n calls of fn, after --warmup untimed ones."""
+        for _ in range(self.args.warmup):
+            fn()
+        _sync(self.rt.device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        _sync(self.rt.device)
+        return time.perf_counter() - t0
+
+    def model_alone(self) -> None:
+        """Trunk + heads fwd/bwd + optimizer step on the same batch; the method's after-step work (MCL-FIR:
+        the EMA update); the AdamW step alone with each kernel choice, on copies of the trained tensors."""
+        optimizer, n = self.session.optimizer, self.args.steps
+
+        def model_step():
+            self.rt.acc.backward(self._forward())
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        self.results["model"] = self.rate(self.timed(model_step, n), n)
+        unwrapped = self.rt.acc.unwrap_model(self.session.model)
+        self.results["after_step_ms"] = 1000 * self.timed(lambda: self.trainer.method.after_step(unwrapped), n) / n
+        self.rt.acc.backward(self._forward())
+        self.trained = [p for p in unwrapped.parameters() if p.grad is not None]
+        self.results["adamw_ms"] = {impl: adamw_ms(self.trained, impl, self.args.warmup, n, self.rt.device)
+                                    for impl in ("fused", "foreach", "for_loop")}
         optimizer.zero_grad(set_to_none=True)
-    for _ in range(args.warmup):
-        model_step()
-    _sync(rt.device)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        model_step()
-    _sync(rt.device)
-    results["model"] = args.steps * images_per_step / (time.perf_counter() - t0)
 
-    # the method's per-step work after the optimizer (MCL-FIR: the EMA teacher update)
-    for _ in range(args.warmup):
-        trainer.method.after_step(unwrapped)
-    _sync(rt.device)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        trainer.method.after_step(unwrapped)
-    _sync(rt.device)
-    results["after_step_ms"] = 1000 * (time.perf_counter() - t0) / args.steps
+    def report(self) -> dict:
+        r, cfg, rt, ips = self.results, self.cfg, self.rt, self.images_per_step
+        device = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "CPU"
+        print(f"bench.step on {device}, {rt.world} process(es), {ips} images/step, precision {rt.precision}, "
+              f"channels_last {cfg.model.channels_last}, compile {cfg.train.compile}, loader "
+              f"{self.trainer.data.loader}, increment {self.index} ({', '.join(self.plan.train_heads)})")
+        for name in ("model", "step", "loader", "end2end"):
+            print(f"  {name:8s} {r[name]:10.1f} images/s  {1000 * ips / r[name]:8.1f} ms/step")
+        r["end2end/step"], r["loader/step"] = r["end2end"] / r["step"], r["loader"] / r["step"]
+        print(f"  end2end/step {r['end2end/step']:.2f}   loader/step {r['loader/step']:.2f}")
+        if "ops_per_step" in r:
+            print(f"  ops dispatched per engine step: {r['ops_per_step'][0]} ({r['ops_per_step'][1]} in the "
+                  f"optimizer); each is a kernel launch on a GPU (or a few, for a multi-tensor op)")
+        print(f"  {cfg.train.method} after_step (EMA teacher update for mclfir): {r['after_step_ms']:.3f} ms")
+        group = self.session.optimizer.param_groups[0]
+        used = "fused" if group.get("fused") else "foreach" if group.get("foreach") else "torch default"
+        print(f"  AdamW step over {len(self.trained)} tensors: "
+              + ", ".join(f"{k} {v:.3f} ms" for k, v in r["adamw_ms"].items()) + f" (this run: {used})")
+        if self.args.project_doublets:
+            n = self.args.project_doublets
+            r["projected_hours"] = 2 * n / r["end2end"] / 3600
+            print(f"  {n} doublets ({-(-n // (ips // 2))} steps of {ips // 2}) at the end-to-end rate: "
+                  f"{r['projected_hours']:.2f} h")
+        return r
 
-    # the optimizer step alone, with each kernel choice, side by side on copies of the trained tensors
-    with rt.acc.autocast():
-        loss = model(images, task, plan.train_heads, task_counts)[0].float().pow(2).mean()
-    rt.acc.backward(loss)
-    trained = [p for p in unwrapped.parameters() if p.grad is not None]
-    results["adamw_ms"] = {impl: adamw_ms(trained, impl, args.warmup, args.steps, rt.device)
-                           for impl in ("fused", "foreach", "for_loop")}
-    optimizer.zero_grad(set_to_none=True)
-    del unwrapped
 
-    device = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "CPU"
-    print(f"bench.step on {device}, {rt.world} process(es), {images_per_step} images/step, precision "
-          f"{rt.precision}, channels_last {cfg.model.channels_last}, compile {cfg.train.compile}, "
-          f"loader {trainer.loader_name}, increment {index} ({', '.join(plan.train_heads)})")
-    for name in ("model", "step", "loader", "end2end"):
-        print(f"  {name:8s} {results[name]:10.1f} images/s  {1000 * images_per_step / results[name]:8.1f} ms/step")
-    results["end2end/step"] = results["end2end"] / results["step"]
-    results["loader/step"] = results["loader"] / results["step"]
-    print(f"  end2end/step {results['end2end/step']:.2f}   loader/step {results['loader/step']:.2f}")
-    if "ops_per_step" in results:
-        total, optim_ops = results["ops_per_step"]
-        print(f"  ops dispatched per engine step: {total} ({optim_ops} in the optimizer); each is a kernel "
-              f"launch on a GPU (or a few, for a multi-tensor op)")
-    print(f"  {cfg.train.method} after_step (EMA teacher update for mclfir): {results['after_step_ms']:.3f} ms")
-    used = "fused" if optimizer.param_groups[0].get("fused") else \
-        "foreach" if optimizer.param_groups[0].get("foreach") else "torch default"
-    print(f"  AdamW step over {len(trained)} tensors: " +
-          ", ".join(f"{k} {v:.3f} ms" for k, v in results["adamw_ms"].items()) + f" (this run: {used})")
-    if args.project_doublets:
-        steps = -(-args.project_doublets // (images_per_step // 2))
-        results["projected_hours"] = 2 * args.project_doublets / results["end2end"] / 3600
-        print(f"  {args.project_doublets} doublets ({steps} steps of {images_per_step // 2}) at the end-to-end "
-              f"rate: {results['projected_hours']:.2f} h")
-    return results
+def main(argv=None) -> dict:
+    bench = Bench(parse_args(argv))
+    bench.loader()
+    bench.step()
+    bench.end_to_end()
+    bench.model_alone()
+    return bench.report()
 
 
 if __name__ == "__main__":
-    import sys
-    from ..config import ConfigError
-    from ..data.manifest import ShardError
     try:
         main()
-    except (ConfigError, ShardError) as e:   # a wrong key or shard folder: one line, not a traceback
+    except USER_ERRORS as e:   # a wrong key or shard folder: one line, not a traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -89,6 +89,64 @@ def _attribute_spec(root: Path, dataset: str) -> Tuple[List[str], List[List[str]
     return names, values
 
 
+class _AsenLabels:
+    """Label vectors of an ASEN-format dataset, checked as they are read (every error names file and line)."""
+
+    def __init__(self, names: List[str], values: List[List[str]]):
+        self.names, self.values = names, values
+        self.vectors: Dict[str, np.ndarray] = {}
+
+    def set(self, key: str, attr: int, value: int, where: str) -> None:
+        n_attr = len(self.names)
+        if not 0 <= attr < n_attr:
+            raise BadInputError(f"{where}: attribute index {attr} out of range 0..{n_attr - 1}")
+        if not 0 <= value < len(self.values[attr]):
+            raise BadInputError(f"{where}: value {value} out of range for {self.names[attr]} "
+                                f"(0..{len(self.values[attr]) - 1})")
+        vec = self.vectors.setdefault(key, np.full(n_attr, -1, dtype=np.int32))
+        if vec[attr] >= 0 and vec[attr] != value:
+            raise BadInputError(f"{where}: image has two values for {self.names[attr]} ({vec[attr]} and {value})")
+        vec[attr] = value
+
+    def value_names(self, key: str) -> Dict[str, str]:
+        vec = self.vectors[key]
+        return {a: self.values[i][vec[i]] if vec[i] >= 0 else "" for i, a in enumerate(self.names)}
+
+
+def _asen_key(split: str, idx: int) -> str:
+    return f"{split}{idx:07d}"
+
+
+def _read_asen_train(root: Path, files: List[str], labels: _AsenLabels) -> None:
+    lpath = root / "label_train.txt"
+    for n, line in enumerate(_read_lines(lpath), start=1):
+        v = _ints(line, lpath, 0)
+        if len(v) < 3 or len(v) % 2 == 0:
+            raise BadInputError(f"{lpath}:{n}: expected `img_idx attr value [attr value ...]`")
+        if not 0 <= v[0] < len(files):
+            raise BadInputError(f"{lpath}:{n}: image index {v[0]} not in filenames_train.txt")
+        for a, val in zip(v[1::2], v[2::2]):
+            labels.set(_asen_key("train", v[0]), a, val, f"{lpath}:{n}")
+
+
+def _read_asen_eval(root: Path, split: str, tag: str, files: List[str], labels: _AsenLabels
+                    ) -> Dict[str, Dict[str, List[str]]]:
+    """The published query and candidate sets of one evaluation split, per attribute."""
+    sets: Dict[str, Dict[str, List[str]]] = {a: {"query": [], "candidate": []} for a in labels.names}
+    for role in ("query", "candidate"):
+        qpath = root / f"{role}_{tag}.txt"
+        for n, line in enumerate(_read_lines(qpath), start=1):
+            v = _ints(line, qpath, 3)
+            if len(v) != 3:
+                raise BadInputError(f"{qpath}:{n}: expected `img_idx attr value`")
+            if not 0 <= v[0] < len(files):
+                raise BadInputError(f"{qpath}:{n}: image index {v[0]} not in filenames_{tag}.txt")
+            k = _asen_key(split, v[0])
+            labels.set(k, v[1], v[2], f"{qpath}:{n}")
+            sets[labels.names[v[1]]][role].append(k)
+    return {a: {role: sorted(set(keys)) for role, keys in roles.items()} for a, roles in sets.items()}
+
+
 def convert_asen(root: str | Path, dataset: str, out: str | Path, image_root: str | Path | None = None,
                  cfg: ShardBuildConfig | None = None, attribute_prefix: str = "") -> Manifest:
     """`attribute_prefix` (e.g. 'darn_') keeps names unique in a run that spans datasets."""
@@ -97,73 +155,29 @@ def convert_asen(root: str | Path, dataset: str, out: str | Path, image_root: st
     cfg = cfg or ShardBuildConfig(min_value_count=1)
     names, values = _attribute_spec(root, dataset)
     names = [attribute_prefix + n for n in names]
-    n_attr = len(names)
-    labels: Dict[str, np.ndarray] = {}
+    labels = _AsenLabels(names, values)
     paths: Dict[str, Path] = {}
     splits: Dict[str, List[str]] = {}
     eval_sets: Dict[str, Dict[str, Dict[str, List[str]]]] = {}
-
-    def key_of(split: str, idx: int) -> str:
-        return f"{split}{idx:07d}"
-
-    def set_label(key: str, attr: int, value: int, where: str) -> None:
-        if not 0 <= attr < n_attr:
-            raise BadInputError(f"{where}: attribute index {attr} out of range 0..{n_attr - 1}")
-        if not 0 <= value < len(values[attr]):
-            raise BadInputError(f"{where}: value {value} out of range for {names[attr]} (0..{len(values[attr]) - 1})")
-        vec = labels.setdefault(key, np.full(n_attr, -1, dtype=np.int32))
-        if vec[attr] >= 0 and vec[attr] != value:
-            raise BadInputError(f"{where}: image has two values for {names[attr]} ({vec[attr]} and {value})")
-        vec[attr] = value
-
     files_by_split: Dict[str, List[str]] = {}
     for split, tag in _SPLIT_NAMES.items():
-        fn_path = root / f"filenames_{tag}.txt"
-        files = files_by_split[split] = _read_lines(fn_path)
-        keys = []
-        for i, rel in enumerate(files):
-            k = key_of(split, i)
-            paths[k] = image_root / rel
-            keys.append(k)
+        files = files_by_split[split] = _read_lines(root / f"filenames_{tag}.txt")
+        keys = [_asen_key(split, i) for i in range(len(files))]
+        paths.update({k: image_root / rel for k, rel in zip(keys, files)})
         if split == "train":
-            lpath = root / "label_train.txt"
-            for n, line in enumerate(_read_lines(lpath), start=1):
-                v = _ints(line, lpath, 0)
-                if len(v) < 3 or len(v) % 2 == 0:
-                    raise BadInputError(f"{lpath}:{n}: expected `img_idx attr value [attr value ...]`")
-                if not 0 <= v[0] < len(files):
-                    raise BadInputError(f"{lpath}:{n}: image index {v[0]} not in {fn_path.name}")
-                for a, val in zip(v[1::2], v[2::2]):
-                    set_label(key_of(split, v[0]), a, val, f"{lpath}:{n}")
+            _read_asen_train(root, files, labels)
         else:
-            eval_sets[split] = {a: {"query": [], "candidate": []} for a in names}
-            for role in ("query", "candidate"):
-                qpath = root / f"{role}_{tag}.txt"
-                for n, line in enumerate(_read_lines(qpath), start=1):
-                    v = _ints(line, qpath, 3)
-                    if len(v) != 3:
-                        raise BadInputError(f"{qpath}:{n}: expected `img_idx attr value`")
-                    if not 0 <= v[0] < len(files):
-                        raise BadInputError(f"{qpath}:{n}: image index {v[0]} not in {fn_path.name}")
-                    k = key_of(split, v[0])
-                    set_label(k, v[1], v[2], f"{qpath}:{n}")
-                    eval_sets[split][names[v[1]]][role].append(k)
-        splits[split] = [k for k in keys if k in labels]
+            eval_sets[split] = _read_asen_eval(root, split, tag, files, labels)
+        splits[split] = [k for k in keys if k in labels.vectors]
     _check_files_across_splits(files_by_split, root)
     samples = []
-    for k in sorted(labels):
+    for k in sorted(labels.vectors):
         p = paths[k]
         if not p.is_file():
             raise BadInputError(f"image file not found: {p} (sample {k})")
         data = p.read_bytes()
         _check_jpeg(data, str(p))
-        vec = labels[k]
-        samples.append(RawSample(k, _to_jpeg(data, cfg.resize_to), {a: values[i][vec[i]] if vec[i] >= 0 else ""
-                                                                    for i, a in enumerate(names)}))
-    for sp in eval_sets:
-        for a in names:
-            for role in ("query", "candidate"):
-                eval_sets[sp][a][role] = sorted(set(eval_sets[sp][a][role]))
+        samples.append(RawSample(k, _to_jpeg(data, cfg.resize_to), labels.value_names(k)))
     return build_shards(samples, names, out, cfg, source={"type": f"asen-{dataset}", "root": str(root)},
                         splits=splits, eval_sets=eval_sets, vocab=dict(zip(names, values)))
 
@@ -243,7 +257,7 @@ class Converter:
     default_min_value_count: int = 1
 
 
-CONVERTERS: Registry[Converter] = Registry("converter", "mclfir shards convert NAME")
+CONVERTERS: Registry[Converter] = Registry("converter", where="mclfir shards convert NAME")
 
 
 def _asen(dataset: str) -> Converter:

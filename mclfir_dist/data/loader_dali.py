@@ -26,10 +26,12 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from ..config import DataConfig
-from ..retrieval.portable import IMAGENET_MEAN, IMAGENET_STD
-from .loader_torch import TransformSpec, collate_eval
+from ..model.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from .loader_torch import TransformSpec, collate_eval, decode
 from .manifest import IMAGE_EXT, LABEL_EXT, SID_EXT, Manifest, ShardError
 from .pairing import DoubletBatcher
+from .shards import write_index
+from .streams import iter_shard
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,6 @@ def _cache_dir() -> Path:
 
 def ensure_index_files(shards: Sequence[Path], index_files: Sequence[Path]) -> List[Path]:
     """The index of every shard; missing ones are rebuilt (logged), next to the shard if writable."""
-    from .shards import write_index
     out = []
     for tar, idx in zip(shards, index_files):
         if not idx.is_file():
@@ -88,8 +89,6 @@ def ensure_index_files(shards: Sequence[Path], index_files: Sequence[Path]) -> L
 def scan_corrupt(shards: Sequence[Path]) -> Dict[Path, List[str]]:
     """Keys whose JPEG does not decode, per shard (CPU decoder, run only after DALI failed)."""
     from PIL import Image
-    from .loader_torch import decode
-    from .streams import iter_shard
     bad: Dict[Path, List[str]] = {}
     for p in shards:
         for s in iter_shard(p):
@@ -230,6 +229,7 @@ class DaliSampleSource:
 
     def _iterator(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
         # DALI's batch is only the decode unit (pairing comes after), but a training pass that drops partial
         # batches yields nothing when it exceeds this rank's share of samples: cap it there
         batch_size = max(1, min(self.batch_size, len(self.keys) // self.world)) if self.train else self.batch_size
@@ -281,7 +281,6 @@ class DaliSampleSource:
 
 def dali_train_batches(cfg: DataConfig, manifest: Manifest, columns: Sequence[int], rank: int, world: int,
                        seed: int, device=None) -> Iterator[dict]:
-    from .loader_torch import TransformSpec
     spec = TransformSpec(cfg.image_size, cfg.resize_ratio, cfg.flip, cfg.teacher_view)
     src = DaliSampleSource(manifest.shard_files("train"), manifest.index_files("train"), manifest.keys("train"), spec,
                            2 * cfg.batch_doublets, rank, world, seed, True, cfg.dali_threads, device,
@@ -292,7 +291,6 @@ def dali_train_batches(cfg: DataConfig, manifest: Manifest, columns: Sequence[in
 
 
 def dali_eval_batches(cfg: DataConfig, manifest: Manifest, split: str, rank: int, world: int, device=None):
-    from .loader_torch import TransformSpec
     spec = TransformSpec(cfg.image_size, cfg.resize_ratio, False, "same")
     src = DaliSampleSource(manifest.shard_files(split), manifest.index_files(split), manifest.keys(split), spec,
                            cfg.eval_batch_size, rank, world, 0, False, cfg.dali_threads, device)

@@ -31,9 +31,8 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
-from .loader_torch import (DoubletStream, EvalStream, TransformSpec, collate_eval, eval_transform, make_loader,
-                           seed_augmentation,
-                           train_transforms)
+from .loader_torch import (CorruptCounter, DoubletStream, EvalStream, TransformSpec, collate_eval, eval_transform,
+                           make_loader, seed_augmentation, train_transforms, transform_spec)
 from .pairing import collate_doublets
 
 log = logging.getLogger(__name__)
@@ -165,7 +164,6 @@ class RawDoubletStream(DoubletStream):
         return {"bytes": jpeg, "size": jpeg_size(jpeg)}
 
     def __iter__(self) -> Iterator[dict]:
-        from .loader_torch import CorruptCounter
         corrupt = CorruptCounter()
         draws = AugmentationDraws(self.spec)
         for pairs, tasks in self._paired(corrupt):
@@ -393,7 +391,6 @@ def _prefetched(batches: Iterator[dict], device: torch.device, depth: int) -> It
 
 def device_train_batches(cfg, manifest, columns, rank: int, world: int, seed: int, device=None,
                          start_batch: int = 0) -> DeviceDoubletBatches:
-    from . import transform_spec
     stream = RawDoubletStream(manifest.shard_files("train"), columns, cfg.batch_doublets, transform_spec(cfg),
                               rank, world, seed, cfg.shuffle_buffer, rotate=cfg.task_sampling == "rotate")
     return DeviceDoubletBatches(stream, cfg.num_workers, device or "cpu", start_batch)
@@ -404,7 +401,6 @@ def device_eval_batches(cfg, manifest, split: str, rank: int, world: int, device
     """The torch loader's eval batches (resize, centre crop, normalise), decoded on `device`. On CUDA they
     are prepared `prefetch` (default 2) ahead in a thread on a side stream, as in training: the decode's
     wait for its stream then stalls that thread, not the embedding of the previous batch."""
-    from . import transform_spec
     device = torch.device(device or "cpu")
     spec = transform_spec(cfg)
     stream = RawEvalStream(manifest.shard_files(split), spec, cfg.eval_batch_size, rank, world, keys)

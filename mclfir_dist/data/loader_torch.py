@@ -26,13 +26,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
+from ..model.preprocess import eval_transform as _eval_transform
+from ..model.preprocess import normalise as _normalise
 from .pairing import DoubletBatcher, collate_doublets
 from .streams import decode_labels, epoch_seed, iter_partition, iter_shard, shuffled
 
 log = logging.getLogger(__name__)
-
-from ..retrieval.portable import normalise as _normalise
-from ..retrieval.portable import eval_transform as _eval_transform
 
 
 @dataclass
@@ -45,6 +44,11 @@ class TransformSpec:
     @property
     def resize(self) -> int:
         return int(round(self.image_size * self.resize_ratio))
+
+
+def transform_spec(cfg) -> TransformSpec:
+    """The transforms of a DataConfig."""
+    return TransformSpec(cfg.image_size, cfg.resize_ratio, cfg.flip, cfg.teacher_view)
 
 
 def train_transforms(spec: TransformSpec):

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Set, Tuple
 
+from ..errors import ShardError
+
 FORMAT = "mclfir-shards/2"
 MANIFEST_NAME = "manifest.json"
 LABEL_EXT = "lbl"      # raw little-endian int32 vector, one entry per attribute, -1 = unlabelled
@@ -18,9 +20,6 @@ IMAGE_EXT = "jpg"
 SID_EXT = "sid"        # raw little-endian int64: the sample's position in its split (manifest keys list)
 SPLITS = ("train", "val", "test")
 
-
-class ShardError(RuntimeError):
-    """A shard set is missing, incomplete or corrupt; the message names the file."""
 
 
 def shard_problem(path: Path, entry: dict) -> str:

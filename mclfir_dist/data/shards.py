@@ -8,6 +8,7 @@ Output is deterministic: same input and settings, byte-identical tars.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import logging
 import os
@@ -22,15 +23,13 @@ import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 
 from ..config import ShardBuildConfig
+from ..errors import BadInputError
 from ..utils.io import atomic_write_json, atomic_write_text, ensure_writable_dir
 from . import synthetic
 from .manifest import FORMAT, IMAGE_EXT, LABEL_EXT, MANIFEST_NAME, SID_EXT, SPLITS, Manifest, ShardError
 
 log = logging.getLogger(__name__)
 
-
-class BadInputError(ValueError):
-    """The input rows are wrong; the message names the row or file."""
 
 
 @dataclass
@@ -68,19 +67,39 @@ def read_csv_samples(csv_path: str | Path, image_root: str | Path, attributes: S
                      resize_to: int = 0) -> Tuple[List[RawSample], List[dict]]:
     """Read and validate every row. Returns (samples, skipped) where skipped lists {row, file, reason}."""
     csv_path, image_root = Path(csv_path), Path(image_root)
-    if not csv_path.is_file():
-        raise BadInputError(f"CSV not found: {csv_path}")
     if not attributes:
         raise BadInputError("no attribute columns named (pass --attributes col1,col2,...)")
     used = [image_column, *attributes] + ([key_column] if key_column else [])
+    rows = _read_rows(csv_path, used)
+    samples: List[RawSample] = []
+    skipped: List[dict] = []
+    seen: Dict[str, int] = {}
+    for i, (n, row) in enumerate(rows, start=1):
+        try:
+            sample = _row_sample(row, f"{csv_path}:{n}", used, image_root, image_column, key_column, attributes,
+                                 resize_to, seen)
+        except BadInputError as e:
+            if not skip_bad_rows:
+                raise
+            skipped.append({"row": n, "file": _printable(row.get(image_column)), "reason": str(e)})
+            continue
+        seen[sample.key] = n
+        samples.append(sample)
+        if i % 1000 == 0:
+            log.info("read %d/%d rows of %s (%d skipped)", i, len(rows), csv_path.name, len(skipped))
+    return samples, skipped
+
+
+def _read_rows(csv_path: Path, used: Sequence[str]) -> List[Tuple[int, dict]]:
+    """(line number, row) of every row, after checking the file, its encoding and the columns used."""
+    if not csv_path.is_file():
+        raise BadInputError(f"CSV not found: {csv_path}")
     # UTF-8 explicitly; undecodable bytes become lone surrogates so the row (not the file) is blamed
     with open(csv_path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.DictReader(f)
         try:
             header = reader.fieldnames or []
-            rows = []
-            for row in reader:
-                rows.append((reader.line_num, row))
+            rows = [(reader.line_num, row) for row in reader]
         except csv.Error as e:
             raise BadInputError(f"{csv_path}:{reader.line_num}: not valid CSV ({e})") from None
     if any(_undecodable(h) for h in header):
@@ -88,47 +107,37 @@ def read_csv_samples(csv_path: str | Path, image_root: str | Path, attributes: S
     for col in used:
         if col not in header:
             raise BadInputError(f"{csv_path}: unknown column '{col}' (columns: {', '.join(header)})")
-    samples: List[RawSample] = []
-    skipped: List[dict] = []
-    seen: Dict[str, int] = {}
     unused_bad = [n for n, row in rows if any(_undecodable(v) for c, v in row.items() if c not in used)]
     if unused_bad:
         log.warning("%s: %d rows have bytes that are not UTF-8 in columns that are not used (kept), first at line %d",
                     csv_path, len(unused_bad), unused_bad[0])
-    for i, (n, row) in enumerate(rows, start=1):
-        where = f"{csv_path}:{n}"
-        try:
-            bad = [c for c in used if _undecodable(row.get(c))]
-            if bad:
-                raise BadInputError(f"{where}: column '{bad[0]}' is not valid UTF-8")
-            rel = (row.get(image_column) or "").strip()
-            if not rel:
-                raise BadInputError(f"{where}: empty '{image_column}'")
-            path = image_root / rel
-            key = (row[key_column].strip() if key_column else Path(rel).with_suffix("").as_posix())
-            key = key.replace("/", "_").replace(".", "_")
-            if not key:
-                raise BadInputError(f"{where}: empty key")
-            if key in seen:
-                raise BadInputError(f"{where}: duplicate key '{key}' (first at row {seen[key]})")
-            empty = [a for a in attributes if not (row.get(a) or "").strip()]
-            if empty:
-                raise BadInputError(f"{where}: empty value for attribute '{empty[0]}'")
-            if not path.is_file():
-                raise BadInputError(f"{where}: image file not found: {path}")
-            data = path.read_bytes()
-            _check_jpeg(data, f"{where} ({path})")
-            jpeg = _to_jpeg(data, resize_to)
-        except BadInputError as e:
-            if not skip_bad_rows:
-                raise
-            skipped.append({"row": n, "file": _printable(row.get(image_column)), "reason": str(e)})
-            continue
-        seen[key] = n
-        samples.append(RawSample(key, jpeg, {a: row[a].strip() for a in attributes}))
-        if i % 1000 == 0:
-            log.info("read %d/%d rows of %s (%d skipped)", i, len(rows), csv_path.name, len(skipped))
-    return samples, skipped
+    return rows
+
+
+def _row_sample(row: dict, where: str, used: Sequence[str], image_root: Path, image_column: str, key_column: str,
+                attributes: Sequence[str], resize_to: int, seen: Dict[str, int]) -> RawSample:
+    """One CSV row as a sample; a BadInputError names the row and what is wrong with it."""
+    bad = [c for c in used if _undecodable(row.get(c))]
+    if bad:
+        raise BadInputError(f"{where}: column '{bad[0]}' is not valid UTF-8")
+    rel = (row.get(image_column) or "").strip()
+    if not rel:
+        raise BadInputError(f"{where}: empty '{image_column}'")
+    path = image_root / rel
+    key = (row[key_column].strip() if key_column else Path(rel).with_suffix("").as_posix())
+    key = key.replace("/", "_").replace(".", "_")
+    if not key:
+        raise BadInputError(f"{where}: empty key")
+    if key in seen:
+        raise BadInputError(f"{where}: duplicate key '{key}' (first at row {seen[key]})")
+    empty = [a for a in attributes if not (row.get(a) or "").strip()]
+    if empty:
+        raise BadInputError(f"{where}: empty value for attribute '{empty[0]}'")
+    if not path.is_file():
+        raise BadInputError(f"{where}: image file not found: {path}")
+    data = path.read_bytes()
+    _check_jpeg(data, f"{where} ({path})")
+    return RawSample(key, _to_jpeg(data, resize_to), {a: row[a].strip() for a in attributes})
 
 
 def _undecodable(text) -> bool:
@@ -158,7 +167,6 @@ def _vocabularies(samples: Sequence[RawSample], attributes: Sequence[str], min_c
 
 def duplicate_groups(keys: Sequence[str], content: Dict[str, bytes]) -> List[List[str]]:
     """Keys grouped by byte-identical image content, in order of first appearance."""
-    import hashlib
     groups: Dict[str, List[str]] = {}
     for k in keys:
         groups.setdefault(hashlib.sha1(content[k]).hexdigest(), []).append(k)
@@ -279,16 +287,8 @@ def build_shards(samples: Sequence[RawSample], attributes: Sequence[str], out: s
         vocab, dropped = _vocabularies(samples, attributes, cfg.min_value_count)
     else:
         dropped = {a: {} for a in attributes}
-    labels: Dict[str, np.ndarray] = {}
-    for s in samples:
-        vec = np.full(len(attributes), -1, dtype=np.int32)
-        for i, a in enumerate(attributes):
-            v = s.values.get(a, "")
-            if v in vocab[a]:
-                vec[i] = vocab[a].index(v)
-        labels[s.key] = vec
+    labels = _label_vectors(samples, attributes, vocab)
     keys = sorted(k for k, v in labels.items() if (v >= 0).any())
-    unlabelled = len(labels) - len(keys)
     content = {s.key: s.jpeg for s in samples}
     groups = duplicate_groups(keys, content)
     published = splits is not None
@@ -302,9 +302,45 @@ def build_shards(samples: Sequence[RawSample], attributes: Sequence[str], out: s
     if crossing:
         log.warning("the published split puts %d groups of byte-identical images in more than one split "
                     "(kept as published; counted in the manifest), e.g. %s", len(crossing), crossing[0][:3])
+    split_info = _write_splits(out, samples, attributes, vocab, labels, splits, cfg.samples_per_shard)
+    manifest = {
+        "format": FORMAT, "source": source,
+        "attributes": [{"name": a, "values": vocab[a], "dropped_values": dropped[a]} for a in attributes],
+        "label_dtype": "int32", "image_ext": IMAGE_EXT, "label_ext": LABEL_EXT,
+        "splits": split_info, "eval_sets": eval_sets,
+        "build": {"min_value_count": cfg.min_value_count, "val_fraction": cfg.val_fraction,
+                  "test_fraction": cfg.test_fraction, "query_fraction": cfg.query_fraction,
+                  "samples_per_shard": cfg.samples_per_shard, "seed": cfg.seed},
+        "skipped_rows": list(skipped),
+        "unlabelled_images_dropped": len(labels) - len(keys),
+        "duplicate_groups": {"groups": sum(len(g) > 1 for g in groups),
+                             "images": sum(len(g) for g in groups if len(g) > 1),
+                             "across_splits": len(crossing)},
+    }
+    atomic_write_json(out / MANIFEST_NAME, manifest)
+    return Manifest(out, manifest)
 
+
+def _label_vectors(samples: Sequence[RawSample], attributes: Sequence[str], vocab: Dict[str, List[str]]
+                   ) -> Dict[str, np.ndarray]:
+    """key -> the value index of each attribute (-1: not labelled, or a dropped value)."""
+    labels: Dict[str, np.ndarray] = {}
+    for s in samples:
+        vec = np.full(len(attributes), -1, dtype=np.int32)
+        for i, a in enumerate(attributes):
+            v = s.values.get(a, "")
+            if v in vocab[a]:
+                vec[i] = vocab[a].index(v)
+        labels[s.key] = vec
+    return labels
+
+
+def _write_splits(out: Path, samples: Sequence[RawSample], attributes: Sequence[str], vocab: Dict[str, List[str]],
+                  labels: Dict[str, np.ndarray], splits: Dict[str, List[str]], per_shard: int) -> Dict[str, dict]:
+    """Every split's shards and index files; the manifest's `splits` entry. The old manifest goes first: the
+    set is incomplete until the new one lands."""
     if out.exists():
-        (out / MANIFEST_NAME).unlink(missing_ok=True)  # the set is incomplete until the new manifest lands
+        (out / MANIFEST_NAME).unlink(missing_ok=True)
         for p in list(out.glob("*.tar")) + list(out.glob("*.idx")):
             p.unlink()
     ensure_writable_dir(out)
@@ -312,31 +348,12 @@ def build_shards(samples: Sequence[RawSample], attributes: Sequence[str], out: s
     split_info = {}
     for sp in SPLITS:
         log.info("writing %s split: %d samples", sp, len(splits[sp]))
-        shards = _write_split(out, sp, splits[sp], by_key, labels, cfg.samples_per_shard)
+        shards = _write_split(out, sp, splits[sp], by_key, labels, per_shard)
         counts = {a: {vocab[a][v]: int(c) for v, c in sorted(Counter(int(labels[k][i]) for k in splits[sp]).items())
                       if v >= 0}
                   for i, a in enumerate(attributes)}
         split_info[sp] = {"count": len(splits[sp]), "shards": shards, "value_counts": counts, "keys": list(splits[sp])}
-    manifest = {
-        "format": FORMAT,
-        "source": source,
-        "attributes": [{"name": a, "values": vocab[a], "dropped_values": dropped[a]} for a in attributes],
-        "label_dtype": "int32",
-        "image_ext": IMAGE_EXT,
-        "label_ext": LABEL_EXT,
-        "splits": split_info,
-        "eval_sets": eval_sets,
-        "build": {"min_value_count": cfg.min_value_count, "val_fraction": cfg.val_fraction,
-                  "test_fraction": cfg.test_fraction, "query_fraction": cfg.query_fraction,
-                  "samples_per_shard": cfg.samples_per_shard, "seed": cfg.seed},
-        "skipped_rows": list(skipped),
-        "unlabelled_images_dropped": unlabelled,
-        "duplicate_groups": {"groups": sum(len(g) > 1 for g in groups),
-                             "images": sum(len(g) for g in groups if len(g) > 1),
-                             "across_splits": len(crossing)},
-    }
-    atomic_write_json(out / MANIFEST_NAME, manifest)
-    return Manifest(out, manifest)
+    return split_info
 
 
 def build_from_config(cfg: ShardBuildConfig, out: str | Path) -> Manifest:

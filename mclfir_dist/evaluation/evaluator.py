@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 import torch
+from torchvision.io import write_png
 
 from ..config import RunConfig
 from ..data import build_eval_loader
 from ..data.manifest import Manifest
+from ..model.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from .metrics import (SplitEmbeddings, embed_split, evaluate_heads, pooled_feature_map, query_candidate_rows,
-                       random_embedding_map)
+                      random_embedding_map)
 from .record import retrieval_grid
 
 log = logging.getLogger("mclfir")
@@ -54,27 +56,28 @@ class Evaluator:
         seconds = sum(e.seconds for _, e in groups) + (time.time() - started)
         return {a: d["map"] for a, d in details.items()}, details, seconds, groups
 
-    def baselines(self, model, results: dict) -> None:
-        """Random-embedding and untrained-trunk mAP per attribute, into results (before any training)."""
+    def baselines(self, model) -> Tuple[Dict[str, float], Dict[str, float]]:
+        """(random-embedding mAP, untrained-trunk pooled-feature mAP) per attribute, before any training;
+        the second is empty unless eval.frozen_baseline."""
         split, chunk = self.cfg.eval.split, self.cfg.eval.query_chunk
+        random_map: Dict[str, float] = {}
+        frozen_map: Dict[str, float] = {}
         for manifest, embeddings in self.embeddings(model, []):
             attrs = self._attributes_of(manifest)
-            results["random_map"].update(random_embedding_map(manifest, split, embeddings, attrs,
-                                                              self.cfg.model.embed_dim, seed=self.cfg.train.seed,
-                                                              chunk=chunk))
+            random_map.update(random_embedding_map(manifest, split, embeddings, attrs, self.cfg.model.embed_dim,
+                                                   seed=self.cfg.train.seed, chunk=chunk))
             if self.cfg.eval.frozen_baseline:
-                results["frozen_trunk_map"].update(pooled_feature_map(manifest, split, embeddings, attrs, chunk))
-        log.info("random-embedding mAP: %s", {a: round(100 * v, 2) for a, v in results["random_map"].items()})
+                frozen_map.update(pooled_feature_map(manifest, split, embeddings, attrs, chunk))
+        log.info("random-embedding mAP: %s", {a: round(100 * v, 2) for a, v in random_map.items()})
         if self.cfg.eval.frozen_baseline:
-            log.info("untrained-trunk pooled-feature mAP: %s",
-                     {a: round(100 * v, 2) for a, v in results["frozen_trunk_map"].items()})
+            log.info("untrained-trunk pooled-feature mAP: %s", {a: round(100 * v, 2) for a, v in frozen_map.items()})
+        return random_map, frozen_map
 
     def retrieval_grids(self, manifest: Manifest, embeddings: SplitEmbeddings, index: int, sink) -> None:
         """Top-k PNGs per attribute (blue = query, green = same value, red = miss), to disk and TensorBoard."""
         cfg = self.cfg.eval
         if cfg.grid_queries <= 0:
             return
-        from torchvision.io import write_png
         for h, attribute in enumerate(embeddings.attributes):
             queries, candidates = query_candidate_rows(manifest, cfg.split, attribute, embeddings.keys)
             queries = queries[:cfg.grid_queries]
@@ -99,7 +102,6 @@ class Evaluator:
             write_png(grid, str(out))
 
     def _raw_images(self, manifest: Manifest, keys: set) -> Dict[str, torch.Tensor]:
-        from ..retrieval.portable import IMAGENET_MEAN, IMAGENET_STD
         loader = build_eval_loader(self.cfg.data, manifest, self.cfg.eval.split, 0, 1, keys=keys)
         mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
         std = torch.tensor(IMAGENET_STD)[:, None, None]

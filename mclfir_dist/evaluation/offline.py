@@ -7,19 +7,21 @@ from typing import Optional
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from ..training.checkpoint import load_run_model
 from ..data import build_eval_loader
 from ..data.manifest import Manifest
-from .metrics import dataset_maps, embed_split, mean_average_precision, query_candidate_rows
+from ..data.shard_sets import check_shard_sets
+from ..errors import ShardError
+from ..training.checkpoint import load_run_model
 from ..utils.io import atomic_write, atomic_write_json
+from .metrics import attribute_map, dataset_maps, embed_split, query_candidate_rows
 
 log = logging.getLogger(__name__)
 
 
 def _with_progress(batches, total: int, desc: str):
     """Batches as they come, with a progress bar (images, rate, ETA) on stderr."""
-    from tqdm import tqdm
     with tqdm(total=total, unit="img", desc=desc) as bar:
         for batch in batches:
             bar.update(len(batch["keys"]) + len(batch.get("skipped", [])))
@@ -30,16 +32,24 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
     atomic_write(path, lambda f: np.save(f, arr))
 
 
+def _export(out: Path, emb: torch.Tensor, labels: torch.Tensor, queries, candidates) -> None:
+    """One attribute's query and candidate embeddings and labels as .npy (to recompute mAP independently)."""
+    out.mkdir(parents=True, exist_ok=True)
+    _save_npy(out / "query_emb.npy", emb[queries].numpy())
+    _save_npy(out / "query_labels.npy", labels[queries].numpy())
+    _save_npy(out / "cand_emb.npy", emb[candidates].numpy())
+    _save_npy(out / "cand_labels.npy", labels[candidates].numpy())
+
+
 def evaluate_run(run_dir: str, shards: str, split: str = "test", export: Optional[str] = None,
                  json_path: Optional[str] = None, skip_bad_shards: bool = False) -> dict:
-    from ..training.engine import check_shard_sets
     model, cfg, ckpt = load_run_model(run_dir)
     manifest = Manifest.load(shards)
     skipped_shards = check_shard_sets([manifest], [split], skip_bad_shards)
     attrs = [a for a in model.attributes if a in manifest.attributes]
     missing = [a for a in model.attributes if a not in manifest.attributes]
     if not attrs:
-        raise ValueError(f"none of the run's attributes {model.attributes} is in {shards}")
+        raise ShardError(f"none of the run's attributes {model.attributes} is in {shards}")
     if missing:
         log.warning("attributes not in %s, skipped: %s", shards, missing)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -50,19 +60,12 @@ def evaluate_run(run_dir: str, shards: str, split: str = "test", export: Optiona
            "details": {},
            "skipped_shards": skipped_shards, "skipped_samples": {"count": len(se.skipped), "keys": se.skipped}}
     for h, a in enumerate(attrs):
+        d = attribute_map(manifest, split, se, a, se.emb[:, h], cfg.eval.query_chunk)
         q, c = query_candidate_rows(manifest, split, a, se.keys)
-        lab = se.labels[:, manifest.attribute_index(a)]
-        emb = se.emb[:, h]
-        d = mean_average_precision(emb[q], lab[q], emb[c], lab[c], cfg.eval.query_chunk)
         out["map"][a], out["details"][a] = d["map"], d
         print(f"{a:24s} mAP {100 * d['map']:6.2f}  ({d['queries']} queries, {len(c)} candidates)")
         if export:
-            od = Path(export) / a
-            od.mkdir(parents=True, exist_ok=True)
-            _save_npy(od / "query_emb.npy", emb[q].numpy())
-            _save_npy(od / "query_labels.npy", lab[q].numpy())
-            _save_npy(od / "cand_emb.npy", emb[c].numpy())
-            _save_npy(od / "cand_labels.npy", lab[c].numpy())
+            _export(Path(export) / a, se.emb[:, h], se.labels[:, manifest.attribute_index(a)], q, c)
     out["average_map"] = float(np.mean(list(out["map"].values())))
     out["dataset_map"] = dataset_maps(out["details"], {a: Path(shards).name for a in attrs})[Path(shards).name]
     print(f"{'average':24s} mAP {100 * out['average_map']:6.2f}  (unweighted mean over attributes)")

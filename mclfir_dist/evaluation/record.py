@@ -1,8 +1,8 @@
-"""Run results: the results.json record, readable tables, TensorBoard, retrieval grids."""
+"""Run results: the results.json record (every field written through `RunRecord`), readable tables,
+retrieval grids."""
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import os
 import platform
@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
+from torchvision.utils import make_grid
 
 from ..utils.io import atomic_write_json
 
@@ -60,9 +62,10 @@ def write_results(run_dir: str | Path, results: dict) -> None:
     atomic_write_json(Path(run_dir) / RESULTS_NAME, results)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CostRecord:
-    """The cost of one increment, as results.json stores it (one row of `results["cost"]`)."""
+    """The cost of one increment, as results.json stores it (one row of `results["cost"]`); built with
+    keywords only."""
     increment: int
     name: str
     steps: int
@@ -92,6 +95,50 @@ class RunRecord:
     @classmethod
     def new(cls, config: dict, shards: str) -> "RunRecord":
         return cls(new_results(config, shards))
+
+    # -- state (saved in every checkpoint) ----------------------------------------------------
+    def state_dict(self) -> dict:
+        return self.data
+
+    def load_state_dict(self, data: dict) -> None:
+        self.data = data
+
+    # -- what is read back --------------------------------------------------------------------
+    @property
+    def accuracy_matrix(self) -> List[Dict[str, float]]:
+        return self.data["accuracy_matrix"]
+
+    @property
+    def learned_at(self) -> Dict[str, int]:
+        return self.data["learned_at"]
+
+    @property
+    def has_baselines(self) -> bool:
+        return bool(self.data["random_map"])
+
+    @property
+    def wall_seconds(self) -> float:
+        return self.data.get("wall_seconds", 0.0)
+
+    # -- fields -------------------------------------------------------------------------------
+    def set_sources(self, attribute_shards: Dict[str, str], skipped_shards: Dict[str, list],
+                    batch_scaling: Optional[dict]) -> None:
+        """Which shard set each attribute came from, the shards left out, and the batch scaling applied."""
+        self.data["attribute_shards"] = dict(attribute_shards)
+        self.data["skipped_shards"] = skipped_shards
+        self.data["batch_scaling"] = batch_scaling
+
+    def set_baselines(self, random_map: Dict[str, float], frozen_trunk_map: Dict[str, float]) -> None:
+        self.data["random_map"].update(random_map)
+        self.data["frozen_trunk_map"].update(frozen_trunk_map)
+
+    def mark_learned(self, attributes: Sequence[str], index: int) -> None:
+        for a in attributes:
+            self.data["learned_at"][a] = index
+
+    def set_wall_seconds(self, seconds: float) -> None:
+        """run(): baselines, training, evaluation and checkpoints, over every session of the run."""
+        self.data["wall_seconds"] = seconds
 
     def add_increment(self, row: Dict[str, float], details: Dict[str, dict], metrics: dict, cost: CostRecord,
                       run_info: dict) -> None:
@@ -131,50 +178,12 @@ class RunRecord:
         entry["keys"] = sorted(set(entry["keys"]) | set(keys))   # an eval split is read once per increment
         entry["count"] = len(entry["keys"])
 
-    def finish(self, metrics: dict) -> None:
-        self.data["final"] = metrics
+    def finish(self) -> None:
+        self.data["final"] = self.data["metrics"][-1]
         self.data["complete"] = True
 
     def save(self, run_dir: str | Path) -> None:
         write_results(run_dir, self.data)
-
-
-log = logging.getLogger("mclfir")
-
-
-class MetricsSink:
-    """One place that metrics go: the log line and every Accelerate tracker of the run (TensorBoard by
-    default; wandb, MLflow, ... via train.trackers). Trackers write on the main process only."""
-
-    def __init__(self, accelerator, run_name: str):
-        self.acc = accelerator
-        self.acc.init_trackers(run_name)
-
-    def emit(self, values: Dict[str, float], step: int, message: str = "") -> None:
-        if message:
-            log.info(message)
-        finite = {k: float(v) for k, v in values.items()
-                  if v is not None and not (isinstance(v, float) and math.isnan(v))}
-        self.acc.log(finite, step=step)
-
-    def _tensorboard(self):
-        try:
-            return self.acc.get_tracker("tensorboard", unwrap=True) if self.acc.is_main_process else None
-        except ValueError:   # not among train.trackers
-            return None
-
-    def image(self, tag: str, img: torch.Tensor, step: int) -> None:
-        writer = self._tensorboard()
-        if writer is not None:
-            writer.add_image(tag, img, step)
-
-    def text(self, tag: str, text: str, step: int) -> None:
-        writer = self._tensorboard()
-        if writer is not None:
-            writer.add_text(tag, text, step)
-
-    def close(self) -> None:
-        self.acc.end_training()
 
 
 def accuracy_table(results: dict) -> str:
@@ -232,7 +241,6 @@ def retrieval_grid(query_imgs: torch.Tensor, cand_imgs: torch.Tensor, matches: t
                    ) -> torch.Tensor:
     """Rows: query (blue frame) then its top-k (green = same value, red = miss), each captioned with its
     value when values are given. uint8 tensors in, 3xHxW out."""
-    from torchvision.utils import make_grid
     colours = {"q": (40, 90, 230), True: (30, 180, 60), False: (220, 40, 40)}
     caption = 12 if query_values is not None else 0
 
@@ -255,7 +263,6 @@ def retrieval_grid(query_imgs: torch.Tensor, cand_imgs: torch.Tensor, matches: t
 def _text_strip(text: str, width: int, height: int) -> torch.Tensor:
     """`text` in black on white, width x height, as a 3 x height x width uint8 tensor (PIL's default font)."""
     from PIL import Image, ImageDraw
-    import numpy as np
     strip = Image.new("RGB", (width, height), "white")
     ImageDraw.Draw(strip).text((1, 0), text[: max(1, width // 6)], fill="black")
     return torch.from_numpy(np.asarray(strip).copy()).permute(2, 0, 1)

@@ -5,8 +5,13 @@ import json
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from .record import RESULTS_NAME, fmt, markdown_table, summary_text
+import numpy as np
+
+from ..configure import import_plugins
+from ..errors import ConfigError
+from ..methods import METHODS
 from ..utils.io import atomic_write_text
+from .record import RESULTS_NAME, fmt, markdown_table, summary_text
 
 
 def load_results(run_dir: str | Path) -> dict:
@@ -21,10 +26,30 @@ def has_estimates(res: dict) -> bool:
     return any(c.get("estimated") for c in res["cost"])
 
 
+def method_of(res: dict) -> str:
+    return res["config"]["train"]["method"]
+
+
+def method_class(res: dict):
+    """The run's method class (its plug-ins imported), or None where it cannot be had here."""
+    try:
+        import_plugins(res["config"].get("plugins") or [])
+    except ConfigError:
+        return None
+    name = method_of(res)
+    return METHODS.get(name) if name in METHODS else None
+
+
+def method_label(res: dict) -> str:
+    return METHODS.label(method_of(res))
+
+
 def static_costs(results: Sequence[dict]) -> Optional[dict]:
-    """Training cost of the static baseline: the last joint retraining, and all of them summed."""
+    """Training cost of the static baseline (a method whose `static_reference` is set): the last joint
+    retraining, and all of them summed."""
     for res in results:
-        if res["config"]["train"]["method"] == "static_joint" and res["cost"]:
+        cls = method_class(res)
+        if cls is not None and cls.static_reference and res["cost"]:
             return {"final": res["cost"][-1]["train_seconds"],
                     "cumulative": sum(c["train_seconds"] for c in res["cost"]),
                     "estimated": has_estimates(res)}
@@ -42,7 +67,7 @@ def comparison_table(runs: Sequence[str], results: Sequence[dict]) -> str:
         run_est = "*" if has_estimates(res) else ""
         done, total = len(res["accuracy_matrix"]), len(res["increments"])
         name = Path(r).name if res.get("complete") else f"{Path(r).name} (INCOMPLETE: {done}/{total} increments)"
-        rows.append([name, res["config"]["train"]["method"], fmt(m.get("average_map")),
+        rows.append([name, method_label(res), fmt(m.get("average_map")),
                      fmt(m.get("average_forgetting")), fmt(m.get("bwt")), f"{train_s:.1f}{run_est}",
                      f"{sum(c['device_seconds'] for c in res['cost']):.1f}",
                      f"{sum(c['eval_seconds'] for c in res['cost']):.1f}",
@@ -60,7 +85,6 @@ def plot_matrix(res: dict, path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
     attrs = [a for inc in res["increments"] for a in inc["attributes"]]
     mat = np.full((len(res["accuracy_matrix"]), len(attrs)), np.nan)
     for t, row in enumerate(res["accuracy_matrix"]):
@@ -93,7 +117,7 @@ def plot_cost(runs: Sequence[str], results: Sequence[dict], path: Path) -> None:
             total += c["train_seconds"]
             xs.append(total)
             ys.append(100 * m["average_map"])
-        ax.plot(xs, ys, marker="o", label=f"{Path(r).name} ({res['config']['train']['method']})")
+        ax.plot(xs, ys, marker="o", label=f"{Path(r).name} ({method_label(res)})")
     ax.set_xlabel("cumulative training seconds")
     ax.set_ylabel("average mAP over seen attributes (%)")
     ax.grid(alpha=0.3)

@@ -14,6 +14,7 @@ and train with `train.method=mine`.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, List, Sequence, Tuple
 
@@ -75,7 +76,9 @@ class IncrementContext:
 class Method:
     """Defaults are plain fine-tuning: new heads train, old heads are frozen, the encoder trains."""
 
-    name = "base"
+    # The static baseline that `mclfir report` puts every run's training cost against (static-final: its
+    # last retraining; static-cumulative: all of them).
+    static_reference = False
 
     def __init__(self, cfg: RunConfig, runtime: "Runtime"):
         self.cfg, self.runtime = cfg, runtime
@@ -135,7 +138,6 @@ def build_method(cfg: RunConfig, runtime: "Runtime") -> Method:
 
 def frozen_copy(module: nn.Module) -> nn.Module:
     """A snapshot that never trains: no gradients, eval mode (BatchNorm uses running statistics)."""
-    import copy
     snapshot = copy.deepcopy(module)
     snapshot.requires_grad_(False)
     return snapshot.eval()

@@ -4,4 +4,4 @@ from .base import METHODS, Method
 
 @METHODS.register("finetune", label="Fine-tune")
 class Finetune(Method):
-    name = "finetune"
+    """The base class's defaults, under its own name."""

@@ -6,7 +6,6 @@ from .base import METHODS, IncrementPlan, Method
 
 @METHODS.register("frozen", label="Frozen trunk")
 class Frozen(Method):
-    name = "frozen"
 
     def plan(self, index: int, name: str, new_attributes: Sequence[str], old_attributes: Sequence[str]
              ) -> IncrementPlan:

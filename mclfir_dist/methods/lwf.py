@@ -10,7 +10,6 @@ from .base import METHODS, IncrementContext, LossTerm, Method, StepOutput, disti
 
 @METHODS.register("lwf", label="LwF")
 class LwF(Method):
-    name = "lwf"
 
     def setup(self, model) -> None:
         self.snapshot = None

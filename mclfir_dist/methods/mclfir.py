@@ -9,7 +9,6 @@ from .base import METHODS, IncrementContext, LossTerm, Method, StepOutput, disti
 
 @METHODS.register("mclfir", label="MCL-FIR")
 class MCLFIR(Method):
-    name = "mclfir"
 
     def setup(self, model) -> None:
         self.teacher = EMATeacher(model.trunk, self.cfg.teacher.decay, self.cfg.teacher.warmup_steps)

@@ -12,7 +12,7 @@ from .base import METHODS, IncrementPlan, Method
 
 @METHODS.register("static_joint", label="Static (joint retraining)")
 class StaticJoint(Method):
-    name = "static_joint"
+    static_reference = True   # reports put every run's cost against this one's
 
     def setup(self, model) -> None:
         shard_sets = {inc.shards or self.cfg.data.shards for inc in self.cfg.train.increments}

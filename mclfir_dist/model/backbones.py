@@ -6,7 +6,7 @@ trunk) behind them, so an exported model loads without this project's training s
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Callable, Dict, Tuple
 
 import torch
 import torchvision
@@ -80,12 +80,17 @@ class EfficientNetLiteTrunk(nn.Module):
         self.net.load_state_dict(state, strict=False)
 
 
+# name -> (cut, image size) -> trunk module (untrained). The training registry (trunks.TRUNKS) builds
+# its entries from this table, and exported models are rebuilt from it: one entry serves both.
+BACKBONES: Dict[str, Callable[[str, int], nn.Module]] = {
+    **{name: (lambda cut, size, name=name: ResNetTrunk(name, cut)) for name in RESNET_CHANNELS},
+    "efficientnet_lite0": lambda cut, size: EfficientNetLiteTrunk(size),
+}
+
+
 def build_backbone(name: str, cut: str, image_size: int) -> Tuple[nn.Module, int]:
-    """An untrained trunk by name (`resnet18`..`resnet101`, `efficientnet_lite0`) and its output channels."""
-    if name == "efficientnet_lite0":
-        trunk = EfficientNetLiteTrunk(image_size)
-        return trunk, trunk.out_channels
-    if name not in RESNET_CHANNELS:
-        raise ValueError(f"unknown trunk {name!r}")
-    trunk = ResNetTrunk(name, cut)
+    """An untrained trunk by name and its output channels."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown trunk {name!r} (known: {', '.join(BACKBONES)})")
+    trunk = BACKBONES[name](cut, image_size)
     return trunk, trunk.out_channels

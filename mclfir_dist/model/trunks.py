@@ -1,16 +1,23 @@
 """The trunk registry (`model.trunk`): builders from the config, with weight loading. The modules
-themselves live in backbones.py (torch and torchvision only, so exported models load without us)."""
+themselves live in backbones.py (torch and torchvision only, so exported models load without us).
+
+A new trunk, from any module: `register_trunk(name, factory)`, where `factory(cut, image_size)` returns
+an untrained module with an `out_channels` attribute. It then trains (`model.trunk=name`), evaluates and
+exports; give `load_weights(module, path)` to support `model.weights`."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..config import ConfigError, ModelConfig
 from ..registry import Registry
-from .backbones import RESNET_CHANNELS as _RESNET_CHANNELS, EfficientNetLiteTrunk, ResNetTrunk
+from .backbones import BACKBONES
+from .backbones import RESNET_CHANNELS as _RESNET_CHANNELS
+from .backbones import EfficientNetLiteTrunk, ResNetTrunk, build_backbone
+
 
 def lite0_weights_path() -> str:
     try:
@@ -57,6 +64,24 @@ def _resnet_builder(name: str) -> TrunkBuilder:
 
 for _name in _RESNET_CHANNELS:
     TRUNKS.register(_name, label=_name.replace("resnet", "ResNet-"))(_resnet_builder(_name))
+
+
+def register_trunk(name: str, factory: Callable[[str, int], nn.Module], label: str = "",
+                   load_weights: Optional[Callable[[nn.Module, str], None]] = None) -> None:
+    """One call adds a trunk everywhere: the module factory (used by training and by exported models) and
+    its builder in TRUNKS (`model.weights` goes through `load_weights`; `model.pretrained` is refused)."""
+    BACKBONES[name] = factory
+
+    def build(cfg: ModelConfig, image_size: int) -> Tuple[nn.Module, int]:
+        trunk, channels = build_backbone(name, cfg.cut, image_size)
+        if cfg.weights:
+            if load_weights is None:
+                raise ConfigError(f"model.weights: trunk {name} has no weight loader")
+            _load(lambda path: load_weights(trunk, path), _existing(cfg.weights))
+        elif cfg.pretrained:
+            raise ConfigError(f"model.pretrained=true: no offline weights ship for {name}; set model.weights")
+        return trunk, channels
+    TRUNKS.register(name, label=label)(build)
 
 
 def build_trunk(cfg: ModelConfig, image_size: int) -> Tuple[nn.Module, int]:

@@ -20,9 +20,14 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_image
+from tqdm import tqdm
 
+from ..data.manifest import Manifest
+from ..data.streams import decode_labels, iter_shard
+from ..errors import BadInputError, ConfigError
+from ..model.preprocess import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from ..training.checkpoint import load_run_model
-from .portable import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from ..utils.io import atomic_write, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -30,7 +35,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 def decode_file_bytes(data: bytes) -> torch.Tensor:
-    from torchvision.io import ImageReadMode, decode_image
     return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
@@ -59,7 +63,6 @@ class _ShardItems(IterableDataset):
         self.manifest, self.splits, self.transform = manifest, list(splits), transform
 
     def __iter__(self) -> Iterator[dict]:
-        from ..data.streams import decode_labels, iter_shard
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         names = [[a["name"], a["values"]] for a in self.manifest.data["attributes"]]
@@ -85,7 +88,6 @@ def rows_from_images(folder: str | Path) -> List[dict]:
 
 def rows_from_csv(path: str | Path, image_column: str, key_column: str, image_root: Optional[str],
                   attributes: Sequence[str]) -> List[dict]:
-    from ..data.shards import BadInputError
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
@@ -117,15 +119,12 @@ def embed_catalogue(run: str, out: str, images: Optional[str] = None, csv_path: 
     attrs = list(attributes) or model.attributes
     unknown = [a for a in attrs if a not in model.heads]
     if unknown:
-        from ..config import ConfigError
         raise ConfigError(f"--attributes: the run has no head for {unknown} (it has {', '.join(model.attributes)})")
+    if sum(x is not None for x in (images, csv_path, shards)) != 1:
+        raise ConfigError("give exactly one of --images DIR, --csv FILE, --shards DIR")
     resize = int(round(cfg.data.image_size * cfg.data.resize_ratio))
     transform = eval_transform(cfg.data.image_size, resize)
-    if sum(x is not None for x in (images, csv_path, shards)) != 1:
-        from ..config import ConfigError
-        raise ConfigError("give exactly one of --images DIR, --csv FILE, --shards DIR")
     if shards:
-        from ..data.manifest import Manifest
         manifest = Manifest.load(shards)
         dataset = _ShardItems(manifest, splits, transform)
         total = sum(manifest.count(s) for s in splits)
@@ -139,48 +138,58 @@ def embed_catalogue(run: str, out: str, images: Optional[str] = None, csv_path: 
     model.to(device)
     loader = DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=_collate,
                         pin_memory=device.type == "cuda")
-    keys, locations, bad = [], [], []
-    labels: Dict[str, List[Optional[str]]] = {a: [] for a in attrs}
-    chunks: Dict[str, List[np.ndarray]] = {a: [] for a in attrs}
-    from tqdm import tqdm
-    bar = tqdm(total=total, unit="img", desc="embedding", disable=not progress)
     started = time.time()
-    with torch.no_grad():
-        for b in loader:
-            bad += [{"key": x["key"], "location": x["location"], "error": x["error"]} for x in b["bad"]]
-            for x in b["bad"]:
-                log.warning("unreadable image '%s' (%s): %s", x["key"], x["location"], x["error"])
-            if b["images"] is not None:
-                emb, _ = model.embed_all(b["images"].to(device, non_blocking=True), attrs)
-                for h, a in enumerate(attrs):
-                    chunks[a].append(emb[:, h].float().cpu().numpy())
-                for x in b["good"]:
-                    keys.append(x["key"])
-                    locations.append(x["location"])
-                    for a in attrs:
-                        labels[a].append(x["labels"].get(a))
-            bar.update(len(b["good"]) + len(b["bad"]))
-    bar.close()
+    result = _embed(model, loader, attrs, device, tqdm(total=total, unit="img", desc="embedding", disable=not progress))
     seconds = time.time() - started
-    out_dir = Path(out)
-    for a in attrs:
-        matrix = np.concatenate(chunks[a]) if chunks[a] else np.zeros((0, cfg.model.embed_dim), np.float32)
-        atomic_write(out_dir / f"{a}.npy", lambda f, m=matrix: np.save(f, m))
-    atomic_write_text(out_dir / "keys.txt", "".join(k + "\n" for k in keys))
-    atomic_write_text(out_dir / "locations.txt", "".join(str(p) + "\n" for p in locations))
-    labelled = {a: v for a, v in labels.items() if any(x is not None for x in v)}
-    if labelled:
-        atomic_write_json(out_dir / "labels.json", labelled)
+    keys, bad = result["keys"], result["bad"]
     meta = {"format": "mclfir-embeddings/1", "run": str(run), "checkpoint": str(ckpt), "trunk": cfg.model.trunk,
             "image_size": cfg.data.image_size, "resize": resize, "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD), "attributes": attrs, "embed_dim": cfg.model.embed_dim, "count": len(keys),
             "source": source, "device": str(device), "seconds": round(seconds, 3),
             "images_per_second": round(len(keys) / max(seconds, 1e-9), 1),
             "unreadable": {"count": len(bad), "items": bad}}
-    atomic_write_json(out_dir / "embed.json", meta)
+    _write(Path(out), result, meta, cfg.model.embed_dim)
     log.info("embedded %d images (%d unreadable) under %s in %.1f s -> %s", len(keys), len(bad), ", ".join(attrs),
-             seconds, out_dir)
+             seconds, out)
     return meta
+
+
+@torch.no_grad()
+def _embed(model, loader, attrs: Sequence[str], device: torch.device, bar) -> dict:
+    """Every readable image's embedding under each head, with its key, location and labels; unreadable
+    images are listed, never fatal."""
+    keys, locations, bad = [], [], []
+    labels: Dict[str, List[Optional[str]]] = {a: [] for a in attrs}
+    chunks: Dict[str, List[np.ndarray]] = {a: [] for a in attrs}
+    for b in loader:
+        bad += [{"key": x["key"], "location": x["location"], "error": x["error"]} for x in b["bad"]]
+        for x in b["bad"]:
+            log.warning("unreadable image '%s' (%s): %s", x["key"], x["location"], x["error"])
+        if b["images"] is not None:
+            emb, _ = model.embed_all(b["images"].to(device, non_blocking=True), attrs)
+            for h, a in enumerate(attrs):
+                chunks[a].append(emb[:, h].float().cpu().numpy())
+            for x in b["good"]:
+                keys.append(x["key"])
+                locations.append(x["location"])
+                for a in attrs:
+                    labels[a].append(x["labels"].get(a))
+        bar.update(len(b["good"]) + len(b["bad"]))
+    bar.close()
+    return {"keys": keys, "locations": locations, "bad": bad, "labels": labels, "chunks": chunks}
+
+
+def _write(out_dir: Path, result: dict, meta: dict, embed_dim: int) -> None:
+    """One .npy per attribute, keys, locations, labels and embed.json (written last: it marks the set done)."""
+    for a, chunks in result["chunks"].items():
+        matrix = np.concatenate(chunks) if chunks else np.zeros((0, embed_dim), np.float32)
+        atomic_write(out_dir / f"{a}.npy", lambda f, m=matrix: np.save(f, m))
+    atomic_write_text(out_dir / "keys.txt", "".join(k + "\n" for k in result["keys"]))
+    atomic_write_text(out_dir / "locations.txt", "".join(str(p) + "\n" for p in result["locations"]))
+    labelled = {a: v for a, v in result["labels"].items() if any(x is not None for x in v)}
+    if labelled:
+        atomic_write_json(out_dir / "labels.json", labelled)
+    atomic_write_json(out_dir / "embed.json", meta)
 
 
 def load_embeddings(folder: str | Path) -> dict:

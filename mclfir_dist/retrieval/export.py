@@ -11,7 +11,8 @@ import torch
 
 from .. import __version__
 from ..training.checkpoint import load_run_model
-from .portable import EXPORT_FORMAT, IMAGENET_MEAN, IMAGENET_STD, load_exported
+from ..model.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from .portable import EXPORT_FORMAT, load_exported
 from ..utils.io import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)

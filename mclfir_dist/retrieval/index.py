@@ -19,6 +19,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from ..config import ConfigError
 from ..utils.io import atomic_write_json
 from .embed import load_embeddings
 
@@ -96,7 +97,6 @@ class CatalogueIndex:
     def index(self, attribute: str):
         import faiss
         if attribute not in self.meta["attributes"]:
-            from ..config import ConfigError
             raise ConfigError(f"--attribute {attribute!r}: the index has {', '.join(self.meta['attributes'])}")
         if attribute not in self._indexes:
             self._indexes[attribute] = faiss.read_index(str(self.folder / f"{attribute}.faiss"))
@@ -104,7 +104,6 @@ class CatalogueIndex:
 
     def row(self, key: str) -> int:
         if key not in self._row:
-            from ..config import ConfigError
             raise ConfigError(f"--key {key!r} is not in the catalogue ({len(self.keys)} keys in {self.folder})")
         return self._row[key]
 

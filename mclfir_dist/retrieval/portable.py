@@ -9,7 +9,7 @@ attributes, head sizes). Then, in plain PyTorch:
     x = preprocess(torchvision.io.decode_image("shirt.jpg"), model.config)   # 3 x S x S float
     emb = model(x[None])["sleeve_length"]        # 1 x 128, L2-normalised
 
-Only this file and `model/heads.py` + `model/backbones.py` are imported.
+Only this file and `model/heads.py`, `model/backbones.py` and `model/preprocess.py` are imported.
 """
 from __future__ import annotations
 
@@ -22,28 +22,12 @@ from torch import nn
 
 from ..model.backbones import build_backbone
 from ..model.heads import AttributeHead
+from ..model.preprocess import IMAGENET_MEAN, IMAGENET_STD, eval_transform, normalise, preprocess
+
+__all__ = ["EXPORT_FORMAT", "IMAGENET_MEAN", "IMAGENET_STD", "ExportedModel", "eval_transform", "load_exported",
+           "normalise", "preprocess"]
 
 EXPORT_FORMAT = "mclfir-export/1"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def normalise():
-    from torchvision.transforms import v2
-    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-
-def eval_transform(image_size: int, resize: int):
-    """uint8 C x H x W -> resize the shorter side to `resize`, centre-crop `image_size`, normalise."""
-    from torchvision.transforms import v2
-    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(image_size), normalise()])
-
-
-def preprocess(image: torch.Tensor, config: dict) -> torch.Tensor:
-    """A decoded uint8 image (C x H x W, grey or RGB(A)) -> the model's normalised input."""
-    if image.shape[0] == 1:
-        image = image.expand(3, -1, -1)
-    return eval_transform(config["image_size"], config["resize"])(image[:3])
 
 
 class ExportedModel(nn.Module):

@@ -8,6 +8,10 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from ..config import ConfigError
+from ..data.streams import iter_shard
+from ..model.preprocess import eval_transform
+from ..training.checkpoint import load_run_model
 from .embed import decode_file_bytes
 from .index import CatalogueIndex
 
@@ -15,11 +19,8 @@ log = logging.getLogger(__name__)
 
 
 def embed_query(run: str, image: str, attribute: str) -> np.ndarray:
-    from ..training.checkpoint import load_run_model
-    from .portable import eval_transform
     model, cfg, _ = load_run_model(run)
     if attribute not in model.heads:
-        from ..config import ConfigError
         raise ConfigError(f"--attribute {attribute!r}: the run has {', '.join(model.attributes)}")
     path = Path(image)
     if not path.is_file():
@@ -34,11 +35,9 @@ def search_catalogue(run: Optional[str], index_dir: str, attribute: str, image: 
                      key: Optional[str] = None, k: int = 10, sheet: Optional[str] = None) -> List[dict]:
     catalogue = CatalogueIndex(index_dir)
     if (image is None) == (key is None):
-        from ..config import ConfigError
         raise ConfigError("give exactly one of --image Q.jpg or --key K")
     if image is not None:
         if run is None:
-            from ..config import ConfigError
             raise ConfigError("--image needs --run RUN (the model that embeds the query)")
         made_by = catalogue.meta["embed"]["run"]
         if Path(made_by).resolve() != Path(run).resolve():
@@ -83,7 +82,6 @@ def _image_bytes(catalogue: CatalogueIndex, rows: List[int]) -> Dict[int, bytes]
         elif Path(location).is_file():
             out[row] = Path(location).read_bytes()
     for shard, wanted in by_shard.items():
-        from ..data.streams import iter_shard
         for s in iter_shard(Path(source["shards"]) / shard):
             if s["__key__"] in wanted:
                 out[wanted[s["__key__"]]] = s["jpg"]

@@ -25,6 +25,9 @@ from typing import List, Optional, Tuple
 import torch
 
 from .. import __version__
+from ..configure import config_from_dict
+from ..errors import CheckpointError, UnsafeCheckpointError
+from ..model.mclfir import build_model
 from ..utils.io import atomic_torch_save
 
 log = logging.getLogger("mclfir")
@@ -36,9 +39,6 @@ PARTIAL_FORMAT = "mclfir-partial/2"
 ZERO_SHARD_FORMAT = "mclfir-zero-shard/1"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, damaged, of another format or unsafe; the message names the file."""
-
 
 def load_checkpoint(path: str | Path, expect: Tuple[str, ...] = (INCREMENT_FORMAT, PARTIAL_FORMAT)) -> dict:
     """Load with weights_only=True and check the format tag."""
@@ -49,7 +49,7 @@ def load_checkpoint(path: str | Path, expect: Tuple[str, ...] = (INCREMENT_FORMA
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         why = [line.strip() for line in str(e).splitlines() if "Unsupported" in line or "Unpickler error" in line]
-        raise CheckpointError(f"{path}: refused to load: it holds more than tensors and plain types, so it could "
+        raise UnsafeCheckpointError(f"{path}: refused to load: it holds more than tensors and plain types, so it could "
                               f"run code ({why[0] if why else type(e).__name__})") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(f"{path}: damaged or not a checkpoint ({type(e).__name__}: "
@@ -139,9 +139,9 @@ class Checkpointer:
         for path in reversed(self.increments()):
             try:
                 return path, load_checkpoint(path, (INCREMENT_FORMAT,))
+            except UnsafeCheckpointError:
+                raise
             except CheckpointError as e:
-                if "refused to load" in str(e):
-                    raise
                 log.error("%s; falling back to an earlier checkpoint", e)
         return None
 
@@ -160,9 +160,9 @@ class Checkpointer:
                     self._check_zero_shards(partial)
                 if partial["increment"] == done_index + 1:
                     return ResumePoint(partial, self.partial_path, True)
+            except UnsafeCheckpointError:
+                raise
             except CheckpointError as e:
-                if "refused to load" in str(e):
-                    raise
                 log.error("%s; falling back to the last increment checkpoint", e)
         return None if done is None else ResumePoint(done[1], done[0], False)
 
@@ -204,8 +204,6 @@ def restore_model(model, state: dict) -> None:
 
 def load_run_model(run_dir: str | Path, checkpoint: Optional[str | Path] = None):
     """(model in eval mode, RunConfig, checkpoint path) of a run's newest good increment checkpoint."""
-    from ..config import from_dict
-    from ..model.mclfir import build_model
     if checkpoint is not None:
         path, state = Path(checkpoint), load_checkpoint(checkpoint, (INCREMENT_FORMAT,))
     else:
@@ -213,7 +211,7 @@ def load_run_model(run_dir: str | Path, checkpoint: Optional[str | Path] = None)
         if found is None:
             raise CheckpointError(f"no checkpoint under {Path(run_dir) / CKPT_DIR}")
         path, state = found
-    cfg = from_dict(state["config"])
+    cfg = config_from_dict(state["config"])
     cfg.model.pretrained, cfg.model.weights = False, ""   # weights come from the checkpoint
     model = build_model(cfg.model, cfg.data.image_size)
     restore_model(model, state)

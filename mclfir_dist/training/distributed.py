@@ -1,6 +1,7 @@
 """Rank helpers and collectives that keep autograd (so negatives from other ranks carry gradient)."""
 from __future__ import annotations
 
+import warnings
 from typing import Any, List
 
 import torch
@@ -27,7 +28,6 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` from every rank along dim 0; gradients flow back to each rank's rows."""
     if not is_distributed():
         return x
-    import warnings
     from torch.distributed.nn.functional import all_gather
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)   # 2.14 points to a private API; this one is public
@@ -49,14 +49,6 @@ def gather_objects(obj: Any) -> List[Any]:
     out: List[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def broadcast_buffers(modules, src: int = 0) -> None:

@@ -14,10 +14,12 @@ from typing import Iterable, List
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..config import ConfigError, RunConfig
-from .distributed import backend as process_group_backend, broadcast_buffers, gather_objects
+from .distributed import backend as process_group_backend
+from .distributed import broadcast_buffers, gather_objects
 
 log = logging.getLogger("mclfir")
 
@@ -98,7 +100,6 @@ def build_accelerator(cfg: RunConfig, run_dir=None):
     if acc.num_processes > 1 and acc.distributed_type.value == "NO":
         raise RuntimeError(f"{acc.num_processes} processes but Accelerate chose no distributed wrapper")
     if acc.num_processes > 1:
-        import torch.distributed as dist
         dist.set_timeout(timedelta(seconds=cfg.train.dist_step_timeout_s))
     plugin = getattr(acc.state, "deepspeed_plugin", None)
     if plugin is not None and int(plugin.zero_stage) == 3:

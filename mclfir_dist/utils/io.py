@@ -9,12 +9,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..errors import OutputError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
-
-class OutputError(OSError):
-    """An output file or folder cannot be written (read-only, full disk, no permission); names the path."""
 
 
 def _output_error(path: Path, err: OSError) -> OutputError:

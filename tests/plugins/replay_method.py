@@ -1,6 +1,9 @@
 """A training method written outside the package: keep one batch per old attribute and replay it
 through that attribute's frozen head (InfoNCE), beside the new attribute's loss. It only imports
-mclfir_dist's public interface; registering it makes `train.method=replay_one_batch` valid."""
+mclfir_dist's public interface. Named in a config (`plugins: [replay_method]`) or declared as an
+entry point of group `mclfir_dist.plugins`, it makes `train.method=replay_one_batch` valid and adds
+its own typed config section, `replay.*`."""
+from dataclasses import dataclass, field
 from typing import Dict, List
 
 import torch
@@ -8,14 +11,19 @@ import torch
 from mclfir_dist.data.pairing import positive_index
 from mclfir_dist.training.losses import DoubletInfoNCE
 from mclfir_dist.methods import METHODS, IncrementContext, LossTerm, Method, StepOutput
+from mclfir_dist.registry import CONFIG_SECTIONS
 
 NAME = "replay_one_batch"
 
 
+@CONFIG_SECTIONS.register("replay")
+@dataclass
+class ReplayConfig:
+    weight: float = field(default=1.0, metadata={"help": "Weight of each replayed attribute's InfoNCE term."})
+
+
 @METHODS.register(NAME, label="Replay (one stored batch per old attribute)")
 class ReplayOneBatch(Method):
-    name = NAME
-
     def setup(self, model) -> None:
         self.stored: Dict[str, Dict[str, torch.Tensor]] = {}
         self.last_batch = None
@@ -31,7 +39,7 @@ class ReplayOneBatch(Method):
             task = torch.zeros(emb.shape[0], dtype=torch.long, device=emb.device)
             value = batch["value"].to(emb.device)
             nce, _ = self.loss(emb, value, task, positive_index(emb.shape[0], emb.device))
-            terms.append(LossTerm(f"replay_{attribute}", 1.0, nce))
+            terms.append(LossTerm(f"replay_{attribute}", self.cfg.replay.weight, nce))
         self.replayed_steps += bool(terms)
         return terms
 

@@ -1,0 +1,34 @@
+"""The errors a user can fix. Each names the key, file or row at fault; the command line prints
+the message on one line and exits 2 (`USER_ERRORS`). Control flow tests the type, never the text."""
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, damaged, of another format or unsafe; the message names the file."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint holds more than tensors and plain types: it is refused, never skipped over."""
+
+
+class ShardError(RuntimeError):
+    """A shard set is missing, damaged or disagrees with its manifest; the message names the file."""
+
+
+class BadInputError(ValueError):
+    """An input row or image cannot be used; the message names the row and file."""
+
+
+class OutputError(OSError):
+    """An output cannot be written (read-only, full disk, not a folder); the message names the path."""
+
+
+class PluginError(ConfigError):
+    """A plug-in named in `plugins` or the `mclfir_dist.plugins` entry points does not import."""
+
+
+USER_ERRORS = (ConfigError, CheckpointError, ShardError, BadInputError, OutputError, FileNotFoundError)

@@ -1,0 +1,132 @@
+"""The run state: every stateful part of a run in one resumable checkpoint, and the one owner of
+when and how it is written and read back (the run loop holds no checkpoint code).
+
+The parts: the model (trunk and heads, which are frozen), the method's state (e.g. the EMA teacher),
+the optimizer and schedule (inside an increment), the data position (increment and step: the loaders
+replay to it), the RNG, the run record (results.json) and the counters. When: after every increment,
+every `train.checkpoint_every` steps inside one, and on request (`request_save`, e.g. from a signal
+handler). How: atomically, with a format tag, per-rank ZeRO optimizer partitions first; reading falls
+back to the newest checkpoint that loads (checkpoint.py has the file format)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..config import RunConfig, to_dict
+from ..errors import CheckpointError
+from ..evaluation.record import RunRecord
+from .checkpoint import Checkpointer, ResumePoint, load_zero_optimizer_state, restore_model, zero_optimizer_state
+from .runtime import Runtime, rng_state, set_rng_state
+
+log = logging.getLogger("mclfir")
+
+
+@dataclass
+class RunParts:
+    """What a checkpoint captures, as the run holds it now."""
+    cfg: RunConfig
+    model: object           # MCLFIRModel (unwrapped)
+    method: object          # methods.Method
+    record: RunRecord
+    global_step: int
+
+
+@dataclass
+class Progress:
+    """Where a resumed run continues."""
+    next_increment: int
+    global_step: int
+    partial: Optional[dict] = None   # the mid-increment state, if the run stopped inside an increment
+
+
+class RunState:
+    def __init__(self, run_dir: str | Path, runtime: Runtime, checkpoint_every: int = 0):
+        self.runtime = runtime
+        self.files = Checkpointer(run_dir, runtime.is_main)
+        self.checkpoint_every = checkpoint_every
+        self.save_requested = False
+
+    # -- when ---------------------------------------------------------------------------------
+    def request_save(self) -> None:
+        """Write a partial checkpoint after the current step (every rank must call it at the same step)."""
+        self.save_requested = True
+
+    def partial_due(self, steps_done: int, steps: int) -> bool:
+        """A mid-increment checkpoint after `steps_done` of `steps` (the increment's end has its own)."""
+        if steps_done >= steps:
+            return False
+        every = self.checkpoint_every
+        return self.save_requested or bool(every and steps_done % every == 0)
+
+    # -- what ---------------------------------------------------------------------------------
+    @staticmethod
+    def capture(index: int, parts: RunParts) -> dict:
+        m = parts.model
+        return {"increment": index, "global_step": parts.global_step, "heads": m.attributes,
+                "frozen": list(m.frozen), "model": m.state_dict(), "method": parts.method.state_dict(),
+                "config": to_dict(parts.cfg), "results": parts.record.state_dict(), "rng": rng_state()}
+
+    # -- how: save ----------------------------------------------------------------------------
+    def save_increment(self, index: int, parts: RunParts) -> None:
+        self.files.save_increment(index, self.capture(index, parts))
+        self.runtime.barrier()
+
+    def save_partial(self, index: int, step: int, parts: RunParts, optimizer, scheduler, seconds: float) -> None:
+        """Enough to continue this increment at `step`. Under ZeRO every rank first writes its optimizer
+        partition; partial.pt, written last by the main process, names them."""
+        rt = self.runtime
+        extra = {"optimizer": optimizer.state_dict() if rt.deepspeed is None else None, "zero_world": 0}
+        if rt.deepspeed is not None:
+            self.files.save_zero_shard(index, step, rt.rank, zero_optimizer_state(optimizer.optimizer))
+            extra["zero_world"] = rt.world
+            rt.barrier()
+        if rt.is_main:
+            self.files.save_partial({**self.capture(index, parts), "step": step, **extra,
+                                     "scheduler": scheduler.state_dict(), "elapsed_train_seconds": seconds})
+            self.files.remove_zero_shards(keep=(index, step) if rt.deepspeed is not None else None)
+        self.save_requested = False
+        rt.barrier()
+
+    def start_writing(self) -> None:
+        """Main process, before the run writes anything: temp files a kill left behind go."""
+        if self.runtime.is_main:
+            self.files.remove_stale_temporaries()
+
+    # -- how: load ----------------------------------------------------------------------------
+    def restore(self, parts: RunParts) -> Progress:
+        """Load the newest good checkpoint into the parts (model, method, record, RNG)."""
+        point: Optional[ResumePoint] = self.files.resume_point()
+        if point is None:
+            raise CheckpointError(f"--resume: no checkpoint under {self.files.dir}")
+        state = point.state
+        restore_model(parts.model, state)
+        parts.method.load_state_dict(state["method"])
+        parts.record.load_state_dict(state["results"])
+        set_rng_state(state["rng"])
+        where = f"step {state['step']} of increment {state['increment']}" if point.partial else \
+            f"increment {point.next_increment}"
+        log.info("resumed from %s: continuing at %s", point.path, where)
+        return Progress(point.next_increment, state["global_step"], state if point.partial else None)
+
+    @staticmethod
+    def load_into_optimizer(partial: dict, optimizer, scheduler) -> None:
+        """Before Accelerate's prepare(): the optimizer (without ZeRO) and the schedule."""
+        if partial["optimizer"] is not None:
+            optimizer.load_state_dict(partial["optimizer"])
+        scheduler.load_state_dict(partial["scheduler"])
+
+    def load_zero_partition(self, partial: dict, optimizer) -> None:
+        """After prepare() has partitioned the optimizer: under ZeRO each rank restores its own partition."""
+        if not partial.get("zero_world"):
+            return
+        rt = self.runtime
+        if partial["zero_world"] != rt.world:
+            raise CheckpointError(f"{self.files.partial_path}: saved by {partial['zero_world']} DeepSpeed "
+                                  f"ranks, resumed with {rt.world}; resume with the same number of processes "
+                                  f"(or from the last increment checkpoint: delete partial.pt)")
+        zero = optimizer.optimizer   # Accelerate's wrapper around DeepSpeed's ZeRO optimizer
+        ranks = range(rt.world) if getattr(zero, "elastic_checkpoint", False) else [rt.rank]
+        load_zero_optimizer_state(zero, {r: self.files.load_zero_shard(partial, r) for r in ranks},
+                                  rt.rank, rt.world)

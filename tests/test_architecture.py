@@ -1,0 +1,129 @@
+"""The package's shape, checked from its source: no import circle, no long function, no method
+name compared outside methods/. Imports inside functions count as edges too (they are run-time
+dependencies all the same); only `if TYPE_CHECKING:` blocks are left out."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Dict, Iterator, List, Set
+
+PACKAGE = Path(__file__).resolve().parents[1] / "mclfir_dist"
+MAX_FUNCTION_LINES = 60
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> Dict[str, Path]:
+    return {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def _runtime_nodes(tree: ast.AST) -> Iterator[ast.AST]:
+    """Every node except those under `if TYPE_CHECKING:`."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            stack.extend(node.orelse)
+            continue
+        yield node
+        stack.extend(ast.iter_child_nodes(node))
+
+
+def imports_of(name: str, path: Path, known: Set[str]) -> Set[str]:
+    """The package modules that `name` imports (a `from X import y` names X.y when y is a module)."""
+    is_package = path.name == "__init__.py"
+    out: Set[str] = set()
+    for node in _runtime_nodes(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name in known}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = name.split(".") if is_package else name.split(".")[:-1]
+                base = base[:len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            subs = {f"{target}.{a.name}" for a in node.names} & known
+            out |= subs if subs else ({target} & known)
+    out.discard(name)
+    return out
+
+
+def import_graph() -> Dict[str, Set[str]]:
+    mods = modules()
+    return {name: imports_of(name, path, set(mods)) for name, path in mods.items()}
+
+
+def find_cycle(graph: Dict[str, Set[str]]) -> List[str]:
+    state: Dict[str, int] = {}
+    stack: List[str] = []
+
+    def visit(node: str) -> List[str]:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return []
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return []
+
+
+def test_the_checker_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
+
+
+def test_the_import_graph_reads_relative_and_function_level_imports():
+    graph = import_graph()
+    assert "mclfir_dist.config" in graph["mclfir_dist.training.engine"]
+    assert "mclfir_dist.training.engine" in graph["mclfir_dist.cli"]   # imported inside a function
+
+
+def test_the_package_import_graph_is_acyclic():
+    cycle = find_cycle(import_graph())
+    assert not cycle, "import cycle: " + " -> ".join(cycle)
+
+
+def test_no_function_is_longer_than_60_lines():
+    long = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{name}.{node.name} ({lines} lines)")
+    assert not long, "functions over 60 lines: " + ", ".join(long)
+
+
+def test_no_method_name_is_compared_outside_methods():
+    """What a method does is asked of the method (its plan, its properties), never of its name."""
+    from mclfir_dist.methods import METHODS
+    names = set(METHODS.names())
+    found = []
+    for name, path in modules().items():
+        if name.startswith("mclfir_dist.methods"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                consts = [c for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
+                consts += [e for c in node.comparators if isinstance(c, (ast.Tuple, ast.List, ast.Set))
+                           for e in c.elts if isinstance(e, ast.Constant)]
+                hit = [c.value for c in consts if c.value in names]
+                if hit and "method" in ast.unparse(node):   # trunk_bn == "frozen" is not a method
+                    found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} compares with {hit[0]!r}")
+    assert not found, "; ".join(found)

@@ -1,0 +1,149 @@
+"""Plug-ins from the command line: a training method from a module outside the package, named in the
+config (`plugins: [...]`) or declared as an entry point, trains under `mclfir train` and a 2-process
+`accelerate launch`, survives kill -9, and resumes from the command line (`--resume RUN`, which imports
+the plug-in again from the saved config.yaml) to a bit-identical end."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from conftest import ROOT
+
+PLUGINS = ROOT / "tests" / "plugins"
+ACCELERATE_2PROC = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                    str(ROOT / "launch/cpu_2proc.yaml")]
+TINY = ["data.build.synthetic.num_images=240", "data.build.synthetic.image_size=32",
+        "data.build.samples_per_shard=60", "data.build.min_value_count=4", "data.image_size=32",
+        "data.batch_doublets=8", "data.num_workers=0", "data.eval_batch_size=64", "model.head_channels=32",
+        "model.embed_dim=16", "train.steps_per_increment=10", "train.checkpoint_every=2", "train.log_every=5",
+        "eval.grid_queries=0", "eval.frozen_baseline=false",
+        "train.increments=[{name: a, attributes: [colour]},{name: b, attributes: [garment_length]}]"]
+PLUGIN_RUN = ["plugins=[replay_method]", "train.method=replay_one_batch", "replay.weight=0.5"]
+
+
+def env(extra_path=()):
+    path = os.pathsep.join([str(ROOT), str(PLUGINS), *map(str, extra_path), os.environ.get("PYTHONPATH", "")])
+    return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
+
+
+def free_port() -> str:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def mclfir(*args):
+    return [sys.executable, "-m", "mclfir_dist.cli", *args]
+
+
+def launch(two: bool, *args):
+    """`mclfir train ARGS`, or the same under a 2-process `accelerate launch -m mclfir_dist.train`."""
+    if two:
+        return [*ACCELERATE_2PROC, "--main_process_port", free_port(), "-m", "mclfir_dist.train", *args]
+    return mclfir("train", *args)
+
+
+def start_args(run: Path, shards: Path):
+    return ["--config", str(ROOT / "configs/debug_cpu.yaml"), "--out", str(run), f"data.shards={shards}",
+            *TINY, *PLUGIN_RUN]
+
+
+def run_ok(cmd, timeout=600):
+    p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p
+
+
+def kill_inside_second_increment(cmd, run: Path, timeout=600) -> None:
+    """Start cmd and kill -9 its whole process group once a partial checkpoint of increment 1 is on disk
+    (the plug-in's stored batch from increment 0 is then part of the state to restore)."""
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    ckpt, deadline = run / "checkpoints", time.time() + timeout
+    try:
+        while p.poll() is None and time.time() < deadline:
+            if (ckpt / "increment_00.pt").is_file() and partial_increment(ckpt / "partial.pt") == 1:
+                break
+            time.sleep(0.05)
+        assert p.poll() is None, "the run ended before it could be killed inside increment 1"
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    assert not (run / "results.json").is_file() or not json.loads((run / "results.json").read_text())["complete"]
+
+
+def partial_increment(path: Path):
+    try:
+        return torch.load(path, weights_only=True)["increment"]
+    except (OSError, RuntimeError, EOFError):   # not there, or replaced while read
+        return None
+
+
+def final(run: Path):
+    res = json.loads((run / "results.json").read_text())
+    state = torch.load(run / "checkpoints" / "increment_01.pt", weights_only=True)
+    return res, state
+
+
+def assert_same_end(run: Path, reference: Path) -> None:
+    (res, state), (ref, ref_state) = final(run), final(reference)
+    assert res["complete"] and res["accuracy_matrix"] == ref["accuracy_matrix"]
+    for part in ("model",):
+        assert state[part].keys() == ref_state[part].keys()
+        assert all(torch.equal(state[part][k], ref_state[part][k]) for k in state[part])
+    stored, ref_stored = state["method"]["stored"], ref_state["method"]["stored"]
+    assert stored.keys() == ref_stored.keys() == {"colour", "garment_length"}
+    assert all(torch.equal(stored[a]["images"], ref_stored[a]["images"]) for a in stored)
+
+
+def check_plugin_run_resumes_exactly(tmp_path: Path, two: bool) -> None:
+    shards = tmp_path / "shards"
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    run_ok(launch(two, *start_args(reference, shards)))
+    res = json.loads((reference / "results.json").read_text())
+    assert res["config"]["plugins"] == ["replay_method"] and res["config"]["replay"]["weight"] == 0.5
+    assert res["world_size"] == (2 if two else 1)
+    kill_inside_second_increment(launch(two, *start_args(killed, shards)), killed)
+    run_ok(launch(two, "--resume", str(killed)))   # no --config, no plugins: config.yaml names them
+    assert_same_end(killed, reference)
+
+
+def test_a_plugin_method_under_mclfir_train_is_killed_and_resumes_exactly(tmp_path):
+    check_plugin_run_resumes_exactly(tmp_path, two=False)
+
+
+def test_a_plugin_method_under_two_process_accelerate_is_killed_and_resumes_exactly(tmp_path):
+    check_plugin_run_resumes_exactly(tmp_path, two=True)
+
+
+def test_an_entry_point_plugin_needs_no_config_key(tmp_path):
+    """An installed package that declares `[mclfir_dist.plugins]` is imported on its own."""
+    dist = tmp_path / "site" / "replay_plugin-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: replay-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[mclfir_dist.plugins]\nreplay = replay_method\n")
+    p = subprocess.run(mclfir("train", "--help-config"), cwd=ROOT, env=env([tmp_path / "site"]),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "replay.weight (default 1.0): Weight of each replayed attribute's InfoNCE term." in p.stdout
+    assert "replay_one_batch" in next(line for line in p.stdout.splitlines() if line.startswith("train.method "))
+    p = subprocess.run(mclfir("train", "--help-config"), cwd=ROOT, env=env(), capture_output=True, text=True,
+                       timeout=300)
+    assert "replay.weight" not in p.stdout   # without the entry point nothing registers it
+
+
+def test_a_plugin_that_does_not_import_is_one_line_and_exit_2(tmp_path):
+    p = subprocess.run(mclfir("train", "--config", str(ROOT / "configs/debug_cpu.yaml"), "--out", str(tmp_path / "r"),
+                              "plugins=[no_such_plugin_module]"), cwd=ROOT, env=env(), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 2
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and "plugins" in err[0] and "no_such_plugin_module" in err[0], p.stderr
+    assert not (tmp_path / "r").exists()
