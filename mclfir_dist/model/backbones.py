@@ -88,6 +88,20 @@ BACKBONES: Dict[str, Callable[[str, int], nn.Module]] = {
 }
 
 
+def export_state(trunk: nn.Module) -> dict:
+    """The trunk's weights as exported: under torchvision's (or its package's) names where the trunk says
+    how (`torchvision_state`), else its own state_dict names."""
+    return trunk.torchvision_state() if hasattr(trunk, "torchvision_state") else trunk.state_dict()
+
+
+def load_export_state(trunk: nn.Module, state: dict) -> None:
+    """Inverse of export_state."""
+    if hasattr(trunk, "load_torchvision_state"):
+        trunk.load_torchvision_state(state)
+    else:
+        trunk.load_state_dict(state)
+
+
 def build_backbone(name: str, cut: str, image_size: int) -> Tuple[nn.Module, int]:
     """An untrained trunk by name and its output channels."""
     if name not in BACKBONES:

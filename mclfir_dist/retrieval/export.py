@@ -10,10 +10,11 @@ from typing import Optional
 import torch
 
 from .. import __version__
-from ..training.checkpoint import load_run_model
+from ..model.backbones import export_state
 from ..model.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from .portable import EXPORT_FORMAT, load_exported
+from ..training.checkpoint import load_run_model
 from ..utils.io import atomic_write, atomic_write_text
+from .portable import EXPORT_FORMAT, load_exported
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: Optional[str] =
               "attributes": model.attributes, "head_channels": cfg.model.head_channels,
               "embed_dim": cfg.model.embed_dim, "source": {"run": str(run_dir), "checkpoint": str(path),
                                                            "mclfir_dist": __version__}}
-    tensors = {f"trunk.{k}": v.contiguous() for k, v in model.trunk.torchvision_state().items()}
+    tensors = {f"trunk.{k}": v.contiguous() for k, v in export_state(model.trunk).items()}
     tensors.update({f"heads.{k}": v.contiguous() for k, v in model.heads.state_dict().items()})
     atomic_write(out / "model.safetensors", lambda f: f.write(save(tensors, metadata={"format": EXPORT_FORMAT})))
     atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")

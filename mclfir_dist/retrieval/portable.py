@@ -20,7 +20,7 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
-from ..model.backbones import build_backbone
+from ..model.backbones import build_backbone, load_export_state
 from ..model.heads import AttributeHead
 from ..model.preprocess import IMAGENET_MEAN, IMAGENET_STD, eval_transform, normalise, preprocess
 
@@ -58,6 +58,6 @@ def load_exported(directory: str | Path, device: str | torch.device = "cpu") -> 
         raise ValueError(f"{directory / 'config.json'}: format {config.get('format')!r}, expected {EXPORT_FORMAT}")
     model = ExportedModel(config)
     state = load_file(str(directory / "model.safetensors"))
-    model.trunk.load_torchvision_state({k[len("trunk."):]: v for k, v in state.items() if k.startswith("trunk.")})
+    load_export_state(model.trunk, {k[len("trunk."):]: v for k, v in state.items() if k.startswith("trunk.")})
     model.heads.load_state_dict({k[len("heads."):]: v for k, v in state.items() if k.startswith("heads.")})
     return model.eval().to(device)

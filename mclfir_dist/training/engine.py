@@ -73,7 +73,9 @@ class Trainer:
         self.record.set_sources({a: str(m.root) for a, m in data.attribute_manifest.items()}, data.skipped_shards,
                                 batch_scaling)
         self.state = RunState(self.run_dir, runtime, cfg.train.checkpoint_every)
-        self.progress = self.state.restore(self.parts()) if resume else Progress(0, 0)
+        self.progress = Progress(0, 0)
+        if resume:
+            self.progress = self.state.restore(self.parts())
         self.resumed = resume
         self.metrics = MetricsProcessor(runtime.acc, cfg.name, cfg.train.log_every, self.images_per_step, self.plans)
         self.state.start_writing()
