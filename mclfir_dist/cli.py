@@ -15,8 +15,8 @@ from typing import List, Optional
 
 from . import __version__
 from .config import ShardBuildConfig, describe, peek_plugins
-from .configure import import_plugins, load_config
 from .errors import USER_ERRORS, ConfigError
+from .plugins import import_plugins
 
 
 # ---------------------------------------------------------------- shards
@@ -172,6 +172,7 @@ def resolve_run_dir(args) -> tuple:
 
 
 def cmd_train(args) -> int:
+    from .configure import load_config   # the registries' modules: torch and the rest, for training only
     if args.help_config:
         import_plugins(peek_plugins(args.config, args.overrides))
         print("\n".join(describe()))

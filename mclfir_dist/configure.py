@@ -10,48 +10,20 @@ config.py holds the schema and never imports the registries' modules; this modul
 what keeps the package free of import circles."""
 from __future__ import annotations
 
-import importlib
-import logging
-import os
-import sys
-from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import List, Optional
 
 from . import config as schema
 # the modules that register the built-in family members, imported for that
 from . import methods  # noqa: F401  mclfir, finetune, lwf, frozen, static_joint
 from .config import RunConfig
 from .data import LOADERS, converters  # noqa: F401  torch, torch_gpu, dali; fashionai, deepfashion, darn, zappos
-from .errors import PluginError
 from .model import trunks  # noqa: F401  resnet18..101, efficientnet_lite0
+from .plugins import import_plugins
 from .training import losses, optim  # noqa: F401  distillation types; lr schedules
 
-log = logging.getLogger("mclfir")
 
-ENTRY_POINT_GROUP = "mclfir_dist.plugins"
-
-
-def import_plugins(names: Iterable[str]) -> List[str]:
-    """Import the entry-point plug-ins and the named modules (once each); returns the modules imported."""
-    loaded = []
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            ep.load()
-        except Exception as e:   # a broken installed plug-in is named, whatever it raised
-            raise PluginError(f"entry point '{ep.name}' ({ep.value}) of group {ENTRY_POINT_GROUP}: "
-                              f"{type(e).__name__}: {e}") from None
-        loaded.append(ep.value)
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.append(os.getcwd())   # as `python -m` does: a plug-in file beside the config is found
-    for name in names:
-        try:
-            importlib.import_module(name)
-        except ImportError as e:
-            raise PluginError(f"config key 'plugins': cannot import {name!r} ({e}); put the module on "
-                              "PYTHONPATH or install the package that holds it") from None
-        loaded.append(name)
-    return loaded
+__all__ = ["config_from_dict", "import_plugins", "load_config"]
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> RunConfig:

@@ -1,7 +1,9 @@
 """Plug-ins from the command line: a training method from a module outside the package, named in the
 config (`plugins: [...]`) or declared as an entry point, trains under `mclfir train` and a 2-process
 `accelerate launch`, survives kill -9, and resumes from the command line (`--resume RUN`, which imports
-the plug-in again from the saved config.yaml) to a bit-identical end."""
+the plug-in again from the saved config.yaml) to a bit-identical end. The runs also use a trunk, an lr
+schedule and a loader registered outside the package (tests/plugins/extras.py: the README's "nothing
+else" rows), and the run then evaluates and exports through the command line."""
 import json
 import os
 import signal
@@ -23,7 +25,8 @@ TINY = ["data.build.synthetic.num_images=240", "data.build.synthetic.image_size=
         "model.embed_dim=16", "train.steps_per_increment=10", "train.checkpoint_every=2", "train.log_every=5",
         "eval.grid_queries=0", "eval.frozen_baseline=false",
         "train.increments=[{name: a, attributes: [colour]},{name: b, attributes: [garment_length]}]"]
-PLUGIN_RUN = ["plugins=[replay_method]", "train.method=replay_one_batch", "replay.weight=0.5"]
+PLUGIN_RUN = ["plugins=[replay_method,extras]", "train.method=replay_one_batch", "replay.weight=0.5",
+              "model.trunk=tiny_cnn", "optim.schedule=halving", "data.loader=counting"]
 
 
 def env(extra_path=()):
@@ -106,9 +109,11 @@ def assert_same_end(run: Path, reference: Path) -> None:
 def check_plugin_run_resumes_exactly(tmp_path: Path, two: bool) -> None:
     shards = tmp_path / "shards"
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    run_ok(launch(two, *start_args(reference, shards)))
+    p = run_ok(launch(two, *start_args(reference, shards)))
+    assert "loader: counting (data.loader=counting)" in p.stdout + p.stderr
     res = json.loads((reference / "results.json").read_text())
-    assert res["config"]["plugins"] == ["replay_method"] and res["config"]["replay"]["weight"] == 0.5
+    assert res["config"]["plugins"] == ["replay_method", "extras"] and res["config"]["replay"]["weight"] == 0.5
+    assert res["config"]["model"]["trunk"] == "tiny_cnn" and res["config"]["optim"]["schedule"] == "halving"
     assert res["world_size"] == (2 if two else 1)
     kill_inside_second_increment(launch(two, *start_args(killed, shards)), killed)
     run_ok(launch(two, "--resume", str(killed)))   # no --config, no plugins: config.yaml names them
@@ -117,6 +122,20 @@ def check_plugin_run_resumes_exactly(tmp_path: Path, two: bool) -> None:
 
 def test_a_plugin_method_under_mclfir_train_is_killed_and_resumes_exactly(tmp_path):
     check_plugin_run_resumes_exactly(tmp_path, two=False)
+    run, shards = tmp_path / "reference", tmp_path / "shards"
+    p = run_ok(mclfir("eval", "--run", str(run), "--shards", str(shards)))   # the plug-ins come from the run
+    assert "colour" in p.stdout
+    run_ok(mclfir("export", "--run", str(run), "--out", str(tmp_path / "export")))
+    check = ("import torch, extras\n"
+             "from mclfir_dist.retrieval.portable import load_exported\n"
+             "from mclfir_dist.training.checkpoint import load_run_model\n"
+             f"exported = load_exported({str(tmp_path / 'export')!r})\n"
+             f"model, _, _ = load_run_model({str(run)!r})\n"
+             "x = torch.randn(3, 3, 32, 32)\n"
+             "b, _ = model.embed_all(x, ['colour', 'garment_length'])\n"
+             "print('diff', max(float((exported(x)[a] - b[:, i]).abs().max()) for i, a in enumerate(exported.attributes)))\n")
+    p = run_ok([sys.executable, "-c", check])
+    assert float(p.stdout.split("diff")[1]) < 1e-5   # the exported trunk is the plug-in's, rebuilt from BACKBONES
 
 
 def test_a_plugin_method_under_two_process_accelerate_is_killed_and_resumes_exactly(tmp_path):

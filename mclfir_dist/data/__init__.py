@@ -1,5 +1,8 @@
 """Data: shard building, manifest, loaders (torch, DALI) and doublet batching.
 
+The loader modules are imported when a loader is built, not with the package: `mclfir --help` and the
+shard tools stay quick (torchvision's transforms and DALI cost seconds to import).
+
 `build_train_loader` / `build_eval_loader` are the only entry points the engine uses. Loaders
 are registered in `LOADERS` (name -> Loader); every loader hands over the same batch contract
 (see pairing.py).
@@ -7,18 +10,12 @@ are registered in `LOADERS` (name -> Loader); every loader hands over the same b
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence, Tuple
 
-import torch
-
 from ..config import DataConfig
 from ..registry import Registry
-from . import loader_dali, loader_device
-from .loader_torch import PREFETCH_FACTOR, DoubletStream, EvalStream, make_loader, transform_spec
 from .manifest import Manifest
-from .streams import epoch_seed
 
 log = logging.getLogger(__name__)
 
@@ -35,25 +32,30 @@ LOADERS: Registry[Loader] = Registry("loader", "data.loader", extra_choices=("au
 
 
 def _torch_train(cfg, manifest, columns, rank, world, seed, device=None, start_batch=0):
+    from .loader_torch import DoubletStream, make_loader, transform_spec
     stream = DoubletStream(manifest.shard_files("train"), columns, cfg.batch_doublets, transform_spec(cfg),
                            rank, world, seed, cfg.shuffle_buffer, start_batch, cfg.task_sampling == "rotate")
     return make_loader(stream, cfg.num_workers, device)
 
 
 def _torch_eval(cfg, manifest, split, rank, world, device=None, keys=None):
+    from .loader_torch import EvalStream, make_loader, transform_spec
     return make_loader(EvalStream(manifest.shard_files(split), transform_spec(cfg), cfg.eval_batch_size, rank, world,
                                   keys), cfg.num_workers, device)
 
 
 def _dali_available():
+    from . import loader_dali
     return loader_dali.available()
 
 
 def _dali_train(cfg, manifest, columns, rank, world, seed, device=None, start_batch=0):
-    batches = loader_dali.dali_train_batches(cfg, manifest, columns, rank, world, seed, device)
+    from .loader_dali import dali_train_batches
+    batches = dali_train_batches(cfg, manifest, columns, rank, world, seed, device)
     if start_batch:
         # DALI's reader and random ops cannot be positioned, but they are seeded: running the pipeline
         # through the first start_batch batches (decode + augment, no model) lands on the same state
+        import time
         t0 = time.time()
         for _ in range(start_batch):
             next(batches)
@@ -62,19 +64,23 @@ def _dali_train(cfg, manifest, columns, rank, world, seed, device=None, start_ba
 
 
 def _dali_eval(cfg, manifest, split, rank, world, device=None):
-    return loader_dali.dali_eval_batches(cfg, manifest, split, rank, world, device)
+    from .loader_dali import dali_eval_batches
+    return dali_eval_batches(cfg, manifest, split, rank, world, device)
 
 
 def _device_available():
-    return loader_device.available()
+    from .loader_device import available
+    return available()
 
 
 def _device_train(cfg, manifest, columns, rank, world, seed, device=None, start_batch=0):
-    return loader_device.device_train_batches(cfg, manifest, columns, rank, world, seed, device, start_batch)
+    from .loader_device import device_train_batches
+    return device_train_batches(cfg, manifest, columns, rank, world, seed, device, start_batch)
 
 
 def _device_eval(cfg, manifest, split, rank, world, device=None):
-    return loader_device.device_eval_batches(cfg, manifest, split, rank, world, device)
+    from .loader_device import device_eval_batches
+    return device_eval_batches(cfg, manifest, split, rank, world, device)
 
 
 LOADERS.register("torch", label="webdataset + torchvision.io")(
@@ -96,6 +102,7 @@ def choose_loader(cfg: DataConfig, cuda: Optional[bool] = None) -> Tuple[str, st
     if ok:
         return "dali", f"auto: {why}"
     if cuda is None:
+        import torch
         cuda = torch.cuda.is_available()
     if cuda:
         return "torch_gpu", f"auto: DALI unavailable ({why}); CUDA is here, so decode and augment on the GPU"
@@ -112,6 +119,7 @@ def build_train_loader(cfg: DataConfig, manifest: Manifest, attributes: Sequence
     if start_batch and entry.exact_resume:
         return entry.train(cfg, manifest, columns, rank, world, seed, device, start_batch=start_batch)
     if start_batch:
+        from .streams import epoch_seed
         log.warning("data.loader=%s cannot replay its stream: resuming at batch %d on a freshly seeded one "
                     "(not bit-exact; the torch loader is)", loader, start_batch)
         seed = epoch_seed(seed, start_batch, 7)
@@ -122,6 +130,7 @@ def batches_held_ahead(cfg: DataConfig) -> int:
     """At most how many batches a train loader holds ready when its consumer pauses: the DataLoader workers'
     requests ahead, plus torch_gpu's decode thread (its queue and the batch in hand) or DALI's prefetch
     queue. A benchmark drains this many before timing a loader-bound rate."""
+    from .loader_torch import PREFETCH_FACTOR
     return cfg.num_workers * PREFETCH_FACTOR + 3
 
 

@@ -140,13 +140,17 @@ class RunRecord:
         """run(): baselines, training, evaluation and checkpoints, over every session of the run."""
         self.data["wall_seconds"] = seconds
 
-    def add_increment(self, row: Dict[str, float], details: Dict[str, dict], metrics: dict, cost: CostRecord,
-                      run_info: dict) -> None:
+    def add_increment(self, row: Dict[str, float], details: Dict[str, dict], metrics: dict, cost: CostRecord) -> None:
         self.data["accuracy_matrix"].append(row)
         self.data["map_details"].append(details)
         self.data["metrics"].append(metrics)
         self.data["cost"].append(cost.as_dict())
-        self.data.update(run_info)
+
+    def set_launch(self, *, world_size: int, backend: str, global_batch: int, loader: str,
+                   mixed_precision: str) -> None:
+        """How the latest increment ran (a resumed run may run on another world size)."""
+        self.data.update(world_size=world_size, backend=backend, global_batch=global_batch, loader=loader,
+                         mixed_precision=mixed_precision)
 
     def skip_increment(self, cost: CostRecord) -> None:
         """An increment that was not run (static_final_only): no mAP, forgetting and BWT unknown."""

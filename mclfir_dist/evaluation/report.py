@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from ..configure import import_plugins
+from ..plugins import import_plugins
 from ..errors import ConfigError
 from ..methods import METHODS
 from ..utils.io import atomic_write_text

@@ -274,10 +274,10 @@ class Trainer:
         metrics = continual_metrics(self.record.accuracy_matrix + [row], self.record.learned_at)
         dataset_of = {a: Path(m.root).name for a, m in self.data.attribute_manifest.items()}
         metrics["dataset_map"] = dataset_maps(details, dataset_of)
-        self.record.add_increment(row, details, metrics, cost,
-                                  {"world_size": self.runtime.world, "backend": self.runtime.backend,
-                                   "global_batch": self.images_per_step, "loader": self.data.loader,
-                                   "mixed_precision": self.runtime.precision})
+        self.record.add_increment(row, details, metrics, cost)
+        self.record.set_launch(world_size=self.runtime.world, backend=self.runtime.backend,
+                               global_batch=self.images_per_step, loader=self.data.loader,
+                               mixed_precision=self.runtime.precision)
         self.metrics.log_increment(plan.index, self.progress.global_step, row, metrics, cost)
         if self.runtime.is_main:
             for manifest, embeddings in groups:
