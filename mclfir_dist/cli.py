@@ -143,32 +143,37 @@ def holds_run(run_dir: Path) -> bool:
 
 
 def resolve_run_dir(args) -> tuple:
-    """(run directory, resume?) from --out / --resume / --overwrite; refuses to mix two runs in one folder."""
+    """(run directory, resume?, replace?) from --out / --resume / --overwrite; refuses to mix two runs in one
+    folder. Nothing is deleted here: `replace_run` does that once the config is known to be valid."""
+    if args.resume and args.overwrite:
+        raise ConfigError(f"--resume {args.resume} and --overwrite contradict each other")
     if args.resume and args.resume != "auto":
         if args.out and Path(args.out) != Path(args.resume):
             raise ConfigError(f"--resume {args.resume} and --out {args.out} name different run directories")
-        if args.overwrite:
-            raise ConfigError("--resume and --overwrite contradict each other")
-        return Path(args.resume), True
+        return Path(args.resume), True, False
     if not args.out:
         raise ConfigError("give --out RUN_DIR (or --resume RUN_DIR)")
     run_dir = Path(args.out)
     if args.resume == "auto":
-        from .training.checkpoint import Checkpointer
+        from .training.checkpoint import Checkpointer   # torch: imported only when it is needed
         has_state = bool(Checkpointer(run_dir).increments()) or Checkpointer(run_dir).partial_path.is_file()
-        return run_dir, has_state
-    if holds_run(run_dir):
-        if not args.overwrite:
-            raise ConfigError(f"{run_dir} already holds a run (checkpoints or results.json): pass --resume {run_dir} "
-                              f"to continue it, --overwrite to replace it, or another --out")
-        if int(os.environ.get("RANK", "0")) == 0:   # under a launcher every rank parses the same flags
-            for name in RUN_FILES:
-                target = run_dir / name
-                if target.is_dir():
-                    shutil.rmtree(target, ignore_errors=True)
-                else:
-                    target.unlink(missing_ok=True)
-    return run_dir, False
+        return run_dir, has_state, False
+    if holds_run(run_dir) and not args.overwrite:
+        raise ConfigError(f"{run_dir} already holds a run (checkpoints or results.json): pass --resume {run_dir} "
+                          f"to continue it, --overwrite to replace it, or another --out")
+    return run_dir, False, holds_run(run_dir)
+
+
+def replace_run(run_dir: Path) -> None:
+    """--overwrite: the old run's files go (only those a run writes; anything else in the folder stays)."""
+    if int(os.environ.get("RANK", "0")) != 0:   # under a launcher every rank parses the same flags
+        return
+    for name in RUN_FILES:
+        target = run_dir / name
+        if target.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            target.unlink(missing_ok=True)
 
 
 def cmd_train(args) -> int:
@@ -177,13 +182,15 @@ def cmd_train(args) -> int:
         import_plugins(peek_plugins(args.config, args.overrides))
         print("\n".join(describe()))
         return 0
-    run_dir, resume = resolve_run_dir(args)
+    run_dir, resume, replace = resolve_run_dir(args)
     config = args.config
     if resume and not config:
         config = str(run_dir / "config.yaml")
     if not config:
         raise ConfigError("give --config FILE")
     cfg = load_config(config, args.overrides)
+    if replace:
+        replace_run(run_dir)
     from .training.engine import train
     train(cfg, run_dir, resume=resume)
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,6 +262,9 @@ def validate(cfg: RunConfig) -> None:
             setattr(_get(cfg, parent), leaf, value := "no")
         if value not in allowed:
             raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(allowed)}")
+    bad = _non_finite(cfg)
+    if bad:
+        raise ConfigError(f"config key '{bad}': must be a finite number, got {_get(cfg, bad)}")
     if not cfg.train.increments:
         raise ConfigError("config key 'train.increments': at least one increment is required")
     seen: set = set()
@@ -333,11 +337,8 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]
             _drop_inert_retired(loaded)
             cfg = OmegaConf.merge(cfg, loaded)
         if overrides:
-            bad = [o for o in overrides if "=" not in o]
-            if bad:
-                raise ConfigError(f"override {bad[0]!r} is not of the form dotted.key=value")
             where = " (in the command-line overrides)"
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+            cfg = OmegaConf.merge(cfg, _parse_overrides(overrides))
         where = ""
         obj: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
@@ -346,8 +347,37 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]
         raise ConfigError(f"config key '{key}'{where}: {msg}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})"
+                          ) from None
     validate(obj)
     return obj
+
+
+def _parse_overrides(overrides: List[str]):
+    """Dotted `key=value` overrides; a malformed one is named, not the config file."""
+    parsed = []
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"override {o!r} is not of the form dotted.key=value")
+        try:
+            parsed.append(OmegaConf.from_dotlist([o]))
+        except (yaml.YAMLError, OmegaConfBaseException) as e:
+            raise ConfigError(f"override {o!r} is not valid: {str(e).splitlines()[0]}") from None
+    return OmegaConf.merge(*parsed)
+
+
+def _non_finite(cfg: Any, prefix: str = "") -> Optional[str]:
+    """The first float key whose value is inf or nan."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            found = _non_finite(value, f"{prefix}{f.name}.")
+            if found:
+                return found
+        elif isinstance(value, float) and not math.isfinite(value):
+            return f"{prefix}{f.name}"
+    return None
 
 
 def to_dict(cfg: RunConfig) -> dict:
@@ -364,7 +394,7 @@ def peek_plugins(path: Optional[str | Path] = None, overrides: Optional[List[str
         for o in overrides or []:
             if o.split("=", 1)[0].strip() == "plugins":
                 names = list(OmegaConf.from_dotlist([o]).get("plugins") or [])
-    except (OmegaConfBaseException, yaml.YAMLError, AttributeError, TypeError):
+    except (OmegaConfBaseException, yaml.YAMLError, AttributeError, TypeError, ValueError):
         return []   # load_config names the problem with its key
     return [str(n) for n in names]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mclfir_dist.training.checkpoint import Checkpointer
-from mclfir_dist.cli import resolve_run_dir
+from mclfir_dist.cli import replace_run, resolve_run_dir
 from mclfir_dist.config import ConfigError
 
 
@@ -59,15 +59,19 @@ def test_a_run_directory_is_never_shared_by_two_runs(tmp_path):
     with pytest.raises(ConfigError, match="already holds a run"):
         resolve_run_dir(_args(out=str(run)))
     assert (run / "checkpoints" / "increment_01.pt").exists()
-    assert resolve_run_dir(_args(out=str(run), overwrite=True)) == (run, False)
+    assert resolve_run_dir(_args(out=str(run), overwrite=True)) == (run, False, True)
+    assert (run / "checkpoints" / "increment_01.pt").exists()   # nothing deleted before the config is checked
+    replace_run(run)
     assert not (run / "checkpoints").exists() and not (run / "results.json").exists()
 
 
 def test_resume_auto_resumes_only_when_there_is_something_to_resume(tmp_path):
     run = tmp_path / "run"
-    assert resolve_run_dir(_args(out=str(run), resume="auto")) == (run, False)
+    assert resolve_run_dir(_args(out=str(run), resume="auto")) == (run, False, False)
     Checkpointer(run).save_increment(0, _state(0))
-    assert resolve_run_dir(_args(out=str(run), resume="auto")) == (run, True)
-    assert resolve_run_dir(_args(resume=str(run))) == (run, True)
+    assert resolve_run_dir(_args(out=str(run), resume="auto")) == (run, True, False)
+    assert resolve_run_dir(_args(resume=str(run))) == (run, True, False)
     with pytest.raises(ConfigError, match="contradict"):
         resolve_run_dir(_args(resume=str(run), overwrite=True))
+    with pytest.raises(ConfigError, match="contradict"):
+        resolve_run_dir(_args(out=str(run), resume="auto", overwrite=True))

@@ -12,6 +12,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ from . import synthetic
 from .manifest import FORMAT, IMAGE_EXT, LABEL_EXT, MANIFEST_NAME, SID_EXT, SPLITS, Manifest, ShardError
 
 log = logging.getLogger(__name__)
+
+SHARD_FILE = re.compile(r"(train|val|test)-\d{5}\.(tar|idx)")   # the names _write_split gives
+TEMP_SHARD_FILE = re.compile(r"\.(train|val|test)-\d{5}\.tar\.tmp")
 
 
 
@@ -341,8 +345,9 @@ def _write_splits(out: Path, samples: Sequence[RawSample], attributes: Sequence[
     set is incomplete until the new one lands."""
     if out.exists():
         (out / MANIFEST_NAME).unlink(missing_ok=True)
-        for p in list(out.glob("*.tar")) + list(out.glob("*.idx")):
-            p.unlink()
+        for p in out.iterdir():   # this tool's shards only (an interrupted build's too); other files stay
+            if SHARD_FILE.fullmatch(p.name) or TEMP_SHARD_FILE.fullmatch(p.name):
+                p.unlink()
     ensure_writable_dir(out)
     by_key = {s.key: s for s in samples}
     split_info = {}

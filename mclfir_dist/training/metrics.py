@@ -72,9 +72,11 @@ class MetricsProcessor:
 
     def _tensorboard(self):
         try:
-            return self.acc.get_tracker("tensorboard", unwrap=True) if self.acc.is_main_process else None
+            writer = self.acc.get_tracker("tensorboard", unwrap=True) if self.acc.is_main_process else None
         except ValueError:   # not among train.trackers
             return None
+        # without any tracker Accelerate hands back a stand-in that has no add_image
+        return writer if hasattr(writer, "add_image") else None
 
     def image(self, tag: str, img: torch.Tensor, step: int) -> None:
         writer = self._tensorboard()
