@@ -18,7 +18,6 @@ from .config import ShardBuildConfig, describe, peek_plugins
 from .errors import USER_ERRORS, ConfigError
 from .plugins import import_plugins
 
-
 # ---------------------------------------------------------------- shards
 
 FORMATTER = argparse.ArgumentDefaultsHelpFormatter   # every option's default is shown in --help
@@ -135,7 +134,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.steps_per_increment=50")
 
 
-RUN_FILES = ("checkpoints", "results.json", "summary.md", "tensorboard", "grids", "config.yaml")
+RUN_FILES = ("checkpoints", "results.json", "summary.md", "tensorboard", "grids", "config.yaml")   # not .lock
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -155,7 +154,7 @@ def resolve_run_dir(args) -> tuple:
         raise ConfigError("give --out RUN_DIR (or --resume RUN_DIR)")
     run_dir = Path(args.out)
     if args.resume == "auto":
-        from .training.checkpoint import Checkpointer   # torch: imported only when it is needed
+        from .training.checkpoint import Checkpointer  # torch: imported only when it is needed
         has_state = bool(Checkpointer(run_dir).increments()) or Checkpointer(run_dir).partial_path.is_file()
         return run_dir, has_state, False
     if holds_run(run_dir) and not args.overwrite:
@@ -177,7 +176,7 @@ def replace_run(run_dir: Path) -> None:
 
 
 def cmd_train(args) -> int:
-    from .configure import load_config   # the registries' modules: torch and the rest, for training only
+    from .configure import load_config  # the registries' modules: torch and the rest, for training only
     if args.help_config:
         import_plugins(peek_plugins(args.config, args.overrides))
         print("\n".join(describe()))
@@ -189,10 +188,22 @@ def cmd_train(args) -> int:
     if not config:
         raise ConfigError("give --config FILE")
     cfg = load_config(config, args.overrides)
-    if replace:
-        replace_run(run_dir)
     from .training.engine import train
-    train(cfg, run_dir, resume=resume)
+    from .training.lock import RunLock
+    from .training.signals import RunStopped
+    main_process = int(os.environ.get("RANK", "0")) == 0   # under a launcher every rank runs this
+    lock = RunLock(run_dir).acquire() if main_process else None   # one writer per run directory
+    try:
+        if replace:
+            replace_run(run_dir)
+        train(cfg, run_dir, resume=resume)
+    except RunStopped as stopped:
+        if main_process:
+            print(f"mclfir train: {stopped}", file=sys.stderr)
+        return stopped.exit_code
+    finally:
+        if lock is not None:
+            lock.release()
     return 0
 
 

@@ -27,6 +27,10 @@ class OutputError(OSError):
     """An output cannot be written (read-only, full disk, not a folder); the message names the path."""
 
 
+class RunLockedError(OutputError):
+    """Another live process is writing the run directory; the message names its host and PID."""
+
+
 class PluginError(ConfigError):
     """A plug-in named in `plugins` or the `mclfir_dist.plugins` entry points does not import."""
 

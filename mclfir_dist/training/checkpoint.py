@@ -7,7 +7,9 @@ Two kinds, both written atomically (temp file + rename):
   optimizer, schedule, step and train seconds so far. Under DeepSpeed ZeRO-1/2 each rank holds only
   its partition of the optimizer, so each rank also writes `partial_zero_XX_SSSSSSS_rankRRRRR.pt`
   (increment, step, rank) before the main process writes `partial.pt`, which names them; a partial
-  whose shards are not all there is treated as damaged.
+  whose shards are not all there is treated as damaged. With several processes every rank also writes
+  `partial_rank_XX_SSSSSSS_rankRRRRR.pt` (its method state and RNG, which differ between ranks inside an
+  increment), so a resume with the same number of processes is exact.
 
 A checkpoint holds only tensors and plain Python types, and every load uses
 `torch.load(weights_only=True)`, so a crafted file cannot run code. Its `format` tag is checked.
@@ -37,6 +39,7 @@ PARTIAL_NAME = "partial.pt"
 INCREMENT_FORMAT = "mclfir-ckpt/2"
 PARTIAL_FORMAT = "mclfir-partial/2"
 ZERO_SHARD_FORMAT = "mclfir-zero-shard/1"
+RANK_STATE_FORMAT = "mclfir-rank-state/1"
 
 
 
@@ -92,7 +95,7 @@ class Checkpointer:
         if self.is_main:
             atomic_torch_save(path, {"format": INCREMENT_FORMAT, "version": __version__, **state})
             self.partial_path.unlink(missing_ok=True)  # superseded
-            self.remove_zero_shards()
+            self.remove_rank_files()
         return path
 
     def save_partial(self, state: dict) -> None:
@@ -108,24 +111,42 @@ class Checkpointer:
         atomic_torch_save(path, {"format": ZERO_SHARD_FORMAT, "version": __version__, "rank": rank, **state})
         return path
 
-    def remove_zero_shards(self, keep: Optional[Tuple[int, int]] = None) -> None:
-        """Shards of older partials (all of them when `keep` is None); main process only."""
+    def rank_state_path(self, index: int, step: int, rank: int) -> Path:
+        return self.dir / f"partial_rank_{index:02d}_{step:07d}_rank{rank:05d}.pt"
+
+    def save_rank_state(self, index: int, step: int, rank: int, state: dict) -> Path:
+        """What differs between ranks inside an increment (the method's state, e.g. the EMA teacher's BatchNorm
+        statistics copied from each rank's own batches, and the RNG); written by every rank."""
+        path = self.rank_state_path(index, step, rank)
+        atomic_torch_save(path, {"format": RANK_STATE_FORMAT, "version": __version__, "rank": rank, **state})
+        return path
+
+    def load_rank_state(self, partial: dict, rank: int) -> dict:
+        return load_checkpoint(self.rank_state_path(partial["increment"], partial["step"], rank), (RANK_STATE_FORMAT,))
+
+    def remove_rank_files(self, keep: Optional[Tuple[int, int]] = None) -> None:
+        """Per-rank files (ZeRO shards, rank states) of older partials (all of them when `keep` is None); main
+        process only."""
         if not self.is_main:
             return
-        keep_prefix = None if keep is None else f"partial_zero_{keep[0]:02d}_{keep[1]:07d}_"
-        for p in self.dir.glob("partial_zero_*.pt"):
-            if keep_prefix is None or not p.name.startswith(keep_prefix):
-                p.unlink(missing_ok=True)
+        for kind in ("zero", "rank"):
+            keep_prefix = None if keep is None else f"partial_{kind}_{keep[0]:02d}_{keep[1]:07d}_"
+            for p in self.dir.glob(f"partial_{kind}_*.pt"):
+                if keep_prefix is None or not p.name.startswith(keep_prefix):
+                    p.unlink(missing_ok=True)
 
     def load_zero_shard(self, partial: dict, rank: int) -> dict:
         return load_checkpoint(self.zero_shard_path(partial["increment"], partial["step"], rank),
                                (ZERO_SHARD_FORMAT,))
 
-    def _check_zero_shards(self, partial: dict) -> None:
-        for rank in range(partial["zero_world"]):
-            path = self.zero_shard_path(partial["increment"], partial["step"], rank)
-            if not path.is_file():
-                raise CheckpointError(f"{self.partial_path}: damaged: its ZeRO optimizer shard {path.name} is missing")
+    def _check_rank_files(self, partial: dict) -> None:
+        files = [(self.zero_shard_path, "ZeRO optimizer shard", partial.get("zero_world", 0)),
+                 (self.rank_state_path, "rank state", partial.get("rank_world", 0))]
+        for path_of, what, world in files:
+            for rank in range(world):
+                path = path_of(partial["increment"], partial["step"], rank)
+                if not path.is_file():
+                    raise CheckpointError(f"{self.partial_path}: damaged: its {what} {path.name} is missing")
 
     def remove_stale_temporaries(self) -> List[Path]:
         """Temp files of atomic writes that a kill interrupted (`.NAME.XXXX.tmp`: checkpoints, results, summary)."""
@@ -156,8 +177,7 @@ class Checkpointer:
         if self.partial_path.is_file():
             try:
                 partial = load_checkpoint(self.partial_path, (PARTIAL_FORMAT,))
-                if partial.get("zero_world"):
-                    self._check_zero_shards(partial)
+                self._check_rank_files(partial)
                 if partial["increment"] == done_index + 1:
                     return ResumePoint(partial, self.partial_path, True)
             except UnsafeCheckpointError:

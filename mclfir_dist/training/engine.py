@@ -37,6 +37,7 @@ from .metrics import MetricsProcessor
 from .optim import build_optimizer, build_scheduler
 from .prepare import PreparedData, prepare_data
 from .runtime import Runtime, seed_everything
+from .signals import RunStopped, SignalStop
 from .state import Progress, RunParts, RunState
 
 log = logging.getLogger("mclfir")
@@ -78,6 +79,8 @@ class Trainer:
             self.progress = self.state.restore(self.parts())
         self.resumed = resume
         self.metrics = MetricsProcessor(runtime.acc, cfg.name, cfg.train.log_every, self.images_per_step, self.plans)
+        self.stop = SignalStop()
+        self.stop.install(runtime.world)   # from here on a signal saves and stops instead of killing
         self.state.start_writing()
         if runtime.is_main:
             header = f"# effective config; {describe_scaling(batch_scaling)}\n" if batch_scaling else ""
@@ -207,9 +210,13 @@ class Trainer:
             if logging_now:
                 self.metrics.log_step(plan, step, self.progress.global_step, session.optimizer, loss, nce, terms,
                                       stats, self.method.log_values())
-            if saving_now:
+            stopping = self.stop.agreed() and step + 1 < plan.steps   # the increment's end saves by itself
+            if saving_now or stopping:
                 self.state.save_partial(plan.index, step + 1, self.parts(), session.optimizer, session.scheduler,
                                         session.seconds_before + time.time() - t0)
+            if stopping:
+                raise RunStopped(self.stop.signum, f"saved {self.state.files.partial_path} at increment "
+                                                   f"{plan.index}, step {step + 1}/{plan.steps}")
         rt.barrier()
         return session.seconds_before + time.time() - t0
 
@@ -225,6 +232,19 @@ class Trainer:
     # ---------------------------------------------------------------- the run
 
     def run(self) -> dict:
+        try:
+            return self._run()
+        except RunStopped:
+            if self.runtime.is_main:
+                requeued = self.stop.requeue()   # SIGUSR1 under SLURM
+                if requeued:
+                    log.info("%s", requeued)
+            self.metrics.close()
+            raise
+        finally:
+            self.stop.uninstall()
+
+    def _run(self) -> dict:
         rt = self.runtime
         run_start, wall_before = time.time(), self.record.wall_seconds
         if self.resumed and rt.is_main:   # heals a results.json that a kill left behind its checkpoint
@@ -238,6 +258,9 @@ class Trainer:
             self.state.save_increment(plan.index, self.parts())
             if rt.is_main:
                 self.record.save(self.run_dir)
+            if self.stop.agreed():
+                raise RunStopped(self.stop.signum, f"saved {self.state.files.increment_path(plan.index)} after "
+                                                   f"increment {plan.index}")
         if rt.is_main:
             text = summary_text(self.record.data)
             atomic_write_text(self.run_dir / "summary.md", text + "\n")

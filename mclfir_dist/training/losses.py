@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import all_gather_no_grad, all_gather_with_grad
 from ..registry import Registry
+from .distributed import all_gather_no_grad, all_gather_with_grad
 
 
 class DoubletInfoNCE(nn.Module):

@@ -77,15 +77,19 @@ class RunState:
         """Enough to continue this increment at `step`. Under ZeRO every rank first writes its optimizer
         partition; partial.pt, written last by the main process, names them."""
         rt = self.runtime
-        extra = {"optimizer": optimizer.state_dict() if rt.deepspeed is None else None, "zero_world": 0}
+        extra = {"optimizer": optimizer.state_dict() if rt.deepspeed is None else None, "zero_world": 0,
+                 "rank_world": 0}
         if rt.deepspeed is not None:
             self.files.save_zero_shard(index, step, rt.rank, zero_optimizer_state(optimizer.optimizer))
             extra["zero_world"] = rt.world
+        if rt.world > 1:
+            self.files.save_rank_state(index, step, rt.rank, {"method": parts.method.state_dict(), "rng": rng_state()})
+            extra["rank_world"] = rt.world
             rt.barrier()
         if rt.is_main:
             self.files.save_partial({**self.capture(index, parts), "step": step, **extra,
                                      "scheduler": scheduler.state_dict(), "elapsed_train_seconds": seconds})
-            self.files.remove_zero_shards(keep=(index, step) if rt.deepspeed is not None else None)
+            self.files.remove_rank_files(keep=(index, step) if rt.world > 1 else None)
         self.save_requested = False
         rt.barrier()
 
@@ -102,13 +106,25 @@ class RunState:
             raise CheckpointError(f"--resume: no checkpoint under {self.files.dir}")
         state = point.state
         restore_model(parts.model, state)
-        parts.method.load_state_dict(state["method"])
         parts.record.load_state_dict(state["results"])
-        set_rng_state(state["rng"])
+        own = self._rank_state(state) if point.partial else None
+        parts.method.load_state_dict((own or state)["method"])
+        set_rng_state((own or state)["rng"])
         where = f"step {state['step']} of increment {state['increment']}" if point.partial else \
             f"increment {point.next_increment}"
         log.info("resumed from %s: continuing at %s", point.path, where)
         return Progress(point.next_increment, state["global_step"], state if point.partial else None)
+
+    def _rank_state(self, partial: dict) -> Optional[dict]:
+        """This rank's own method state and RNG from a partial of several processes; None where the partial
+        has none (one process) or the world size changed (then every rank continues from the main one's)."""
+        saved, rt = partial.get("rank_world", 0), self.runtime
+        if saved and saved != rt.world:
+            log.warning("%s was saved by %d processes and resumes with %d: every rank continues from rank 0's "
+                        "method state and RNG (not bit-exact)", self.files.partial_path, saved, rt.world)
+        if not saved or saved != rt.world:
+            return None
+        return self.files.load_rank_state(partial, rt.rank)
 
     @staticmethod
     def load_into_optimizer(partial: dict, optimizer, scheduler) -> None:

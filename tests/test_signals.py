@@ -1,0 +1,145 @@
+"""A run that receives SIGTERM, SIGINT or SIGUSR1 saves a checkpoint after the current step and exits
+(143, 130, 138) with one line naming it; `--resume` then ends bit-identical to an uninterrupted run.
+One writer per run directory: a second writer is refused naming the holder; a dead holder's lock is
+taken over."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+ACCELERATE_2PROC = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                    str(ROOT / "launch/cpu_2proc.yaml")]
+TINY = ["data.build.synthetic.num_images=240", "data.build.synthetic.image_size=32",
+        "data.build.samples_per_shard=60", "data.build.min_value_count=4", "data.image_size=32",
+        "data.batch_doublets=8", "data.num_workers=0", "data.eval_batch_size=64", "model.head_channels=32",
+        "model.embed_dim=16", "train.steps_per_increment=16", "train.log_every=4", "eval.grid_queries=0",
+        "eval.frozen_baseline=false", "train.num_threads=1",
+        "train.increments=[{name: a, attributes: [colour]},{name: b, attributes: [garment_length]}]"]
+
+
+def env():
+    return dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+
+
+def free_port() -> str:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def command(run: Path, shards: Path, two: bool, *extra):
+    args = ["--config", str(ROOT / "configs/debug_cpu.yaml"), "--out", str(run), "--resume", "auto",
+            f"data.shards={shards}", *TINY, *extra]
+    if two:
+        return [*ACCELERATE_2PROC, "--main_process_port", free_port(), "-m", "mclfir_dist.train", *args]
+    return [sys.executable, "-m", "mclfir_dist.cli", "train", *args]
+
+
+def started(run: Path) -> bool:
+    """The run wrote its config.yaml: its lock is held and its signal handlers are in place."""
+    return (run / "config.yaml").is_file()
+
+
+def signal_run(cmd, run: Path, signum: int, delay: float):
+    """Start cmd, send `signum` to its whole process group `delay` s after the run has started training."""
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    deadline = time.time() + 300
+    while p.poll() is None and not started(run) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(delay)
+    if p.poll() is None:
+        os.killpg(p.pid, signum)
+    out, _ = p.communicate(timeout=300)
+    return p.returncode, out
+
+
+def same_end(run: Path, reference: Path) -> bool:
+    a, b = (json.loads((r / "results.json").read_text()) for r in (run, reference))
+    if not a["complete"] or a["accuracy_matrix"] != b["accuracy_matrix"]:
+        return False
+    sa, sb = (torch.load(r / "checkpoints" / "increment_01.pt", weights_only=True) for r in (run, reference))
+    return all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    work = tmp_path_factory.mktemp("signals")
+    p = subprocess.run(command(work / "reference", work / "shards", False), cwd=ROOT, env=env(), capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return work
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_saves_then_exits_and_resume_is_exact(reference, tmp_path, signum, code):
+    run = tmp_path / "run"
+    rc, out = signal_run(command(run, reference / "shards", False), run, signum, 2.0)
+    assert rc == code, out[-3000:]
+    line = [l for l in out.splitlines() if "stopped by" in l]
+    assert len(line) == 1 and signal.Signals(signum).name in line[0] and ".pt" in line[0], out[-3000:]
+    assert "Traceback" not in out
+    assert not list((run / "checkpoints").glob(".*.tmp")) and not list(run.glob(".*.tmp"))
+    p = subprocess.run(command(run, reference / "shards", False), cwd=ROOT, env=env(), capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert same_end(run, reference / "reference")
+
+
+def test_two_processes_signalled_at_random_steps_resume_exactly(tmp_path):
+    """Both ranks agree on the step (a collective flag), so the partial is consistent; each rank's own
+    method state (the EMA teacher's BatchNorm statistics differ by rank) is saved beside it."""
+    shards = tmp_path / "shards"
+    reference = tmp_path / "reference"
+    p = subprocess.run(command(reference, shards, True), cwd=ROOT, env=env(), capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rng = random.Random(0)
+    inside = 0
+    for trial, signum in enumerate([signal.SIGTERM, signal.SIGUSR1]):
+        run = tmp_path / f"trial_{trial}"
+        rc, out = signal_run(command(run, shards, True), run, signum, rng.uniform(0.5, 4.0))
+        finished = (run / "results.json").is_file() and json.loads((run / "results.json").read_text())["complete"]
+        assert "stopped by" in out or finished, out[-3000:]   # a signal after the last save finds nothing to do
+        if "partial.pt at increment" in out:
+            inside += 1
+            # one line, from rank 0 (the launcher itself, signalled too, exits non-zero with its own report)
+            assert rc != 0 and out.count("mclfir train: stopped by") == 1, out[-3000:]
+            assert len(list((run / "checkpoints").glob("partial_rank_*.pt"))) == 2   # each rank's own state
+        p = subprocess.run(command(run, shards, True), cwd=ROOT, env=env(), capture_output=True, text=True,
+                           timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert same_end(run, reference), f"trial {trial} ({signal.Signals(signum).name}) did not end exactly"
+    assert inside, "no trial was stopped inside an increment"
+
+
+def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(reference, tmp_path):
+    run = tmp_path / "run"
+    first = subprocess.Popen(command(run, reference / "shards", False), cwd=ROOT, env=env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not started(run) and time.time() < deadline:
+            time.sleep(0.05)
+        second = subprocess.run(command(run, reference / "shards", False), cwd=ROOT, env=env(), capture_output=True,
+                                text=True, timeout=300)
+        assert second.returncode == 2
+        err = second.stderr.strip().splitlines()
+        assert len(err) == 1 and f"pid {first.pid}" in err[0] and "host" in err[0], second.stderr
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    p = subprocess.run(command(run, reference / "shards", False), cwd=ROOT, env=env(), capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]   # the dead run's lock is taken over
+    assert same_end(run, reference / "reference")
