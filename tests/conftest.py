@@ -73,3 +73,21 @@ def tiny_train_overrides(shards, steps=30, increments="[{name: a, attributes: [c
             "data.eval_batch_size=64", "model.head_channels=64", "model.embed_dim=32",
             f"train.steps_per_increment={steps}", "train.log_every=10", f"train.increments={increments}",
             "optim.lr=1e-3", "optim.encoder_lr_scale=0.3", "teacher.decay=0.99", "eval.grid_queries=2"]
+
+
+# A run that builds its own tiny shard set: for tests that start `mclfir train` processes and kill, signal or
+# resume them (each process pays its start-up, so the run itself is kept to seconds)
+SELF_BUILDING_TINY = ["data.build.synthetic.num_images=240", "data.build.synthetic.image_size=32",
+                      "data.build.samples_per_shard=60", "data.build.min_value_count=4", "data.image_size=32",
+                      "data.batch_doublets=8", "data.num_workers=0", "data.eval_batch_size=64",
+                      "model.head_channels=32", "model.embed_dim=16", "eval.grid_queries=0",
+                      "eval.frozen_baseline=false",
+                      "train.increments=[{name: a, attributes: [colour]},{name: b, attributes: [garment_length]}]"]
+
+
+def free_port() -> str:
+    """A free TCP port on this machine: parallel launches must not meet on 29500."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])

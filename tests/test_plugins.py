@@ -14,17 +14,12 @@ from pathlib import Path
 
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, SELF_BUILDING_TINY, free_port
 
 PLUGINS = ROOT / "tests" / "plugins"
 ACCELERATE_2PROC = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                     str(ROOT / "launch/cpu_2proc.yaml")]
-TINY = ["data.build.synthetic.num_images=240", "data.build.synthetic.image_size=32",
-        "data.build.samples_per_shard=60", "data.build.min_value_count=4", "data.image_size=32",
-        "data.batch_doublets=8", "data.num_workers=0", "data.eval_batch_size=64", "model.head_channels=32",
-        "model.embed_dim=16", "train.steps_per_increment=10", "train.checkpoint_every=2", "train.log_every=5",
-        "eval.grid_queries=0", "eval.frozen_baseline=false",
-        "train.increments=[{name: a, attributes: [colour]},{name: b, attributes: [garment_length]}]"]
+TINY = SELF_BUILDING_TINY + ["train.steps_per_increment=10", "train.checkpoint_every=2", "train.log_every=5"]
 PLUGIN_RUN = ["plugins=[replay_method,extras]", "train.method=replay_one_batch", "replay.weight=0.5",
               "model.trunk=tiny_cnn", "optim.schedule=halving", "data.loader=counting"]
 
@@ -32,13 +27,6 @@ PLUGIN_RUN = ["plugins=[replay_method,extras]", "train.method=replay_one_batch",
 def env(extra_path=()):
     path = os.pathsep.join([str(ROOT), str(PLUGINS), *map(str, extra_path), os.environ.get("PYTHONPATH", "")])
     return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
-
-
-def free_port() -> str:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def mclfir(*args):

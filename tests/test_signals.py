@@ -14,27 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, SELF_BUILDING_TINY, free_port
 
 ACCELERATE_2PROC = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                     str(ROOT / "launch/cpu_2proc.yaml")]
-TINY = ["data.build.synthetic.num_images=240", "data.build.synthetic.image_size=32",
-        "data.build.samples_per_shard=60", "data.build.min_value_count=4", "data.image_size=32",
-        "data.batch_doublets=8", "data.num_workers=0", "data.eval_batch_size=64", "model.head_channels=32",
-        "model.embed_dim=16", "train.steps_per_increment=16", "train.log_every=4", "eval.grid_queries=0",
-        "eval.frozen_baseline=false", "train.num_threads=1",
-        "train.increments=[{name: a, attributes: [colour]},{name: b, attributes: [garment_length]}]"]
+TINY = SELF_BUILDING_TINY + ["train.steps_per_increment=16", "train.log_every=4", "train.num_threads=1"]
 
 
 def env():
     return dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-
-
-def free_port() -> str:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def command(run: Path, shards: Path, two: bool, *extra):

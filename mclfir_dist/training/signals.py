@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 from typing import Dict, Optional
 
 import torch
@@ -38,6 +39,8 @@ class SignalStop:
         """On every rank, before the first step (the collective group is made here, by all ranks at once)."""
         if world > 1 and dist.is_initialized():
             self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+        if threading.current_thread() is not threading.main_thread():
+            return   # Python delivers signals to the main thread only; a run started elsewhere keeps the defaults
         for s in STOP_SIGNALS:
             self._previous[s] = signal.signal(s, self._handle)
 
