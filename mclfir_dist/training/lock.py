@@ -10,6 +10,7 @@ import socket
 from pathlib import Path
 
 from ..errors import RunLockedError
+from ..utils.io import ensure_writable_dir
 
 LOCK_NAME = ".lock"
 
@@ -21,7 +22,7 @@ class RunLock:
         self.fd = -1
 
     def acquire(self) -> "RunLock":
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ensure_writable_dir(self.run_dir)   # a read-only or full place: one line naming it
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
