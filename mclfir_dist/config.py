@@ -390,10 +390,11 @@ def peek_plugins(path: Optional[str | Path] = None, overrides: Optional[List[str
     names: List[str] = []
     try:
         if path is not None and Path(path).is_file():
-            names = list(OmegaConf.load(path).get("plugins") or [])
+            names = OmegaConf.load(path).get("plugins") or []
         for o in overrides or []:
             if o.split("=", 1)[0].strip() == "plugins":
-                names = list(OmegaConf.from_dotlist([o]).get("plugins") or [])
+                names = OmegaConf.from_dotlist([o]).get("plugins") or []
+        names = list(names) if OmegaConf.is_list(names) or isinstance(names, list) else []
     except (OmegaConfBaseException, yaml.YAMLError, AttributeError, TypeError, ValueError):
         return []   # load_config names the problem with its key
     return [str(n) for n in names]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 from importlib.metadata import entry_points
 from typing import Iterable, List
@@ -12,6 +13,7 @@ from typing import Iterable, List
 from .errors import PluginError
 
 ENTRY_POINT_GROUP = "mclfir_dist.plugins"
+MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")   # a dotted module name, never a path
 
 
 def import_plugins(names: Iterable[str]) -> List[str]:
@@ -27,6 +29,8 @@ def import_plugins(names: Iterable[str]) -> List[str]:
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.append(os.getcwd())   # as `python -m` does: a plug-in file beside the config is found
     for name in names:
+        if not MODULE_NAME.fullmatch(name):
+            raise PluginError(f"config key 'plugins': {name!r} is not a module name (dotted.module.name, no path)")
         try:
             importlib.import_module(name)
         except ImportError as e:

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import ROOT, SELF_BUILDING_TINY, free_port
@@ -146,11 +147,11 @@ def test_an_entry_point_plugin_needs_no_config_key(tmp_path):
     assert "replay.weight" not in p.stdout   # without the entry point nothing registers it
 
 
-def test_a_plugin_that_does_not_import_is_one_line_and_exit_2(tmp_path):
+@pytest.mark.parametrize("value", ["[no_such_plugin_module]", "[../evil]", "abc"])
+def test_a_plugin_that_does_not_import_is_one_line_and_exit_2(tmp_path, value):
     p = subprocess.run(mclfir("train", "--config", str(ROOT / "configs/debug_cpu.yaml"), "--out", str(tmp_path / "r"),
-                              "plugins=[no_such_plugin_module]"), cwd=ROOT, env=env(), capture_output=True,
-                       text=True, timeout=300)
+                              f"plugins={value}"), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 2
     err = p.stderr.strip().splitlines()
-    assert len(err) == 1 and "plugins" in err[0] and "no_such_plugin_module" in err[0], p.stderr
+    assert len(err) == 1 and "plugins" in err[0] and "Traceback" not in p.stderr, p.stderr
     assert not (tmp_path / "r").exists()

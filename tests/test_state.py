@@ -22,3 +22,15 @@ def test_a_requested_save_is_due_at_the_next_step_only(tmp_path):
     assert not s.partial_due(12, 12)    # the last step: the increment checkpoint covers it
     s.save_requested = False            # save_partial clears the request once written
     assert not s.partial_due(4, 12)
+
+
+def test_a_lock_path_that_cannot_be_a_file_is_one_named_error(tmp_path):
+    import pytest
+
+    from mclfir_dist.errors import OutputError
+    from mclfir_dist.training.lock import RunLock
+    (tmp_path / "run" / ".lock").mkdir(parents=True)
+    with pytest.raises(OutputError, match="lock file .*Is a directory"):
+        RunLock(tmp_path / "run").acquire()
+    with RunLock(tmp_path / "other") as lock:   # and a normal one records its holder
+        assert "pid" in lock.path.read_text()

@@ -9,7 +9,7 @@ import os
 import socket
 from pathlib import Path
 
-from ..errors import RunLockedError
+from ..errors import OutputError, RunLockedError
 from ..utils.io import ensure_writable_dir
 
 LOCK_NAME = ".lock"
@@ -23,7 +23,10 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         ensure_writable_dir(self.run_dir)   # a read-only or full place: one line naming it
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:   # e.g. a folder of that name
+            raise OutputError(f"cannot use the lock file {self.path}: {e.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
