@@ -6,6 +6,7 @@ import dataclasses
 import math
 import os
 import platform
+from datetime import datetime, timezone
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -181,6 +182,24 @@ class RunRecord:
         entry = self.data.setdefault("skipped_samples", {}).setdefault(where, {"count": 0, "keys": []})
         entry["keys"] = sorted(set(entry["keys"]) | set(keys))   # an eval split is read once per increment
         entry["count"] = len(entry["keys"])
+
+    def extend(self, config: dict, first_new: int, config_hash: str) -> None:
+        """The run continues with more increments (a new attribute arrived): when, which, under what config."""
+        self.data["config"] = config
+        self.data["increments"] = new_results(config, self.data["shards"])["increments"]
+        self.data["complete"] = False
+        self.data["final"] = {}
+        added = [inc["name"] for inc in config["train"]["increments"][first_new:]]
+        self.data.setdefault("extensions", []).append({
+            "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "first_new_increment": first_new,
+            "increments": added, "config_hash": config_hash})
+
+    def set_compatibility(self, index: int, per_attribute: Dict[str, dict]) -> None:
+        """Old attributes after increment `index`: mAP with both sides re-embedded, with the deployed (previous)
+        gallery, and with the previous model alone (see evaluation/compatibility.py)."""
+        rows = self.data.setdefault("compatibility", [])
+        rows[:] = [r for r in rows if r["increment"] != index]
+        rows.append({"increment": index, "attributes": per_attribute})
 
     def finish(self) -> None:
         self.data["final"] = self.data["metrics"][-1]

@@ -23,6 +23,7 @@ from ..config import RunConfig, to_dict, to_yaml
 from ..data import build_train_loader
 from ..data.pairing import positive_index
 from ..data.streams import epoch_seed
+from ..evaluation.compatibility import compatibility, load_snapshot, save_snapshot, snapshot, verdict
 from ..evaluation.evaluator import Evaluator
 from ..evaluation.metrics import continual_metrics, dataset_maps
 from ..evaluation.record import CostRecord, RunRecord, summary_text
@@ -36,7 +37,7 @@ from .losses import DoubletInfoNCE
 from .metrics import MetricsProcessor
 from .optim import build_optimizer, build_scheduler
 from .prepare import PreparedData, prepare_data
-from .runtime import Runtime, seed_everything
+from .runtime import Runtime, rng_state, seed_everything, set_rng_state
 from .signals import RunStopped, SignalStop
 from .state import Progress, RunParts, RunState
 
@@ -78,6 +79,8 @@ class Trainer:
         if resume:
             self.progress = self.state.restore(self.parts())
         self.resumed = resume
+        # the previous increment's eval embeddings (main process): the deployed index, for compatibility
+        self.deployed = load_snapshot(self.run_dir, self.progress.next_increment - 1) if runtime.is_main else None
         self.metrics = MetricsProcessor(runtime.acc, cfg.name, cfg.train.log_every, self.images_per_step, self.plans)
         self.stop = SignalStop()
         self.stop.install(runtime.world)   # from here on a signal saves and stops instead of killing
@@ -251,6 +254,8 @@ class Trainer:
             self.record.save(self.run_dir)
         if self.progress.next_increment == 0 and not self.record.has_baselines:
             self.record.set_baselines(*self.evaluator.baselines(self.model))
+        elif self.progress.extended_at is not None:
+            self._extension_baselines()
         last = len(self.plans) - 1
         for plan in self.plans[self.progress.next_increment:]:
             self._run_increment(plan)
@@ -269,6 +274,19 @@ class Trainer:
         rt.barrier()
         self.metrics.close()   # on every rank, last: Accelerate's end_training also ends the process group
         return self.record.data
+
+    def _extension_baselines(self) -> None:
+        """An extension's new attributes get the baselines a run trained in one go has: from the initial
+        model, rebuilt from the seed (the RNG is put back, so training continues exactly)."""
+        saved = rng_state()
+        seed_everything(self.cfg.train.seed)
+        initial = self._build_model()
+        random_map, frozen_map = self.evaluator.baselines(initial)
+        known = self.record.data["random_map"]
+        self.record.set_baselines({a: v for a, v in random_map.items() if a not in known},
+                                  {a: v for a, v in frozen_map.items() if a not in known})
+        del initial
+        set_rng_state(saved)
 
     def _run_increment(self, plan: IncrementPlan) -> None:
         rt, attributes = self.runtime, self.cfg.train.increments[plan.index].attributes
@@ -303,8 +321,21 @@ class Trainer:
                                mixed_precision=self.runtime.precision)
         self.metrics.log_increment(plan.index, self.progress.global_step, row, metrics, cost)
         if self.runtime.is_main:
+            self._measure_compatibility(plan.index, groups)
             for manifest, embeddings in groups:
                 self.evaluator.retrieval_grids(manifest, embeddings, plan.index, self.metrics)
+
+    def _measure_compatibility(self, index: int, groups) -> None:
+        """Old attributes against the previous increment's embeddings (the deployed index); main process."""
+        if self.deployed:
+            rows = compatibility(self.deployed, groups, self.cfg.eval.split, self.cfg.eval.query_chunk)
+            if rows:
+                self.record.set_compatibility(index, rows)
+                log.info("compatibility after increment %d: %s (%s)", index, verdict(rows),
+                         {a: f"reembedded {100 * r['reembedded']:.2f} / deployed {100 * r['deployed_index']:.2f} "
+                             f"/ previous {100 * r['previous']:.2f}" for a, r in rows.items()})
+        self.deployed = snapshot(groups)
+        save_snapshot(self.run_dir, index, self.deployed)
 
 
 def plan_increments(method, cfg: RunConfig) -> List[IncrementPlan]:

@@ -18,6 +18,7 @@ from ..config import RunConfig, to_dict
 from ..errors import CheckpointError
 from ..evaluation.record import RunRecord
 from .checkpoint import Checkpointer, ResumePoint, load_zero_optimizer_state, restore_model, zero_optimizer_state
+from .resume_rules import check_resume, config_hash
 from .runtime import Runtime, rng_state, set_rng_state
 
 log = logging.getLogger("mclfir")
@@ -39,6 +40,7 @@ class Progress:
     next_increment: int
     global_step: int
     partial: Optional[dict] = None   # the mid-increment state, if the run stopped inside an increment
+    extended_at: Optional[int] = None   # the first increment the config adds to the run's (an extension)
 
 
 class RunState:
@@ -105,15 +107,21 @@ class RunState:
         if point is None:
             raise CheckpointError(f"--resume: no checkpoint under {self.files.dir}")
         state = point.state
+        first_new = check_resume(state["config"], parts.cfg, f"--resume {self.files.run_dir}")
         restore_model(parts.model, state)
         parts.record.load_state_dict(state["results"])
+        if first_new is not None:
+            config = to_dict(parts.cfg)
+            parts.record.extend(config, first_new, config_hash(config))
+            log.info("extending the run: increments %s added after increment %d",
+                     [inc.name for inc in parts.cfg.train.increments[first_new:]], first_new - 1)
         own = self._rank_state(state) if point.partial else None
         parts.method.load_state_dict((own or state)["method"])
         set_rng_state((own or state)["rng"])
         where = f"step {state['step']} of increment {state['increment']}" if point.partial else \
             f"increment {point.next_increment}"
         log.info("resumed from %s: continuing at %s", point.path, where)
-        return Progress(point.next_increment, state["global_step"], state if point.partial else None)
+        return Progress(point.next_increment, state["global_step"], state if point.partial else None, first_new)
 
     def _rank_state(self, partial: dict) -> Optional[dict]:
         """This rank's own method state and RNG from a partial of several processes; None where the partial

@@ -1,0 +1,139 @@
+"""A new attribute arrives: extending a trained run equals training it in one go, misuse is refused in one
+line, and the compatibility figures (deployed index vs re-embedding) match an independent computation."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, tiny_train_overrides
+from mclfir_dist.configure import load_config
+from mclfir_dist.data.manifest import Manifest
+from mclfir_dist.errors import ConfigError
+from mclfir_dist.training.engine import train
+
+TWO = "[{name: a, attributes: [colour]},{name: b, attributes: [garment_length]}]"
+THREE = "[{name: a, attributes: [colour]},{name: b, attributes: [garment_length]},{name: c, attributes: [pattern]}]"
+
+
+def _cfg(shards, increments, *extra):
+    return load_config(ROOT / "configs/debug_cpu.yaml", tiny_train_overrides(shards, steps=6, increments=increments)
+                       + ["eval.grid_queries=0", "eval.frozen_baseline=false", *extra])
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_shards, tmp_path_factory):
+    root = tmp_path_factory.mktemp("extend")
+    train(_cfg(tiny_shards, TWO), root / "extended")
+    extended = train(_cfg(tiny_shards, THREE), root / "extended", resume=True)
+    one_go = train(_cfg(tiny_shards, THREE), root / "one_go")
+    return root, extended, one_go
+
+
+def test_extending_a_run_equals_training_it_in_one_go(runs):
+    root, extended, one_go = runs
+    assert extended["accuracy_matrix"] == one_go["accuracy_matrix"]   # bit-identical on CPU
+    assert extended["random_map"] == one_go["random_map"]
+    assert extended["compatibility"] == one_go["compatibility"]
+    assert extended["complete"] and [i["name"] for i in extended["increments"]] == ["a", "b", "c"]
+    (ext,) = extended["extensions"]
+    assert ext["first_new_increment"] == 2 and ext["increments"] == ["c"] and len(ext["config_hash"]) == 16
+    a = torch.load(root / "extended/checkpoints/increment_02.pt", weights_only=True)["model"]
+    b = torch.load(root / "one_go/checkpoints/increment_02.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _ap(q, ql, c, cl):
+    """Plain numpy AP per query (stable order by descending score), NaN-free queries only."""
+    aps = []
+    for v, lab in zip(q, ql):
+        order = np.argsort(-(c @ v), kind="stable")
+        rel = (cl[order] == lab).astype(float)
+        if rel.sum():
+            aps.append(float((np.cumsum(rel) / np.arange(1, len(rel) + 1) * rel).sum() / rel.sum()))
+    return float(np.mean(aps))
+
+
+def test_compatibility_matches_an_independent_computation_from_the_saved_embeddings(runs, tiny_shards):
+    root, extended, _ = runs
+    manifest = Manifest.load(tiny_shards)
+    snaps = [torch.load(root / f"extended/checkpoints/eval_embeddings_{t:02d}.pt", weights_only=True)["attributes"]
+             for t in (1, 2)]
+    row = next(r for r in extended["compatibility"] if r["increment"] == 2)["attributes"]
+    assert set(row) == {"colour", "garment_length"}
+    split = extended["eval_split"]
+    for attribute, got in row.items():
+        old, new = snaps[0][attribute], snaps[1][attribute]
+        assert old["keys"] == new["keys"]
+        pos = {k: i for i, k in enumerate(new["keys"])}
+        sets = manifest.eval_set(split, attribute)
+        qi = [pos[k] for k in sets["query"]]
+        ci = [pos[k] for k in sets["candidate"]]
+        lab = _labels(manifest, split, attribute, new["keys"])
+        n, o = new["emb"].double().numpy(), old["emb"].double().numpy()
+        want = {"reembedded": _ap(n[qi], lab[qi], n[ci], lab[ci]), "deployed_index": _ap(n[qi], lab[qi], o[ci], lab[ci]),
+                "previous": _ap(o[qi], lab[qi], o[ci], lab[ci])}
+        for name, value in want.items():
+            assert got[name] == pytest.approx(value, abs=1e-5), (attribute, name)
+        assert got["stale_index_cost"] == pytest.approx(got["deployed_index"] - got["previous"])
+        # the previous model's own mAP is the accuracy matrix's previous row
+        assert got["previous"] == pytest.approx(extended["accuracy_matrix"][1][attribute], abs=1e-6)
+
+
+def _labels(manifest, split, attribute, keys):
+    """Each key's value index of `attribute`, read from the shard set's own label files."""
+    from mclfir_dist.data import build_eval_loader
+    from mclfir_dist.configure import load_config as lc
+    cfg = lc(ROOT / "configs/debug_cpu.yaml", ["data.image_size=32", "data.num_workers=0"])
+    col = manifest.attribute_index(attribute)
+    got = {}
+    for batch in build_eval_loader(cfg.data, manifest, split, 0, 1):
+        for k, lab in zip(batch["keys"], batch["labels"]):
+            got[k] = int(lab[col])
+    return np.array([got[k] for k in keys])
+
+
+def test_frozen_keeps_the_deployed_index_exactly(tiny_shards, tmp_path):
+    res = train(_cfg(tiny_shards, TWO, "train.method=frozen"), tmp_path / "frozen")
+    (row,) = res["compatibility"]
+    r = row["attributes"]["colour"]
+    assert r["unchanged"] and r["reembedded"] == r["deployed_index"] == r["previous"]
+
+
+def _train_cli(*args):
+    return subprocess.run([sys.executable, "-m", "mclfir_dist.cli", "train", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+@pytest.mark.parametrize("increments, extra, message", [
+    ("[{name: a, attributes: [colour]},{name: x, attributes: [pattern]},{name: c, attributes: [sleeve_length]}]",
+     [], "train.increments[1] differs from the run's"),
+    ("[{name: a, attributes: [colour]}]", [], "a resume may add increments, never drop them"),
+    (THREE, ["loss.temperature=0.5"], "loss.temperature (run: 0.3, config: 0.5)"),
+    (THREE.replace("pattern", "colour"), [], "already added by an"),
+])
+def test_misuse_of_an_extension_is_one_line_and_exit_2(runs, tiny_shards, increments, extra, message):
+    root = runs[0]
+    before = (root / "extended/results.json").read_text()
+    overrides = tiny_train_overrides(tiny_shards, steps=6, increments=increments) + \
+        ["eval.grid_queries=0", "eval.frozen_baseline=false", *extra]
+    p = _train_cli("--config", str(ROOT / "configs/debug_cpu.yaml"), "--resume", str(root / "extended"), *overrides)
+    assert p.returncode == 2, p.stderr[-2000:]
+    errors = [line for line in p.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and message in errors[0], p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert (root / "extended/results.json").read_text() == before   # nothing of the run was touched
+
+
+def test_operational_keys_may_change_on_resume(tiny_shards):
+    from mclfir_dist.config import to_dict
+    from mclfir_dist.training.resume_rules import check_resume
+    saved = to_dict(_cfg(tiny_shards, TWO))
+    assert check_resume(saved, _cfg(tiny_shards, TWO, "train.log_every=3", "data.num_workers=1"), "x") is None
+    assert check_resume(saved, _cfg(tiny_shards, THREE), "x") == 2
+    with pytest.raises(ConfigError, match="optim.lr"):
+        check_resume(saved, _cfg(tiny_shards, TWO, "optim.lr=0.01"), "x")
+    # json round trip (as results.json keeps it) changes nothing
+    assert check_resume(json.loads(json.dumps(saved)), _cfg(tiny_shards, TWO), "x") is None
