@@ -137,3 +137,11 @@ def test_operational_keys_may_change_on_resume(tiny_shards):
         check_resume(saved, _cfg(tiny_shards, TWO, "optim.lr=0.01"), "x")
     # json round trip (as results.json keeps it) changes nothing
     assert check_resume(json.loads(json.dumps(saved)), _cfg(tiny_shards, TWO), "x") is None
+
+
+def test_report_shows_the_compatibility_table_and_plot(runs, tmp_path):
+    from mclfir_dist.evaluation.report import report
+    root = runs[0]
+    text = report([str(root / "extended"), str(root / "one_go")], str(tmp_path))
+    assert "(b) deployed index" in text and "b-c stale index" in text
+    assert (tmp_path / "compatibility.png").stat().st_size > 1000

@@ -17,6 +17,7 @@ import torch
 
 from ..utils.io import atomic_torch_save
 from .metrics import SplitEmbeddings, mean_average_precision
+from .record import verdict  # noqa: F401  (re-exported: the verdict is part of what this module measures)
 
 log = logging.getLogger("mclfir")
 FORMAT = "mclfir-eval-embeddings/1"
@@ -79,14 +80,3 @@ def compatibility(previous: Dict[str, dict], groups, split: str, chunk: int = 25
                               "stale_index_cost": b - p, "embedding_drift": float(drift),
                               "unchanged": bool(torch.equal(new_c, old_c) and torch.equal(new_q, old_q))}
     return out
-
-
-def verdict(rows: Dict[str, dict]) -> str:
-    """Whether the deployed index can stay, from one increment's rows."""
-    if not rows:
-        return "-"
-    if all(r["unchanged"] for r in rows.values()):
-        return "keep: old embeddings unchanged"
-    worst = min(r["stale_index_cost"] for r in rows.values())
-    return f"re-embed: the stale index costs up to {-100 * worst:.2f} points" if worst < 0 else \
-        "keep: the stale index loses nothing measurable"

@@ -238,6 +238,29 @@ def cost_table(results: dict) -> str:
     return markdown_table(rows)
 
 
+def verdict(rows: Dict[str, dict]) -> str:
+    """Whether the deployed index can stay after an increment, from its compatibility rows."""
+    if not rows:
+        return "-"
+    if all(r["unchanged"] for r in rows.values()):
+        return "keep: old embeddings unchanged"
+    worst = min(r["stale_index_cost"] for r in rows.values())
+    return f"re-embed: the stale index costs up to {-100 * worst:.2f} points" if worst < 0 else \
+        "keep: the stale index loses nothing measurable"
+
+
+def compatibility_table(results: dict) -> str:
+    """Per increment and old attribute: (a) re-embedded, (b) deployed index, (c) previous model, a-c, b-c."""
+    rows = [["after increment", "attribute", "(a) re-embedded", "(b) deployed index", "(c) previous",
+             "a-c forgetting", "b-c stale index", "drift", "deployed index"]]
+    for entry in results.get("compatibility", []):
+        for a, r in entry["attributes"].items():
+            rows.append([str(entry["increment"]), a, fmt(r["reembedded"]), fmt(r["deployed_index"]),
+                         fmt(r["previous"]), fmt(r["forgetting"]), fmt(r["stale_index_cost"]),
+                         f"{r['embedding_drift']:.4f}", verdict({a: r})])
+    return markdown_table(rows) if len(rows) > 1 else ""
+
+
 def summary_text(results: dict) -> str:
     parts = [f"## mAP (%) on the {results['eval_split']} split, accuracy matrix", accuracy_table(results)]
     if results["metrics"]:
@@ -248,6 +271,10 @@ def summary_text(results: dict) -> str:
         if m.get("dataset_map"):
             parts.append("dataset mAP (query-weighted over its attributes): "
                          + ", ".join(f"{name} {fmt(v)}" for name, v in m["dataset_map"].items()))
+    compat = compatibility_table(results)
+    if compat:
+        parts += ["## the deployed index after each increment (mAP %; drift = 1 - mean cosine, old vs new "
+                  "gallery embedding)", compat]
     parts += ["## cost per increment", cost_table(results)]
     return "\n\n".join(parts)
 

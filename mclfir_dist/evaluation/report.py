@@ -127,6 +127,35 @@ def plot_cost(runs: Sequence[str], results: Sequence[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_compatibility(runs: Sequence[str], results: Sequence[dict], path: Path) -> bool:
+    """Per run: mean over old attributes of a-c (forgetting, re-embedded) and b-c (stale deployed index)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = False
+    for r, res in zip(runs, results):
+        rows = res.get("compatibility") or []
+        if not rows:
+            continue
+        xs = [e["increment"] for e in rows]
+        for key, style in (("forgetting", "-o"), ("stale_index_cost", "--s")):
+            ys = [100 * float(np.mean([a[key] for a in e["attributes"].values()])) for e in rows]
+            ax.plot(xs, ys, style, label=f"{Path(r).name} ({method_label(res)}): "
+                                         f"{'a-c re-embedded' if key == 'forgetting' else 'b-c deployed index'}")
+        drawn = True
+    if drawn:
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("after increment")
+        ax.set_ylabel("mAP change on old attributes (points)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return drawn
+
+
 def machines_text(runs: Sequence[str], results: Sequence[dict]) -> str:
     """Which machine measured each run's costs (runs from before this was recorded say so)."""
     lines = ["Machines (costs compare only within one machine):"]
@@ -152,6 +181,8 @@ def report(runs: List[str], out: Optional[str] = None) -> str:
         parts += [f"## {name}", summary_text(res), f"![accuracy matrix]({png.name})"]
     plot_cost(runs, results, out_dir / "map_vs_cost.png")
     parts.append("![average mAP vs cumulative training cost](map_vs_cost.png)")
+    if plot_compatibility(runs, results, out_dir / "compatibility.png"):
+        parts.append("![old attributes: re-embedded (a-c) vs the deployed index (b-c)](compatibility.png)")
     text = "\n\n".join(parts) + "\n"
     atomic_write_text(out_dir / "report.md", text)
     print(text)

@@ -23,10 +23,10 @@ from ..config import RunConfig, to_dict, to_yaml
 from ..data import build_train_loader
 from ..data.pairing import positive_index
 from ..data.streams import epoch_seed
-from ..evaluation.compatibility import compatibility, load_snapshot, save_snapshot, snapshot, verdict
+from ..evaluation.compatibility import compatibility, load_snapshot, save_snapshot, snapshot
 from ..evaluation.evaluator import Evaluator
 from ..evaluation.metrics import continual_metrics, dataset_maps
-from ..evaluation.record import CostRecord, RunRecord, summary_text
+from ..evaluation.record import CostRecord, RunRecord, summary_text, verdict
 from ..methods import IncrementContext, IncrementPlan, StepOutput, build_method
 from ..model.mclfir import MCLFIRModel, build_model
 from ..utils.io import atomic_write_text, ensure_writable_dir
