@@ -284,6 +284,9 @@ def _add_use(sub, formatter):
     qs.add_argument("--key", help="a catalogue key as the query (it is left out of its own results)")
     q.add_argument("--k", type=int, default=10, help="results to show")
     q.add_argument("--sheet", help="also draw the query and its top-k into this PNG")
+    q.add_argument("--allow-other-model", action="store_true",
+                   help="search an index embedded by other weights (e.g. before an extension); prints the run's "
+                        "measured compatibility")
 
     x = sub.add_parser("export", formatter_class=formatter, help="a run -> model.safetensors + config.json",
                        description="A portable model that `mclfir_dist.retrieval.portable.load_exported` rebuilds with torch "
@@ -313,7 +316,8 @@ def cmd_index(args) -> int:
 
 def cmd_search(args) -> int:
     from .retrieval.search import search_catalogue
-    search_catalogue(args.run, args.index, args.attribute, args.image, args.key, args.k, args.sheet)
+    search_catalogue(args.run, args.index, args.attribute, args.image, args.key, args.k, args.sheet,
+                     args.allow_other_model)
     return 0
 
 

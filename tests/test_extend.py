@@ -145,3 +145,28 @@ def test_report_shows_the_compatibility_table_and_plot(runs, tmp_path):
     text = report([str(root / "extended"), str(root / "one_go")], str(tmp_path))
     assert "(b) deployed index" in text and "b-c stale index" in text
     assert (tmp_path / "compatibility.png").stat().st_size > 1000
+
+
+def test_a_search_with_another_model_than_the_index_is_refused_unless_allowed(runs, tiny_shards, tmp_path, capsys):
+    import shutil
+    from mclfir_dist.cli import main
+    from mclfir_dist.retrieval.index import CatalogueIndex
+    from mclfir_dist.retrieval.search import _image_bytes
+    root = runs[0]
+    deployed = tmp_path / "deployed_run"   # the run as it was before the extension: its newest is increment 1
+    shutil.copytree(root / "extended", deployed)
+    (deployed / "checkpoints/increment_02.pt").unlink()
+    assert main(["embed", "--run", str(deployed), "--shards", str(tiny_shards), "--splits", "test", "--out",
+                 str(tmp_path / "emb"), "--workers", "0"]) == 0
+    assert main(["index", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "idx")]) == 0
+    query = tmp_path / "q.jpg"
+    query.write_bytes(_image_bytes(CatalogueIndex(tmp_path / "idx"), [0])[0])
+    args = ["search", "--index", str(tmp_path / "idx"), "--attribute", "colour", "--image", str(query), "--k", "3"]
+    capsys.readouterr()
+    assert main(args + ["--run", str(deployed)]) == 0                       # same weights: fine
+    assert main(args + ["--run", str(root / "extended")]) == 2               # the extended model: refused
+    err = capsys.readouterr().err
+    assert "embedded by another model" in err and "--allow-other-model" in err
+    assert main(args + ["--run", str(root / "extended"), "--allow-other-model"]) == 0
+    err = capsys.readouterr().err
+    assert "with the previous model's index" in err and "re-embedded" in err

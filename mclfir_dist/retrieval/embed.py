@@ -111,6 +111,18 @@ def _collate(items: List[dict]) -> dict:
             "bad": [x for x in items if "error" in x]}
 
 
+def model_identity(model, attribute: str) -> str:
+    """A hash of the weights that make `attribute`'s embeddings (trunk and that head): two embeddings are
+    comparable only when it matches."""
+    import hashlib
+    h = hashlib.sha256()
+    for part in (model.trunk, model.heads[attribute]):
+        for name, tensor in sorted(part.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def embed_catalogue(run: str, out: str, images: Optional[str] = None, csv_path: Optional[str] = None,
                     shards: Optional[str] = None, attributes: Sequence[str] = (), batch: int = 64, workers: int = 2,
                     splits: Sequence[str] = ("train", "val", "test"), image_column: str = "filename",
@@ -144,13 +156,14 @@ def embed_catalogue(run: str, out: str, images: Optional[str] = None, csv_path: 
     keys, bad = result["keys"], result["bad"]
     meta = {"format": "mclfir-embeddings/1", "run": str(run), "checkpoint": str(ckpt), "trunk": cfg.model.trunk,
             "image_size": cfg.data.image_size, "resize": resize, "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD), "attributes": attrs, "embed_dim": cfg.model.embed_dim, "count": len(keys),
+            "std": list(IMAGENET_STD), "attributes": attrs,
+            "model_hash": {a: model_identity(model, a) for a in attrs}, "embed_dim": cfg.model.embed_dim, "count": len(keys),
             "source": source, "device": str(device), "seconds": round(seconds, 3),
             "images_per_second": round(len(keys) / max(seconds, 1e-9), 1),
             "unreadable": {"count": len(bad), "items": bad}}
     _write(Path(out), result, meta, cfg.model.embed_dim)
-    log.info("embedded %d images (%d unreadable) under %s in %.1f s -> %s", len(keys), len(bad), ", ".join(attrs),
-             seconds, out)
+    log.info("embedded %d images (%d unreadable) under %s in %.1f s (%.1f images/s) -> %s", len(keys), len(bad),
+             ", ".join(attrs), seconds, meta["images_per_second"], out)
     return meta
 
 

@@ -2,7 +2,9 @@
 attribute's head, printed as rank, key, score and value, and optionally drawn as a contact sheet."""
 from __future__ import annotations
 
+import json
 import logging
+import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -12,16 +14,44 @@ from ..config import ConfigError
 from ..data.streams import iter_shard
 from ..model.preprocess import eval_transform
 from ..training.checkpoint import load_run_model
-from .embed import decode_file_bytes
+from .embed import decode_file_bytes, model_identity
 from .index import CatalogueIndex
 
 log = logging.getLogger(__name__)
 
 
-def embed_query(run: str, image: str, attribute: str) -> np.ndarray:
+def check_same_model(catalogue: CatalogueIndex, model, run: str, attribute: str, allow_other: bool) -> None:
+    """Queries and index must come from the same weights; another model is refused unless allowed, and then
+    the run's measured compatibility (results.json) is shown."""
+    indexed = catalogue.meta["embed"].get("model_hash", {}).get(attribute)
+    current = model_identity(model, attribute)
+    if indexed == current:
+        return
+    if not allow_other:
+        raise ConfigError(f"the index {catalogue.folder} was embedded by another model than {run}'s for "
+                          f"'{attribute}' (weights {indexed or 'unrecorded'} vs {current}): re-embed and re-index, "
+                          f"or pass --allow-other-model to search it anyway")
+    print(f"warning: another model: {compatibility_note(run, attribute)}", file=sys.stderr)
+
+
+def compatibility_note(run: str, attribute: str) -> str:
+    path = Path(run) / "results.json"
+    rows = json.loads(path.read_text()).get("compatibility", []) if path.is_file() else []
+    found = [(e["increment"], e["attributes"][attribute]) for e in rows if attribute in e["attributes"]]
+    if not found:
+        return f"no compatibility figure for '{attribute}' in {path}"
+    t, r = found[-1]
+    return (f"after increment {t}, '{attribute}' scored mAP {100 * r['deployed_index']:.2f} with the previous "
+            f"model's index vs {100 * r['reembedded']:.2f} re-embedded (measured on the eval split)")
+
+
+def embed_query(run: str, image: str, attribute: str, catalogue: Optional[CatalogueIndex] = None,
+                allow_other_model: bool = False) -> np.ndarray:
     model, cfg, _ = load_run_model(run)
     if attribute not in model.heads:
         raise ConfigError(f"--attribute {attribute!r}: the run has {', '.join(model.attributes)}")
+    if catalogue is not None:
+        check_same_model(catalogue, model, run, attribute, allow_other_model)
     path = Path(image)
     if not path.is_file():
         raise FileNotFoundError(f"--image: no such file: {path}")
@@ -32,18 +62,15 @@ def embed_query(run: str, image: str, attribute: str) -> np.ndarray:
 
 
 def search_catalogue(run: Optional[str], index_dir: str, attribute: str, image: Optional[str] = None,
-                     key: Optional[str] = None, k: int = 10, sheet: Optional[str] = None) -> List[dict]:
+                     key: Optional[str] = None, k: int = 10, sheet: Optional[str] = None,
+                     allow_other_model: bool = False) -> List[dict]:
     catalogue = CatalogueIndex(index_dir)
     if (image is None) == (key is None):
         raise ConfigError("give exactly one of --image Q.jpg or --key K")
     if image is not None:
         if run is None:
             raise ConfigError("--image needs --run RUN (the model that embeds the query)")
-        made_by = catalogue.meta["embed"]["run"]
-        if Path(made_by).resolve() != Path(run).resolve():
-            log.warning("the index was embedded by %s, the query by %s: scores are only meaningful within one model",
-                        made_by, run)
-        query = embed_query(run, image, attribute)
+        query = embed_query(run, image, attribute, catalogue, allow_other_model)
         exclude = None
     else:
         query = catalogue.vector(attribute, key)
