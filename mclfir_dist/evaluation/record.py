@@ -244,9 +244,9 @@ def verdict(rows: Dict[str, dict]) -> str:
         return "-"
     if all(r["unchanged"] for r in rows.values()):
         return "keep: old embeddings unchanged"
-    worst = min(r["stale_index_cost"] for r in rows.values())
-    return f"re-embed: the stale index costs up to {-100 * worst:.2f} points" if worst < 0 else \
-        "keep: the stale index loses nothing measurable"
+    gain = max(r["reembedded"] - r["deployed_index"] for r in rows.values())   # what re-embedding buys
+    return f"re-embed: +{100 * gain:.2f} points" if gain > 0.005 else \
+        "keep: re-embedding gains < 0.5 points"
 
 
 def compatibility_table(results: dict) -> str:
