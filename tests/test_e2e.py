@@ -38,7 +38,8 @@ def test_two_increments_beat_random_and_results_are_complete(tiny_run):
         for k in ("train_seconds", "eval_seconds", "images_seen", "images_per_second", "world_size", "device_seconds"):
             assert c[k] > 0 if k != "world_size" else c[k] == 1
         assert c["images_seen"] == 30 * 32
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["increment_00.pt", "increment_01.pt"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "eval_embeddings_00.pt", "eval_embeddings_01.pt", "increment_00.pt", "increment_01.pt"]
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert (run / "grids" / "increment_01_garment_length.png").is_file()
     assert (run / "summary.md").read_text().count("|") > 20

@@ -119,6 +119,7 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(refere
         deadline = time.time() + 300
         while not started(run) and time.time() < deadline:
             time.sleep(0.05)
+        os.killpg(first.pid, signal.SIGSTOP)   # holds its lock, and cannot finish before the second starts
         second = subprocess.run(command(run, reference / "shards", False), cwd=ROOT, env=env(), capture_output=True,
                                 text=True, timeout=300)
         assert second.returncode == 2
