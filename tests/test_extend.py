@@ -85,8 +85,7 @@ def test_compatibility_matches_an_independent_computation_from_the_saved_embeddi
 def _labels(manifest, split, attribute, keys):
     """Each key's value index of `attribute`, read from the shard set's own label files."""
     from mclfir_dist.data import build_eval_loader
-    from mclfir_dist.configure import load_config as lc
-    cfg = lc(ROOT / "configs/debug_cpu.yaml", ["data.image_size=32", "data.num_workers=0"])
+    cfg = load_config(ROOT / "configs/debug_cpu.yaml", ["data.image_size=32", "data.num_workers=0"])
     col = manifest.attribute_index(attribute)
     got = {}
     for batch in build_eval_loader(cfg.data, manifest, split, 0, 1):

@@ -17,7 +17,6 @@ import torch
 
 from ..utils.io import atomic_torch_save
 from .metrics import SplitEmbeddings, mean_average_precision
-from .record import verdict  # noqa: F401  (re-exported: the verdict is part of what this module measures)
 
 log = logging.getLogger("mclfir")
 FORMAT = "mclfir-eval-embeddings/1"
@@ -49,8 +48,7 @@ def load_snapshot(run_dir: str | Path, index: int) -> Optional[Dict[str, dict]]:
     return data["attributes"] if data.get("format") == FORMAT else None
 
 
-def _rows(keys: Sequence[str], wanted: Sequence[str]) -> torch.Tensor:
-    pos = {k: i for i, k in enumerate(keys)}
+def _rows(pos: Dict[str, int], wanted: Sequence[str]) -> torch.Tensor:
     return torch.tensor([pos[k] for k in wanted], dtype=torch.long)
 
 
@@ -62,16 +60,19 @@ def compatibility(previous: Dict[str, dict], groups, split: str, chunk: int = 25
             if attribute not in previous:
                 continue
             old = previous[attribute]
-            both = set(se.keys) & set(old["keys"])
+            new_pos = {k: i for i, k in enumerate(se.keys)}
+            old_pos = {k: i for i, k in enumerate(old["keys"])}
+            both = new_pos.keys() & old_pos.keys()
             sets = manifest.eval_set(split, attribute)
             q = [k for k in sets["query"] if k in both]
             c = [k for k in sets["candidate"] if k in both]
             if not q or not c:
                 continue
             col = manifest.attribute_index(attribute)
-            new_q, new_c = se.emb[_rows(se.keys, q), h], se.emb[_rows(se.keys, c), h]
-            old_q, old_c = old["emb"][_rows(old["keys"], q)], old["emb"][_rows(old["keys"], c)]
-            lab_q, lab_c = se.labels[_rows(se.keys, q), col], se.labels[_rows(se.keys, c), col]
+            nq, nc = _rows(new_pos, q), _rows(new_pos, c)
+            new_q, new_c = se.emb[nq, h], se.emb[nc, h]
+            old_q, old_c = old["emb"][_rows(old_pos, q)], old["emb"][_rows(old_pos, c)]
+            lab_q, lab_c = se.labels[nq, col], se.labels[nc, col]
             a = mean_average_precision(new_q, lab_q, new_c, lab_c, chunk)["map"]
             b = mean_average_precision(new_q, lab_q, old_c, lab_c, chunk)["map"]
             p = mean_average_precision(old_q, lab_q, old_c, lab_c, chunk)["map"]

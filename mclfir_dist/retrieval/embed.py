@@ -11,6 +11,7 @@ Output folder:
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import time
@@ -114,7 +115,6 @@ def _collate(items: List[dict]) -> dict:
 def model_identity(model, attribute: str) -> str:
     """A hash of the weights that make `attribute`'s embeddings (trunk and that head): two embeddings are
     comparable only when it matches."""
-    import hashlib
     h = hashlib.sha256()
     for part in (model.trunk, model.heads[attribute]):
         for name, tensor in sorted(part.state_dict().items()):
