@@ -45,6 +45,8 @@ def _add_shards(sub):
     b.add_argument("--image-size", type=int, default=d.synthetic.image_size, help="synthetic: image side in pixels")
     b.add_argument("--resize-to", type=int, default=d.resize_to,
                    help="csv: re-encode images to this shorter side (0 = keep bytes)")
+    b.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
+                   help="csv: an image with more pixels (width x height) is a bad row (0 = no limit)")
     b.add_argument("--min-value-count", type=int, default=d.min_value_count, help="drop attribute values with fewer images")
     b.add_argument("--val-fraction", type=float, default=d.val_fraction, help="fraction of images in the validation split")
     b.add_argument("--test-fraction", type=float, default=d.test_fraction, help="fraction of images in the test split")
@@ -89,7 +91,8 @@ def cmd_shards(args) -> int:
         return 0
     cfg = ShardBuildConfig(source=args.source, min_value_count=args.min_value_count, val_fraction=args.val_fraction,
                            test_fraction=args.test_fraction, query_fraction=args.query_fraction,
-                           samples_per_shard=args.samples_per_shard, resize_to=args.resize_to, seed=args.seed)
+                           samples_per_shard=args.samples_per_shard, resize_to=args.resize_to, seed=args.seed,
+                           max_image_pixels=args.max_image_pixels)
     cfg.synthetic.num_images, cfg.synthetic.image_size, cfg.synthetic.seed = args.num_images, args.image_size, args.seed
     if args.source == "csv":
         if not args.csv:

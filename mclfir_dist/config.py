@@ -61,6 +61,8 @@ class ShardBuildConfig:
     query_fraction: float = _f(0.25, "Within val/test, per attribute and value, the fraction used as queries.")
     samples_per_shard: int = _f(500, "Samples per tar shard.")
     resize_to: int = _f(0, "If > 0, re-encode CSV images so their shorter side is this many pixels.")
+    max_image_pixels: int = _f(40_000_000, "A CSV image with more pixels (width x height) is a bad row: refused, or "
+                                           "skipped and counted with skip_bad_rows. 0 = no limit.")
     seed: int = _f(0, "Seed of the split assignment.")
 
 
@@ -83,6 +85,8 @@ class DataConfig:
     teacher_view: str = _f("perspective", "Image the EMA teacher sees: perspective (extra augmented view) | same.")
     eval_batch_size: int = _f(128, "Images per evaluation batch per rank.")
     dali_threads: int = _f(2, "DALI CPU threads per pipeline.")
+    max_image_pixels: int = _f(40_000_000, "A sample whose JPEG header gives more pixels (width x height) is "
+                                           "skipped and counted, like a JPEG that does not decode. 0 = no limit.")
     skip_bad_shards: bool = _f(False, "Leave out shards whose size or sample count differs from the manifest "
                                       "(listed in results.json) instead of stopping with an error naming them.")
 
@@ -282,6 +286,9 @@ def validate(cfg: RunConfig) -> None:
     for key in NON_NEGATIVE:
         if not _get(cfg, key) >= 0:
             raise ConfigError(f"config key '{key}': must be >= 0, got {_get(cfg, key)}")
+    for key, most in AT_MOST.items():
+        if _get(cfg, key) > most:
+            raise ConfigError(f"config key '{key}': must be <= {most}, got {_get(cfg, key)}")
     for key in UNIT_INTERVAL:
         if not 0.0 <= _get(cfg, key) <= 1.0:
             raise ConfigError(f"config key '{key}': must be in [0, 1], got {_get(cfg, key)}")
@@ -303,7 +310,12 @@ POSITIVE = ["train.steps_per_increment", "train.log_every", "data.batch_doublets
 NON_NEGATIVE = ["data.num_workers", "train.checkpoint_every", "train.num_threads", "optim.warmup_steps",
                 "optim.weight_decay", "optim.grad_clip", "train.reference_batch_doublets", "optim.encoder_lr_scale",
                 "optim.first_encoder_lr_scale", "loss.kd_weight", "teacher.warmup_steps", "eval.grid_queries",
-                "eval.grid_topk", "data.build.min_value_count", "data.build.resize_to"]
+                "eval.grid_topk", "data.build.min_value_count", "data.build.resize_to", "data.max_image_pixels",
+                "data.build.max_image_pixels"]
+# upper bounds past which a run cannot be what was meant (an image side of 10,000,000 is a typo, not a model)
+AT_MOST = {"data.image_size": 4096, "data.build.synthetic.image_size": 4096, "data.build.resize_to": 8192,
+           "data.batch_doublets": 1 << 20, "data.eval_batch_size": 1 << 20, "model.embed_dim": 65536,
+           "model.head_channels": 65536}
 UNIT_INTERVAL = ["teacher.decay", "optim.gamma", "data.build.val_fraction", "data.build.test_fraction",
                  "data.build.query_fraction"]
 

@@ -15,6 +15,7 @@ then the same doublet batching, so the engine sees the torch loader's batch cont
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -27,7 +28,8 @@ import torch
 
 from ..config import DataConfig
 from ..model.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from .loader_torch import TransformSpec, collate_eval, decode
+from .images import DEFAULT_MAX_PIXELS, ImageRejected, decode
+from .loader_torch import TransformSpec, collate_eval
 from .manifest import IMAGE_EXT, LABEL_EXT, SID_EXT, Manifest, ShardError
 from .pairing import DoubletBatcher
 from .shards import write_index
@@ -86,17 +88,17 @@ def ensure_index_files(shards: Sequence[Path], index_files: Sequence[Path]) -> L
     return out
 
 
-def scan_corrupt(shards: Sequence[Path]) -> Dict[Path, List[str]]:
-    """Keys whose JPEG does not decode, per shard (CPU decoder, run only after DALI failed)."""
+def scan_corrupt(shards: Sequence[Path], max_pixels: int = DEFAULT_MAX_PIXELS) -> Dict[Path, List[str]]:
+    """Keys whose JPEG does not decode or is over the pixel limit, per shard (CPU decoder)."""
     from PIL import Image
     bad: Dict[Path, List[str]] = {}
     for p in shards:
         for s in iter_shard(p):
             try:
-                decode(s[IMAGE_EXT])
+                decode(s[IMAGE_EXT], max_pixels)
                 with Image.open(io.BytesIO(s[IMAGE_EXT])) as im:  # stricter about truncated data
                     im.load()
-            except (RuntimeError, OSError, SyntaxError, ValueError):
+            except (ImageRejected, OSError, SyntaxError):   # PIL's decode errors
                 bad.setdefault(p, []).append(s["__key__"])
     return bad
 
@@ -104,7 +106,8 @@ def scan_corrupt(shards: Sequence[Path]) -> Dict[Path, List[str]]:
 _VALIDATED: Dict[tuple, List[str]] = {}
 
 
-def validated_index_files(shards: Sequence[Path], index_files: Sequence[Path]) -> Tuple[List[Path], List[str]]:
+def validated_index_files(shards: Sequence[Path], index_files: Sequence[Path], max_pixels: int = DEFAULT_MAX_PIXELS
+                          ) -> Tuple[List[Path], List[str]]:
     """Index files without the samples whose JPEG does not decode on the CPU, and those samples' keys.
 
     DALI's decoders can crash the process (not raise) on some corrupt JPEGs, so an evaluation split is
@@ -112,22 +115,25 @@ def validated_index_files(shards: Sequence[Path], index_files: Sequence[Path]) -
     out, bad_keys = [], []
     for tar, idx in zip(shards, index_files):
         st = tar.stat()
-        key = (str(tar), st.st_size, st.st_mtime_ns)
+        key = (str(tar), st.st_size, st.st_mtime_ns, max_pixels)
         if key not in _VALIDATED:
-            _VALIDATED[key] = scan_corrupt([tar]).get(tar, [])
+            _VALIDATED[key] = scan_corrupt([tar], max_pixels).get(tar, [])
         bad = _VALIDATED[key]
         for k in bad:
-            log.warning("skipping sample '%s' in %s: JPEG does not decode (checked before DALI reads it)", k, tar)
+            log.warning("skipping sample '%s' in %s: JPEG does not decode or is over the pixel limit (checked before "
+                        "DALI reads it)", k, tar)
         bad_keys += bad
         out.append(filtered_index(idx, bad) if bad else idx)
     return out, bad_keys
 
 
 def filtered_index(idx: Path, drop: Sequence[str]) -> Path:
-    """A copy of a wds2idx index without the samples named in `drop`."""
+    """A copy of a wds2idx index without the samples named in `drop`. Always filter the shard's own index
+    (never a filtered copy): the copy's name is a digest plus the original name, so it stays short."""
     lines = idx.read_text().split("\n")
     body = [l for l in lines[1:] if l and l.split()[3].split(".", 1)[0] not in set(drop)]
-    out = _cache_dir() / f"{abs(hash((str(idx), tuple(drop))))}_{idx.name}"
+    digest = hashlib.sha1(repr((str(idx.resolve()), sorted(drop))).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"{digest}_{idx.name}"
     out.write_text("\n".join([f"v1.2 {len(body)}"] + body) + "\n")
     return out
 
@@ -213,13 +219,14 @@ class DaliSampleSource:
         check_shards(shards)
         self.shards, self.keys = list(shards), list(keys)
         self.index_files = ensure_index_files(self.shards, index_files)
+        self._own_index_files = list(self.index_files)   # corrupt samples are always filtered out of these
         self.spec, self.batch_size, self.rank, self.world = spec, batch_size, rank, world
         self.seed, self.train, self.threads, self.shuffle_buffer = seed, train, threads, shuffle_buffer
         self.device_id = (device.index or 0) if device is not None and device.type == "cuda" else None
         self.corrupt: List[str] = []
         self._reported = 0
         if not train:   # an eval pass must not meet a corrupt JPEG inside DALI (it can segfault)
-            self.index_files, self.corrupt = validated_index_files(self.shards, self.index_files)
+            self.index_files, self.corrupt = validated_index_files(self.shards, self.index_files, spec.max_pixels)
 
     def drain_skipped(self) -> List[str]:
         """Keys dropped as corrupt since the last call (handed to the engine with the next batch)."""
@@ -239,7 +246,7 @@ class DaliSampleSource:
                                    last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL)
 
     def _drop_corrupt(self, err: Exception) -> None:
-        bad = scan_corrupt(self.shards)
+        bad = scan_corrupt(self.shards, self.spec.max_pixels)
         if not bad:
             raise RuntimeError(f"DALI failed to decode a sample of {[str(p) for p in self.shards]} but the CPU "
                                f"decoders accept every one; DALI said: {err}") from err
@@ -249,7 +256,8 @@ class DaliSampleSource:
                     self.corrupt.append(k)
                     log.warning("skipping sample '%s' in %s: JPEG does not decode (%d skipped so far)",
                                 k, shard, len(self.corrupt))
-        self.index_files = [filtered_index(idx, bad.get(tar, [])) for tar, idx in zip(self.shards, self.index_files)]
+        self.index_files = [filtered_index(idx, bad.get(tar, [])) if bad.get(tar) else idx
+                            for tar, idx in zip(self.shards, self._own_index_files)]
 
     def __iter__(self) -> Iterator[dict]:
         it = None
@@ -281,7 +289,7 @@ class DaliSampleSource:
 
 def dali_train_batches(cfg: DataConfig, manifest: Manifest, columns: Sequence[int], rank: int, world: int,
                        seed: int, device=None) -> Iterator[dict]:
-    spec = TransformSpec(cfg.image_size, cfg.resize_ratio, cfg.flip, cfg.teacher_view)
+    spec = TransformSpec(cfg.image_size, cfg.resize_ratio, cfg.flip, cfg.teacher_view, cfg.max_image_pixels)
     src = DaliSampleSource(manifest.shard_files("train"), manifest.index_files("train"), manifest.keys("train"), spec,
                            2 * cfg.batch_doublets, rank, world, seed, True, cfg.dali_threads, device,
                            cfg.shuffle_buffer)
@@ -291,7 +299,7 @@ def dali_train_batches(cfg: DataConfig, manifest: Manifest, columns: Sequence[in
 
 
 def dali_eval_batches(cfg: DataConfig, manifest: Manifest, split: str, rank: int, world: int, device=None):
-    spec = TransformSpec(cfg.image_size, cfg.resize_ratio, False, "same")
+    spec = TransformSpec(cfg.image_size, cfg.resize_ratio, False, "same", cfg.max_image_pixels)
     src = DaliSampleSource(manifest.shard_files(split), manifest.index_files(split), manifest.keys(split), spec,
                            cfg.eval_batch_size, rank, world, 0, False, cfg.dali_threads, device)
     rows: List[dict] = []

@@ -31,41 +31,13 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
+from .images import check_jpeg_header
 from .loader_torch import (CorruptCounter, DoubletStream, EvalStream, TransformSpec, collate_eval, eval_transform,
                            make_loader, seed_augmentation, train_transforms, transform_spec)
 from .pairing import collate_doublets
 
 log = logging.getLogger(__name__)
 
-# start-of-frame markers (baseline, extended, progressive, lossless...): they carry the image size
-_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def jpeg_size(data: bytes) -> Tuple[int, int]:
-    """(height, width) from a JPEG's frame header, without decoding it."""
-    if len(data) < 4 or data[:2] != b"\xff\xd8":
-        raise RuntimeError("not a JPEG (no start-of-image marker)")
-    i = 2
-    while i + 9 < len(data):
-        if data[i] != 0xFF:
-            raise RuntimeError(f"corrupt JPEG header at byte {i}")
-        marker = data[i + 1]
-        if marker == 0xFF:      # fill byte
-            i += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:   # markers without a length
-            i += 2
-            continue
-        length = int.from_bytes(data[i + 2:i + 4], "big")
-        if marker in _SOF:
-            height, width = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
-            if height == 0 or width == 0:
-                raise RuntimeError("JPEG frame header with a zero size")
-            return height, width
-        if marker == 0xDA or length < 2:
-            break
-        i += 2 + length
-    raise RuntimeError("JPEG without a frame header (truncated or corrupt)")
 
 
 def resized_size(height: int, width: int, short_side: int) -> Tuple[int, int]:
@@ -161,7 +133,7 @@ class RawDoubletStream(DoubletStream):
     """The torch loader's doublet stream with undecoded images (`jpegs`, packed) and their drawn augmentation."""
 
     def _load(self, jpeg: bytes) -> dict:
-        return {"bytes": jpeg, "size": jpeg_size(jpeg)}
+        return {"bytes": jpeg, "size": check_jpeg_header(jpeg, self.spec.max_pixels)}
 
     def __iter__(self) -> Iterator[dict]:
         corrupt = CorruptCounter()
@@ -177,7 +149,7 @@ class RawDoubletStream(DoubletStream):
 
 class RawEvalStream(EvalStream):
     def _load(self, jpeg: bytes, transform) -> bytes:
-        jpeg_size(jpeg)   # what plainly is not a JPEG is skipped here, by key
+        check_jpeg_header(jpeg, self.spec.max_pixels)   # what plainly is not a JPEG, or too large, is skipped here
         return jpeg
 
     def _collate(self, rows: List[dict]) -> dict:

@@ -23,11 +23,11 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
 from ..model.preprocess import eval_transform as _eval_transform
 from ..model.preprocess import normalise as _normalise
+from .images import DEFAULT_MAX_PIXELS, ImageRejected, decode
 from .pairing import DoubletBatcher, collate_doublets
 from .streams import decode_labels, epoch_seed, iter_partition, iter_shard, shuffled
 
@@ -40,6 +40,7 @@ class TransformSpec:
     resize_ratio: float = 1.14
     flip: bool = True
     teacher_view: str = "perspective"   # perspective | same
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     @property
     def resize(self) -> int:
@@ -48,7 +49,7 @@ class TransformSpec:
 
 def transform_spec(cfg) -> TransformSpec:
     """The transforms of a DataConfig."""
-    return TransformSpec(cfg.image_size, cfg.resize_ratio, cfg.flip, cfg.teacher_view)
+    return TransformSpec(cfg.image_size, cfg.resize_ratio, cfg.flip, cfg.teacher_view, cfg.max_image_pixels)
 
 
 def train_transforms(spec: TransformSpec):
@@ -64,10 +65,6 @@ def eval_transform(spec: TransformSpec):
     return _eval_transform(spec.image_size, spec.resize)
 
 
-def decode(jpeg: bytes) -> torch.Tensor:
-    return decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
-
-
 class CorruptCounter:
     def __init__(self):
         self.count = 0
@@ -76,7 +73,7 @@ class CorruptCounter:
     def report(self, key: str, err: Exception) -> None:
         self.count += 1
         self.pending.append(key)
-        log.warning("skipping sample '%s': JPEG does not decode (%s); %d skipped so far", key, err, self.count)
+        log.warning("skipping sample '%s': %s; %d skipped so far", key, err, self.count)
 
     def drain(self) -> List[str]:
         """Keys skipped since the last call (handed to the engine with the next batch)."""
@@ -111,7 +108,7 @@ class DoubletStream(IterableDataset):
             for position, s in enumerate(shuffled(raw, self.shuffle_buffer, rng)):
                 try:
                     img = self._load(s["jpg"])
-                except RuntimeError as e:
+                except ImageRejected as e:
                     corrupt.report(s["__key__"], e)
                     continue
                 yield {"key": s["__key__"], "labels": decode_labels(s["lbl"]), "decoded": img,
@@ -119,7 +116,7 @@ class DoubletStream(IterableDataset):
 
     def _load(self, jpeg: bytes) -> torch.Tensor:
         """What the workers do with a sample's JPEG: decode it here (the device loader overrides this)."""
-        return decode(jpeg)
+        return decode(jpeg, self.spec.max_pixels)
 
     def _augment(self, pairs, transforms) -> None:
         geom, norm, teacher = transforms
@@ -181,7 +178,7 @@ class EvalStream(IterableDataset):
                     continue
                 try:
                     img = self._load(s["jpg"], tf)
-                except RuntimeError as e:
+                except ImageRejected as e:   # only the image's own fault; a failing transform stops the run
                     corrupt.report(s["__key__"], e)
                     continue
                 batch.append({"image": img, "labels": decode_labels(s["lbl"]), "key": s["__key__"]})
@@ -195,7 +192,7 @@ class EvalStream(IterableDataset):
         return collate_eval(rows)
 
     def _load(self, jpeg: bytes, transform) -> torch.Tensor:
-        return transform(decode(jpeg))
+        return transform(decode(jpeg, self.spec.max_pixels))
 
 
 def collate_eval(rows: List[dict]) -> Dict:

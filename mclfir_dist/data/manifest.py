@@ -11,7 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Set, Tuple
 
+import numpy as np
+
 from ..errors import ShardError
+from ..utils.names import check_attribute, check_file_name, check_key
 
 FORMAT = "mclfir-shards/2"
 MANIFEST_NAME = "manifest.json"
@@ -40,18 +43,84 @@ def shard_problem(path: Path, entry: dict) -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def _manifest_entries(root: str, mtime_ns: int) -> Dict[str, dict]:
-    data = json.loads((Path(root) / MANIFEST_NAME).read_text())
-    return {s["file"]: s for split in data["splits"].values() for s in split["shards"]}
+def _manifest_info(root: str, mtime_ns: int) -> Tuple[Dict[str, dict], Dict[str, int]]:
+    data = Manifest.load(root).data
+    files = {s["file"]: s for split in data["splits"].values() for s in split["shards"]}
+    return files, {a["name"]: len(a["values"]) for a in data["attributes"]}
+
+
+def _beside_manifest(shard: Path) -> Optional[Tuple[Dict[str, dict], Dict[str, int]]]:
+    try:
+        return _manifest_info(str(shard.parent), (shard.parent / MANIFEST_NAME).stat().st_mtime_ns)
+    except OSError:
+        return None
 
 
 def manifest_entry(shard: Path) -> Optional[dict]:
     """The manifest's record of a shard file (count, bytes), if the shard sits beside a manifest."""
-    path = shard.parent / MANIFEST_NAME
-    try:
-        return _manifest_entries(str(shard.parent), path.stat().st_mtime_ns).get(shard.name)
-    except (OSError, ValueError, KeyError):
-        return None
+    info = _beside_manifest(shard)
+    return None if info is None else info[0].get(shard.name)
+
+
+def label_problem(raw: bytes, shard: Path) -> str:
+    """Why a sample's .lbl cannot be used ('' if it can): its length, or a value outside the vocabulary of
+    the manifest beside the shard (-1 = unlabelled is the only value below 0)."""
+    if len(raw) % 4:
+        return f".{LABEL_EXT} is {len(raw)} bytes, not a whole number of int32 labels"
+    labels = np.frombuffer(raw, dtype="<i4")
+    info = _beside_manifest(shard)
+    if info is None:
+        return "" if (labels >= -1).all() else f"label value {int(labels.min())} (only -1 = unlabelled is below 0)"
+    sizes = list(info[1].items())
+    if len(labels) != len(sizes):
+        return f".{LABEL_EXT} holds {len(labels)} labels, the manifest has {len(sizes)} attributes"
+    for (name, size), value in zip(sizes, labels.tolist()):
+        if not -1 <= value < size:
+            return (f"label value {value} for attribute '{name}' is outside its vocabulary (0..{size - 1}, "
+                    f"or -1 = unlabelled)")
+    return ""
+
+
+def _expect(value, kind, what: str, path: Path):
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ShardError(f"{path}: '{what}' must be {names}, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def check_structure(data: dict, path: Path) -> None:
+    """Every field a reader uses, with its type; every name from the file checked (names.py), so a crafted
+    manifest can neither crash a reader nor point it outside the shard folder."""
+    attributes = _expect(data.get("attributes"), list, "attributes", path)
+    for i, a in enumerate(attributes):
+        _expect(a, dict, f"attributes[{i}]", path)
+        check_attribute(a.get("name"), f"{path}: attributes[{i}].name", ShardError)
+        for v in _expect(a.get("values"), list, f"attributes[{i}].values", path):
+            _expect(v, str, f"attributes[{i}].values[]", path)
+    names = [a["name"] for a in attributes]
+    if len(set(names)) != len(names):
+        raise ShardError(f"{path}: an attribute is listed twice ({', '.join(names)})")
+    splits = _expect(data.get("splits"), dict, "splits", path)
+    for split, body in splits.items():
+        if split not in SPLITS:
+            raise ShardError(f"{path}: unknown split {split!r} (splits are {', '.join(SPLITS)})")
+        _expect(body, dict, f"splits.{split}", path)
+        _expect(body.get("count"), int, f"splits.{split}.count", path)
+        for j, shard in enumerate(_expect(body.get("shards"), list, f"splits.{split}.shards", path)):
+            where = f"splits.{split}.shards[{j}]"
+            _expect(shard, dict, where, path)
+            for field_name in ("file", "index"):
+                check_file_name(shard.get(field_name), f"{path}: {where}.{field_name}", ShardError)
+            count = _expect(shard.get("count"), int, f"{where}.count", path)
+            if count < 0 or "bytes" in shard and _expect(shard["bytes"], int, f"{where}.bytes", path) < 0:
+                raise ShardError(f"{path}: {where}: a negative count or size")
+        for key in _expect(body.get("keys"), list, f"splits.{split}.keys", path):
+            check_key(key, f"{path}: splits.{split}.keys", ShardError)
+    for split, per_attribute in _expect(data.get("eval_sets"), dict, "eval_sets", path).items():
+        for attribute, sets in _expect(per_attribute, dict, f"eval_sets.{split}", path).items():
+            _expect(sets, dict, f"eval_sets.{split}.{attribute}", path)
+            for role in ("query", "candidate"):
+                _expect(sets.get(role), list, f"eval_sets.{split}.{attribute}.{role}", path)
 
 
 @dataclass
@@ -70,10 +139,12 @@ class Manifest:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ShardError(f"{path} is not valid JSON: {e}") from None
-        if data.get("format") != FORMAT:
-            raise ShardError(f"{path}: shard format {data.get('format')!r}, this version reads {FORMAT!r}: "
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            fmt = data.get("format") if isinstance(data, dict) else f"none (a JSON {type(data).__name__})"
+            raise ShardError(f"{path}: shard format {fmt!r}, this version reads {FORMAT!r}: "
                              f"rebuild with `mclfir shards build --out {root} ...` (or delete {root} and let "
                              "`mclfir train` build it)")
+        check_structure(data, path)
         return cls(root, data)
 
     @property

@@ -27,6 +27,7 @@ from ..config import ShardBuildConfig
 from ..errors import BadInputError
 from ..utils.io import atomic_write_json, atomic_write_text, ensure_writable_dir
 from . import synthetic
+from ..utils.names import check_key
 from .manifest import FORMAT, IMAGE_EXT, LABEL_EXT, MANIFEST_NAME, SID_EXT, SPLITS, Manifest, ShardError
 
 log = logging.getLogger(__name__)
@@ -43,12 +44,20 @@ class RawSample:
     values: Dict[str, str]   # attribute -> value name ('' = unlabelled)
 
 
-def _check_jpeg(data: bytes, where: str) -> Tuple[int, int]:
+def _check_jpeg(data: bytes, where: str, max_pixels: int = 0) -> Tuple[int, int]:
     try:
         with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size   # from the header: nothing decoded yet
+            if max_pixels and w * h > max_pixels:
+                raise BadInputError(f"{where}: image is {w}x{h} = {w * h:,} pixels, over the limit "
+                                    f"data.build.max_image_pixels={max_pixels:,}")
             im.load()  # full decode: truncated files fail here, not in training
             return im.size
+    except Image.DecompressionBombError as e:   # PIL's own limit, before ours could read the size
+        raise BadInputError(f"{where}: image is over the pixel limit ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, BadInputError):
+            raise
         raise BadInputError(f"{where}: image cannot be decoded ({e})") from None
 
 
@@ -68,7 +77,7 @@ def _to_jpeg(data: bytes, resize_to: int) -> bytes:
 
 def read_csv_samples(csv_path: str | Path, image_root: str | Path, attributes: Sequence[str],
                      image_column: str = "filename", key_column: str = "", skip_bad_rows: bool = False,
-                     resize_to: int = 0) -> Tuple[List[RawSample], List[dict]]:
+                     resize_to: int = 0, max_pixels: int = 0) -> Tuple[List[RawSample], List[dict]]:
     """Read and validate every row. Returns (samples, skipped) where skipped lists {row, file, reason}."""
     csv_path, image_root = Path(csv_path), Path(image_root)
     if not attributes:
@@ -81,7 +90,7 @@ def read_csv_samples(csv_path: str | Path, image_root: str | Path, attributes: S
     for i, (n, row) in enumerate(rows, start=1):
         try:
             sample = _row_sample(row, f"{csv_path}:{n}", used, image_root, image_column, key_column, attributes,
-                                 resize_to, seen)
+                                 resize_to, seen, max_pixels)
         except BadInputError as e:
             if not skip_bad_rows:
                 raise
@@ -119,7 +128,7 @@ def _read_rows(csv_path: Path, used: Sequence[str]) -> List[Tuple[int, dict]]:
 
 
 def _row_sample(row: dict, where: str, used: Sequence[str], image_root: Path, image_column: str, key_column: str,
-                attributes: Sequence[str], resize_to: int, seen: Dict[str, int]) -> RawSample:
+                attributes: Sequence[str], resize_to: int, seen: Dict[str, int], max_pixels: int = 0) -> RawSample:
     """One CSV row as a sample; a BadInputError names the row and what is wrong with it."""
     bad = [c for c in used if _undecodable(row.get(c))]
     if bad:
@@ -129,9 +138,10 @@ def _row_sample(row: dict, where: str, used: Sequence[str], image_root: Path, im
         raise BadInputError(f"{where}: empty '{image_column}'")
     path = image_root / rel
     key = (row[key_column].strip() if key_column else Path(rel).with_suffix("").as_posix())
-    key = key.replace("/", "_").replace(".", "_")
+    key = re.sub(r"[\s/\\.\x00-\x1f\x7f]", "_", key)   # a key is a tar member's stem and one line of an index
     if not key:
         raise BadInputError(f"{where}: empty key")
+    check_key(key, where, BadInputError)
     if key in seen:
         raise BadInputError(f"{where}: duplicate key '{key}' (first at row {seen[key]})")
     empty = [a for a in attributes if not (row.get(a) or "").strip()]
@@ -140,7 +150,7 @@ def _row_sample(row: dict, where: str, used: Sequence[str], image_root: Path, im
     if not path.is_file():
         raise BadInputError(f"{where}: image file not found: {path}")
     data = path.read_bytes()
-    _check_jpeg(data, f"{where} ({path})")
+    _check_jpeg(data, f"{where} ({path})", max_pixels)
     return RawSample(key, _to_jpeg(data, resize_to), {a: row[a].strip() for a in attributes})
 
 
@@ -246,7 +256,12 @@ def write_index(tar_path: Path, idx_path: Path) -> int:
         for m in tf.getmembers():
             if not m.isreg():
                 continue
+            if "." not in m.name:
+                raise ShardError(f"{tar_path}: member {m.name!r} has no extension (not a webdataset sample file)")
             base, ext = m.name.split(".", 1)
+            check_key(base, f"{tar_path}: member {m.name!r}", ShardError)   # one line of the index per sample
+            if any(c.isspace() for c in ext):
+                raise ShardError(f"{tar_path}: member {m.name!r}: whitespace in the extension")
             if base != last:
                 groups.append([])
                 last = base
@@ -373,7 +388,7 @@ def build_from_config(cfg: ShardBuildConfig, out: str | Path) -> Manifest:
     c = cfg.csv
     log.info("reading %s", c.csv)
     samples, skipped = read_csv_samples(c.csv, c.image_root, c.attributes, c.image_column, c.key_column,
-                                        c.skip_bad_rows, cfg.resize_to)
+                                        c.skip_bad_rows, cfg.resize_to, cfg.max_image_pixels)
     if skipped:
         log.warning("skipped %d bad rows (listed in the manifest), first: %s", len(skipped), skipped[0]["reason"])
     return build_shards(samples, list(c.attributes), out, cfg, skipped=skipped,

@@ -15,7 +15,7 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 import numpy as np
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from .manifest import IMAGE_EXT, LABEL_EXT, ShardError, manifest_entry
+from .manifest import IMAGE_EXT, LABEL_EXT, ShardError, label_problem, manifest_entry
 
 
 def epoch_seed(*parts: int) -> int:
@@ -37,6 +37,9 @@ def iter_shard(path: Path) -> Iterator[Dict]:
             for sample in group_by_keys(files):
                 if IMAGE_EXT not in sample or LABEL_EXT not in sample:
                     raise ShardError(f"{path}: sample '{sample.get('__key__')}' lacks .{IMAGE_EXT} or .{LABEL_EXT}")
+                problem = label_problem(sample[LABEL_EXT], Path(path))
+                if problem:   # a wrong label would become a wrong number, never a skipped sample
+                    raise ShardError(f"{path}: sample '{sample['__key__']}': {problem}; rebuild the shards")
                 count += 1
                 yield sample
         if expected is not None and count != int(expected["count"]):

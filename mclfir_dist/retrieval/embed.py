@@ -14,6 +14,7 @@ import csv
 import hashlib
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -21,12 +22,13 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_image
 from tqdm import tqdm
 
 from ..data.manifest import Manifest
 from ..data.streams import decode_labels, iter_shard
+from ..data.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_any
 from ..errors import BadInputError, ConfigError
+from ..utils.names import check_attribute
 from ..model.preprocess import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from ..training.checkpoint import load_run_model
 from ..utils.io import atomic_write, atomic_write_json, atomic_write_text
@@ -35,8 +37,13 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
-def decode_file_bytes(data: bytes) -> torch.Tensor:
-    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+def decode_file_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    return decode_any(data, max_pixels)
+
+
+def _line_safe(key: str) -> Optional[str]:
+    """Why a key cannot be one line of keys.txt ('' if it can)."""
+    return "the key holds a line break or control character" if re.search(r"[\x00-\x1f\x7f]", key) else ""
 
 
 class _Items(Dataset):
@@ -50,11 +57,13 @@ class _Items(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         row = self.rows[i]
+        if "error" in row:
+            return row
         try:
-            image = self.transform(decode_file_bytes(Path(row["location"]).read_bytes()))
-            return {**row, "image": image}
-        except (OSError, RuntimeError, ValueError) as e:
+            decoded = decode_file_bytes(Path(row["location"]).read_bytes())
+        except (OSError, ImageRejected) as e:   # the file's fault only; a failing transform stops the run
             return {**row, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+        return {**row, "image": self.transform(decoded)}
 
 
 class _ShardItems(IterableDataset):
@@ -74,9 +83,11 @@ class _ShardItems(IterableDataset):
                 row = {"key": s["__key__"], "location": path.name,
                        "labels": {a: (vals[v] if v >= 0 else None) for (a, vals), v in zip(names, labels)}}
                 try:
-                    yield {**row, "image": self.transform(decode_file_bytes(s["jpg"]))}
-                except RuntimeError as e:
-                    yield {**row, "error": f"RuntimeError: {str(e).splitlines()[0] if str(e) else ''}"}
+                    decoded = decode_file_bytes(s["jpg"])
+                except ImageRejected as e:
+                    yield {**row, "error": f"ImageRejected: {e}"}
+                    continue
+                yield {**row, "image": self.transform(decoded)}
 
 
 def rows_from_images(folder: str | Path) -> List[dict]:
@@ -84,7 +95,9 @@ def rows_from_images(folder: str | Path) -> List[dict]:
     if not folder.is_dir():
         raise FileNotFoundError(f"--images: not a folder: {folder}")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    return [{"key": p.relative_to(folder).with_suffix("").as_posix(), "location": str(p), "labels": {}} for p in files]
+    rows = [{"key": p.relative_to(folder).with_suffix("").as_posix(), "location": str(p.resolve()), "labels": {}}
+            for p in files]   # absolute: a search from another folder still finds the images
+    return [{**r, "error": f"BadInputError: {_line_safe(r['key'])}"} if _line_safe(r["key"]) else r for r in rows]
 
 
 def rows_from_csv(path: str | Path, image_column: str, key_column: str, image_root: Optional[str],
@@ -101,8 +114,10 @@ def rows_from_csv(path: str | Path, image_column: str, key_column: str, image_ro
         for row in reader:
             rel = (row.get(image_column) or "").strip()
             key = row[key_column].strip() if key_column else Path(rel).with_suffix("").as_posix()
-            rows.append({"key": key, "location": str(root / rel),
+            rows.append({"key": key, "location": str((root / rel).resolve()),
                          "labels": {a: (row.get(a) or "").strip() or None for a in attributes if a in header}})
+            if _line_safe(key) or not key:
+                rows[-1]["error"] = f"BadInputError: {_line_safe(key) or 'empty key'}"
     return rows
 
 
@@ -140,12 +155,12 @@ def embed_catalogue(run: str, out: str, images: Optional[str] = None, csv_path: 
         manifest = Manifest.load(shards)
         dataset = _ShardItems(manifest, splits, transform)
         total = sum(manifest.count(s) for s in splits)
-        source = {"shards": str(shards), "splits": list(splits)}
+        source = {"shards": str(Path(shards).resolve()), "splits": list(splits)}
     else:
         rows = rows_from_images(images) if images else rows_from_csv(csv_path, image_column, key_column, image_root,
                                                                        attrs)
         dataset, total = _Items(rows, transform), len(rows)
-        source = {"images": str(images)} if images else {"csv": str(csv_path)}
+        source = {"images": str(Path(images).resolve())} if images else {"csv": str(Path(csv_path).resolve())}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     loader = DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=_collate,
@@ -154,6 +169,10 @@ def embed_catalogue(run: str, out: str, images: Optional[str] = None, csv_path: 
     result = _embed(model, loader, attrs, device, tqdm(total=total, unit="img", desc="embedding", disable=not progress))
     seconds = time.time() - started
     keys, bad = result["keys"], result["bad"]
+    if not keys:   # an empty embedding set would become an index that no search can use
+        first = f"; first: {bad[0]['location']}: {bad[0]['error']}" if bad else ""
+        raise BadInputError(f"no image could be embedded from {source}: {total} found, {len(bad)} unreadable{first}"
+                            f" ({out} left as it was)")
     meta = {"format": "mclfir-embeddings/1", "run": str(run), "checkpoint": str(ckpt), "trunk": cfg.model.trunk,
             "image_size": cfg.data.image_size, "resize": resize, "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD), "attributes": attrs,
@@ -210,8 +229,26 @@ def load_embeddings(folder: str | Path) -> dict:
     folder = Path(folder)
     if not (folder / "embed.json").is_file():
         raise FileNotFoundError(f"no embed.json in {folder}: make it with `mclfir embed --out {folder}`")
-    meta = json.loads((folder / "embed.json").read_text())
+    meta = _read_json(folder / "embed.json", dict)
+    for a in _expect_list(meta.get("attributes"), folder / "embed.json", "attributes"):
+        check_attribute(a, f"{folder / 'embed.json'}: attributes", BadInputError)
     labels = json.loads((folder / "labels.json").read_text()) if (folder / "labels.json").is_file() else {}
     return {"meta": meta, "keys": (folder / "keys.txt").read_text().splitlines(),
             "locations": (folder / "locations.txt").read_text().splitlines(), "labels": labels,
             "matrices": {a: np.load(folder / f"{a}.npy") for a in meta["attributes"]}}
+
+
+def _read_json(path: Path, kind: type):
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInputError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, kind):
+        raise BadInputError(f"{path}: expected a JSON {kind.__name__}, got {type(data).__name__}")
+    return data
+
+
+def _expect_list(value, path: Path, field: str) -> list:
+    if not isinstance(value, list):
+        raise BadInputError(f"{path}: '{field}' must be a list, got {type(value).__name__}")
+    return value

@@ -20,8 +20,10 @@ from typing import Dict, Optional
 import numpy as np
 
 from ..config import ConfigError
+from ..errors import BadInputError
 from ..utils.io import atomic_write_json
-from .embed import load_embeddings
+from ..utils.names import check_attribute
+from .embed import _read_json, load_embeddings
 
 log = logging.getLogger(__name__)
 KINDS = ("flat", "ivf", "hnsw")
@@ -57,6 +59,8 @@ def index_catalogue(embeddings: str | Path, out: str | Path, kind: str = "flat",
                     hnsw_m: int = 32, ef_search: int = 64) -> dict:
     import faiss
     emb = load_embeddings(embeddings)
+    if not emb["keys"]:
+        raise BadInputError(f"{embeddings}: the embedding set is empty: there is nothing to index")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     built: Dict[str, dict] = {}
@@ -85,7 +89,12 @@ class CatalogueIndex:
         self.folder = Path(folder)
         if not (self.folder / "index.json").is_file():
             raise FileNotFoundError(f"no index.json in {self.folder}: build it with `mclfir index --out {self.folder}`")
-        self.meta = json.loads((self.folder / "index.json").read_text())
+        self.meta = _read_json(self.folder / "index.json", dict)
+        attributes = self.meta.get("attributes")
+        if not isinstance(attributes, dict):
+            raise BadInputError(f"{self.folder / 'index.json'}: 'attributes' must be a mapping")
+        for a in attributes:
+            check_attribute(a, f"{self.folder / 'index.json'}: attributes", BadInputError)
         self.keys = (self.folder / "keys.txt").read_text().splitlines()
         self.locations = (self.folder / "locations.txt").read_text().splitlines() \
             if (self.folder / "locations.txt").is_file() else [""] * len(self.keys)
@@ -111,6 +120,8 @@ class CatalogueIndex:
         return self.index(attribute).reconstruct(self.row(key))
 
     def search(self, attribute: str, queries: np.ndarray, k: int):
+        if k < 1:
+            raise ConfigError(f"--k must be at least 1, got {k}")
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         return self.index(attribute).search(queries, min(k, len(self.keys)))
 

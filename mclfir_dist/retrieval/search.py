@@ -11,13 +11,17 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..config import ConfigError
+from ..data.images import ImageRejected
 from ..data.streams import iter_shard
+from ..errors import BadInputError
+from ..utils.names import check_file_name
 from ..model.preprocess import eval_transform
 from ..training.checkpoint import load_run_model
 from .embed import decode_file_bytes, model_identity
 from .index import CatalogueIndex
 
 log = logging.getLogger(__name__)
+SHEET_MAX = 50   # tiles on one contact sheet: past that it is no longer an image anyone can look at
 
 
 def check_same_model(catalogue: CatalogueIndex, model, run: str, attribute: str, allow_other: bool) -> None:
@@ -56,7 +60,11 @@ def embed_query(run: str, image: str, attribute: str, catalogue: Optional[Catalo
     if not path.is_file():
         raise FileNotFoundError(f"--image: no such file: {path}")
     transform = eval_transform(cfg.data.image_size, int(round(cfg.data.image_size * cfg.data.resize_ratio)))
-    x = transform(decode_file_bytes(path.read_bytes()))[None]
+    try:
+        decoded = decode_file_bytes(path.read_bytes(), cfg.data.max_image_pixels)
+    except ImageRejected as e:
+        raise BadInputError(f"--image {path}: {e}") from None
+    x = transform(decoded)[None]
     emb, _ = model.embed_all(x, [attribute])
     return emb[0, 0].numpy()
 
@@ -64,6 +72,8 @@ def embed_query(run: str, image: str, attribute: str, catalogue: Optional[Catalo
 def search_catalogue(run: Optional[str], index_dir: str, attribute: str, image: Optional[str] = None,
                      key: Optional[str] = None, k: int = 10, sheet: Optional[str] = None,
                      allow_other_model: bool = False) -> List[dict]:
+    if k < 1:
+        raise ConfigError(f"--k must be at least 1, got {k}")
     catalogue = CatalogueIndex(index_dir)
     if (image is None) == (key is None):
         raise ConfigError("give exactly one of --image Q.jpg or --key K")
@@ -90,10 +100,13 @@ def search_catalogue(run: Optional[str], index_dir: str, attribute: str, image: 
     for h in hits:
         print(f"{h['rank']:>4}  {h['score']:7.4f}  {h['key']:30s}  {h['value'] if h['value'] is not None else '-'}")
     if sheet:
+        if len(hits) > SHEET_MAX:
+            log.warning("the contact sheet shows the first %d of %d results", SHEET_MAX, len(hits))
+        hits_drawn = hits[:SHEET_MAX]
         query_image = Path(image).read_bytes() if image else _image_bytes(catalogue, [exclude])[exclude]
-        images = _image_bytes(catalogue, [h["row"] for h in hits])
+        images = _image_bytes(catalogue, [h["row"] for h in hits_drawn])
         draw_sheet(sheet, query_image, f"query {Path(image).name if image else key}", query_value,
-                   [(images.get(h["row"]), h) for h in hits], attribute)
+                   [(images.get(h["row"]), h) for h in hits_drawn], attribute)
     return hits
 
 
@@ -109,6 +122,7 @@ def _image_bytes(catalogue: CatalogueIndex, rows: List[int]) -> Dict[int, bytes]
         elif Path(location).is_file():
             out[row] = Path(location).read_bytes()
     for shard, wanted in by_shard.items():
+        check_file_name(shard, f"{catalogue.folder / 'locations.txt'}", BadInputError)
         for s in iter_shard(Path(source["shards"]) / shard):
             if s["__key__"] in wanted:
                 out[wanted[s["__key__"]]] = s["jpg"]
@@ -127,8 +141,13 @@ def draw_sheet(path: str, query: bytes, query_title: str, query_value: Optional[
     def place(data: Optional[bytes], column: int, colour, lines: List[str]) -> None:
         x = 8 + column * (tile + 8)
         draw.rectangle([x - 4, 4, x + tile + 3, 12 + tile - 1], outline=colour, width=4)
-        if data is not None:
-            img = Image.fromarray(decode_file_bytes(data).permute(1, 2, 0).numpy())
+        try:
+            decoded = decode_file_bytes(data) if data is not None else None
+        except ImageRejected as e:   # a catalogue image gone bad since it was embedded: a blank tile
+            log.warning("contact sheet: %s", e)
+            decoded = None
+        if decoded is not None:
+            img = Image.fromarray(decoded.permute(1, 2, 0).numpy())
             scale = tile / max(img.size)   # small catalogue images are enlarged, large ones shrunk
             img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
             sheet.paste(img, (x + (tile - img.width) // 2, 8 + (tile - img.height) // 2))

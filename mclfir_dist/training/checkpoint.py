@@ -28,9 +28,10 @@ import torch
 
 from .. import __version__
 from ..configure import config_from_dict
-from ..errors import CheckpointError, UnsafeCheckpointError
+from ..errors import CheckpointError, ConfigError, UnsafeCheckpointError
 from ..model.mclfir import build_model
 from ..utils.io import atomic_torch_save
+from ..utils.names import check_attribute
 
 log = logging.getLogger("mclfir")
 
@@ -60,7 +61,69 @@ def load_checkpoint(path: str | Path, expect: Tuple[str, ...] = (INCREMENT_FORMA
     fmt = state.get("format") if isinstance(state, dict) else None
     if fmt not in expect:
         raise CheckpointError(f"{path}: checkpoint format {fmt!r}, this version reads {' or '.join(expect)}")
+    if fmt in (INCREMENT_FORMAT, PARTIAL_FORMAT):
+        check_contents(state, path)
     return state
+
+
+_FIELDS = {"increment": int, "global_step": int, "heads": list, "frozen": list, "model": dict, "method": dict,
+           "config": dict, "results": dict, "rng": dict}
+
+
+def check_contents(state: dict, path: Path) -> None:
+    """Every field a reader uses, with its type; head names safe to use as file names; every model tensor
+    with the name, shape and dtype the checkpoint's own config builds, and finite. A checkpoint that fails
+    is damaged: resume falls back to the one before, and eval/embed/export refuse it with its name."""
+    for key, kind in _FIELDS.items():
+        if key not in state:
+            raise CheckpointError(f"{path}: damaged checkpoint: field '{key}' is missing")
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            raise CheckpointError(f"{path}: damaged checkpoint: field '{key}' is a {type(state[key]).__name__}, "
+                                  f"not a {kind.__name__}")
+    if state["increment"] < 0 or state["global_step"] < 0:
+        raise CheckpointError(f"{path}: damaged checkpoint: negative increment or global_step")
+    for name in state["heads"]:
+        check_attribute(name, f"{path}: head", CheckpointError)
+    if len(set(state["heads"])) != len(state["heads"]) or not set(state["frozen"]) <= set(state["heads"]):
+        raise CheckpointError(f"{path}: damaged checkpoint: heads {state['heads']} and frozen {state['frozen']} "
+                              "do not agree")
+    try:
+        cfg = config_from_dict(state["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: its saved config is not valid: {e}") from None
+    cfg.model.pretrained, cfg.model.weights = False, ""
+    with torch.device("meta"):   # names, shapes and dtypes only: no memory, no initialisation cost
+        model = build_model(cfg.model, cfg.data.image_size)
+        for name in state["heads"]:
+            model.add_head(name)
+    expected = model.state_dict()
+    saved = state["model"]
+    missing, extra = [k for k in expected if k not in saved], [k for k in saved if k not in expected]
+    if missing or extra:
+        raise CheckpointError(f"{path}: damaged checkpoint: the model's tensors do not match its config "
+                              f"({len(missing)} missing, e.g. {missing[:2]}; {len(extra)} unexpected, e.g. {extra[:2]})")
+    for key, want in expected.items():
+        got = saved[key]
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape or got.dtype != want.dtype:
+            what = f"{tuple(got.shape)} {got.dtype}" if isinstance(got, torch.Tensor) else type(got).__name__
+            raise CheckpointError(f"{path}: damaged checkpoint: tensor '{key}' is {what}, the model needs "
+                                  f"{tuple(want.shape)} {want.dtype}")
+    bad = _first_non_finite(saved) or _first_non_finite(state["method"], "method.")
+    if bad:
+        raise CheckpointError(f"{path}: damaged checkpoint: tensor '{bad}' holds NaN or inf")
+
+
+def _first_non_finite(tree, prefix: str = "") -> Optional[str]:
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else []
+    for k, v in items:
+        if isinstance(v, torch.Tensor):
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                return f"{prefix}{k}"
+        elif isinstance(v, (dict, list, tuple)):
+            found = _first_non_finite(v, f"{prefix}{k}.")
+            if found:
+                return found
+    return None
 
 
 @dataclass
@@ -218,7 +281,11 @@ def restore_model(model, state: dict) -> None:
     for attribute in state["heads"]:
         if attribute not in model.heads:
             model.add_head(attribute)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:   # the run's config builds another model than the checkpoint's
+        raise CheckpointError(f"checkpoint of increment {state['increment']} does not fit this model: "
+                              f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
     model.configure(train_heads=[], frozen_heads=state["frozen"], train_trunk=False)
 
 
