@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -346,11 +347,14 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]
                 raise ConfigError(f"config file not found: {path}")
             where = f" (in {path})"
             loaded = OmegaConf.load(path)
+            _refuse_resolvers(loaded, f"config file {path}")
             _drop_inert_retired(loaded)
             cfg = OmegaConf.merge(cfg, loaded)
         if overrides:
             where = " (in the command-line overrides)"
-            cfg = OmegaConf.merge(cfg, _parse_overrides(overrides))
+            parsed = _parse_overrides(overrides)
+            _refuse_resolvers(parsed, "the command-line overrides")
+            cfg = OmegaConf.merge(cfg, parsed)
         where = ""
         obj: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
@@ -364,6 +368,27 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]
                           ) from None
     validate(obj)
     return obj
+
+
+_RESOLVER = re.compile(r"\$\{\s*[\w.\-]+\s*:")   # ${oc.env:VAR}, ${oc.decode:...}: a resolver call
+
+
+def _refuse_resolvers(node, where: str) -> None:
+    """A resolver (${oc.env:VAR} above all) would be resolved and saved into config.yaml and every checkpoint,
+    so a secret in the environment would land in files that get shared: refused, naming the key. Plain
+    ${other.key} references stay allowed."""
+    def walk(value, key: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{key}[{i}]")
+        elif isinstance(value, str) and _RESOLVER.search(value):
+            raise ConfigError(f"config key '{key}' (in {where}): {value!r} calls an interpolation resolver; "
+                              "resolvers such as ${oc.env:...} are refused because the resolved value would be "
+                              "saved in config.yaml and every checkpoint. Write the value itself")
+    walk(OmegaConf.to_container(node, resolve=False), "")
 
 
 def _parse_overrides(overrides: List[str]):

@@ -7,6 +7,7 @@ Output is deterministic: same input and settings, byte-identical tars.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -25,7 +26,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..config import ShardBuildConfig
 from ..errors import BadInputError
-from ..utils.io import atomic_write_json, atomic_write_text, ensure_writable_dir
+from ..utils.io import atomic_write, atomic_write_json, atomic_write_text, ensure_writable_dir
 from . import synthetic
 from ..utils.names import check_key
 from .manifest import FORMAT, IMAGE_EXT, LABEL_EXT, MANIFEST_NAME, SID_EXT, SPLITS, Manifest, ShardError
@@ -33,7 +34,7 @@ from .manifest import FORMAT, IMAGE_EXT, LABEL_EXT, MANIFEST_NAME, SID_EXT, SPLI
 log = logging.getLogger(__name__)
 
 SHARD_FILE = re.compile(r"(train|val|test)-\d{5}\.(tar|idx)")   # the names _write_split gives
-TEMP_SHARD_FILE = re.compile(r"\.(train|val|test)-\d{5}\.tar\.tmp")
+TEMP_SHARD_FILE = re.compile(r"\.(train|val|test)-\d{5}\.(tar|idx)(\.\w+)?\.tmp")   # atomic_write's temp files
 
 
 
@@ -277,14 +278,19 @@ def _write_split(out: Path, split: str, keys: Sequence[str], by_key: Dict[str, R
     for s, start in enumerate(range(0, len(keys), per_shard)):
         chunk = keys[start:start + per_shard]
         name = f"{split}-{s:05d}"
-        tmp = out / f".{name}.tar.tmp"
-        with open(tmp, "wb") as f:
+
+        def write(f, chunk=chunk, start=start):
             writer = wds.TarWriter(f, encoder=False, mtime=0, user="mclfir", group="mclfir")
-            for i, k in enumerate(chunk, start=start):
-                writer.write({"__key__": k, IMAGE_EXT: by_key[k].jpeg, LABEL_EXT: labels[k].astype("<i4").tobytes(),
-                              SID_EXT: np.int64(i).astype("<i8").tobytes()})
-            writer.close()
-        os.replace(tmp, out / f"{name}.tar")
+            try:
+                for i, k in enumerate(chunk, start=start):
+                    writer.write({"__key__": k, IMAGE_EXT: by_key[k].jpeg, LABEL_EXT: labels[k].astype("<i4").tobytes(),
+                                  SID_EXT: np.int64(i).astype("<i8").tobytes()})
+                writer.close()
+            except BaseException:
+                with contextlib.suppress(Exception):   # mark the tar stream closed, or its __del__ writes again
+                    writer.tarstream.close()
+                raise
+        atomic_write(out / f"{name}.tar", write)   # a full disk: OutputError, and no temp file left
         write_index(out / f"{name}.tar", out / f"{name}.idx")
         shards.append({"file": f"{name}.tar", "index": f"{name}.idx", "count": len(chunk),
                        "bytes": (out / f"{name}.tar").stat().st_size})

@@ -38,7 +38,7 @@ class ResNetTrunk(nn.Module):
                 mapped[k] = v
         missing, unexpected = self.load_state_dict(mapped, strict=False)
         if missing:
-            raise ValueError(f"missing keys for the trunk, e.g. {missing[:3]}")
+            raise ValueError(f"ResNet trunk weights do not match: {len(missing)} missing, e.g. {missing[:3]}")
 
     def torchvision_state(self) -> dict:
         """The trunk's weights under torchvision's ResNet names (conv1, bn1, layer1...): they load into
@@ -77,7 +77,10 @@ class EfficientNetLiteTrunk(nn.Module):
         return self.net.state_dict()   # the efficientnet_lite_pytorch package's own names
 
     def load_torchvision_state(self, state: dict) -> None:
-        self.net.load_state_dict(state, strict=False)
+        missing, unexpected = self.net.load_state_dict(state, strict=False)   # strict=False: no _fc weights
+        if missing or unexpected:
+            raise ValueError(f"EfficientNet-Lite0 trunk weights do not match: {len(missing)} missing, e.g. "
+                             f"{missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]}")
 
 
 # name -> (cut, image size) -> trunk module (untrained). The training registry (trunks.TRUNKS) builds

@@ -171,7 +171,8 @@ def embed_catalogue(run: str, out: str, images: Optional[str] = None, csv_path: 
     keys, bad = result["keys"], result["bad"]
     if not keys:   # an empty embedding set would become an index that no search can use
         first = f"; first: {bad[0]['location']}: {bad[0]['error']}" if bad else ""
-        raise BadInputError(f"no image could be embedded from {source}: {total} found, {len(bad)} unreadable{first}"
+        raise BadInputError(f"no image could be embedded from {next(iter(source.values()))}: {total} found, "
+                            f"{len(bad)} unreadable{first}"
                             f" ({out} left as it was)")
     meta = {"format": "mclfir-embeddings/1", "run": str(run), "checkpoint": str(ckpt), "trunk": cfg.model.trunk,
             "image_size": cfg.data.image_size, "resize": resize, "mean": list(IMAGENET_MEAN),

@@ -58,6 +58,13 @@ def load_exported(directory: str | Path, device: str | torch.device = "cpu") -> 
         raise ValueError(f"{directory / 'config.json'}: format {config.get('format')!r}, expected {EXPORT_FORMAT}")
     model = ExportedModel(config)
     state = load_file(str(directory / "model.safetensors"))
-    load_export_state(model.trunk, {k[len("trunk."):]: v for k, v in state.items() if k.startswith("trunk.")})
-    model.heads.load_state_dict({k[len("heads."):]: v for k, v in state.items() if k.startswith("heads.")})
+    try:
+        load_export_state(model.trunk, {k[len("trunk."):]: v for k, v in state.items() if k.startswith("trunk.")})
+        model.heads.load_state_dict({k[len("heads."):]: v for k, v in state.items() if k.startswith("heads.")})
+    except (RuntimeError, ValueError) as e:   # missing, extra or mis-shaped tensors: never a half-loaded model
+        raise ValueError(f"{directory / 'model.safetensors'} does not match {directory / 'config.json'}: "
+                         f"{str(e).splitlines()[0]}") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{directory / 'model.safetensors'}: tensor '{bad[0]}' holds NaN or inf")
     return model.eval().to(device)

@@ -219,13 +219,15 @@ class Checkpointer:
         return stale
 
     def latest_increment(self) -> Optional[Tuple[Path, dict]]:
-        """Newest increment checkpoint that loads; damaged ones are named and skipped."""
+        """Newest increment checkpoint that loads; damaged ones are named and skipped (`self.problems`)."""
+        self.problems = []
         for path in reversed(self.increments()):
             try:
                 return path, load_checkpoint(path, (INCREMENT_FORMAT,))
             except UnsafeCheckpointError:
                 raise
             except CheckpointError as e:
+                self.problems.append(str(e))
                 log.error("%s; falling back to an earlier checkpoint", e)
         return None
 
@@ -294,9 +296,11 @@ def load_run_model(run_dir: str | Path, checkpoint: Optional[str | Path] = None)
     if checkpoint is not None:
         path, state = Path(checkpoint), load_checkpoint(checkpoint, (INCREMENT_FORMAT,))
     else:
-        found = Checkpointer(run_dir).latest_increment()
+        files = Checkpointer(run_dir)
+        found = files.latest_increment()
         if found is None:
-            raise CheckpointError(f"no checkpoint under {Path(run_dir) / CKPT_DIR}")
+            why = f": every one is damaged; the newest: {files.problems[0]}" if files.problems else ""
+            raise CheckpointError(f"no usable checkpoint under {Path(run_dir) / CKPT_DIR}{why}")
         path, state = found
     cfg = config_from_dict(state["config"])
     cfg.model.pretrained, cfg.model.weights = False, ""   # weights come from the checkpoint

@@ -35,6 +35,24 @@ def ensure_writable_dir(path: str | Path) -> Path:
     return path
 
 
+class _Recording:
+    """A file that remembers the OSError of a failed write: torch.save turns it into a RuntimeError
+    ('unexpected pos'), which must still read as the full disk it was."""
+
+    def __init__(self, f):
+        self._f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
     """Call `write(fileobj)` on a temp file in the same folder, fsync, then rename over `path`."""
     path = Path(path)
@@ -43,9 +61,11 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise _output_error(path, e) from None
+    recording = None
     try:
         with os.fdopen(fd, mode) as f:
-            write(f)
+            recording = _Recording(f)
+            write(recording)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results should read like any written file
@@ -57,6 +77,8 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
             pass
         if isinstance(e, OSError) and not isinstance(e, OutputError):
             raise _output_error(path, e) from None
+        if recording is not None and recording.error is not None:
+            raise _output_error(path, recording.error) from None
         raise
 
 
