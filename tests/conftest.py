@@ -91,3 +91,23 @@ def free_port() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return str(s.getsockname()[1])
+
+
+_CHECKPOINT_MODEL = {}
+
+
+def checkpoint_state(increment: int, **extra) -> dict:
+    """A small but complete increment checkpoint state (what the loader checks: fields, head names, every
+    tensor of the model its config builds), for tests of the checkpoint files themselves."""
+    from mclfir_dist.config import to_dict
+    from mclfir_dist.configure import load_config
+    from mclfir_dist.model.mclfir import build_model
+    if not _CHECKPOINT_MODEL:
+        cfg = load_config(ROOT / "configs/debug_cpu.yaml", ["data.image_size=32", "model.head_channels=8",
+                                                            "model.embed_dim=8"])
+        model = build_model(cfg.model, cfg.data.image_size)
+        model.add_head("colour")
+        _CHECKPOINT_MODEL.update(config=to_dict(cfg), model=model.state_dict())
+    return {"increment": increment, "global_step": 10 * increment, "heads": ["colour"], "frozen": [],
+            "model": {k: v.clone() for k, v in _CHECKPOINT_MODEL["model"].items()}, "method": {},
+            "config": _CHECKPOINT_MODEL["config"], "results": {"complete": False}, "rng": {}, **extra}

@@ -227,8 +227,9 @@ def test_a_partial_missing_a_zero_shard_falls_back(tmp_path, caplog):
     import logging
     from mclfir_dist.training.checkpoint import Checkpointer
     ck = Checkpointer(tmp_path)
-    ck.save_increment(0, {"increment": 0, "step": 0})
-    ck.save_partial({"increment": 1, "step": 5, "zero_world": 2})
+    from conftest import checkpoint_state
+    ck.save_increment(0, checkpoint_state(0))
+    ck.save_partial(checkpoint_state(1, step=5, zero_world=2))
     ck.save_zero_shard(1, 5, 0, {"x": 1})
     with caplog.at_level(logging.ERROR, logger="mclfir"):
         point = ck.resume_point()

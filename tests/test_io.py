@@ -40,14 +40,15 @@ def test_a_full_disk_during_a_checkpoint_is_one_named_error(tmp_path, monkeypatc
     from mclfir_dist.training.checkpoint import Checkpointer
     from mclfir_dist.utils import io as io_module
     ck = Checkpointer(tmp_path)
-    ck.save_increment(0, {"increment": 0, "model": {"w": torch.zeros(3)}})
+    from conftest import checkpoint_state
+    ck.save_increment(0, checkpoint_state(0))
     before = ck.increment_path(0).read_bytes()
 
     def no_space(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(io_module.os, "fsync", no_space)
     with pytest.raises(io_module.OutputError, match="increment_00.pt: the disk is full"):
-        ck.save_increment(0, {"increment": 0, "model": {"w": torch.ones(3)}})
+        ck.save_increment(0, checkpoint_state(1))
     assert ck.increment_path(0).read_bytes() == before
     assert [p.name for p in ck.dir.iterdir()] == ["increment_00.pt"]
 

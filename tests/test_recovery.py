@@ -5,13 +5,14 @@ from argparse import Namespace
 import pytest
 import torch
 
+from conftest import checkpoint_state
 from mclfir_dist.training.checkpoint import Checkpointer
 from mclfir_dist.cli import replace_run, resolve_run_dir
 from mclfir_dist.config import ConfigError
 
 
 def _state(index):
-    return {"increment": index, "model": {"w": torch.full((2,), float(index))}, "results": {"complete": False}}
+    return checkpoint_state(index)
 
 
 def test_damaged_partial_falls_back_to_the_last_increment_and_stale_temporaries_go(tmp_path, caplog):
