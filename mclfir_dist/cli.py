@@ -265,12 +265,22 @@ def _add_use(sub, formatter):
     e.add_argument("--image-column", default="filename", help="with --csv: the image path column")
     e.add_argument("--key-column", default="", help="with --csv: the key column (default: from the image path)")
     e.add_argument("--image-root", help="with --csv: folder the paths are relative to (default: the CSV's folder)")
+    e.add_argument("--dry-run", action="store_true",
+                   help="embed a few batches only, print the images/s measured and what the whole catalogue would "
+                        "cost; write nothing")
 
     i = sub.add_parser("index", formatter_class=formatter, help="build FAISS indexes over `mclfir embed` output",
                        description="One index per attribute: exact inner product by default; IVF or HNSW for "
                                    "catalogues above ~1M images.")
-    i.add_argument("--embeddings", required=True, help="an `mclfir embed` output folder (EMB)")
-    i.add_argument("--out", required=True, help="output folder (INDEX)")
+    i.add_argument("action", nargs="?", choices=["update"],
+                   help="update: add or replace items by key from --embeddings, and/or --remove keys, in --index")
+    i.add_argument("--embeddings", help="an `mclfir embed` output folder (EMB)")
+    i.add_argument("--out", help="output folder (INDEX) of a build")
+    i.add_argument("--index", help="update: the index folder to change in place")
+    i.add_argument("--remove", action="append", default=[], metavar="KEYS",
+                   help="update: comma-separated keys, or @FILE with one key per line, to delete")
+    i.add_argument("--attributes", default="", help="only these attributes' indexes (build: the others are kept)")
+    i.add_argument("--dry-run", action="store_true", help="update: print what would change, write nothing")
     i.add_argument("--kind", choices=["flat", "ivf", "hnsw"], default="flat", help="exact (flat) or approximate")
     i.add_argument("--nlist", type=int, default=0, help="ivf: inverted lists (0 = 4 sqrt(N))")
     i.add_argument("--nprobe", type=int, default=16, help="ivf: lists probed per query")
@@ -305,15 +315,30 @@ def cmd_embed(args) -> int:
     embed_catalogue(args.run, args.out, args.images, args.csv, args.shards,
                     [a.strip() for a in args.attributes.split(",") if a.strip()], args.batch, args.workers,
                     [s.strip() for s in args.splits.split(",") if s.strip()], args.image_column, args.key_column,
-                    args.image_root)
+                    args.image_root, dry_run=args.dry_run)
     return 0
 
 
 def cmd_index(args) -> int:
-    from .retrieval.index import index_catalogue
-    meta = index_catalogue(args.embeddings, args.out, args.kind, args.nlist, args.nprobe, args.hnsw_m, args.ef_search)
+    from .retrieval.index import index_catalogue, update_index
+    attributes = [a.strip() for a in args.attributes.split(",") if a.strip()]
+    if args.action == "update":
+        if not args.index:
+            raise ConfigError("index update needs --index INDEX (the folder to change in place)")
+        plan = update_index(args.index, args.embeddings, args.remove, attributes, args.dry_run)
+        print(f"{'would change' if args.dry_run else 'updated'} {args.index}: {plan['added']} added, "
+              f"{plan['replaced']} replaced, {plan['removed']} removed -> {plan['items']} items; attributes "
+              f"updated {plan['updated'] or '-'}, new {plan['new_attributes'] or '-'}, rebuilt (other weights) "
+              f"{plan['rebuilt'] or '-'}; {plan['seconds']:.2f} s")
+        return 0
+    if not args.embeddings or not args.out:
+        raise ConfigError("index needs --embeddings EMB and --out INDEX (or: index update --index INDEX ...)")
+    meta = index_catalogue(args.embeddings, args.out, args.kind, args.nlist, args.nprobe, args.hnsw_m, args.ef_search,
+                           attributes)
     for a, info in meta["attributes"].items():
-        print(f"{a}: {info['vectors']} vectors, {meta['kind']} index built in {info['build_seconds']:.2f} s")
+        if "build_seconds" in info and (not attributes or a in attributes):
+            print(f"{a}: {info['vectors']} vectors, {meta['kind']} index built in {info['build_seconds']:.2f} s "
+                  f"({info['vectors_per_second']:.0f} vectors/s)")
     return 0
 
 

@@ -169,3 +169,52 @@ def test_a_search_with_another_model_than_the_index_is_refused_unless_allowed(ru
     assert main(args + ["--run", str(root / "extended"), "--allow-other-model"]) == 0
     err = capsys.readouterr().err
     assert "with the previous model's index" in err and "re-embedded" in err
+
+
+def test_a_kill_9_inside_the_extension_resumes_to_the_one_go_result(runs, tiny_shards, tmp_path):
+    """The extension's own increment is killed (-9) just after its first partial checkpoint; running the same
+    command again finishes it, bit-identical to training the three increments in one go."""
+    import signal
+    import time
+    root, _, one_go = runs
+    run = tmp_path / "run"
+    train(_cfg(tiny_shards, TWO), run)
+    overrides = tiny_train_overrides(tiny_shards, steps=6, increments=THREE) + [
+        "eval.grid_queries=0", "eval.frozen_baseline=false", "train.checkpoint_every=2"]   # an operational key
+    command = [sys.executable, "-m", "mclfir_dist.cli", "train", "--config", str(ROOT / "configs/debug_cpu.yaml"),
+               "--resume", str(run), *overrides]
+    p = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = run / "checkpoints" / "partial.pt"
+    deadline = time.time() + 300
+    while not partial.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert p.poll() is None, "the extension ended before its first partial checkpoint"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (run / "checkpoints" / "increment_02.pt").exists()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    resumed = json.loads((run / "results.json").read_text())
+    assert resumed["accuracy_matrix"] == one_go["accuracy_matrix"]
+    assert resumed["compatibility"] == one_go["compatibility"]
+    assert len(resumed["extensions"]) == 1
+    a = torch.load(run / "checkpoints/increment_02.pt", weights_only=True)["model"]
+    b = torch.load(root / "one_go/checkpoints/increment_02.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_lifecycle_script_runs_at_tiny_size(tmp_path):
+    """scripts/lifecycle.sh end to end (TINY=1): train 2, index, a third arrives, extend, compatibility, the
+    deployed index refused with the new model, updated in place per the verdicts, all three searched."""
+    env = {**__import__("os").environ, "TINY": "1", "OUT": str(tmp_path / "lc"), "PY": sys.executable}
+    done = subprocess.run(["bash", str(ROOT / "scripts/lifecycle.sh")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert "embedded by another model" in out                      # the deployed index, new model: refused
+    assert "new ['pattern']" in out                                 # the new head joined the deployed index
+    assert out.count("rank    score") == 3                          # all three attributes searched
+    from mclfir_dist.retrieval.index import CatalogueIndex
+    index = CatalogueIndex(tmp_path / "lc" / "index_v2")
+    assert set(index.meta["attributes"]) == {"colour", "sleeve_length", "pattern"}
+    assert index.meta["updates"][-1]["new_attributes"] == ["pattern"]

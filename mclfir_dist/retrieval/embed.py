@@ -141,7 +141,8 @@ def model_identity(model, attribute: str) -> str:
 def embed_catalogue(run: str, out: str, images: Optional[str] = None, csv_path: Optional[str] = None,
                     shards: Optional[str] = None, attributes: Sequence[str] = (), batch: int = 64, workers: int = 2,
                     splits: Sequence[str] = ("train", "val", "test"), image_column: str = "filename",
-                    key_column: str = "", image_root: Optional[str] = None, progress: bool = True) -> dict:
+                    key_column: str = "", image_root: Optional[str] = None, progress: bool = True,
+                    dry_run: bool = False) -> dict:
     model, cfg, ckpt = load_run_model(run)
     attrs = list(attributes) or model.attributes
     unknown = [a for a in attrs if a not in model.heads]
@@ -165,6 +166,8 @@ def embed_catalogue(run: str, out: str, images: Optional[str] = None, csv_path: 
     model.to(device)
     loader = DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=_collate,
                         pin_memory=device.type == "cuda")
+    if dry_run:
+        return _estimate(model, loader, attrs, device, total, batch, source)
     started = time.time()
     result = _embed(model, loader, attrs, device, tqdm(total=total, unit="img", desc="embedding", disable=not progress))
     seconds = time.time() - started
@@ -185,6 +188,33 @@ def embed_catalogue(run: str, out: str, images: Optional[str] = None, csv_path: 
     log.info("embedded %d images (%d unreadable) under %s in %.1f s (%.1f images/s) -> %s", len(keys), len(bad),
              ", ".join(attrs), seconds, meta["images_per_second"], out)
     return meta
+
+
+def _estimate(model, loader, attrs: Sequence[str], device: torch.device, total: int, batch: int, source: dict) -> dict:
+    """--dry-run: embed a sample (at most 4 batches; the first is a warm-up, not timed), write nothing, and
+    say what the whole catalogue would cost at the measured rate."""
+    import itertools
+    batches = iter(loader)
+    with torch.no_grad():
+        first = next(batches, None)
+        if first is not None and first["images"] is not None:
+            model.embed_all(first["images"].to(device), attrs)
+        started, n = time.time(), 0
+        for b in itertools.islice(batches, 3):
+            if b["images"] is not None:
+                model.embed_all(b["images"].to(device), attrs)
+                n += len(b["good"])
+    seconds = time.time() - started
+    if n == 0:   # a catalogue of one batch: time that one
+        n, seconds = (len(first["good"]) if first else 0), seconds
+    rate = n / max(seconds, 1e-9) if n else 0.0
+    plan = {"dry_run": True, "images": total, "attributes": list(attrs), "measured_images": n,
+            "images_per_second": round(rate, 1), "device": str(device),
+            "estimated_seconds": round(total / rate, 1) if rate else None, "source": source}
+    log.info("dry run: %d images under %s; measured %.1f images/s on %d images (%s): about %s s for all; "
+             "nothing written", total, ", ".join(attrs), rate, n, device,
+             plan["estimated_seconds"] if rate else "?")
+    return plan
 
 
 @torch.no_grad()

@@ -6,7 +6,9 @@ cosine), `ivf` (IndexIVFFlat, `--nlist` lists, `--nprobe` probed per query) and 
 Every index can give back its vectors (`reconstruct`), so `mclfir search --key` needs nothing else.
 
 Output folder: `<attribute>.faiss`, plus `keys.txt`, `locations.txt`, `labels.json` copied from the
-embeddings and `index.json` (kind, parameters, build seconds, the embeddings' provenance).
+embeddings and `index.json` (kind, parameters, build seconds, the weights hash of each attribute, the
+embeddings' provenance, every update). A vector's FAISS id is its row in keys.txt, so `mclfir index update`
+adds, replaces (`--embeddings`) and removes (`--remove`) items by key in place; HNSW can only add.
 """
 from __future__ import annotations
 
@@ -15,27 +17,31 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
 from ..config import ConfigError
 from ..errors import BadInputError
-from ..utils.io import atomic_write_json
+from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.names import check_attribute
 from .embed import _read_json, load_embeddings
 
 log = logging.getLogger(__name__)
 KINDS = ("flat", "ivf", "hnsw")
+INDEX_FORMAT = "mclfir-index/2"   # /2: ids are catalogue rows (IDMap2 / IVF direct map), so items can be updated
 
 
 def build_index(vectors: np.ndarray, kind: str = "flat", nlist: int = 0, nprobe: int = 16, hnsw_m: int = 32,
-                ef_search: int = 64, seed: int = 0):
+                ef_search: int = 64, seed: int = 0, ids: Optional[np.ndarray] = None):
+    """An index whose ids are catalogue rows (`ids`, default 0..N-1): items can later be added, replaced and
+    removed by key (`update_index`), and `reconstruct(row)` gives a vector back."""
     import faiss
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, dim = vectors.shape
+    ids = np.arange(n, dtype=np.int64) if ids is None else np.ascontiguousarray(ids, dtype=np.int64)
     if kind == "flat":
-        index = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
     elif kind == "ivf":
         nlist = nlist or max(1, min(65536, int(4 * np.sqrt(max(n, 1)))))
         nlist = min(nlist, max(1, n // 39))        # FAISS wants ~39 training points per list
@@ -44,42 +50,189 @@ def build_index(vectors: np.ndarray, kind: str = "flat", nlist: int = 0, nprobe:
         sample = vectors if n <= 256 * nlist else vectors[np.random.default_rng(seed).choice(n, 256 * nlist, False)]
         index.train(sample)
         index.nprobe = min(nprobe, nlist)
+        index.set_direct_map_type(faiss.DirectMap.Hashtable)   # reconstruct and remove by id
     elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efSearch = ef_search
+        base = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        base.hnsw.efSearch = ef_search
+        index = faiss.IndexIDMap2(base)
     else:
         raise ValueError(f"--kind {kind!r}: one of {', '.join(KINDS)}")
-    index.add(vectors)
-    if kind == "ivf":
-        index.make_direct_map()   # reconstruct(i) for `search --key`
+    index.add_with_ids(vectors, ids)
     return index
 
 
-def index_catalogue(embeddings: str | Path, out: str | Path, kind: str = "flat", nlist: int = 0, nprobe: int = 16,
-                    hnsw_m: int = 32, ef_search: int = 64) -> dict:
+def _write_faiss(index, path: Path) -> None:
     import faiss
+    tmp = path.with_name(f".{path.name}.tmp")
+    faiss.write_index(index, str(tmp))
+    tmp.replace(path)
+
+
+def _chosen(emb: dict, attributes: Optional[Sequence[str]], where: str) -> List[str]:
+    chosen = list(attributes) if attributes else list(emb["matrices"])
+    unknown = [a for a in chosen if a not in emb["matrices"]]
+    if unknown:
+        raise ConfigError(f"--attributes: {where} has no embeddings for {unknown} (it has {', '.join(emb['matrices'])})")
+    return chosen
+
+
+def index_catalogue(embeddings: str | Path, out: str | Path, kind: str = "flat", nlist: int = 0, nprobe: int = 16,
+                    hnsw_m: int = 32, ef_search: int = 64, attributes: Optional[Sequence[str]] = None) -> dict:
+    """One index per attribute. With `attributes` and an existing index of the same items in `out`, only
+    those indexes are rebuilt and the others kept."""
     emb = load_embeddings(embeddings)
     if not emb["keys"]:
         raise BadInputError(f"{embeddings}: the embedding set is empty: there is nothing to index")
+    chosen = _chosen(emb, attributes, str(embeddings))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    keep: Dict[str, dict] = {}
+    hashes = dict(emb["meta"].get("model_hash", {}))
+    if attributes and (out / "index.json").is_file():
+        old = CatalogueIndex(out)
+        if old.keys != emb["keys"]:
+            raise ConfigError(f"--attributes: {out} holds other items than {embeddings}; rebuild every attribute "
+                              f"(omit --attributes) or add and replace items with `mclfir index update`")
+        keep = {a: v for a, v in old.meta["attributes"].items() if a not in chosen}
+        hashes = {**old.model_hashes, **{a: hashes.get(a) for a in chosen}}
+        kind, params = old.meta["kind"], old.meta["params"]
+        nlist, nprobe, hnsw_m, ef_search = params["nlist"], params["nprobe"], params["hnsw_m"], params["ef_search"]
     built: Dict[str, dict] = {}
-    for attribute, matrix in emb["matrices"].items():
+    for attribute in chosen:
         started = time.time()
-        index = build_index(matrix, kind, nlist, nprobe, hnsw_m, ef_search)
+        index = build_index(emb["matrices"][attribute], kind, nlist, nprobe, hnsw_m, ef_search)
         seconds = time.time() - started
-        tmp = out / f".{attribute}.faiss.tmp"
-        faiss.write_index(index, str(tmp))
-        tmp.replace(out / f"{attribute}.faiss")
-        built[attribute] = {"vectors": int(index.ntotal), "build_seconds": round(seconds, 4)}
+        _write_faiss(index, out / f"{attribute}.faiss")
+        built[attribute] = {"vectors": int(index.ntotal), "build_seconds": round(seconds, 4),
+                            "vectors_per_second": round(index.ntotal / max(seconds, 1e-9), 1)}
         log.info("%s: %s index of %d vectors in %.2f s", attribute, kind, index.ntotal, seconds)
     for name in ("keys.txt", "locations.txt", "labels.json"):
-        if (Path(embeddings) / name).is_file():
+        if (Path(embeddings) / name).is_file() and not keep:
             shutil.copyfile(Path(embeddings) / name, out / name)
-    meta = {"format": "mclfir-index/1", "kind": kind, "params": {"nlist": nlist, "nprobe": nprobe, "hnsw_m": hnsw_m,
-            "ef_search": ef_search}, "attributes": built, "embeddings": str(embeddings), "embed": emb["meta"]}
+    meta = {"format": INDEX_FORMAT, "kind": kind, "params": {"nlist": nlist, "nprobe": nprobe, "hnsw_m": hnsw_m,
+            "ef_search": ef_search}, "attributes": {**keep, **built}, "model_hash": hashes,
+            "items": len(emb["keys"]), "embeddings": str(embeddings), "embed": emb["meta"]}
     atomic_write_json(out / "index.json", meta)
     return meta
+
+
+def _parse_keys(remove: Sequence[str]) -> List[str]:
+    """--remove K1,K2 or @FILE (one key per line)."""
+    keys: List[str] = []
+    for item in remove:
+        if item.startswith("@"):
+            keys += [k for k in Path(item[1:]).read_text().splitlines() if k.strip()]
+        else:
+            keys += [k for k in item.split(",") if k]
+    return keys
+
+
+def update_index(index_dir: str | Path, embeddings: Optional[str | Path] = None, remove: Sequence[str] = (),
+                 attributes: Optional[Sequence[str]] = None, dry_run: bool = False) -> dict:
+    """Add or replace items by key from an `mclfir embed` folder, and/or remove keys, in place.
+
+    Per attribute: a new one gets an index over the embeddings' items; one embedded by the same weights gets
+    its items added or replaced; one embedded by other weights (a re-embedding after an extension) is
+    rebuilt, and only when the embeddings cover every item it holds, so one index never mixes two models.
+    Rows keep their ids; a removed key leaves an empty line in keys.txt. Files are written atomically,
+    index.json last."""
+    cat = CatalogueIndex(index_dir)
+    folder = cat.folder
+    if cat.meta.get("format") != INDEX_FORMAT:
+        raise ConfigError(f"{folder} was built by an older version without item ids: rebuild it with "
+                          f"`mclfir index --embeddings ... --out {folder}`")
+    kind = cat.meta["kind"]
+    removing = _parse_keys(remove)
+    unknown = [k for k in removing if k not in cat._row]
+    if unknown or len(set(removing)) != len(removing):
+        unknown = unknown or ["(a key named twice)"]
+    if unknown:
+        raise ConfigError(f"--remove: {len(unknown)} key(s) not in {folder}, e.g. {unknown[0]!r}")
+    if embeddings is None and not removing:
+        raise ConfigError("index update: give --embeddings EMB, --remove KEYS, or both")
+    if removing and kind == "hnsw":
+        raise ConfigError(f"{folder}: an HNSW index cannot remove items; rebuild it with `mclfir index`")
+    keys, locations = list(cat.keys), list(cat.locations)
+    labels = {a: list(v) for a, v in cat.labels.items()}
+    hashes = cat.model_hashes
+    plan = {"added": 0, "replaced": 0, "removed": len(removing), "rebuilt": [], "new_attributes": [],
+            "updated": [], "seconds": 0.0}
+    emb = load_embeddings(embeddings) if embeddings is not None else None
+    both = set(removing) & set(emb["keys"]) if emb is not None else set()
+    if both:
+        raise ConfigError(f"--remove names {len(both)} key(s) that {embeddings} adds or replaces, e.g. {sorted(both)[0]!r}")
+    chosen = _chosen(emb, attributes, str(embeddings)) if emb is not None else []
+    started = time.time()
+    indexes = {a: cat.index(a) for a in cat.meta["attributes"]}
+    if emb is not None:
+        rows = dict(cat._row)
+        fresh = [k for k in emb["keys"] if k not in rows]
+        plan["added"], plan["replaced"] = len(fresh), len(emb["keys"]) - len(fresh)
+        for k in fresh:
+            rows[k] = len(keys)
+            keys.append(k)
+            locations.append("")
+            for values in labels.values():
+                values.append(None)
+        ids = np.array([rows[k] for k in emb["keys"]], dtype=np.int64)
+        for i, k in enumerate(emb["keys"]):
+            locations[rows[k]] = emb["locations"][i] if i < len(emb["locations"]) else ""
+        for a, values in emb["labels"].items():
+            column = labels.setdefault(a, [None] * len(keys))
+            for i, k in enumerate(emb["keys"]):
+                column[rows[k]] = values[i]
+        new_hashes = emb["meta"].get("model_hash", {})
+        live = {k for k in cat._row if k not in set(removing)}
+        for a in chosen:
+            vectors = emb["matrices"][a]
+            if a not in indexes:
+                plan["new_attributes"].append(a)
+                indexes[a] = build_index(vectors, kind, cat.meta["params"]["nlist"], cat.meta["params"]["nprobe"],
+                                         cat.meta["params"]["hnsw_m"], cat.meta["params"]["ef_search"], ids=ids)
+            elif hashes.get(a) != new_hashes.get(a):
+                missing = live - set(emb["keys"])
+                if missing:
+                    raise ConfigError(
+                        f"'{a}': {embeddings} was embedded by other weights than {folder} ({new_hashes.get(a)} vs "
+                        f"{hashes.get(a)}) and lacks {len(missing)} of its items (e.g. {sorted(missing)[0]!r}): one "
+                        f"index cannot mix two models; re-embed the whole catalogue for '{a}'")
+                plan["rebuilt"].append(a)
+                indexes[a] = build_index(vectors, kind, cat.meta["params"]["nlist"], cat.meta["params"]["nprobe"],
+                                         cat.meta["params"]["hnsw_m"], cat.meta["params"]["ef_search"], ids=ids)
+            else:
+                index = indexes[a]
+                replaced = ids[np.isin(ids, list(cat._row.values()))]
+                if len(replaced) and kind == "hnsw":
+                    raise ConfigError(f"{folder}: an HNSW index cannot replace items; rebuild it with `mclfir index`")
+                if len(replaced):
+                    index.remove_ids(replaced)
+                index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
+                plan["updated"].append(a)
+            hashes[a] = new_hashes.get(a)
+    if removing:
+        gone = np.array([cat._row[k] for k in removing], dtype=np.int64)
+        for a, index in indexes.items():
+            index.remove_ids(gone)
+        for k in removing:
+            keys[cat._row[k]] = ""
+    plan["seconds"] = round(time.time() - started, 4)
+    plan["items"] = sum(1 for k in keys if k)
+    if dry_run:
+        return plan
+    for a, index in indexes.items():
+        if a in chosen or removing:
+            _write_faiss(index, folder / f"{a}.faiss")
+    atomic_write_text(folder / "keys.txt", "".join(k + "\n" for k in keys))
+    atomic_write_text(folder / "locations.txt", "".join(p + "\n" for p in locations))
+    if labels:
+        atomic_write_json(folder / "labels.json", labels)
+    meta = dict(cat.meta)
+    meta["attributes"] = {a: {"vectors": int(index.ntotal)} for a, index in indexes.items()}
+    meta["model_hash"], meta["items"] = hashes, plan["items"]
+    meta.setdefault("updates", []).append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "embeddings": str(embeddings),
+                                           **{k: v for k, v in plan.items() if k != "items"}})
+    atomic_write_json(folder / "index.json", meta)
+    return plan
 
 
 class CatalogueIndex:
@@ -100,7 +253,7 @@ class CatalogueIndex:
             if (self.folder / "locations.txt").is_file() else [""] * len(self.keys)
         self.labels = json.loads((self.folder / "labels.json").read_text()) \
             if (self.folder / "labels.json").is_file() else {}
-        self._row = {k: i for i, k in enumerate(self.keys)}
+        self._row = {k: i for i, k in enumerate(self.keys) if k}   # '' = a removed item
         self._indexes: Dict[str, object] = {}
 
     def index(self, attribute: str):
@@ -110,6 +263,11 @@ class CatalogueIndex:
         if attribute not in self._indexes:
             self._indexes[attribute] = faiss.read_index(str(self.folder / f"{attribute}.faiss"))
         return self._indexes[attribute]
+
+    @property
+    def model_hashes(self) -> Dict[str, str]:
+        """The weights hash of each attribute's index (per attribute: an update may re-embed some only)."""
+        return dict(self.meta.get("model_hash") or self.meta.get("embed", {}).get("model_hash", {}))
 
     def row(self, key: str) -> int:
         if key not in self._row:
@@ -123,7 +281,7 @@ class CatalogueIndex:
         if k < 1:
             raise ConfigError(f"--k must be at least 1, got {k}")
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        return self.index(attribute).search(queries, min(k, len(self.keys)))
+        return self.index(attribute).search(queries, min(k, len(self._row)))
 
     def label(self, attribute: str, row: int) -> Optional[str]:
         values = self.labels.get(attribute)

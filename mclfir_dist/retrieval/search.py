@@ -27,7 +27,7 @@ SHEET_MAX = 50   # tiles on one contact sheet: past that it is no longer an imag
 def check_same_model(catalogue: CatalogueIndex, model, run: str, attribute: str, allow_other: bool) -> None:
     """Queries and index must come from the same weights; another model is refused unless allowed, and then
     the run's measured compatibility (results.json) is shown."""
-    indexed = catalogue.meta["embed"].get("model_hash", {}).get(attribute)
+    indexed = catalogue.model_hashes.get(attribute)
     current = model_identity(model, attribute)
     if indexed == current:
         return
