@@ -481,6 +481,26 @@ def cases() -> List[Case]:
         return ["search", "--run", run, "--index", b.index, "--attribute", "colour", "--image", w / "q.jpg"]
     case("search-other-model", "18", "an index searched with another run's model", other_model)
 
+    def embed_folder_damage(w, b, fn):
+        emb = copy(b.emb, w, "emb")
+        fn(emb)
+        return ["index", "--embeddings", emb, "--out", w / "idx"]
+    case("embed-npy-object-array", "18", "an .npy holding a pickled object array", lambda w, b: embed_folder_damage(
+        w, b, lambda e: np.save(e / "colour.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)))
+    case("embed-npy-nan", "18", "an .npy of NaN vectors", lambda w, b: embed_folder_damage(
+        w, b, lambda e: np.save(e / "colour.npy", np.full_like(np.load(e / "colour.npy"), np.nan))))
+    case("embed-keys-short", "18", "keys.txt with fewer lines than the matrices have rows",
+         lambda w, b: embed_folder_damage(w, b, lambda e: (e / "keys.txt").write_text(
+             "".join(k + "\n" for k in (e / "keys.txt").read_text().split()[:5]))))
+
+    def faiss_damaged(w, b):
+        index = copy(b.index, w, "idx")
+        data = (index / "colour.faiss").read_bytes()
+        (index / "colour.faiss").write_bytes(data[: len(data) // 3])
+        key = (index / "keys.txt").read_text().split()[0]
+        return ["search", "--index", index, "--attribute", "colour", "--key", key]
+    case("faiss-file-truncated", "18", "a truncated .faiss file", faiss_damaged)
+
     def relative_images(w, b):
         (w / "imgs").mkdir()
         for i, (n, d) in enumerate([(n, d) for n, d in shard_members(first_shard(b.shards, "test"))

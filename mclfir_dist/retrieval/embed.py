@@ -263,10 +263,31 @@ def load_embeddings(folder: str | Path) -> dict:
     meta = _read_json(folder / "embed.json", dict)
     for a in _expect_list(meta.get("attributes"), folder / "embed.json", "attributes"):
         check_attribute(a, f"{folder / 'embed.json'}: attributes", BadInputError)
-    labels = json.loads((folder / "labels.json").read_text()) if (folder / "labels.json").is_file() else {}
-    return {"meta": meta, "keys": (folder / "keys.txt").read_text().splitlines(),
-            "locations": (folder / "locations.txt").read_text().splitlines(), "labels": labels,
-            "matrices": {a: np.load(folder / f"{a}.npy") for a in meta["attributes"]}}
+    labels = _read_json(folder / "labels.json", dict) if (folder / "labels.json").is_file() else {}
+    keys = (folder / "keys.txt").read_text().splitlines()
+    locations = (folder / "locations.txt").read_text().splitlines() if (folder / "locations.txt").is_file() else []
+    matrices = {a: _matrix(folder / f"{a}.npy", len(keys)) for a in meta["attributes"]}
+    if locations and len(locations) != len(keys):
+        raise BadInputError(f"{folder / 'locations.txt'}: {len(locations)} lines for {len(keys)} keys")
+    for a, values in labels.items():
+        if not isinstance(values, list) or len(values) != len(keys):
+            raise BadInputError(f"{folder / 'labels.json'}: '{a}' must list one value per key ({len(keys)})")
+    return {"meta": meta, "keys": keys, "locations": locations or [""] * len(keys), "labels": labels,
+            "matrices": matrices}
+
+
+def _matrix(path: Path, rows: int) -> np.ndarray:
+    """One attribute's N x D float matrix, N = the number of keys, finite; never a pickled object."""
+    try:
+        m = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise BadInputError(f"{path}: not a numeric .npy matrix ({str(e).splitlines()[0]})") from None
+    if m.ndim != 2 or m.shape[0] != rows or not np.issubdtype(m.dtype, np.floating):
+        raise BadInputError(f"{path}: a {m.dtype} array of shape {m.shape}, expected float rows x dim with "
+                            f"{rows} rows (one per key in keys.txt)")
+    if not np.isfinite(m).all():
+        raise BadInputError(f"{path}: holds NaN or inf")
+    return m
 
 
 def _read_json(path: Path, kind: type):

@@ -261,7 +261,14 @@ class CatalogueIndex:
         if attribute not in self.meta["attributes"]:
             raise ConfigError(f"--attribute {attribute!r}: the index has {', '.join(self.meta['attributes'])}")
         if attribute not in self._indexes:
-            self._indexes[attribute] = faiss.read_index(str(self.folder / f"{attribute}.faiss"))
+            path = self.folder / f"{attribute}.faiss"
+            try:
+                index = faiss.read_index(str(path))
+            except RuntimeError as e:   # FAISS reports a damaged or missing file this way
+                raise BadInputError(f"{path}: not a readable FAISS index ({str(e).splitlines()[0][:200]})") from None
+            if index.ntotal > len(self.keys):
+                raise BadInputError(f"{path}: {index.ntotal} vectors for {len(self.keys)} keys in keys.txt")
+            self._indexes[attribute] = index
         return self._indexes[attribute]
 
     @property
@@ -285,4 +292,4 @@ class CatalogueIndex:
 
     def label(self, attribute: str, row: int) -> Optional[str]:
         values = self.labels.get(attribute)
-        return values[row] if values else None
+        return values[row] if isinstance(values, list) and 0 <= row < len(values) else None

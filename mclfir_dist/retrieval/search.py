@@ -88,7 +88,7 @@ def search_catalogue(run: Optional[str], index_dir: str, attribute: str, image: 
     scores, rows = catalogue.search(attribute, query, k + (exclude is not None))
     hits = []
     for score, row in zip(scores[0].tolist(), rows[0].tolist()):
-        if row < 0 or row == exclude:
+        if row < 0 or row == exclude or row >= len(catalogue.keys) or not catalogue.keys[row]:
             continue
         hits.append({"rank": len(hits) + 1, "key": catalogue.keys[row], "score": score, "row": row,
                      "value": catalogue.label(attribute, row), "location": catalogue.locations[row]})
