@@ -248,3 +248,26 @@ def test_zero3_refused_with_clear_message(tiny_shards, tmp_path):
                          extra=["--deepspeed_config_file", str(cfg)])
     assert p.returncode != 0
     assert "ZeRO stage 3 is not supported" in p.stdout + p.stderr
+
+
+def test_extending_a_two_process_run_equals_training_it_in_one_go(ddp_run, tiny_shards, tmp_path):
+    """A new attribute arrives under DDP: the 2-process run extended by a third increment ends bit-identical
+    to a 2-process run of the three increments in one go (ranks resume as for any resume)."""
+    import shutil
+    import torch
+    three = "[{name: a, attributes: [colour]},{name: b, attributes: [garment_length]},{name: c, attributes: [pattern]}]"
+    out = tmp_path / "extended"
+    shutil.copytree(ddp_run[0], out, ignore=shutil.ignore_patterns(".lock"))
+    overrides = tiny_train_overrides(tiny_shards, increments=three)
+    p = accelerate_train("launch/cpu_2proc.yaml", out, overrides + ["--resume", "auto"])
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
+    assert "extending the run" in p.stdout + p.stderr
+    one_go = tmp_path / "one_go"
+    p = accelerate_train("launch/cpu_2proc.yaml", one_go, overrides)
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
+    ext, ref = (json.loads((d / "results.json").read_text()) for d in (out, one_go))
+    assert ext["world_size"] == 2 and len(ext["extensions"]) == 1
+    assert ext["accuracy_matrix"] == ref["accuracy_matrix"] and ext["compatibility"] == ref["compatibility"]
+    a = torch.load(out / "checkpoints/increment_02.pt", weights_only=True)["model"]
+    b = torch.load(one_go / "checkpoints/increment_02.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

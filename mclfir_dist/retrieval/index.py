@@ -137,102 +137,119 @@ def update_index(index_dir: str | Path, embeddings: Optional[str | Path] = None,
     Rows keep their ids; a removed key leaves an empty line in keys.txt. Files are written atomically,
     index.json last."""
     cat = CatalogueIndex(index_dir)
-    folder = cat.folder
-    if cat.meta.get("format") != INDEX_FORMAT:
-        raise ConfigError(f"{folder} was built by an older version without item ids: rebuild it with "
-                          f"`mclfir index --embeddings ... --out {folder}`")
-    kind = cat.meta["kind"]
     removing = _parse_keys(remove)
-    unknown = [k for k in removing if k not in cat._row]
-    if unknown or len(set(removing)) != len(removing):
-        unknown = unknown or ["(a key named twice)"]
-    if unknown:
-        raise ConfigError(f"--remove: {len(unknown)} key(s) not in {folder}, e.g. {unknown[0]!r}")
-    if embeddings is None and not removing:
-        raise ConfigError("index update: give --embeddings EMB, --remove KEYS, or both")
-    if removing and kind == "hnsw":
-        raise ConfigError(f"{folder}: an HNSW index cannot remove items; rebuild it with `mclfir index`")
-    keys, locations = list(cat.keys), list(cat.locations)
-    labels = {a: list(v) for a, v in cat.labels.items()}
-    hashes = cat.model_hashes
+    emb = load_embeddings(embeddings) if embeddings is not None else None
+    _check_update(cat, removing, emb, embeddings)
+    table = {"keys": list(cat.keys), "locations": list(cat.locations),
+             "labels": {a: list(v) for a, v in cat.labels.items()}, "hashes": cat.model_hashes}
     plan = {"added": 0, "replaced": 0, "removed": len(removing), "rebuilt": [], "new_attributes": [],
             "updated": [], "seconds": 0.0}
-    emb = load_embeddings(embeddings) if embeddings is not None else None
-    both = set(removing) & set(emb["keys"]) if emb is not None else set()
-    if both:
-        raise ConfigError(f"--remove names {len(both)} key(s) that {embeddings} adds or replaces, e.g. {sorted(both)[0]!r}")
     chosen = _chosen(emb, attributes, str(embeddings)) if emb is not None else []
     started = time.time()
     indexes = {a: cat.index(a) for a in cat.meta["attributes"]}
     if emb is not None:
-        rows = dict(cat._row)
-        fresh = [k for k in emb["keys"] if k not in rows]
-        plan["added"], plan["replaced"] = len(fresh), len(emb["keys"]) - len(fresh)
-        for k in fresh:
-            rows[k] = len(keys)
-            keys.append(k)
-            locations.append("")
-            for values in labels.values():
-                values.append(None)
-        ids = np.array([rows[k] for k in emb["keys"]], dtype=np.int64)
-        for i, k in enumerate(emb["keys"]):
-            locations[rows[k]] = emb["locations"][i] if i < len(emb["locations"]) else ""
-        for a, values in emb["labels"].items():
-            column = labels.setdefault(a, [None] * len(keys))
-            for i, k in enumerate(emb["keys"]):
-                column[rows[k]] = values[i]
-        new_hashes = emb["meta"].get("model_hash", {})
+        ids = _merge_rows(cat, emb, table, plan)
         live = {k for k in cat._row if k not in set(removing)}
         for a in chosen:
-            vectors = emb["matrices"][a]
-            if a not in indexes:
-                plan["new_attributes"].append(a)
-                indexes[a] = build_index(vectors, kind, cat.meta["params"]["nlist"], cat.meta["params"]["nprobe"],
-                                         cat.meta["params"]["hnsw_m"], cat.meta["params"]["ef_search"], ids=ids)
-            elif hashes.get(a) != new_hashes.get(a):
-                missing = live - set(emb["keys"])
-                if missing:
-                    raise ConfigError(
-                        f"'{a}': {embeddings} was embedded by other weights than {folder} ({new_hashes.get(a)} vs "
-                        f"{hashes.get(a)}) and lacks {len(missing)} of its items (e.g. {sorted(missing)[0]!r}): one "
-                        f"index cannot mix two models; re-embed the whole catalogue for '{a}'")
-                plan["rebuilt"].append(a)
-                indexes[a] = build_index(vectors, kind, cat.meta["params"]["nlist"], cat.meta["params"]["nprobe"],
-                                         cat.meta["params"]["hnsw_m"], cat.meta["params"]["ef_search"], ids=ids)
-            else:
-                index = indexes[a]
-                replaced = ids[np.isin(ids, list(cat._row.values()))]
-                if len(replaced) and kind == "hnsw":
-                    raise ConfigError(f"{folder}: an HNSW index cannot replace items; rebuild it with `mclfir index`")
-                if len(replaced):
-                    index.remove_ids(replaced)
-                index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
-                plan["updated"].append(a)
-            hashes[a] = new_hashes.get(a)
+            indexes[a] = _update_attribute(cat, a, emb, ids, live, indexes.get(a), table["hashes"], plan,
+                                           str(embeddings))
     if removing:
         gone = np.array([cat._row[k] for k in removing], dtype=np.int64)
-        for a, index in indexes.items():
+        for index in indexes.values():
             index.remove_ids(gone)
         for k in removing:
-            keys[cat._row[k]] = ""
+            table["keys"][cat._row[k]] = ""
     plan["seconds"] = round(time.time() - started, 4)
-    plan["items"] = sum(1 for k in keys if k)
-    if dry_run:
-        return plan
-    for a, index in indexes.items():
-        if a in chosen or removing:
-            _write_faiss(index, folder / f"{a}.faiss")
-    atomic_write_text(folder / "keys.txt", "".join(k + "\n" for k in keys))
-    atomic_write_text(folder / "locations.txt", "".join(p + "\n" for p in locations))
-    if labels:
-        atomic_write_json(folder / "labels.json", labels)
+    plan["items"] = sum(1 for k in table["keys"] if k)
+    if not dry_run:
+        _write_update(cat, indexes, [a for a in indexes if a in chosen or removing], table, plan, embeddings)
+    return plan
+
+
+def _check_update(cat: "CatalogueIndex", removing: List[str], emb: Optional[dict], embeddings) -> None:
+    folder = cat.folder
+    if cat.meta.get("format") != INDEX_FORMAT:
+        raise ConfigError(f"{folder} was built by an older version without item ids: rebuild it with "
+                          f"`mclfir index --embeddings ... --out {folder}`")
+    unknown = [k for k in removing if k not in cat._row] or \
+        (["(a key named twice)"] if len(set(removing)) != len(removing) else [])
+    if unknown:
+        raise ConfigError(f"--remove: {len(unknown)} key(s) not in {folder}, e.g. {unknown[0]!r}")
+    if emb is None and not removing:
+        raise ConfigError("index update: give --embeddings EMB, --remove KEYS, or both")
+    if removing and cat.meta["kind"] == "hnsw":
+        raise ConfigError(f"{folder}: an HNSW index cannot remove items; rebuild it with `mclfir index`")
+    both = set(removing) & set(emb["keys"]) if emb is not None else set()
+    if both:
+        raise ConfigError(f"--remove names {len(both)} key(s) that {embeddings} adds or replaces, e.g. {sorted(both)[0]!r}")
+
+
+def _merge_rows(cat: "CatalogueIndex", emb: dict, table: dict, plan: dict) -> np.ndarray:
+    """New keys get new rows (ids); known keys keep theirs. Locations and labels follow. Returns E's ids."""
+    keys, locations, labels = table["keys"], table["locations"], table["labels"]
+    rows = dict(cat._row)
+    fresh = [k for k in emb["keys"] if k not in rows]
+    plan["added"], plan["replaced"] = len(fresh), len(emb["keys"]) - len(fresh)
+    for k in fresh:
+        rows[k] = len(keys)
+        keys.append(k)
+        locations.append("")
+        for values in labels.values():
+            values.append(None)
+    for i, k in enumerate(emb["keys"]):
+        locations[rows[k]] = emb["locations"][i]
+    for a, values in emb["labels"].items():
+        column = labels.setdefault(a, [None] * len(keys))
+        for i, k in enumerate(emb["keys"]):
+            column[rows[k]] = values[i]
+    return np.array([rows[k] for k in emb["keys"]], dtype=np.int64)
+
+
+def _update_attribute(cat: "CatalogueIndex", a: str, emb: dict, ids: np.ndarray, live: set, index, hashes: dict,
+                      plan: dict, embeddings: str):
+    """One attribute's index after the update: new, rebuilt (other weights covering every item) or updated."""
+    params, vectors = cat.meta["params"], emb["matrices"][a]
+    new_hash = emb["meta"].get("model_hash", {}).get(a)
+    fresh = lambda: build_index(vectors, cat.meta["kind"], params["nlist"], params["nprobe"], params["hnsw_m"],
+                                params["ef_search"], ids=ids)
+    if index is None:
+        plan["new_attributes"].append(a)
+        index = fresh()
+    elif hashes.get(a) != new_hash:
+        missing = live - set(emb["keys"])
+        if missing:
+            raise ConfigError(f"'{a}': {embeddings} was embedded by other weights than {cat.folder} ({new_hash} vs "
+                              f"{hashes.get(a)}) and lacks {len(missing)} of its items (e.g. {sorted(missing)[0]!r}): "
+                              f"one index cannot mix two models; re-embed the whole catalogue for '{a}'")
+        plan["rebuilt"].append(a)
+        index = fresh()
+    else:
+        replaced = ids[np.isin(ids, list(cat._row.values()))]
+        if len(replaced) and cat.meta["kind"] == "hnsw":
+            raise ConfigError(f"{cat.folder}: an HNSW index cannot replace items; rebuild it with `mclfir index`")
+        if len(replaced):
+            index.remove_ids(replaced)
+        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
+        plan["updated"].append(a)
+    hashes[a] = new_hash
+    return index
+
+
+def _write_update(cat: "CatalogueIndex", indexes: dict, changed: List[str], table: dict, plan: dict,
+                  embeddings) -> None:
+    folder = cat.folder
+    for a in changed:
+        _write_faiss(indexes[a], folder / f"{a}.faiss")
+    atomic_write_text(folder / "keys.txt", "".join(k + "\n" for k in table["keys"]))
+    atomic_write_text(folder / "locations.txt", "".join(p + "\n" for p in table["locations"]))
+    if table["labels"]:
+        atomic_write_json(folder / "labels.json", table["labels"])
     meta = dict(cat.meta)
     meta["attributes"] = {a: {"vectors": int(index.ntotal)} for a, index in indexes.items()}
-    meta["model_hash"], meta["items"] = hashes, plan["items"]
+    meta["model_hash"], meta["items"] = table["hashes"], plan["items"]
     meta.setdefault("updates", []).append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "embeddings": str(embeddings),
                                            **{k: v for k, v in plan.items() if k != "items"}})
     atomic_write_json(folder / "index.json", meta)
-    return plan
 
 
 class CatalogueIndex:
