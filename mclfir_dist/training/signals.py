@@ -31,7 +31,8 @@ class RunStopped(Exception):
 
 class SignalStop:
     def __init__(self):
-        self.signum = 0
+        self.signum = 0     # what the ranks agreed on
+        self.received = 0   # what this rank's handler saw; never overwritten by a collective
         self._previous: Dict[int, object] = {}
         self._group = None
 
@@ -50,14 +51,17 @@ class SignalStop:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
-        if not self.signum:
-            self.signum = signum
+        if not self.received:
+            self.received = signum
 
     def agreed(self) -> int:
-        """The signal any rank received (0: none); every rank gets the same answer at the same step."""
+        """The signal any rank received (0: none); every rank gets the same answer at the same step. A signal
+        that lands while the collective runs (its handler runs as it returns) counts at the next check: it
+        must not be lost by overwriting, nor acted on by one rank alone."""
         if self._group is None:
+            self.signum = self.received
             return self.signum
-        flag = torch.tensor([self.signum], dtype=torch.int64)
+        flag = torch.tensor([self.received], dtype=torch.int64)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         self.signum = int(flag)
         return self.signum
