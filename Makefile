@@ -1,14 +1,23 @@
 # `make demo` and `make test` work on a fresh machine: both set up .venv first.
-.PHONY: setup demo test bench clean
+.PHONY: setup setup-cluster demo test test-main test-cluster clean
 
 setup:
 	bash scripts/setup.sh
 
+setup-cluster:
+	bash scripts/setup_cluster.sh
+
 demo: setup
 	.venv/bin/mclfir train --config configs/debug_cpu.yaml --out runs/debug --overwrite
 
-test: setup
-	.venv/bin/python -m pytest -q tests
+# two steps: the main suite, then the cluster tests (two localhost nodes, SLURM, elastic restarts; root)
+test: test-main test-cluster
+
+test-main: setup
+	.venv/bin/python -m pytest -q -m "not cluster" tests
+
+test-cluster: setup setup-cluster
+	.venv/bin/python -m pytest -q -m cluster tests
 
 clean:
 	rm -rf runs shards/synthetic .pytest_cache

@@ -147,11 +147,11 @@ class RunRecord:
         self.data["metrics"].append(metrics)
         self.data["cost"].append(cost.as_dict())
 
-    def set_launch(self, *, world_size: int, backend: str, global_batch: int, loader: str,
-                   mixed_precision: str) -> None:
-        """How the latest increment ran (a resumed run may run on another world size)."""
-        self.data.update(world_size=world_size, backend=backend, global_batch=global_batch, loader=loader,
-                         mixed_precision=mixed_precision)
+    def set_launch(self, *, world_size: int, nodes: int, hosts: List[str], backend: str, global_batch: int,
+                   loader: str, mixed_precision: str) -> None:
+        """How the latest increment ran (a resumed run may run on another world size or other nodes)."""
+        self.data.update(world_size=world_size, nodes=nodes, hosts=hosts, backend=backend, global_batch=global_batch,
+                         loader=loader, mixed_precision=mixed_precision)
 
     def skip_increment(self, cost: CostRecord) -> None:
         """An increment that was not run (static_final_only): no mAP, forgetting and BWT unknown."""

@@ -31,6 +31,7 @@ from ..methods import IncrementContext, IncrementPlan, StepOutput, build_method
 from ..model.mclfir import MCLFIRModel, build_model
 from ..utils.io import atomic_write_text, ensure_writable_dir
 from .batch_scaling import describe as describe_scaling
+from .cluster import check_run_dir, nodes_of
 from .batch_scaling import scale_to_global_batch
 from .distributed import gather_objects
 from .losses import DoubletInfoNCE
@@ -93,6 +94,7 @@ class Trainer:
     def create(cls, cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> "Trainer":
         """Processes, the batch scaling for their global batch, the data, then the trainer."""
         runtime = Runtime(cfg, run_dir)
+        runtime.views = check_run_dir(run_dir, resume)   # every rank sees the run (and knows its node)
         cfg, scaling = scale_to_global_batch(cfg, runtime.world)   # steps, lr, EMA decay for this global batch
         if scaling:
             log.info("batch scaling: %s", describe_scaling(scaling))
@@ -316,7 +318,8 @@ class Trainer:
         dataset_of = {a: Path(m.root).name for a, m in self.data.attribute_manifest.items()}
         metrics["dataset_map"] = dataset_maps(details, dataset_of)
         self.record.add_increment(row, details, metrics, cost)
-        self.record.set_launch(world_size=self.runtime.world, backend=self.runtime.backend,
+        self.record.set_launch(world_size=self.runtime.world, nodes=nodes_of(self.runtime.views),
+                               hosts=sorted({v["host"] for v in self.runtime.views}), backend=self.runtime.backend,
                                global_batch=self.images_per_step, loader=self.data.loader,
                                mixed_precision=self.runtime.precision)
         self.metrics.log_increment(plan.index, self.progress.global_step, row, metrics, cost)

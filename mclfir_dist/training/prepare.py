@@ -11,6 +11,7 @@ from ..data import choose_loader
 from ..data.manifest import Manifest
 from ..data.shard_sets import attribute_manifests, check_shard_sets
 from ..data.shards import ensure_shards
+from .cluster import check_shard_roots
 from .runtime import Runtime
 
 log = logging.getLogger("mclfir")
@@ -29,6 +30,7 @@ def prepare_data(cfg: RunConfig, runtime: Runtime) -> PreparedData:
     if runtime.is_main:
         ensure_shards(cfg.data.shards, cfg.data.build)
     runtime.barrier()   # the other ranks read the manifest once it is written
+    check_shard_roots([cfg.data.shards] + [inc.shards for inc in cfg.train.increments if inc.shards])
     manifests, by_attribute = attribute_manifests(cfg)
     skipped = check_shard_sets(manifests, ("train", cfg.eval.split), cfg.data.skip_bad_shards)
     loader, why = choose_loader(cfg.data)

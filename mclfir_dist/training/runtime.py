@@ -19,6 +19,7 @@ from torch import nn
 
 from ..config import ConfigError, RunConfig
 from .distributed import backend as process_group_backend
+from .cluster import check_launcher, my_view
 from .distributed import broadcast_buffers, gather_objects
 
 log = logging.getLogger("mclfir")
@@ -84,6 +85,7 @@ def build_trackers(cfg: RunConfig, run_dir) -> list:
 def build_accelerator(cfg: RunConfig, run_dir=None):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+    check_launcher()
     init = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.dist_init_timeout_s))
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         init.backend = "gloo"  # without it DeepSpeed-on-CPU ranks each believe they are rank 0 of 1
@@ -132,6 +134,7 @@ class Runtime:
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.device = self.acc.device
         self.deepspeed = getattr(self.acc.state, "deepspeed_plugin", None)
+        self.views = [my_view()]   # every rank's host and node, once cluster.check_run_dir has gathered them
 
     @property
     def backend(self) -> str:
