@@ -171,6 +171,12 @@ class TrainConfig:
     checkpoint_every: int = _f(0, "Also save checkpoints/partial.pt every N steps inside an increment (model, "
                                   "optimizer, schedule, teacher, step), so a dead run loses at most N steps; 0 = off. "
                                   "Under DeepSpeed ZeRO each rank also saves its optimizer partition.")
+    resume_other_world: bool = _f(False, "A partial increment (checkpoints/partial.pt) saved by N processes and "
+                                         "resumed by M != N (an elastic restart that came back smaller) is refused "
+                                         "unless true. With true every rank continues from rank 0's method state "
+                                         "and RNG, and the global batch and InfoNCE pool become M x batch: not "
+                                         "bit-exact, and no gradient accumulation (a contrastive pool is not a sum "
+                                         "of smaller ones). Between increments the world size may change freely.")
     mixed_precision: str = _f("auto", "auto | no | bf16 | fp16. auto: what the launcher says (accelerate launch "
                                       "--mixed_precision, or its config file), else no. An explicit value here wins "
                                       "over the launcher (the log says so). CPU runs should use no.")

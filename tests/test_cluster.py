@@ -178,3 +178,54 @@ def test_a_requeued_or_preempted_job_continues_the_same_run_exactly(slurm, refer
         assert f"scontrol requeue {job_id}: done" in text, text[-3000:]
     assert "resumed from" in text and "(restart 1)" in text
     assert same_end(run, reference / "reference")
+
+
+# ---------------------------------------------------------------- elastic restarts
+
+def torchrun(run: Path, shards: Path, port: str, *extra):
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+            "--max-restarts", "3", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+            "--rdzv-id", "mclfir-elastic", "--monitor-interval", "0.5", "-m", "mclfir_dist.train",
+            *train_args(run, shards, *extra)]
+
+
+def test_torchrun_restarts_a_killed_worker_and_the_run_ends_exactly(reference, tmp_path):
+    """kill -9 of one worker mid-increment: the agent restarts the worker group by itself (--max-restarts),
+    `--resume auto` continues from the last partial, and the end equals the uninterrupted run's. One restart
+    only: a restarted group must not trip over the dead attempt's gloo addresses (cluster.init_restarted_group)."""
+    run, log = tmp_path / "run", tmp_path / "agent.log"
+    with open(log, "w") as out:
+        agent = subprocess.Popen(torchrun(run, reference / "shards", free_port(), "train.checkpoint_every=4"), cwd=ROOT,
+                                 env=env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for_line(log, "inc 1 step 6/")
+    workers = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    killed = time.time()
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    wait_for_line(log, "resumed from")
+    print(f"elastic restart: killed worker to resumed run in {time.time() - killed:.1f} s")
+    assert agent.wait(timeout=600) == 0, log.read_text()[-3000:]
+    text = log.read_text(errors="replace")
+    assert "continuing at step 4 of increment 1" in text and "connectFullMesh failed" not in text, text[-3000:]
+    assert same_end(run, reference / "reference")
+
+
+def test_a_smaller_world_is_refused_inside_an_increment(reference, tmp_path):
+    """An elastic restart that comes back with fewer processes: the partial of 2 is not resumed by 1 (the
+    global batch and the InfoNCE pool would change mid-increment) unless train.resume_other_world=true."""
+    from test_signals import signal_run
+    run = tmp_path / "run"
+    two = [*ACCELERATE_2PROC, "--main_process_port", free_port(), "-m", "mclfir_dist.train",
+           *train_args(run, reference / "shards")]
+    rc, out = signal_run(two, run, signal.SIGTERM, at="inc 1 step 5/")
+    assert "partial.pt at increment 1" in out, out[-3000:]
+    one = [sys.executable, "-m", "mclfir_dist.cli", "train", *train_args(run, reference / "shards")]
+    p = subprocess.run(one, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr[-3000:]
+    line = p.stderr.strip().splitlines()
+    assert len(line) == 1 and "saved by 2 processes" in line[0] and "this launch has 1" in line[0] \
+        and "train.resume_other_world=true" in line[0], p.stderr[-3000:]
+    p = subprocess.run(one + ["train.resume_other_world=true"], cwd=ROOT, env=env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0 and "not bit-exact" in p.stdout + p.stderr, p.stderr[-3000:]
+    assert json.loads((run / "results.json").read_text())["complete"]

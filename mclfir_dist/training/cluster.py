@@ -74,3 +74,21 @@ def check_shard_roots(roots: Iterable[str]) -> None:
     """After rank 0 built or found the shard sets: every rank reads the same manifests."""
     for root in dict.fromkeys(str(r) for r in roots):
         agree(f"the shard set {root}", _manifest_digest(root))
+
+
+def init_restarted_group(backend: str, timeout) -> bool:
+    """A worker that torchrun restarted (TORCHELASTIC_RESTART_COUNT > 0) makes the default process group
+    itself, on the launcher's store under a prefix of its attempt: torch 2.14 reuses that store across
+    attempts without one, so gloo read the dead attempt's addresses ("connectFullMesh failed ... Connection
+    refused") and each such failure used up a restart. Accelerate then finds the group made and keeps it."""
+    import torch.distributed as dist
+    from torch.distributed.rendezvous import _create_c10d_store
+
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if attempt == 0 or dist.is_initialized() or "MASTER_ADDR" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return False
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = _create_c10d_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), rank, world, timeout)
+    dist.init_process_group(backend, store=dist.PrefixStore(f"mclfir/attempt_{attempt}", store), rank=rank,
+                            world_size=world, timeout=timeout)
+    return True

@@ -14,7 +14,7 @@ from ..errors import ConfigError
 # may differ on resume: how the run executes, never its maths
 OPERATIONAL = ("name", "plugins", "data.build.", "data.loader", "data.num_workers", "data.eval_batch_size",
                "data.dali_threads", "data.skip_bad_shards", "model.channels_last", "optim.implementation",
-               "train.checkpoint_every", "train.trackers", "train.log_every", "train.compile", "train.deterministic",
+               "train.checkpoint_every", "train.resume_other_world", "train.trackers", "train.log_every", "train.compile", "train.deterministic",
                "train.num_threads", "train.dist_", "eval.query_chunk", "eval.grid_", "eval.frozen_baseline")
 # derived from the global batch by train.reference_batch_doublets: they follow a change of world size
 BATCH_SCALED = ("train.steps_per_increment", "optim.step_size", "optim.warmup_steps", "teacher.warmup_steps",

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import ConfigError, RunConfig
 from .distributed import backend as process_group_backend
-from .cluster import check_launcher, my_view
+from .cluster import check_launcher, init_restarted_group, my_view
 from .distributed import broadcast_buffers, gather_objects
 
 log = logging.getLogger("mclfir")
@@ -89,6 +89,7 @@ def build_accelerator(cfg: RunConfig, run_dir=None):
     init = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.dist_init_timeout_s))
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         init.backend = "gloo"  # without it DeepSpeed-on-CPU ranks each believe they are rank 0 of 1
+    init_restarted_group(init.backend or ("nccl" if torch.cuda.is_available() else "gloo"), init.timeout)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=True)
     # Without CUDA, Accelerate only wraps models in DDP (MULTI_CPU) when told cpu=True; otherwise
     # `--multi_gpu` on a CPU box initialises gloo but leaves every rank training alone.

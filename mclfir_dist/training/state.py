@@ -115,7 +115,7 @@ class RunState:
             parts.record.extend(config, first_new, config_hash(config))
             log.info("extending the run: increments %s added after increment %d",
                      [inc.name for inc in parts.cfg.train.increments[first_new:]], first_new - 1)
-        own = self._rank_state(state) if point.partial else None
+        own = self._rank_state(state, parts.cfg.train.resume_other_world) if point.partial else None
         parts.method.load_state_dict((own or state)["method"])
         set_rng_state((own or state)["rng"])
         where = f"step {state['step']} of increment {state['increment']}" if point.partial else \
@@ -123,10 +123,17 @@ class RunState:
         log.info("resumed from %s: continuing at %s", point.path, where)
         return Progress(point.next_increment, state["global_step"], state if point.partial else None, first_new)
 
-    def _rank_state(self, partial: dict) -> Optional[dict]:
+    def _rank_state(self, partial: dict, other_world_ok: bool) -> Optional[dict]:
         """This rank's own method state and RNG from a partial of several processes; None where the partial
         has none (one process) or the world size changed (then every rank continues from the main one's)."""
         saved, rt = partial.get("rank_world", 0), self.runtime
+        saved_world = saved or partial.get("zero_world", 0) or 1
+        if saved_world != rt.world and not other_world_ok:
+            raise CheckpointError(f"{self.files.partial_path} was saved by {saved_world} processes inside increment "
+                                  f"{partial['increment']}; this launch has {rt.world}: the global batch and the "
+                                  f"InfoNCE negative pool would change mid-increment. Relaunch with {saved_world} "
+                                  "processes, or pass train.resume_other_world=true to continue anyway (not "
+                                  "bit-exact)")
         if saved and saved != rt.world:
             log.warning("%s was saved by %d processes and resumes with %d: every rank continues from rank 0's "
                         "method state and RNG (not bit-exact)", self.files.partial_path, saved, rt.world)
