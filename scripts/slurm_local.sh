@@ -57,8 +57,16 @@ key=/etc/munge/munge.key
 [ -f "$key" ] || { mkdir -p /etc/munge; dd if=/dev/urandom of="$key" bs=1k count=1 2>/dev/null; chmod 400 "$key"; }
 # munged on its default socket: every SLURM daemon and client looks there
 mkdir -p /run/munge
-munged --force --pid-file="$dir/munged.pid" --log-file="$dir/logs/munged.log" --seed-file="$dir/munge/seed" \
-  --key-file="$key"
+if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then   # reuse a munged that already answers
+  munged --force --pid-file="$dir/munged.pid" --log-file="$dir/logs/munged.log" --seed-file="$dir/munge/seed" \
+    --key-file="$key"
+fi
+for d in slurmctld slurmd; do
+  if pgrep -r R,S,D -x "$d" >/dev/null; then   # zombies of a stopped cluster do not count
+    echo "slurm_local.sh: a $d is already running (pid $(pgrep -r R,S,D -x "$d" | tr '\n' ' ')): stop that cluster first" >&2
+    exit 2
+  fi
+done
 slurmctld -i
 for n in n1 n2; do slurmd -N "$n"; done
 for _ in $(seq 1 60); do

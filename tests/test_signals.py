@@ -97,6 +97,7 @@ def test_a_signal_saves_then_exits_and_resume_is_exact(reference, tmp_path, sign
     assert same_end(run, reference / "reference")
 
 
+@pytest.mark.cluster   # the second step of `make test` (about 3 minutes)
 def test_two_processes_signalled_at_random_steps_resume_exactly(tmp_path):
     """Both ranks agree on the step (a collective flag), so the partial is consistent; each rank's own
     method state (the EMA teacher's BatchNorm statistics differ by rank) is saved beside it. Five trials,
