@@ -171,22 +171,32 @@ def test_a_search_with_another_model_than_the_index_is_refused_unless_allowed(ru
     assert "with the previous model's index" in err and "re-embedded" in err
 
 
-@pytest.mark.xfail(strict=False, reason="open defect (issue 24): on a loaded CI machine (2026-11-29) a kill landing "
-                   "late in the extension's increment resumed to mAP 0.1-0.2 points off the one-go run; 5/5 exact on "
-                   "an idle machine. Kept running so the evidence stays; not yet explained")
-def test_a_kill_9_inside_the_extension_resumes_to_the_one_go_result(runs, tiny_shards, tmp_path):
-    """The extension's own increment is killed (-9) just after its first partial checkpoint; running the same
-    command again finishes it, bit-identical to training the three increments in one go."""
+def test_a_kill_9_inside_the_extension_resumes_exactly(tiny_shards, tmp_path):
+    """The extension's own increment is killed (-9) after its first partial checkpoint; running the same
+    command again finishes it bit-identical to the same extension run without a kill. Both are fresh
+    processes: a training step in the long-lived pytest process (after some hundred other tests) once ended
+    0.1-0.2 mAP points away from the same steps in a fresh process, while fresh runs agreed bit for bit at
+    every kill point tried (cause not pinned down; a likely one: CPU kernels taking other vector paths for
+    other memory alignments). The in-process comparison with the one-go run is
+    test_extending_a_run_equals_training_it_in_one_go."""
+    import shutil
     import signal
     import time
-    root, _, one_go = runs
-    run = tmp_path / "run"
-    train(_cfg(tiny_shards, TWO), run)
+    base = tmp_path / "two"
+    train(_cfg(tiny_shards, TWO), base)
     overrides = tiny_train_overrides(tiny_shards, steps=6, increments=THREE) + [
         "eval.grid_queries=0", "eval.frozen_baseline=false", "train.checkpoint_every=2"]   # an operational key
-    command = [sys.executable, "-m", "mclfir_dist.cli", "train", "--config", str(ROOT / "configs/debug_cpu.yaml"),
-               "--resume", str(run), *overrides]
-    p = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def command(run):
+        return [sys.executable, "-m", "mclfir_dist.cli", "train", "--config", str(ROOT / "configs/debug_cpu.yaml"),
+                "--resume", str(run), *overrides]
+
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    shutil.copytree(base, reference)
+    shutil.copytree(base, run)
+    done = subprocess.run(command(reference), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    p = subprocess.Popen(command(run), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial = run / "checkpoints" / "partial.pt"
     deadline = time.time() + 300
     while not partial.exists() and p.poll() is None and time.time() < deadline:
@@ -195,14 +205,14 @@ def test_a_kill_9_inside_the_extension_resumes_to_the_one_go_result(runs, tiny_s
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert not (run / "checkpoints" / "increment_02.pt").exists()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command(run), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    resumed = json.loads((run / "results.json").read_text())
-    assert resumed["accuracy_matrix"] == one_go["accuracy_matrix"]
-    assert resumed["compatibility"] == one_go["compatibility"]
+    resumed, expected = (json.loads((r / "results.json").read_text()) for r in (run, reference))
+    assert resumed["accuracy_matrix"] == expected["accuracy_matrix"]
+    assert resumed["compatibility"] == expected["compatibility"]
     assert len(resumed["extensions"]) == 1
     a = torch.load(run / "checkpoints/increment_02.pt", weights_only=True)["model"]
-    b = torch.load(root / "one_go/checkpoints/increment_02.pt", weights_only=True)["model"]
+    b = torch.load(reference / "checkpoints/increment_02.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
