@@ -250,24 +250,37 @@ def test_zero3_refused_with_clear_message(tiny_shards, tmp_path):
     assert "ZeRO stage 3 is not supported" in p.stdout + p.stderr
 
 
-def test_extending_a_two_process_run_equals_training_it_in_one_go(ddp_run, tiny_shards, tmp_path):
-    """A new attribute arrives under DDP: the 2-process run extended by a third increment ends bit-identical
-    to a 2-process run of the three increments in one go (ranks resume as for any resume)."""
+def _extend_and_compare(base, launch, overrides, tmp_path):
+    """Extend the 2-process run `base` by a third increment; it must end bit-identical to a run of the three
+    increments in one go under the same launcher (ranks, and ZeRO partitions, resume as for any resume)."""
     import shutil
     import torch
     three = "[{name: a, attributes: [colour]},{name: b, attributes: [garment_length]},{name: c, attributes: [pattern]}]"
     out = tmp_path / "extended"
-    shutil.copytree(ddp_run[0], out, ignore=shutil.ignore_patterns(".lock"))
-    overrides = tiny_train_overrides(tiny_shards, increments=three)
-    p = accelerate_train("launch/cpu_2proc.yaml", out, overrides + ["--resume", "auto"])
+    shutil.copytree(base, out, ignore=shutil.ignore_patterns(".lock"))
+    overrides = [o if not o.startswith("train.increments=") else f"train.increments={three}" for o in overrides]
+    p = accelerate_train(launch, out, overrides + ["--resume", "auto"])
     assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
     assert "extending the run" in p.stdout + p.stderr
     one_go = tmp_path / "one_go"
-    p = accelerate_train("launch/cpu_2proc.yaml", one_go, overrides)
+    p = accelerate_train(launch, one_go, overrides)
     assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
     ext, ref = (json.loads((d / "results.json").read_text()) for d in (out, one_go))
-    assert ext["world_size"] == 2 and len(ext["extensions"]) == 1
+    assert ext["world_size"] == 2 and len(ext["extensions"]) == 1 and ext["backend"] == ref["backend"]
     assert ext["accuracy_matrix"] == ref["accuracy_matrix"] and ext["compatibility"] == ref["compatibility"]
     a = torch.load(out / "checkpoints/increment_02.pt", weights_only=True)["model"]
     b = torch.load(one_go / "checkpoints/increment_02.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_extending_a_two_process_run_equals_training_it_in_one_go(ddp_run, tiny_shards, tmp_path):
+    """A new attribute arrives under DDP."""
+    _extend_and_compare(ddp_run[0], "launch/cpu_2proc.yaml", tiny_train_overrides(tiny_shards), tmp_path)
+
+
+@needs("deepspeed")
+def test_extending_a_deepspeed_zero2_run_equals_training_it_in_one_go(zero2_run, tiny_shards, tmp_path):
+    """A new attribute arrives under DeepSpeed ZeRO-2 (2 CPU processes): the optimizer of the new increment is
+    built anew, the old partitions are not carried over, and the end equals the one-go ZeRO-2 run."""
+    _extend_and_compare(zero2_run[0], "launch/deepspeed_zero2_cpu.yaml",
+                        tiny_train_overrides(tiny_shards, steps=20) + ZERO_OVERRIDES, tmp_path)
