@@ -66,6 +66,18 @@ def tiny_shards(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def run(tiny_shards, tmp_path_factory):
+    """A trained tiny run (2 increments x 8 steps) that the retrieval tests embed, index, search and export."""
+    from mclfir_dist.configure import load_config
+    from mclfir_dist.training.engine import train
+    out = tmp_path_factory.mktemp("trained") / "run"
+    cfg = load_config(ROOT / "configs/debug_cpu.yaml",
+                      tiny_train_overrides(tiny_shards, steps=8) + ["eval.grid_queries=0", "eval.frozen_baseline=false"])
+    train(cfg, out)
+    return out
+
+
 def tiny_train_overrides(shards, steps=30, increments="[{name: a, attributes: [colour]},{name: b, attributes: [garment_length]}]"):
     # on a GPU the exactness tests need deterministic kernels; on CPU they are deterministic already
     deterministic = ["train.deterministic=true"] if torch.cuda.is_available() else []

@@ -8,21 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, needs, tiny_train_overrides
+from conftest import needs
 from mclfir_dist.cli import main
-from mclfir_dist.configure import load_config
 
 pytestmark = needs("faiss")
-
-
-@pytest.fixture(scope="module")
-def run(tiny_shards, tmp_path_factory):
-    from mclfir_dist.training.engine import train
-    out = tmp_path_factory.mktemp("update") / "run"
-    cfg = load_config(ROOT / "configs/debug_cpu.yaml",
-                      tiny_train_overrides(tiny_shards, steps=4) + ["eval.grid_queries=0", "eval.frozen_baseline=false"])
-    train(cfg, out)
-    return out
 
 
 def embed(run, shards, out, splits="test", extra=()):

@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Set, Tuple
 import numpy as np
 
 from ..errors import ShardError
+from ..utils.jsonfile import expect
 from ..utils.names import check_attribute, check_file_name, check_key
 
 FORMAT = "mclfir-shards/2"
@@ -82,10 +83,7 @@ def label_problem(raw: bytes, shard: Path) -> str:
 
 
 def _expect(value, kind, what: str, path: Path):
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-        raise ShardError(f"{path}: '{what}' must be {names}, got {type(value).__name__} {value!r:.60}")
-    return value
+    return expect(value, kind, what, path, ShardError)
 
 
 def check_structure(data: dict, path: Path) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import logging
 import re
 import time
@@ -28,6 +27,7 @@ from ..data.manifest import Manifest
 from ..data.streams import decode_labels, iter_shard
 from ..data.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_any
 from ..errors import BadInputError, ConfigError
+from ..utils.jsonfile import expect, read_json
 from ..utils.names import check_attribute
 from ..model.preprocess import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from ..training.checkpoint import load_run_model
@@ -260,10 +260,10 @@ def load_embeddings(folder: str | Path) -> dict:
     folder = Path(folder)
     if not (folder / "embed.json").is_file():
         raise FileNotFoundError(f"no embed.json in {folder}: make it with `mclfir embed --out {folder}`")
-    meta = _read_json(folder / "embed.json", dict)
-    for a in _expect_list(meta.get("attributes"), folder / "embed.json", "attributes"):
+    meta = read_json(folder / "embed.json", dict, BadInputError)
+    for a in expect(meta.get("attributes"), list, "attributes", folder / "embed.json", BadInputError):
         check_attribute(a, f"{folder / 'embed.json'}: attributes", BadInputError)
-    labels = _read_json(folder / "labels.json", dict) if (folder / "labels.json").is_file() else {}
+    labels = read_json(folder / "labels.json", dict, BadInputError) if (folder / "labels.json").is_file() else {}
     keys = (folder / "keys.txt").read_text().splitlines()
     locations = (folder / "locations.txt").read_text().splitlines() if (folder / "locations.txt").is_file() else []
     matrices = {a: _matrix(folder / f"{a}.npy", len(keys)) for a in meta["attributes"]}
@@ -290,17 +290,3 @@ def _matrix(path: Path, rows: int) -> np.ndarray:
     return m
 
 
-def _read_json(path: Path, kind: type):
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadInputError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(data, kind):
-        raise BadInputError(f"{path}: expected a JSON {kind.__name__}, got {type(data).__name__}")
-    return data
-
-
-def _expect_list(value, path: Path, field: str) -> list:
-    if not isinstance(value, list):
-        raise BadInputError(f"{path}: '{field}' must be a list, got {type(value).__name__}")
-    return value

@@ -25,7 +25,8 @@ from ..config import ConfigError
 from ..errors import BadInputError
 from ..utils.io import atomic_write_json, atomic_write_text
 from ..utils.names import check_attribute
-from .embed import _read_json, load_embeddings
+from ..utils.jsonfile import read_json
+from .embed import load_embeddings
 
 log = logging.getLogger(__name__)
 KINDS = ("flat", "ivf", "hnsw")
@@ -259,7 +260,7 @@ class CatalogueIndex:
         self.folder = Path(folder)
         if not (self.folder / "index.json").is_file():
             raise FileNotFoundError(f"no index.json in {self.folder}: build it with `mclfir index --out {self.folder}`")
-        self.meta = _read_json(self.folder / "index.json", dict)
+        self.meta = read_json(self.folder / "index.json", dict, BadInputError)
         attributes = self.meta.get("attributes")
         if not isinstance(attributes, dict):
             raise BadInputError(f"{self.folder / 'index.json'}: 'attributes' must be a mapping")
