@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from .. import __version__
+from ..version import __version__
 from ..model.backbones import export_state
 from ..model.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from ..training.checkpoint import load_run_model

@@ -26,7 +26,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .. import __version__
+from ..version import __version__
 from ..configure import config_from_dict
 from ..errors import CheckpointError, ConfigError, UnsafeCheckpointError
 from ..model.mclfir import build_model

@@ -1,0 +1,132 @@
+"""The Python API (mclfir_dist.Retriever): docs/api.md's examples run here as written, on a tiny trained run;
+then what the examples do not show: an export, typed errors, a model other than the index's."""
+import re
+import tarfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, needs
+from mclfir_dist.cli import main
+
+pytestmark = needs("faiss")
+
+
+@pytest.fixture(scope="module")
+def catalogue(run, tiny_shards, tmp_path_factory):
+    """(index folder, an image file, a catalogue key) for the tiny run."""
+    work = tmp_path_factory.mktemp("api")
+    assert main(["embed", "--run", str(run), "--shards", str(tiny_shards), "--splits", "test",
+                 "--out", str(work / "emb"), "--workers", "0"]) == 0
+    assert main(["index", "--embeddings", str(work / "emb"), "--out", str(work / "index")]) == 0
+    tar = sorted(Path(tiny_shards).glob("test-*.tar"))[0]
+    with tarfile.open(tar) as t:
+        member = next(m for m in t.getmembers() if m.name.endswith(".jpg"))
+        (work / "query.jpg").write_bytes(t.extractfile(member).read())
+    key = (work / "index" / "keys.txt").read_text().splitlines()[3]
+    return work / "index", work / "query.jpg", key
+
+
+def test_the_documented_examples_run(run, catalogue, capsys):
+    index, image, key = catalogue
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs/api.md").read_text(), re.S)
+    assert len(blocks) >= 7
+    namespace = {"RUN": str(run), "INDEX": str(index), "IMAGE": str(image), "KEY": key}
+    for block in blocks:
+        exec(compile(block, "docs/api.md", "exec"), namespace)
+    capsys.readouterr()
+
+
+def test_nothing_is_printed_and_hits_carry_the_catalogue(run, catalogue, capsys):
+    from mclfir_dist import Hit, Retriever
+    index, image, key = catalogue
+    r = Retriever.from_run(run, index=index)
+    hits = r.search(key, "colour", k=3)
+    assert capsys.readouterr() == ("", "")
+    assert all(isinstance(h, Hit) and set(h.values) >= {"colour", "garment_length"} and h.location for h in hits)
+    # the same ranking as the CLI's search (which prints)
+    from mclfir_dist.retrieval.search import search_catalogue
+    cli = search_catalogue(None, str(index), "colour", key=key, k=3)
+    assert [h.key for h in hits] == [c["key"] for c in cli]
+    assert np.allclose([h.score for h in hits], [c["score"] for c in cli])
+
+
+def test_a_vector_query_equals_the_key_query_without_the_key(run, catalogue):
+    from mclfir_dist import Retriever
+    from mclfir_dist.retrieval.index import CatalogueIndex
+    index, _, key = catalogue
+    r = Retriever.from_run(run, index=index)
+    vector = CatalogueIndex(index).vector("colour", key)
+    by_vector = r.search(vector, "colour", k=4)
+    assert by_vector[0].key == key and by_vector[0].score == pytest.approx(1.0, abs=1e-5)
+    assert [h.key for h in by_vector[1:]] == [h.key for h in r.search(key, "colour", k=3)]
+
+
+def test_a_filter_that_few_items_pass_still_fills_k_by_fetching_more(run, catalogue):
+    from mclfir_dist import Retriever
+    index, _, key = catalogue
+    r = Retriever.from_run(run, index=index)
+    everything = r.search(key, "colour", k=10_000)
+    rare = min({h.values["garment_length"] for h in everything},
+               key=lambda v: sum(h.values["garment_length"] == v for h in everything))
+    expected = [h.key for h in everything if h.values["garment_length"] == rare]
+    got = r.search(key, "colour", k=len(expected), where={"garment_length": rare})
+    assert [h.key for h in got] == expected       # the same order as filtering the full ranking
+    assert len(r.search(key, "colour", k=len(expected) + 5, where={"garment_length": rare})) == len(expected)
+
+
+def test_typed_errors(run, catalogue, tmp_path):
+    from mclfir_dist import Retriever
+    from mclfir_dist.errors import BadInputError, CheckpointError, ConfigError
+    index, image, key = catalogue
+    r = Retriever.from_run(run, index=index)
+    not_image = tmp_path / "notes.jpg"
+    not_image.write_text("hello")
+    cases = [
+        (lambda: r.search(key, "colour", k=0), ConfigError, "k must be"),
+        (lambda: r.search("no-such-key", "colour"), ConfigError, "neither a catalogue key"),
+        (lambda: r.search(key, "colour", where={"brand": "x"}), ConfigError, "unknown label column 'brand'"),
+        (lambda: r.search(np.zeros(5, np.float32), "colour"), BadInputError, "32 finite numbers"),
+        (lambda: r.search(np.zeros(32, np.float32), ["colour", "garment_length"]), ConfigError, "one attribute"),
+        (lambda: r.search(not_image, "colour"), BadInputError, "notes.jpg"),
+        (lambda: r.embed([tmp_path / "missing.jpg"]), FileNotFoundError, "missing.jpg"),
+        (lambda: Retriever.from_run(run).search(key, "colour"), ConfigError, "needs a catalogue index"),
+        (lambda: Retriever.from_run(tmp_path), CheckpointError, "no usable checkpoint"),
+    ]
+    for call, kind, text in cases:
+        with pytest.raises(kind, match=re.escape(text)):
+            call()
+
+
+def test_an_export_embeds_as_the_run_does_and_warns_against_an_index(run, catalogue, tmp_path):
+    from mclfir_dist import Retriever
+    index, image, key = catalogue
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "export")]) == 0
+    exported = Retriever.from_export(tmp_path / "export", index=index)
+    a = exported.embed([image])["colour"]
+    b = Retriever.from_run(run).embed([image])["colour"]
+    assert np.allclose(a, b, atol=1e-5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hits = exported.search(image, "colour", k=3)
+    assert len(hits) == 3 and any("another model" in str(w.message) for w in caught)
+
+
+def test_an_index_of_another_model_is_refused_for_image_queries(run, catalogue, tiny_shards, tmp_path):
+    """Another run's weights: the index's vectors would not be comparable; allowed, it warns."""
+    from mclfir_dist import Retriever
+    from mclfir_dist.configure import load_config
+    from mclfir_dist.errors import ConfigError
+    from mclfir_dist.training.engine import train
+    from conftest import tiny_train_overrides
+    index, image, key = catalogue
+    other = tmp_path / "other"
+    train(load_config(ROOT / "configs/debug_cpu.yaml", tiny_train_overrides(tiny_shards, steps=2) + [
+        "eval.grid_queries=0", "eval.frozen_baseline=false", "train.seed=7"]), other)
+    with pytest.raises(ConfigError, match="another model"):
+        Retriever.from_run(other, index=index).search(image, "colour")
+    assert Retriever.from_run(other, index=index).search(key, "colour", k=2)   # key queries use the index's vectors
+    with pytest.warns(UserWarning, match="another model"):
+        Retriever.from_run(other, index=index, allow_other_model=True).search(image, "colour", k=2)
