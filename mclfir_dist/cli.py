@@ -248,6 +248,30 @@ def cmd_report(args) -> int:
 
 # ---------------------------------------------------------------- use a trained model
 
+def _add_search(sub, formatter):
+    q = sub.add_parser("search", formatter_class=formatter, help="top-k of a catalogue for a query, by attribute",
+                       description="Prints rank, key, score and (where the catalogue has labels) value.")
+    q.add_argument("--run", help="run directory (needed with --image: its model embeds the query)")
+    q.add_argument("--index", required=True, help="an `mclfir index` output folder (INDEX)")
+    qa = q.add_mutually_exclusive_group(required=True)
+    qa.add_argument("--attribute", help="whose head ranks the catalogue")
+    qa.add_argument("--attributes", help="a combined query: rank by the weighted sum of per-attribute similarities, "
+                                         "e.g. colour:1,pattern:0.5")
+    qs = q.add_mutually_exclusive_group(required=True)
+    qs.add_argument("--image", help="query image file")
+    qs.add_argument("--key", help="a catalogue key as the query (it is left out of its own results)")
+    qs.add_argument("--queries", help="many queries: a folder of images, or a CSV with a 'query' column (catalogue "
+                                      "keys or image paths); needs --out")
+    q.add_argument("--out", help="with --queries: hits.jsonl (a line per query) or hits.csv (a row per hit)")
+    q.add_argument("--where", help="keep items whose catalogue labels match, e.g. colour=red,pattern=striped "
+                                   "(post-filtering with over-fetch: max(4k, 64), doubled until k pass)")
+    q.add_argument("--k", type=int, default=10, help="results to show")
+    q.add_argument("--sheet", help="also draw the query and its top-k into this PNG")
+    q.add_argument("--allow-other-model", action="store_true",
+                   help="search an index embedded by other weights (e.g. before an extension); prints the run's "
+                        "measured compatibility")
+
+
 def _add_use(sub, formatter):
     e = sub.add_parser("embed", formatter_class=formatter, help="embed a catalogue of images with a run's model",
                        description="One embedding matrix per attribute, keys beside it, a JSON of what produced "
@@ -287,19 +311,7 @@ def _add_use(sub, formatter):
     i.add_argument("--hnsw-m", type=int, default=32, help="hnsw: links per node")
     i.add_argument("--ef-search", type=int, default=64, help="hnsw: search breadth")
 
-    q = sub.add_parser("search", formatter_class=formatter, help="top-k of a catalogue for a query, by attribute",
-                       description="Prints rank, key, score and (where the catalogue has labels) value.")
-    q.add_argument("--run", help="run directory (needed with --image: its model embeds the query)")
-    q.add_argument("--index", required=True, help="an `mclfir index` output folder (INDEX)")
-    q.add_argument("--attribute", required=True, help="whose head ranks the catalogue")
-    qs = q.add_mutually_exclusive_group(required=True)
-    qs.add_argument("--image", help="query image file")
-    qs.add_argument("--key", help="a catalogue key as the query (it is left out of its own results)")
-    q.add_argument("--k", type=int, default=10, help="results to show")
-    q.add_argument("--sheet", help="also draw the query and its top-k into this PNG")
-    q.add_argument("--allow-other-model", action="store_true",
-                   help="search an index embedded by other weights (e.g. before an extension); prints the run's "
-                        "measured compatibility")
+    _add_search(sub, formatter)
 
     x = sub.add_parser("export", formatter_class=formatter, help="a run -> model.safetensors + config.json",
                        description="A portable model that `mclfir_dist.retrieval.portable.load_exported` rebuilds with torch "
@@ -343,9 +355,22 @@ def cmd_index(args) -> int:
 
 
 def cmd_search(args) -> int:
+    from .retrieval.batch import batch_search, parse_weights, parse_where, print_hits
     from .retrieval.search import search_catalogue
-    search_catalogue(args.run, args.index, args.attribute, args.image, args.key, args.k, args.sheet,
+    if args.queries or args.out:
+        if not (args.queries and args.out):
+            raise ConfigError("--queries and --out go together (many queries -> hits.jsonl or hits.csv)")
+        weights = parse_weights(args.attributes or args.attribute)
+        batch_search(args.run, args.index, args.queries, args.out, weights, args.k, parse_where(args.where),
                      args.allow_other_model)
+    elif args.attributes or args.where:
+        if args.sheet:
+            raise ConfigError("--sheet draws one attribute's plain search: drop --attributes/--where")
+        print_hits(args.run, args.index, args.image, args.key, parse_weights(args.attributes or args.attribute),
+                   args.k, parse_where(args.where), args.allow_other_model)
+    else:
+        search_catalogue(args.run, args.index, args.attribute, args.image, args.key, args.k, args.sheet,
+                         args.allow_other_model)
     return 0
 
 

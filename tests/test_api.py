@@ -130,3 +130,66 @@ def test_an_index_of_another_model_is_refused_for_image_queries(run, catalogue, 
     assert Retriever.from_run(other, index=index).search(key, "colour", k=2)   # key queries use the index's vectors
     with pytest.warns(UserWarning, match="another model"):
         Retriever.from_run(other, index=index, allow_other_model=True).search(image, "colour", k=2)
+
+
+def test_batch_search_loads_once_and_writes_what_the_api_returns(run, catalogue, tmp_path, capsys):
+    """`mclfir search --queries CSV|DIR --out hits.jsonl|hits.csv`: each query's hits equal Retriever.search's."""
+    import csv
+    import json
+    import shutil
+    from mclfir_dist import Retriever
+    index, image, key = catalogue
+    keys = (index / "keys.txt").read_text().splitlines()[:3]
+    shutil.copy(image, tmp_path / "photo.jpg")
+    (tmp_path / "q.csv").write_text("query\n" + "\n".join(keys) + "\nphoto.jpg\n")
+    assert main(["search", "--run", str(run), "--index", str(index), "--attributes", "colour:1,garment_length:0.5",
+                 "--queries", str(tmp_path / "q.csv"), "--out", str(tmp_path / "hits.jsonl"), "--k", "4"]) == 0
+    assert "4 queries in" in capsys.readouterr().err
+    lines = [json.loads(l) for l in (tmp_path / "hits.jsonl").read_text().splitlines()]
+    r = Retriever.from_run(run, index=index)
+    weights = {"colour": 1.0, "garment_length": 0.5}
+    for line, q in zip(lines, keys + [tmp_path / "photo.jpg"]):
+        expected = r.search(q, weights, k=4)
+        assert [h["key"] for h in line["hits"]] == [h.key for h in expected]
+        assert np.allclose([h["score"] for h in line["hits"]], [h.score for h in expected], atol=1e-5)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        shutil.copy(image, folder / f"p{i}.jpg")
+    assert main(["search", "--run", str(run), "--index", str(index), "--attribute", "colour", "--where",
+                 f"garment_length={lines[0]['hits'][0]['values']['garment_length']}", "--queries", str(folder),
+                 "--out", str(tmp_path / "hits.csv"), "--k", "2"]) == 0
+    rows = list(csv.DictReader((tmp_path / "hits.csv").open()))
+    assert len(rows) == 6 and {r["query"] for r in rows} == {"p0.jpg", "p1.jpg", "p2.jpg"}
+    assert len({r["garment_length"] for r in rows}) == 1
+
+
+def test_the_cli_filters_and_combines_like_the_api(run, catalogue, capsys):
+    from mclfir_dist import Retriever
+    index, _, key = catalogue
+    value = Retriever.from_index(index).search(key, "colour", k=1)[0].values["colour"]
+    assert main(["search", "--index", str(index), "--key", key, "--attributes", "colour:1,garment_length:0.5",
+                 "--where", f"colour={value}", "--k", "3"]) == 0
+    out = capsys.readouterr().out
+    printed = [l.split()[2] for l in out.splitlines()[2:] if l.strip()]
+    expected = Retriever.from_index(index).search(key, {"colour": 1, "garment_length": 0.5}, k=3,
+                                                  where={"colour": value})
+    assert printed == [h.key for h in expected] and all(h.values["colour"] == value for h in expected)
+
+
+@pytest.mark.parametrize("argv,text", [
+    (["--queries", "Q.csv"], "--queries and --out go together"),
+    (["--key", "K", "--where", "colour"], "is not COLUMN=VALUE"),
+    (["--key", "K", "--attributes", "colour:heavy"], "is not a number"),
+    (["--queries", "Q.csv", "--out", "hits.txt"], "write .jsonl or .csv"),
+    (["--image", "IMG", "--where", "colour=red"], "--image needs --run"),
+])
+def test_search_misuse_is_one_line(catalogue, tmp_path, capsys, argv, text):
+    index, image, key = catalogue
+    (tmp_path / "Q.csv").write_text(f"query\n{key}\n")
+    argv = [a.replace("Q.csv", str(tmp_path / "Q.csv")).replace("IMG", str(image)).replace("K", key)
+            if a in ("Q.csv", "IMG", "K") else a for a in argv]
+    code = main(["search", "--index", str(index), *(["--attribute", "colour"] if "--attributes" not in argv else []),
+                 *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and text in err[0], err

@@ -87,11 +87,18 @@ class Retriever:
         return cls(embed_fn, model.attributes, lambda img: preprocess(img, model.config), DEFAULT_MAX_PIXELS,
                    _open(index), None, str(directory), allow_other_model=True)
 
+    @classmethod
+    def from_index(cls, index: str | Path) -> "Retriever":
+        """Key and vector queries only, on the index's own vectors: no model is loaded."""
+        return cls(None, [], None, DEFAULT_MAX_PIXELS, _open(index), None, str(index))
+
     # ---------------------------------------------------------------- embedding
 
     def embed(self, images: Sequence[Union[str, Path, bytes, torch.Tensor]], attributes: Attributes | None = None,
               batch_size: int = 64) -> Dict[str, np.ndarray]:
         """{attribute: N x D float32, L2-normalised} for image paths, encoded bytes or decoded uint8 tensors."""
+        if self._embed_fn is None:
+            raise ConfigError(f"{self.source}: no model to embed images with: use Retriever.from_run or from_export")
         names = list(_weights(attributes, self.attributes, "the model")) if attributes else list(self.attributes)
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
@@ -172,6 +179,8 @@ class Retriever:
         """Image queries are embedded here; the index must hold the same model's vectors for `attribute`."""
         if attribute in self._checked:
             return
+        if self._embed_fn is None:
+            raise ConfigError(f"image queries need a model: Retriever.from_run(RUN, index={str(cat.folder)!r})")
         if attribute not in self.attributes:
             raise ConfigError(f"attribute {attribute!r}: the model has {', '.join(self.attributes)}")
         indexed = cat.model_hashes.get(attribute)
