@@ -289,6 +289,8 @@ def _add_use(sub, formatter):
     e.add_argument("--image-column", default="filename", help="with --csv: the image path column")
     e.add_argument("--key-column", default="", help="with --csv: the key column (default: from the image path)")
     e.add_argument("--image-root", help="with --csv: folder the paths are relative to (default: the CSV's folder)")
+    e.add_argument("--label-map", default="", metavar="COLUMN=HEAD,...",
+                   help="with --csv: the column that labels a head whose name differs (e.g. baseColour=colour)")
     e.add_argument("--dry-run", action="store_true",
                    help="embed a few batches only, print the images/s measured and what the whole catalogue would "
                         "cost; write nothing")
@@ -327,8 +329,19 @@ def cmd_embed(args) -> int:
     embed_catalogue(args.run, args.out, args.images, args.csv, args.shards,
                     [a.strip() for a in args.attributes.split(",") if a.strip()], args.batch, args.workers,
                     [s.strip() for s in args.splits.split(",") if s.strip()], args.image_column, args.key_column,
-                    args.image_root, dry_run=args.dry_run)
+                    args.image_root, dry_run=args.dry_run, label_map=_pairs(args.label_map, "--label-map"))
     return 0
+
+
+def _pairs(spec: str, flag: str) -> dict:
+    """'a=b,c=d' -> {a: b, c: d}."""
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        left, eq, right = part.partition("=")
+        if not eq or not left or not right:
+            raise ConfigError(f"{flag} {spec!r}: {part!r} is not NAME=NAME")
+        out[left] = right
+    return out
 
 
 def cmd_index(args) -> int:

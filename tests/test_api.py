@@ -193,3 +193,24 @@ def test_search_misuse_is_one_line(catalogue, tmp_path, capsys, argv, text):
                  *argv])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and text in err[0], err
+
+
+def test_a_label_column_named_otherwise_maps_to_its_head_or_is_named(run, tiny_shards, tmp_path, caplog):
+    """`mclfir embed --csv ... --label-map baseColour=colour`: the values land under the head's name; without the
+    map the head is named in the log instead of being dropped in silence."""
+    import json
+    tar = sorted(Path(tiny_shards).glob("test-*.tar"))[0]
+    with tarfile.open(tar) as t:
+        jpgs = [m for m in t.getmembers() if m.name.endswith(".jpg")][:3]
+        for i, m in enumerate(jpgs):
+            (tmp_path / f"img{i}.jpg").write_bytes(t.extractfile(m).read())
+    (tmp_path / "cat.csv").write_text("filename,baseColour\nimg0.jpg,Red\nimg1.jpg,Blue\nimg2.jpg,Red\n")
+    common = ["embed", "--run", str(run), "--csv", str(tmp_path / "cat.csv"), "--workers", "0"]
+    assert main(common + ["--out", str(tmp_path / "mapped"), "--label-map", "baseColour=colour"]) == 0
+    labels = json.loads((tmp_path / "mapped" / "labels.json").read_text())
+    assert labels["colour"] == ["Red", "Blue", "Red"]
+    caplog.clear()
+    assert main(common + ["--out", str(tmp_path / "plain")]) == 0
+    assert any("no label column for colour" in r.getMessage() and "--label-map" in r.getMessage()
+               for r in caplog.records)
+    assert main(common + ["--out", str(tmp_path / "bad"), "--label-map", "brand=colour"]) == 2

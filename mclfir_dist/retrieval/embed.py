@@ -100,8 +100,27 @@ def rows_from_images(folder: str | Path) -> List[dict]:
     return [{**r, "error": f"BadInputError: {_line_safe(r['key'])}"} if _line_safe(r["key"]) else r for r in rows]
 
 
+def label_columns(path: Path, header: Sequence[str], attributes: Sequence[str],
+                  label_map: Optional[Dict[str, str]]) -> Dict[str, str]:
+    """head -> the CSV column holding its labels: the head's own name, or `--label-map COLUMN=HEAD`. A head
+    with neither is named in the log (its hits show no value), never dropped in silence."""
+    columns = {a: a for a in attributes if a in header}
+    for column, head in (label_map or {}).items():
+        if column not in header:
+            raise BadInputError(f"--label-map {column}={head}: {path} has no column '{column}' "
+                                f"(columns: {', '.join(header)})")
+        if head not in attributes:
+            raise ConfigError(f"--label-map {column}={head}: no head '{head}' is embedded ({', '.join(attributes)})")
+        columns[head] = column
+    unlabelled = [a for a in attributes if a not in columns]
+    if unlabelled:
+        log.warning("%s: no label column for %s: their hits show no value (map one with --label-map COLUMN=HEAD)",
+                    path, ", ".join(unlabelled))
+    return columns
+
+
 def rows_from_csv(path: str | Path, image_column: str, key_column: str, image_root: Optional[str],
-                  attributes: Sequence[str]) -> List[dict]:
+                  attributes: Sequence[str], label_map: Optional[Dict[str, str]] = None) -> List[dict]:
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
@@ -110,12 +129,13 @@ def rows_from_csv(path: str | Path, image_column: str, key_column: str, image_ro
         if image_column not in header or (key_column and key_column not in header):
             missing = image_column if image_column not in header else key_column
             raise BadInputError(f"{path}: unknown column '{missing}' (columns: {', '.join(header)})")
+        columns = label_columns(path, header, attributes, label_map)
         rows = []
         for row in reader:
             rel = (row.get(image_column) or "").strip()
             key = row[key_column].strip() if key_column else Path(rel).with_suffix("").as_posix()
             rows.append({"key": key, "location": str((root / rel).resolve()),
-                         "labels": {a: (row.get(a) or "").strip() or None for a in attributes if a in header}})
+                         "labels": {a: (row.get(c) or "").strip() or None for a, c in columns.items()}})
             if _line_safe(key) or not key:
                 rows[-1]["error"] = f"BadInputError: {_line_safe(key) or 'empty key'}"
     return rows
@@ -142,7 +162,7 @@ def embed_catalogue(run: str, out: str, images: Optional[str] = None, csv_path: 
                     shards: Optional[str] = None, attributes: Sequence[str] = (), batch: int = 64, workers: int = 2,
                     splits: Sequence[str] = ("train", "val", "test"), image_column: str = "filename",
                     key_column: str = "", image_root: Optional[str] = None, progress: bool = True,
-                    dry_run: bool = False) -> dict:
+                    dry_run: bool = False, label_map: Optional[Dict[str, str]] = None) -> dict:
     model, cfg, ckpt = load_run_model(run)
     attrs = list(attributes) or model.attributes
     unknown = [a for a in attrs if a not in model.heads]
@@ -159,7 +179,7 @@ def embed_catalogue(run: str, out: str, images: Optional[str] = None, csv_path: 
         source = {"shards": str(Path(shards).resolve()), "splits": list(splits)}
     else:
         rows = rows_from_images(images) if images else rows_from_csv(csv_path, image_column, key_column, image_root,
-                                                                       attrs)
+                                                                       attrs, label_map)
         dataset, total = _Items(rows, transform), len(rows)
         source = {"images": str(Path(images).resolve())} if images else {"csv": str(Path(csv_path).resolve())}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
