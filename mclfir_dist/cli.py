@@ -387,6 +387,33 @@ def cmd_search(args) -> int:
     return 0
 
 
+def _add_serve(sub, formatter):
+    v = sub.add_parser("serve", formatter_class=formatter, help="an HTTP service and search page over an index",
+                       description="GET / is the search page; GET /health, GET /attributes, GET /items, "
+                                   "GET /items/KEY, GET /items/KEY/image, POST /search (docs/serve.md).")
+    v.add_argument("--run", help="run directory: its model embeds uploaded images (without it: key queries only)")
+    v.add_argument("--index", required=True, help="an `mclfir index` folder")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (other machines can reach 0.0.0.0; there "
+                                                      "is no authentication)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--max-upload-mb", type=float, default=8.0, help="largest accepted upload")
+    v.add_argument("--max-pixels", type=int, default=40_000_000, help="largest accepted image (width x height)")
+    v.add_argument("--max-k", type=int, default=100, help="most results one search may ask for")
+    v.add_argument("--allow-other-model", action="store_true", help="serve an index embedded by other weights")
+    v.add_argument("--access-log", action="store_true", help="log every request")
+
+
+def cmd_serve(args) -> int:
+    from .serve.app import serve
+    from .serve.inputs import Limits
+    if not 0 < args.port < 65536 or args.max_k < 1 or args.max_upload_mb <= 0 or args.max_pixels < 1:
+        raise ConfigError("--port is 1-65535; --max-k, --max-upload-mb and --max-pixels must be positive")
+    serve(args.run, args.index, args.host, args.port,
+          Limits(int(args.max_upload_mb * 1024 * 1024), args.max_pixels, args.max_k), args.allow_other_model,
+          args.access_log)
+    return 0
+
+
 def cmd_export(args) -> int:
     from .retrieval.export import export_run
     print(f"wrote {export_run(args.run, args.out, args.checkpoint, args.torch_export)}")
@@ -410,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_report(sub)
     _add_use(sub, formatter)
+    _add_serve(sub, formatter)
     return p
 
 
@@ -435,7 +463,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("faiss").setLevel(logging.WARNING)   # it logs which SIMD build it loaded
     handlers = {"shards": cmd_shards, "train": cmd_train, "eval": cmd_eval, "report": cmd_report,
-                "embed": cmd_embed, "index": cmd_index, "search": cmd_search, "export": cmd_export}
+                "embed": cmd_embed, "index": cmd_index, "search": cmd_search, "export": cmd_export,
+                "serve": cmd_serve}
     try:
         return handlers[args.cmd](args)
     except USER_ERRORS as e:

@@ -78,6 +78,24 @@ def run(tiny_shards, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def catalogue(run, tiny_shards, tmp_path_factory):
+    """(index folder, an image file, a catalogue key) for the tiny run: its test split embedded and indexed
+    (shared by the API, service and page tests)."""
+    import tarfile
+    from mclfir_dist.cli import main
+    work = tmp_path_factory.mktemp("catalogue")
+    assert main(["embed", "--run", str(run), "--shards", str(tiny_shards), "--splits", "test",
+                 "--out", str(work / "emb"), "--workers", "0"]) == 0
+    assert main(["index", "--embeddings", str(work / "emb"), "--out", str(work / "index")]) == 0
+    tar = sorted(Path(tiny_shards).glob("test-*.tar"))[0]
+    with tarfile.open(tar) as t:
+        member = next(m for m in t.getmembers() if m.name.endswith(".jpg"))
+        (work / "query.jpg").write_bytes(t.extractfile(member).read())
+    key = (work / "index" / "keys.txt").read_text().splitlines()[3]
+    return work / "index", work / "query.jpg", key
+
+
 def tiny_train_overrides(shards, steps=30, increments="[{name: a, attributes: [colour]},{name: b, attributes: [garment_length]}]"):
     # on a GPU the exactness tests need deterministic kernels; on CPU they are deterministic already
     deterministic = ["train.deterministic=true"] if torch.cuda.is_available() else []

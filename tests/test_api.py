@@ -14,21 +14,6 @@ from mclfir_dist.cli import main
 pytestmark = needs("faiss")
 
 
-@pytest.fixture(scope="module")
-def catalogue(run, tiny_shards, tmp_path_factory):
-    """(index folder, an image file, a catalogue key) for the tiny run."""
-    work = tmp_path_factory.mktemp("api")
-    assert main(["embed", "--run", str(run), "--shards", str(tiny_shards), "--splits", "test",
-                 "--out", str(work / "emb"), "--workers", "0"]) == 0
-    assert main(["index", "--embeddings", str(work / "emb"), "--out", str(work / "index")]) == 0
-    tar = sorted(Path(tiny_shards).glob("test-*.tar"))[0]
-    with tarfile.open(tar) as t:
-        member = next(m for m in t.getmembers() if m.name.endswith(".jpg"))
-        (work / "query.jpg").write_bytes(t.extractfile(member).read())
-    key = (work / "index" / "keys.txt").read_text().splitlines()[3]
-    return work / "index", work / "query.jpg", key
-
-
 def test_the_documented_examples_run(run, catalogue, capsys):
     index, image, key = catalogue
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs/api.md").read_text(), re.S)

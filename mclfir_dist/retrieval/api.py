@@ -104,10 +104,20 @@ class Retriever:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
         chunks: Dict[str, List[np.ndarray]] = {a: [] for a in names}
         for start in range(0, len(images), batch_size):
-            x = torch.stack([self._transform(self._decode(img)) for img in images[start:start + batch_size]])
-            for a, v in self._embed_fn(x, names).items():
+            x = torch.stack([self.prepare(img) for img in images[start:start + batch_size]])
+            for a, v in self.embed_tensors(x, names).items():
                 chunks[a].append(v)
         return {a: np.concatenate(v) if v else np.zeros((0, 0), np.float32) for a, v in chunks.items()}
+
+    def prepare(self, image) -> torch.Tensor:
+        """One image (path, bytes or uint8 tensor) -> the model's input tensor (decoded, checked, resized)."""
+        if self._embed_fn is None:
+            raise ConfigError(f"{self.source}: no model to embed images with: use Retriever.from_run or from_export")
+        return self._transform(self._decode(image))
+
+    def embed_tensors(self, x: torch.Tensor, attributes: Sequence[str]) -> Dict[str, np.ndarray]:
+        """A batch of `prepare`d images (B x C x H x W) -> {attribute: B x D}; the service batches requests here."""
+        return self._embed_fn(x, list(attributes))
 
     def _decode(self, image) -> torch.Tensor:
         if isinstance(image, torch.Tensor):
@@ -136,7 +146,7 @@ class Retriever:
         vector, or {attribute: vector}) ranked by the weighted sum of per-attribute cosine similarities.
         `where` keeps items whose catalogue labels match ({column: value or [values]}). A key query never
         returns itself. Returns a list of Hit, or a pandas DataFrame with `as_dataframe=True`."""
-        cat = self._need_index()
+        cat = self.catalogue
         weights = _weights(attributes, list(cat.meta["attributes"]), f"the index {cat.folder}")
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ConfigError(f"k must be an integer of at least 1, got {k!r}")
@@ -147,7 +157,9 @@ class Retriever:
                 for i, (row, score) in enumerate(ranked)]
         return _frame(hits) if as_dataframe else hits
 
-    def _need_index(self) -> CatalogueIndex:
+    @property
+    def catalogue(self) -> CatalogueIndex:
+        """The index searched (ConfigError when the Retriever was built without one)."""
         if self.index is None:
             raise ConfigError("search needs a catalogue index: Retriever.from_run(RUN, index=DIR) (built with "
                               "`mclfir embed` then `mclfir index`)")
@@ -171,12 +183,14 @@ class Retriever:
             raise ConfigError(f"query {query!r} is neither a catalogue key ({len(cat._row)} keys in {cat.folder}) "
                               "nor an image file")
         for a in names:
-            self._check_model(cat, a)
+            self.check_model(a)
         embedded = self.embed([query], names)
         return {a: embedded[a][0] for a in names}, -1
 
-    def _check_model(self, cat: CatalogueIndex, attribute: str) -> None:
-        """Image queries are embedded here; the index must hold the same model's vectors for `attribute`."""
+    def check_model(self, attribute: str) -> None:
+        """Image queries are embedded here; the index must hold the same model's vectors for `attribute`
+        (ConfigError otherwise, or a warning with allow_other_model)."""
+        cat = self.catalogue
         if attribute in self._checked:
             return
         if self._embed_fn is None:
@@ -233,30 +247,43 @@ def _row_filter(cat: CatalogueIndex, where: Mapping[str, object] | None) -> Opti
         if column not in cat.labels:
             have = ", ".join(cat.labels) or "none"
             raise ConfigError(f"where: unknown label column {column!r} (the catalogue has: {have})")
-        values = {str(w) for w in (wanted if isinstance(wanted, (list, tuple, set)) else [wanted])}
-        labels = cat.labels[column]
-        keep &= np.array([i < len(labels) and str(labels[i]) in values for i in range(len(cat.keys))])
+        values = [str(w) for w in (wanted if isinstance(wanted, (list, tuple, set)) else [wanted])]
+        keep &= np.isin(cat.label_array(column), values)
     return keep
 
 
 def _rank(cat: CatalogueIndex, vectors: Dict[str, np.ndarray], weights: Dict[str, float], k: int,
           keep: Optional[np.ndarray], exclude: int) -> List[Tuple[int, float]]:
-    """Post-filtering with over-fetch: one attribute fetches max(4k, 64) and doubles until k rows pass the
-    filter or the catalogue is exhausted; a combined query scores every item (exact on flat indexes)."""
+    """One attribute: the index's search, post-filtered with over-fetch (max(4k, 64), doubled until k rows pass
+    the filter or the catalogue is exhausted). Combined: every item scored exactly from the index's vectors."""
+    if len(weights) > 1:
+        return _rank_all(cat, vectors, weights, k, keep, exclude)
+    (a, w), = weights.items()
     total = len(cat._row)
-    fetch = total if len(weights) > 1 else min(total, max(4 * k, FIRST_FETCH) + 1)
+    fetch = min(total, max(4 * k, FIRST_FETCH) + 1) if keep is not None else min(total, k + 1)
     while True:
-        scores: Dict[int, float] = {}
-        for a, w in weights.items():
-            s, r = cat.search(a, vectors[a], fetch)
-            for score, row in zip(s[0].tolist(), r[0].tolist()):
-                if 0 <= row < len(cat.keys) and cat.keys[row]:
-                    scores[row] = scores.get(row, 0.0) + w * score
-        ranked = sorted(((row, sc) for row, sc in scores.items()
-                         if row != exclude and (keep is None or keep[row])), key=lambda t: (-t[1], t[0]))
+        s, r = cat.search(a, vectors[a], fetch)
+        ranked = [(row, w * score) for score, row in zip(s[0].tolist(), r[0].tolist())
+                  if 0 <= row < len(cat.keys) and cat.keys[row] and row != exclude and (keep is None or keep[row])]
+        ranked.sort(key=lambda t: (-t[1], t[0]))
         if len(ranked) >= k or fetch >= total:
             return ranked[:k]
         fetch = min(total, fetch * 2)
+
+
+def _rank_all(cat: CatalogueIndex, vectors: Dict[str, np.ndarray], weights: Dict[str, float], k: int,
+              keep: Optional[np.ndarray], exclude: int) -> List[Tuple[int, float]]:
+    scores = np.zeros(len(cat.keys), dtype=np.float64)
+    for a, w in weights.items():
+        scores += w * (cat.matrix(a) @ vectors[a].astype(np.float32))
+    allowed = cat.live_rows() if keep is None else cat.live_rows() & keep
+    if 0 <= exclude < len(allowed):
+        allowed = allowed.copy()
+        allowed[exclude] = False
+    rows = np.flatnonzero(allowed)
+    if len(rows) > k:
+        rows = rows[np.argpartition(-scores[rows], k - 1)[:k]]
+    return sorted(((int(r), float(scores[r])) for r in rows), key=lambda t: (-t[1], t[0]))
 
 
 def _frame(hits: List[Hit]):

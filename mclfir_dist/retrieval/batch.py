@@ -79,7 +79,7 @@ def search_many(retriever: Retriever, queries: List[Tuple[str, object]], weights
     vectors: Dict[int, dict] = {}
     if images:
         for a in names:
-            retriever._check_model(retriever._need_index(), a)
+            retriever.check_model(a)
     for start in range(0, len(images), BATCH):
         chunk = images[start:start + BATCH]
         embedded = retriever.embed([queries[i][1] for i in chunk], names, batch_size=BATCH)

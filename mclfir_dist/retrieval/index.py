@@ -273,6 +273,9 @@ class CatalogueIndex:
             if (self.folder / "labels.json").is_file() else {}
         self._row = {k: i for i, k in enumerate(self.keys) if k}   # '' = a removed item
         self._indexes: Dict[str, object] = {}
+        self._matrices: Dict[str, np.ndarray] = {}
+        self._live = np.array([bool(k) for k in self.keys], dtype=bool)
+        self._label_arrays: Dict[str, np.ndarray] = {}
 
     def index(self, attribute: str):
         import faiss
@@ -307,6 +310,31 @@ class CatalogueIndex:
             raise ConfigError(f"--k must be at least 1, got {k}")
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         return self.index(attribute).search(queries, min(k, len(self._row)))
+
+    def matrix(self, attribute: str) -> np.ndarray:
+        """rows x D: every item's vector at its row (zeros for removed rows), read once from the index."""
+        if attribute not in self._matrices:
+            index = self.index(attribute)
+            out = np.zeros((len(self.keys), index.d), dtype=np.float32)
+            rows = np.array(sorted(self._row.values()), dtype=np.int64)
+            for start in range(0, len(rows), 4096):
+                chunk = rows[start:start + 4096]
+                out[chunk] = index.reconstruct_batch(chunk)
+            self._matrices[attribute] = out
+        return self._matrices[attribute]
+
+    def live_rows(self) -> np.ndarray:
+        """A boolean mask: rows that hold an item (a removed item leaves an empty key)."""
+        return self._live
+
+    def label_array(self, column: str) -> np.ndarray:
+        """A label column as strings, one per row ('' where unknown), for vectorised filters."""
+        if column not in self._label_arrays:
+            values = self.labels.get(column) or []
+            self._label_arrays[column] = np.array(
+                [str(values[i]) if i < len(values) and values[i] is not None else "" for i in range(len(self.keys))],
+                dtype=object)
+        return self._label_arrays[column]
 
     def label(self, attribute: str, row: int) -> Optional[str]:
         values = self.labels.get(attribute)

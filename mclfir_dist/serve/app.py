@@ -1,0 +1,187 @@
+"""The FastAPI app: routes, error replies and the page. Nothing is loaded per request: the model, the
+indexes, their vectors and label columns are read at start-up."""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Optional
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import BadInputError, ConfigError
+from ..retrieval.api import Retriever
+from ..version import __version__
+from .batcher import EmbedBatcher
+from .images import CatalogueImages, media_type
+from .inputs import BodyLimit, HTTPError, Limits, SearchRequest, check_key, read_search
+
+log = logging.getLogger(__name__)
+PAGE = Path(__file__).with_name("static") / "index.html"
+MAX_LABEL_VALUES = 500   # per column in GET /attributes: enough for any filter menu
+
+
+def build_app(retriever: Retriever, limits: Limits = Limits()) -> FastAPI:
+    """The service over a Retriever that has an index (and a model, for uploads)."""
+    cat = retriever.catalogue
+    retriever.max_pixels = min(retriever.max_pixels or limits.max_pixels, limits.max_pixels)
+    images = CatalogueImages(cat)
+    batcher = EmbedBatcher(retriever.embed_tensors, retriever.attributes) if retriever.attributes else None
+    _warm(retriever)
+
+    async def lifespan(app):
+        if batcher:
+            batcher.start()
+        yield
+        if batcher:
+            await batcher.stop()
+
+    app = FastAPI(title="mclfir serve", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.started, app.state.searches = time.time(), 0
+    _errors(app)
+    _routes(app, retriever, images, batcher, limits)
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+    return app
+
+
+def _warm(retriever: Retriever) -> None:
+    """Read every index, its vectors and label columns now, so requests only read shared state."""
+    cat = retriever.catalogue
+    for a in cat.meta["attributes"]:
+        cat.index(a)
+        cat.matrix(a)
+        if a in retriever.attributes:
+            retriever.check_model(a)
+    for column in cat.labels:
+        cat.label_array(column)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": " ".join(str(message).split())[:500]}, status_code=status)
+
+
+def _errors(app: FastAPI) -> None:
+    @app.exception_handler(HTTPError)
+    async def http_error(request, e: HTTPError):
+        return _error(e.status, e.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def starlette_error(request, e):
+        text = {404: f"no such endpoint: {request.url.path}", 405: f"{request.method} is not allowed here"}
+        return _error(e.status_code, text.get(e.status_code, e.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, e):
+        first = e.errors()[0] if e.errors() else {}
+        return _error(400, f"{'.'.join(str(x) for x in first.get('loc', []))}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(ConfigError)
+    async def config_error(request, e):
+        return _error(400, str(e))
+
+    @app.exception_handler(BadInputError)
+    async def bad_input(request, e):
+        return _error(422, str(e))
+
+    @app.exception_handler(Exception)
+    async def internal(request, e):
+        log.exception("internal error on %s", request.url.path)
+        return _error(500, f"internal error ({type(e).__name__}); the server log has the details")
+
+
+def _routes(app: FastAPI, retriever: Retriever, images: CatalogueImages, batcher: Optional[EmbedBatcher],
+            limits: Limits) -> None:
+    cat = retriever.catalogue
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return HTMLResponse(PAGE.read_text())
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "version": __version__, "items": len(cat._row), "source": retriever.source,
+                "uptime_s": round(time.time() - app.state.started, 1), "searches": app.state.searches,
+                "embedding": batcher.stats() if batcher else None}
+
+    @app.get("/attributes")
+    async def attributes():
+        return {"attributes": list(cat.meta["attributes"]), "uploads": batcher is not None,
+                "labels": {c: sorted({str(v) for v in vals if v is not None})[:MAX_LABEL_VALUES]
+                           for c, vals in cat.labels.items()},
+                "items": len(cat._row), "limits": {"max_k": limits.max_k, "max_upload_bytes": limits.max_upload_bytes,
+                                                   "max_pixels": limits.max_pixels}}
+
+    @app.get("/items")
+    async def items(offset: int = 0, limit: int = 24, prefix: str = "", sample: int = 0, seed: int = 0):
+        if not (0 <= limit <= 500 and offset >= 0 and 0 <= sample <= 500):
+            raise HTTPError(400, "limit and sample are 0-500, offset at least 0")
+        keys = [k for k in cat.keys if k and k.startswith(prefix)]
+        chosen = random.Random(seed).sample(keys, min(sample, len(keys))) if sample else keys[offset:offset + limit]
+        return {"total": len(keys), "items": [_item(cat, k) for k in chosen]}
+
+    @app.get("/items/{rest:path}")
+    async def item(rest: str):
+        if rest.endswith("/image") and rest not in cat._row:
+            key = check_key(cat, rest[:-len("/image")])
+            data = await run_in_threadpool(images.read, key)
+            return Response(data, media_type=media_type(data) or "application/octet-stream",
+                            headers={"cache-control": "max-age=3600", "x-content-type-options": "nosniff"})
+        return _item(cat, check_key(cat, rest))
+
+    @app.post("/search")
+    async def search(request: Request):
+        req = await read_search(request, limits, cat)
+        started = time.perf_counter()
+        hits, query = await _search(retriever, batcher, req, limits)
+        app.state.searches += 1
+        return {"query": query, "attributes": req.weights, "k": req.k, "where": req.where,
+                "seconds": round(time.perf_counter() - started, 4),
+                "hits": [{"rank": h.rank, "key": h.key, "score": round(h.score, 6), "values": h.values,
+                          "image": f"/items/{h.key}/image"} for h in hits]}
+
+
+def _item(cat, key: str) -> dict:
+    row = cat.row(key)
+    return {"key": key, "values": {c: cat.label(c, row) for c in cat.labels}, "image": f"/items/{key}/image"}
+
+
+async def _search(retriever: Retriever, batcher: Optional[EmbedBatcher], req: SearchRequest, limits: Limits):
+    """(hits, the query's description). Key queries use the index's vectors; uploads are embedded in batches."""
+    if req.key is not None:
+        hits = await run_in_threadpool(retriever.search, req.key, req.weights, req.k, req.where)
+        return hits, _item(retriever.catalogue, req.key)
+    if batcher is None:
+        raise HTTPError(400, "this service has no model (started from an index only): search by key")
+    missing = [a for a in req.weights if a not in retriever.attributes]
+    if missing:
+        raise HTTPError(400, f"the model has no head for {missing[0]!r}: uploads can use "
+                             f"{', '.join(retriever.attributes)}")
+    try:
+        x = await run_in_threadpool(retriever.prepare, req.image)
+    except BadInputError as e:
+        raise HTTPError(422, f"image: {str(e).removeprefix('the image bytes: ')}") from None
+    vectors = await batcher.embed(x)
+    hits = await run_in_threadpool(retriever.search, {a: vectors[a] for a in req.weights}, req.weights, req.k,
+                                   req.where)
+    return hits, {"key": None, "values": {}, "image": None, "upload_bytes": len(req.image)}
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def serve(run: Optional[str], index: str, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits(),
+          allow_other_model: bool = False, access_log: bool = False) -> None:
+    """`mclfir serve`: load once, then answer until SIGINT/SIGTERM."""
+    import uvicorn
+    retriever = Retriever.from_run(run, index, allow_other_model) if run else Retriever.from_index(index)
+    app = build_app(retriever, limits)
+    if host not in LOOPBACK:
+        log.warning("listening on %s: reachable from other machines, and the service has no authentication", host)
+    print(f"serving {len(retriever.catalogue._row)} items ({', '.join(retriever.catalogue.meta['attributes'])}) "
+          f"from {index} on http://{'[' + host + ']' if ':' in host else host}:{port}/  (Ctrl-C stops)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=access_log)

@@ -1,0 +1,62 @@
+"""A catalogue item's image, found by its key only: the index's locations.txt says where (an image file for
+catalogues embedded from a folder or CSV, a shard name for shard sets). Nothing in a request becomes a path."""
+from __future__ import annotations
+
+import tarfile
+import threading
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+from ..errors import BadInputError
+from ..retrieval.index import CatalogueIndex
+from ..utils.names import check_file_name, inside
+
+# magic bytes -> media type: what an upload may be, and what an item's image is served as
+MAGIC = ((b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG\r\n\x1a\n", "image/png"), (b"GIF87a", "image/gif"),
+         (b"GIF89a", "image/gif"))
+
+
+def media_type(data: bytes) -> Optional[str]:
+    """The image type from the first bytes (JPEG, PNG, GIF, WebP), or None."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return next((t for magic, t in MAGIC if data.startswith(magic)), None)
+
+
+class CatalogueImages:
+    def __init__(self, catalogue: CatalogueIndex):
+        self.catalogue = catalogue
+        source = catalogue.meta.get("embed", {}).get("source", {})
+        self.shards = Path(source["shards"]) if isinstance(source, dict) and source.get("shards") else None
+        self._members: Dict[str, Dict[str, Tuple[int, int]]] = {}   # shard name -> {member: (offset, size)}
+        self._lock = threading.Lock()
+
+    def read(self, key: str) -> bytes:
+        """The image bytes of catalogue item `key` (a key known to the catalogue)."""
+        location = self.catalogue.locations[self.catalogue.row(key)]
+        if not location:
+            raise FileNotFoundError(f"item {key!r} has no recorded image location")
+        if self.shards is not None:
+            return self._from_shard(location, key)
+        path = Path(location)
+        if not path.is_file():
+            raise FileNotFoundError(f"the image of {key!r} is gone from {path}")
+        return path.read_bytes()
+
+    def _from_shard(self, shard: str, key: str) -> bytes:
+        check_file_name(shard, f"{self.catalogue.folder / 'locations.txt'}", BadInputError)
+        path = inside(self.shards, shard, f"{self.catalogue.folder / 'locations.txt'}", BadInputError)
+        with self._lock:
+            if shard not in self._members:
+                if not path.is_file():
+                    raise FileNotFoundError(f"the shard of {key!r} is gone: {path}")
+                with tarfile.open(path) as tar:
+                    self._members[shard] = {m.name: (m.offset_data, m.size) for m in tar if m.isfile()}
+            members = self._members[shard]
+        found = next((members[f"{key}.{ext}"] for ext in ("jpg", "jpeg", "png") if f"{key}.{ext}" in members), None)
+        if found is None:
+            raise FileNotFoundError(f"{path} holds no image for {key!r}")
+        offset, size = found
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(size)

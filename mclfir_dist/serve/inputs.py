@@ -1,0 +1,190 @@
+"""What a request may bring, checked before any work: the body size (checked as it streams in, so a huge
+upload is never held), the image type by magic bytes, keys, attributes, k and filters. Every refusal is an
+`HTTPError`: a status and one line, which app.py sends as {"error": "..."}."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from ..errors import ConfigError
+from ..retrieval.batch import parse_weights, parse_where
+from ..retrieval.index import CatalogueIndex
+from .images import media_type
+
+PATH_CHARACTERS = ("/", "\\", "..", "\x00")
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, " ".join(str(message).split())[:500]
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_upload_bytes: int = 8 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    max_k: int = 100
+    max_fields: int = 16
+
+    @property
+    def max_body_bytes(self) -> int:   # the upload plus the form's other fields and boundaries
+        return self.max_upload_bytes + 64 * 1024
+
+
+@dataclass
+class SearchRequest:
+    weights: Dict[str, float]
+    k: int
+    where: Dict[str, List[str]] = field(default_factory=dict)
+    key: Optional[str] = None
+    image: Optional[bytes] = None
+
+
+class BodyLimit:
+    """ASGI middleware: a declared Content-Length over the limit is answered 413 at once; an undeclared
+    (chunked) body is counted as it arrives and stopped at the limit."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await _send_error(send, 413, f"the request body is over the {self.limit:,}-byte limit"
+                                     if declared.isdigit() else "Content-Length is not a number")
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise HTTPError(413, f"the request body is over the {self.limit:,}-byte limit")
+            return message
+
+        return await self.app(scope, counted, send)
+
+
+async def _send_error(send, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def check_key(catalogue: CatalogueIndex, key) -> str:
+    """A catalogue key, or 400 (path characters: nothing is ever read by a path from a request) or 404."""
+    if not isinstance(key, str) or not key or len(key) > 255:
+        raise HTTPError(400, "key: give a catalogue key (1-255 characters)")
+    if key not in catalogue._row:
+        if any(c in key for c in PATH_CHARACTERS) or key.startswith("."):
+            raise HTTPError(400, f"key {key[:80]!r} is not a catalogue key: paths are not accepted, images are "
+                                 "served by catalogue key only")
+        raise HTTPError(404, f"no catalogue item with key {key[:80]!r}")
+    return key
+
+
+def check_image(data: bytes, limits: Limits) -> bytes:
+    if len(data) > limits.max_upload_bytes:
+        raise HTTPError(413, f"the upload is over the {limits.max_upload_bytes:,}-byte limit")
+    if not data:
+        raise HTTPError(400, "image: the upload is empty")
+    if media_type(data) is None:
+        raise HTTPError(415, "image: not a JPEG, PNG, GIF or WebP file (checked by its first bytes)")
+    return data
+
+
+async def read_search(request: Request, limits: Limits, catalogue: CatalogueIndex) -> SearchRequest:
+    """POST /search as multipart/form-data or url-encoded fields (key or image, attributes, k, where), or JSON
+    ({"key", "attributes": "colour:1,pattern:0.5" or {name: weight}, "k", "where": "col=val" or {col: val}})."""
+    fields = await _fields(request, limits)
+    try:
+        weights = _weights(fields.get("attributes"))
+        where = _where(fields.get("where"))
+    except ConfigError as e:
+        raise HTTPError(400, str(e).replace("--", "")) from None
+    unknown = [a for a in weights if a not in catalogue.meta["attributes"]]
+    if unknown:
+        raise HTTPError(400, f"unknown attribute {unknown[0]!r}: the catalogue has "
+                             f"{', '.join(catalogue.meta['attributes'])}")
+    bad = [c for c in where if c not in catalogue.labels]
+    if bad:
+        raise HTTPError(400, f"where: unknown label column {bad[0]!r} (the catalogue has: "
+                             f"{', '.join(catalogue.labels) or 'none'})")
+    k = _k(fields.get("k", 10), limits)
+    key, image = fields.get("key") or None, fields.get("image")
+    if (key is None) == (image is None):
+        raise HTTPError(400, "give exactly one of key (a catalogue item) or image (an upload)")
+    if image is not None:
+        data = await image.read(limits.max_upload_bytes + 1) if isinstance(image, UploadFile) else None
+        if data is None:
+            raise HTTPError(400, "image: send the file as a multipart upload")
+        return SearchRequest(weights, k, where, image=check_image(data, limits))
+    return SearchRequest(weights, k, where, key=check_key(catalogue, key))
+
+
+async def _fields(request: Request, limits: Limits) -> dict:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "application/json":
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise HTTPError(400, f"the body is not valid JSON ({e})") from None
+        if not isinstance(body, dict):
+            raise HTTPError(400, "the JSON body must be an object")
+        return body
+    if ctype not in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        raise HTTPError(415, "send multipart/form-data, application/x-www-form-urlencoded or application/json")
+    try:
+        form = await request.form(max_files=1, max_fields=limits.max_fields, max_part_size=64 * 1024)
+    except HTTPError:
+        raise
+    except Exception as e:   # starlette's parser: malformed multipart, too many fields or files
+        raise HTTPError(400, f"the form could not be read ({getattr(e, 'detail', None) or e})") from None
+    return dict(form)
+
+
+def _weights(spec) -> Dict[str, float]:
+    if isinstance(spec, dict):
+        try:
+            return {str(a): float(w) for a, w in spec.items()} or parse_weights("")
+        except (TypeError, ValueError):
+            raise HTTPError(400, f"attributes: weights must be numbers, got {spec}") from None
+    if isinstance(spec, list):
+        return {str(a): 1.0 for a in spec} or parse_weights("")
+    if not isinstance(spec, str) or not spec.strip():
+        raise HTTPError(400, "attributes: give at least one, e.g. colour or colour:1,pattern:0.5")
+    weights = parse_weights(spec)
+    if any(w != w or abs(w) == float("inf") for w in weights.values()):
+        raise HTTPError(400, "attributes: weights must be finite numbers")
+    return weights
+
+
+def _where(spec) -> Dict[str, List[str]]:
+    if spec is None or spec == "":
+        return {}
+    if isinstance(spec, dict):
+        return {str(c): [str(x) for x in (v if isinstance(v, list) else [v])] for c, v in spec.items()}
+    if not isinstance(spec, str):
+        raise HTTPError(400, "where: COLUMN=VALUE,... or {column: value}")
+    return parse_where(spec)
+
+
+def _k(value, limits: Limits) -> int:
+    try:
+        k = int(value)
+        if isinstance(value, float) or isinstance(value, bool):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise HTTPError(400, f"k must be a whole number, got {str(value)[:40]!r}") from None
+    if not 1 <= k <= limits.max_k:
+        raise HTTPError(400, f"k must be between 1 and {limits.max_k}, got {k}")
+    return k

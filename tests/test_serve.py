@@ -1,0 +1,279 @@
+"""`mclfir serve` as a real process (uvicorn on a free localhost port) over the tiny run's index: its answers
+equal the Python API's, concurrent uploads are embedded in shared batches, and every hostile request gets a
+4xx with a one-line JSON error, never a traceback and never a file named by the request."""
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, free_port, needs
+
+pytestmark = [needs("faiss"), needs("fastapi"), needs("uvicorn")]
+
+
+def start_server(run, index, *extra):
+    port = free_port()
+    cmd = [sys.executable, "-m", "mclfir_dist.cli", "serve", "--index", str(index), "--port", port, *extra]
+    if run is not None:
+        cmd += ["--run", str(run)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise AssertionError(f"mclfir serve exited {proc.returncode}: {proc.stdout.read()}")
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1)
+            return proc, url
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("mclfir serve did not answer within 60 s")
+
+
+def stop_server(proc):
+    proc.terminate()
+    try:
+        out, _ = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(run, catalogue):
+    index, _, _ = catalogue
+    proc, url = start_server(run, index, "--max-upload-mb", "0.05", "--max-pixels", "2000", "--max-k", "50")
+    yield url
+    out = stop_server(proc)
+    assert "Traceback" not in out, out
+
+
+def request(url, method="GET", body=None, headers=None):
+    """(status, headers, body bytes); errors are answers too."""
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def multipart(fields: dict, files: dict = None):
+    boundary = uuid.uuid4().hex
+    parts = []
+    for name, value in fields.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    for name, (filename, data) in (files or {}).items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                     f'Content-Type: application/octet-stream\r\n\r\n'.encode() + data + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def search(url, fields, files=None):
+    body, headers = multipart(fields, files)
+    status, _, data = request(url + "/search", "POST", body, headers)
+    return status, json.loads(data)
+
+
+def jpeg(size=32, seed=0):
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_endpoints_answer_what_the_catalogue_holds(server, catalogue, tiny_shards):
+    index, _, key = catalogue
+    status, _, body = request(server + "/health")
+    health = json.loads(body)
+    assert status == 200 and health["status"] == "ok" and health["items"] == len(
+        [k for k in (index / "keys.txt").read_text().splitlines() if k])
+    meta = json.loads(request(server + "/attributes")[2])
+    assert meta["attributes"] == ["colour", "garment_length"] and meta["uploads"] is True
+    assert "red" in meta["labels"]["colour"] or len(meta["labels"]["colour"]) >= 2
+    item = json.loads(request(server + f"/items/{key}")[2])
+    assert item["key"] == key and set(item["values"]) == {"colour", "garment_length"}
+    status, headers, image = request(server + f"/items/{key}/image")
+    assert status == 200 and headers["content-type"] == "image/jpeg"
+    shard = next(p for p in sorted(Path(tiny_shards).glob("test-*.tar"))
+                 if f"{key}.jpg" in tarfile.open(p).getnames())
+    assert image == tarfile.open(shard).extractfile(f"{key}.jpg").read()
+    listing = json.loads(request(server + "/items?sample=5&seed=3")[2])
+    assert len(listing["items"]) == 5 and listing == json.loads(request(server + "/items?sample=5&seed=3")[2])
+    assert request(server + "/")[1]["content-type"].startswith("text/html")
+
+
+def test_searches_equal_the_python_api(server, run, catalogue):
+    from mclfir_dist import Retriever
+    index, image, key = catalogue
+    r = Retriever.from_run(run, index=index)
+    for fields, query in [({"key": key, "attributes": "colour", "k": "7"}, key),
+                          ({"key": key, "attributes": "colour:1,garment_length:0.5", "k": "9"}, key)]:
+        status, got = search(server, fields)
+        want = r.search(query, {"colour": 1, "garment_length": 0.5} if "," in fields["attributes"] else "colour",
+                        k=int(fields["k"]))
+        assert status == 200 and [h["key"] for h in got["hits"]] == [h.key for h in want]
+        assert np.allclose([h["score"] for h in got["hits"]], [h.score for h in want], atol=1e-5)
+        assert got["query"]["key"] == key and [h["rank"] for h in got["hits"]] == list(range(1, len(want) + 1))
+    data = image.read_bytes()
+    status, got = search(server, {"attributes": "garment_length", "k": "5"}, {"image": ("q.jpg", data)})
+    want = r.search(data, "garment_length", k=5)
+    assert status == 200 and [h["key"] for h in got["hits"]] == [h.key for h in want]
+    assert np.allclose([h["score"] for h in got["hits"]], [h.score for h in want], atol=1e-5)
+    value = want[0].values["colour"]
+    status, got = search(server, {"key": key, "attributes": "garment_length", "k": "4", "where": f"colour={value}"})
+    assert status == 200 and got["hits"] and all(h["values"]["colour"] == value for h in got["hits"])
+    assert [h["key"] for h in got["hits"]] == [h.key for h in r.search(key, "garment_length", 4,
+                                                                           where={"colour": value})]
+    body = json.dumps({"key": key, "attributes": {"colour": 1}, "k": 3}).encode()
+    status, _, data = request(server + "/search", "POST", body, {"Content-Type": "application/json"})
+    assert status == 200 and [h["key"] for h in json.loads(data)["hits"]] == [h.key for h in r.search(key, "colour", 3)]
+
+
+def test_concurrent_uploads_share_batches_and_get_their_own_answers(server, run, catalogue):
+    from mclfir_dist import Retriever
+    index, _, _ = catalogue
+    r = Retriever.from_run(run, index=index)
+    images = [jpeg(32, seed) for seed in range(16)]
+    before = json.loads(request(server + "/health")[2])["embedding"]
+    answers = [None] * len(images)
+
+    def ask(i):
+        answers[i] = search(server, {"attributes": "colour", "k": "3"}, {"image": (f"{i}.jpg", images[i])})
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(images))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = json.loads(request(server + "/health")[2])["embedding"]
+    for i, (status, got) in enumerate(answers):
+        want = r.search(images[i], "colour", k=3)
+        assert status == 200 and [h["key"] for h in got["hits"]] == [h.key for h in want], i
+    served, batches = after["images"] - before["images"], after["batches"] - before["batches"]
+    assert served == 16 and batches < 16, after   # some requests were embedded together
+
+
+def _is_one_line_error(data: bytes) -> str:
+    body = json.loads(data)
+    assert list(body) == ["error"] and "\n" not in body["error"] and "Traceback" not in body["error"], body
+    return body["error"]
+
+
+def hostile_cases(key):
+    big = jpeg(200, 1)   # 40,000 pixels: over --max-pixels 2000, under the 50 kB upload limit
+    png_garbage = b"\x89PNG\r\n\x1a\n" + os.urandom(200)
+    return [
+        ("upload over the size limit", 413, {"attributes": "colour"}, {"image": ("x.jpg", b"\xff\xd8\xff" + b"0" * 60_000)}),
+        ("not an image (magic bytes)", 415, {"attributes": "colour"}, {"image": ("x.jpg", b"hello, this is text")}),
+        ("an HTML file named .jpg", 415, {"attributes": "colour"}, {"image": ("x.jpg", b"<html><script>1</script>")}),
+        ("image header, no image", 422, {"attributes": "colour"}, {"image": ("x.png", png_garbage)}),
+        ("image over the pixel limit", 422, {"attributes": "colour"}, {"image": ("x.jpg", big)}),
+        ("empty upload", 400, {"attributes": "colour"}, {"image": ("x.jpg", b"")}),
+        ("unknown attribute", 400, {"key": key, "attributes": "sleeve"}, None),
+        ("unknown key", 404, {"key": "no_such_item", "attributes": "colour"}, None),
+        ("key with path characters", 400, {"key": "../../etc/passwd", "attributes": "colour"}, None),
+        ("k = 0", 400, {"key": key, "attributes": "colour", "k": "0"}, None),
+        ("k over the limit", 400, {"key": key, "attributes": "colour", "k": "51"}, None),
+        ("k not a number", 400, {"key": key, "attributes": "colour", "k": "ten"}, None),
+        ("no query", 400, {"attributes": "colour"}, None),
+        ("key and image", 400, {"key": key, "attributes": "colour"}, {"image": ("x.jpg", jpeg())}),
+        ("no attributes", 400, {"key": key}, None),
+        ("weight not a number", 400, {"key": key, "attributes": "colour:lots"}, None),
+        ("unknown filter column", 400, {"key": key, "attributes": "colour", "where": "price=1"}, None),
+        ("filter not COL=VAL", 400, {"key": key, "attributes": "colour", "where": "red"}, None),
+        ("two files", 400, {"attributes": "colour"}, {"image": ("x.jpg", jpeg()), "other": ("y.jpg", jpeg())}),
+    ]
+
+
+def test_hostile_requests_get_a_4xx_and_one_line(server, catalogue):
+    _, _, key = catalogue
+    for name, status, fields, files in hostile_cases(key):
+        body, headers = multipart(fields, files)
+        got, _, data = request(server + "/search", "POST", body, headers)
+        assert got == status, (name, got, data)
+        _is_one_line_error(data)
+    raw = [("GET /search", "GET", "/search", None, {}, 405),
+           ("unknown endpoint", "GET", "/admin", None, {}, 404),
+           ("unknown item", "GET", "/items/nope/image", None, {}, 404),
+           ("a path as item", "GET", "/items/..%2F..%2Fetc%2Fpasswd/image", None, {}, 400),
+           ("a dotted path as item", "GET", "/items/../../etc/passwd", None, {}, 400),
+           ("backslash path", "GET", "/items/..%5C..%5Cwin.ini", None, {}, 400),
+           ("bad JSON", "POST", "/search", b"{not json", {"Content-Type": "application/json"}, 400),
+           ("JSON list", "POST", "/search", b"[1, 2]", {"Content-Type": "application/json"}, 400),
+           ("plain text body", "POST", "/search", b"key=x", {"Content-Type": "text/plain"}, 415),
+           ("declared body too large", "POST", "/search", b"x" * 200_000, {"Content-Type": "application/json"}, 413),
+           ("items limit out of range", "GET", "/items?limit=100000", None, {}, 400),
+           ("items offset not a number", "GET", "/items?offset=abc", None, {}, 400)]
+    for name, method, path, body, headers, status in raw:
+        got, _, data = request(server + path, method, body, headers)
+        assert got == status, (name, got, data)
+        message = _is_one_line_error(data)
+        assert "root:" not in message   # no file content ever comes back
+    assert json.loads(request(server + "/health")[2])["status"] == "ok"   # and the service is still up
+
+
+def test_a_chunked_upload_over_the_limit_is_stopped_while_it_streams(server):
+    import http.client
+    host, port = server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    body, headers = multipart({"attributes": "colour"}, {"image": ("x.jpg", b"\xff\xd8\xff" + b"0" * 300_000)})
+    conn.putrequest("POST", "/search")
+    for h, v in {**headers, "Transfer-Encoding": "chunked"}.items():
+        conn.putheader(h, v)
+    conn.endheaders()
+    try:
+        for i in range(0, len(body), 8192):
+            chunk = body[i:i + 8192]
+            conn.send(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+        conn.send(b"0\r\n\r\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass   # the server may stop reading first: that is the point
+    response = conn.getresponse()
+    assert response.status == 413
+    _is_one_line_error(response.read())
+
+
+def listening_addresses(port: int) -> set:
+    """The local addresses with a socket listening on `port` (from /proc/net/tcp: state 0A = LISTEN)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:
+            found.add(".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0)))
+    return found
+
+
+def test_it_binds_to_localhost_and_refuses_another_models_index(run, catalogue, tmp_path):
+    index, _, _ = catalogue
+    proc, url = start_server(None, index)   # no model: key queries only
+    try:
+        status, got = search(url, {"attributes": "colour"}, {"image": ("x.jpg", jpeg())})
+        assert status == 400 and "key" in got["error"]
+        assert listening_addresses(int(url.rsplit(":", 1)[1])) == {"127.0.0.1"}
+    finally:
+        stop_server(proc)
+    other = tmp_path / "index"
+    import shutil
+    shutil.copytree(index, other)
+    meta = json.loads((other / "index.json").read_text())
+    meta["model_hash"] = {a: "0" * 16 for a in meta["attributes"]}
+    (other / "index.json").write_text(json.dumps(meta))
+    done = subprocess.run([sys.executable, "-m", "mclfir_dist.cli", "serve", "--run", str(run), "--index", str(other),
+                           "--port", free_port()], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "another model" in done.stderr and "Traceback" not in done.stderr
