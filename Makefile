@@ -1,5 +1,5 @@
 # `make demo` and `make test` work on a fresh machine: both set up .venv first.
-.PHONY: setup setup-cluster demo test test-main test-cluster clean
+.PHONY: setup setup-cluster demo serve test test-main test-cluster clean
 
 setup:
 	bash scripts/setup.sh
@@ -9,6 +9,10 @@ setup-cluster:
 
 demo: setup
 	.venv/bin/mclfir train --config configs/debug_cpu.yaml --out runs/debug --overwrite
+
+# the search page on the demo run: http://127.0.0.1:8000/ (trains, embeds and indexes it first if needed)
+serve: setup
+	bash scripts/serve_demo.sh
 
 # two steps: the main suite, then the cluster tests (two localhost nodes, SLURM, elastic restarts; root)
 test: test-main test-cluster

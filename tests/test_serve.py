@@ -277,3 +277,18 @@ def test_it_binds_to_localhost_and_refuses_another_models_index(run, catalogue, 
     done = subprocess.run([sys.executable, "-m", "mclfir_dist.cli", "serve", "--run", str(run), "--index", str(other),
                            "--port", free_port()], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "another model" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_serve_benchmark_runs_bounded_and_every_request_succeeds(run, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "mclfir_dist.bench.serve", "--run", str(run), "--sizes", "300",
+                           "--concurrency", "1,4", "--requests", "12", "--uploads", "4", "--cli-repeats", "1",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    (row,) = rows
+    assert row["items"] == 300 and set(row["http"]) == {"1", "4"}
+    for level in row["http"].values():
+        assert level["key"]["n"] == 12 and level["upload"]["n"] == 4
+        assert level["key"]["failures"] == 0 and level["upload"]["failures"] == 0
+    assert row["in_process"]["key"]["n"] == 12 and row["cli"]["n"] == 1
+    assert "| 300 | key | HTTP | 4 |" in (tmp_path / "bench.md").read_text()
