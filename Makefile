@@ -1,8 +1,11 @@
 # `make demo` and `make test` work on a fresh machine: both set up .venv first.
-.PHONY: setup setup-cluster demo serve test test-main test-cluster clean
+.PHONY: setup setup-browser setup-cluster demo serve test test-main test-cluster clean
 
 setup:
 	bash scripts/setup.sh
+
+setup-browser:
+	bash scripts/setup_browser.sh
 
 setup-cluster:
 	bash scripts/setup_cluster.sh
@@ -17,7 +20,7 @@ serve: setup
 # two steps: the main suite, then the cluster tests (two localhost nodes, SLURM, elastic restarts; root)
 test: test-main test-cluster
 
-test-main: setup
+test-main: setup setup-browser
 	.venv/bin/python -m pytest -q -m "not cluster" tests
 
 test-cluster: setup setup-cluster
