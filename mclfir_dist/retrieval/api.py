@@ -203,7 +203,7 @@ class Retriever:
             if not self.allow_other_model:
                 raise ConfigError(f"the index {cat.folder} was embedded by another model than {self.source}'s for "
                                   f"'{attribute}' (weights {indexed or 'unrecorded'} vs {current}): re-embed and "
-                                  "re-index, or pass allow_other_model=True")
+                                  "re-index, or search it anyway (allow_other_model=True, --allow-other-model)")
             warnings.warn(f"'{attribute}': the index's vectors may come from another model than {self.source}'s",
                           stacklevel=3)
         self._checked[attribute] = True

@@ -5,37 +5,19 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import numpy as np
-
 from ..config import ConfigError
 from ..data.images import ImageRejected
-from ..data.streams import iter_shard
-from ..errors import BadInputError
-from ..utils.names import check_file_name
-from ..model.preprocess import eval_transform
-from ..training.checkpoint import load_run_model
-from .embed import decode_file_bytes, model_identity
+from .api import Retriever
+from .embed import decode_file_bytes
+from .images import CatalogueImages
 from .index import CatalogueIndex
 
 log = logging.getLogger(__name__)
 SHEET_MAX = 50   # tiles on one contact sheet: past that it is no longer an image anyone can look at
-
-
-def check_same_model(catalogue: CatalogueIndex, model, run: str, attribute: str, allow_other: bool) -> None:
-    """Queries and index must come from the same weights; another model is refused unless allowed, and then
-    the run's measured compatibility (results.json) is shown."""
-    indexed = catalogue.model_hashes.get(attribute)
-    current = model_identity(model, attribute)
-    if indexed == current:
-        return
-    if not allow_other:
-        raise ConfigError(f"the index {catalogue.folder} was embedded by another model than {run}'s for "
-                          f"'{attribute}' (weights {indexed or 'unrecorded'} vs {current}): re-embed and re-index, "
-                          f"or pass --allow-other-model to search it anyway")
-    print(f"warning: another model: {compatibility_note(run, attribute)}", file=sys.stderr)
 
 
 def compatibility_note(run: str, attribute: str) -> str:
@@ -49,50 +31,27 @@ def compatibility_note(run: str, attribute: str) -> str:
             f"model's index vs {100 * r['reembedded']:.2f} re-embedded (measured on the eval split)")
 
 
-def embed_query(run: str, image: str, attribute: str, catalogue: Optional[CatalogueIndex] = None,
-                allow_other_model: bool = False) -> np.ndarray:
-    model, cfg, _ = load_run_model(run)
-    if attribute not in model.heads:
-        raise ConfigError(f"--attribute {attribute!r}: the run has {', '.join(model.attributes)}")
-    if catalogue is not None:
-        check_same_model(catalogue, model, run, attribute, allow_other_model)
-    path = Path(image)
-    if not path.is_file():
-        raise FileNotFoundError(f"--image: no such file: {path}")
-    transform = eval_transform(cfg.data.image_size, int(round(cfg.data.image_size * cfg.data.resize_ratio)))
-    try:
-        decoded = decode_file_bytes(path.read_bytes(), cfg.data.max_image_pixels)
-    except ImageRejected as e:
-        raise BadInputError(f"--image {path}: {e}") from None
-    x = transform(decoded)[None]
-    emb, _ = model.embed_all(x, [attribute])
-    return emb[0, 0].numpy()
-
-
 def search_catalogue(run: Optional[str], index_dir: str, attribute: str, image: Optional[str] = None,
                      key: Optional[str] = None, k: int = 10, sheet: Optional[str] = None,
                      allow_other_model: bool = False) -> List[dict]:
     if k < 1:
         raise ConfigError(f"--k must be at least 1, got {k}")
-    catalogue = CatalogueIndex(index_dir)
     if (image is None) == (key is None):
         raise ConfigError("give exactly one of --image Q.jpg or --key K")
-    if image is not None:
-        if run is None:
-            raise ConfigError("--image needs --run RUN (the model that embeds the query)")
-        query = embed_query(run, image, attribute, catalogue, allow_other_model)
-        exclude = None
-    else:
-        query = catalogue.vector(attribute, key)
-        exclude = catalogue.row(key)   # the query itself is not a result
-    scores, rows = catalogue.search(attribute, query, k + (exclude is not None))
-    hits = []
-    for score, row in zip(scores[0].tolist(), rows[0].tolist()):
-        if row < 0 or row == exclude or row >= len(catalogue.keys) or not catalogue.keys[row]:
-            continue
-        hits.append({"rank": len(hits) + 1, "key": catalogue.keys[row], "score": score, "row": row,
-                     "value": catalogue.label(attribute, row), "location": catalogue.locations[row]})
-    hits = hits[:k]
+    if image is not None and run is None:
+        raise ConfigError("--image needs --run RUN (the model that embeds the query)")
+    if image is not None and not Path(image).is_file():
+        raise FileNotFoundError(f"--image: no such file: {image}")
+    retriever = Retriever.from_run(run, index_dir, allow_other_model) if run else Retriever.from_index(index_dir)
+    catalogue = retriever.catalogue
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        found = retriever.search(Path(image) if image is not None else key, attribute, k)
+    if caught:
+        print(f"warning: another model: {compatibility_note(run, attribute)}", file=sys.stderr)
+    exclude = catalogue.row(key) if key is not None else None   # the query itself is not a result
+    hits = [{"rank": h.rank, "key": h.key, "score": h.score, "row": catalogue.row(h.key),
+             "value": h.values.get(attribute), "location": h.location} for h in found]
     query_value = catalogue.label(attribute, exclude) if exclude is not None else None
     print(f"query: {image or key}" + (f"  ({attribute} = {query_value})" if query_value else "")
           + f"  | {attribute}, top {len(hits)}")
@@ -103,7 +62,7 @@ def search_catalogue(run: Optional[str], index_dir: str, attribute: str, image: 
         if len(hits) > SHEET_MAX:
             log.warning("the contact sheet shows the first %d of %d results", SHEET_MAX, len(hits))
         hits_drawn = hits[:SHEET_MAX]
-        query_image = Path(image).read_bytes() if image else _image_bytes(catalogue, [exclude])[exclude]
+        query_image = Path(image).read_bytes() if image else _image_bytes(catalogue, [exclude]).get(exclude)
         images = _image_bytes(catalogue, [h["row"] for h in hits_drawn])
         draw_sheet(sheet, query_image, f"query {Path(image).name if image else key}", query_value,
                    [(images.get(h["row"]), h) for h in hits_drawn], attribute)
@@ -111,21 +70,13 @@ def search_catalogue(run: Optional[str], index_dir: str, attribute: str, image: 
 
 
 def _image_bytes(catalogue: CatalogueIndex, rows: List[int]) -> Dict[int, bytes]:
-    """The images of catalogue rows: files read directly; samples in shards found by key."""
-    out: Dict[int, bytes] = {}
-    by_shard: Dict[str, Dict[str, int]] = {}
-    source = catalogue.meta["embed"]["source"]
+    """The images of catalogue rows (a missing one is left out: its tile is drawn blank)."""
+    images, out = CatalogueImages(catalogue), {}
     for row in rows:
-        location = catalogue.locations[row]
-        if "shards" in source:
-            by_shard.setdefault(location, {})[catalogue.keys[row]] = row
-        elif Path(location).is_file():
-            out[row] = Path(location).read_bytes()
-    for shard, wanted in by_shard.items():
-        check_file_name(shard, f"{catalogue.folder / 'locations.txt'}", BadInputError)
-        for s in iter_shard(Path(source["shards"]) / shard):
-            if s["__key__"] in wanted:
-                out[wanted[s["__key__"]]] = s["jpg"]
+        try:
+            out[row] = images.read(catalogue.keys[row])
+        except FileNotFoundError as e:
+            log.warning("contact sheet: %s", e)
     return out
 
 

@@ -18,7 +18,7 @@ from ..errors import BadInputError, ConfigError
 from ..retrieval.api import Retriever
 from ..version import __version__
 from .batcher import EmbedBatcher
-from .images import CatalogueImages, media_type
+from ..retrieval.images import CatalogueImages, media_type
 from .inputs import BodyLimit, HTTPError, Limits, SearchRequest, check_key, read_search
 
 log = logging.getLogger(__name__)
@@ -108,11 +108,11 @@ def _routes(app: FastAPI, retriever: Retriever, images: CatalogueImages, batcher
                 "uptime_s": round(time.time() - app.state.started, 1), "searches": app.state.searches,
                 "embedding": batcher.stats() if batcher else None}
 
+    labels = {c: sorted({str(v) for v in vals if v is not None})[:MAX_LABEL_VALUES] for c, vals in cat.labels.items()}
+
     @app.get("/attributes")
     async def attributes():
-        return {"attributes": list(cat.meta["attributes"]), "uploads": batcher is not None,
-                "labels": {c: sorted({str(v) for v in vals if v is not None})[:MAX_LABEL_VALUES]
-                           for c, vals in cat.labels.items()},
+        return {"attributes": list(cat.meta["attributes"]), "uploads": batcher is not None, "labels": labels,
                 "items": len(cat._row), "limits": {"max_k": limits.max_k, "max_upload_bytes": limits.max_upload_bytes,
                                                    "max_pixels": limits.max_pixels}}
 

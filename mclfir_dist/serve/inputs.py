@@ -13,7 +13,7 @@ from starlette.requests import Request
 from ..errors import ConfigError
 from ..retrieval.batch import parse_weights, parse_where
 from ..retrieval.index import CatalogueIndex
-from .images import media_type
+from ..retrieval.images import media_type
 
 PATH_CHARACTERS = ("/", "\\", "..", "\x00")
 
@@ -155,14 +155,17 @@ async def _fields(request: Request, limits: Limits) -> dict:
 def _weights(spec) -> Dict[str, float]:
     if isinstance(spec, dict):
         try:
-            return {str(a): float(w) for a, w in spec.items()} or parse_weights("")
+            weights = {str(a): float(w) for a, w in spec.items()}
         except (TypeError, ValueError):
-            raise HTTPError(400, f"attributes: weights must be numbers, got {spec}") from None
-    if isinstance(spec, list):
-        return {str(a): 1.0 for a in spec} or parse_weights("")
-    if not isinstance(spec, str) or not spec.strip():
+            raise HTTPError(400, f"attributes: weights must be numbers, got {str(spec)[:80]}") from None
+    elif isinstance(spec, list):
+        weights = {str(a): 1.0 for a in spec}
+    elif isinstance(spec, str) and spec.strip():
+        weights = parse_weights(spec)
+    else:
+        weights = {}
+    if not weights:
         raise HTTPError(400, "attributes: give at least one, e.g. colour or colour:1,pattern:0.5")
-    weights = parse_weights(spec)
     if any(w != w or abs(w) == float("inf") for w in weights.values()):
         raise HTTPError(400, "attributes: weights must be finite numbers")
     return weights

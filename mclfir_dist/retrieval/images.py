@@ -1,4 +1,4 @@
-"""A catalogue item's image, found by its key only: the index's locations.txt says where (an image file for
+"""A catalogue item's image, found by its key only (the service, the contact sheet): the index's locations.txt says where (an image file for
 catalogues embedded from a folder or CSV, a shard name for shard sets). Nothing in a request becomes a path."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 from ..errors import BadInputError
-from ..retrieval.index import CatalogueIndex
+from .index import CatalogueIndex
 from ..utils.names import check_file_name, inside
 
 # magic bytes -> media type: what an upload may be, and what an item's image is served as
