@@ -334,13 +334,13 @@ def cmd_embed(args) -> int:
 
 
 def _pairs(spec: str, flag: str) -> dict:
-    """'a=b,c=d' -> {a: b, c: d}."""
+    """'a=b,c=d' -> {a: b, c: d}: one NAME each."""
+    from .retrieval.batch import parse_where
     out = {}
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        left, eq, right = part.partition("=")
-        if not eq or not left or not right:
-            raise ConfigError(f"{flag} {spec!r}: {part!r} is not NAME=NAME")
-        out[left] = right
+    for left, rights in parse_where(spec, flag).items():
+        if len(rights) != 1 or not rights[0]:
+            raise ConfigError(f"{flag} {spec!r}: {left!r} needs exactly one NAME (NAME=NAME)")
+        out[left] = rights[0]
     return out
 
 

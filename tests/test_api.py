@@ -164,7 +164,7 @@ def test_the_cli_filters_and_combines_like_the_api(run, catalogue, capsys):
 
 @pytest.mark.parametrize("argv,text", [
     (["--queries", "Q.csv"], "--queries and --out go together"),
-    (["--key", "K", "--where", "colour"], "is not COLUMN=VALUE"),
+    (["--key", "K", "--where", "colour"], "is not NAME=VALUE"),
     (["--key", "K", "--attributes", "colour:heavy"], "is not a number"),
     (["--queries", "Q.csv", "--out", "hits.txt"], "write .jsonl or .csv"),
     (["--image", "IMG", "--where", "colour=red"], "--image needs --run"),

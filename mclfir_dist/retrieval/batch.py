@@ -33,13 +33,13 @@ def parse_weights(spec: str) -> Dict[str, float]:
     return weights
 
 
-def parse_where(spec: Optional[str]) -> Dict[str, List[str]]:
+def parse_where(spec: Optional[str], flag: str = "--where") -> Dict[str, List[str]]:
     """'baseColour=Red,articleType=Shirts' (a column given twice keeps either value)."""
     where: Dict[str, List[str]] = {}
     for part in filter(None, (p.strip() for p in (spec or "").split(","))):
         column, eq, value = part.partition("=")
         if not eq or not column:
-            raise ConfigError(f"--where {spec!r}: {part!r} is not COLUMN=VALUE")
+            raise ConfigError(f"{flag} {spec!r}: {part!r} is not NAME=VALUE")
         where.setdefault(column, []).append(value)
     return where
 
