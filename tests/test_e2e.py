@@ -90,7 +90,7 @@ def test_report_writes_table_and_plots(tiny_run, tmp_path):
     run, _ = tiny_run
     assert main(["report", str(run), "--out", str(tmp_path)]) == 0
     text = (tmp_path / "report.md").read_text()
-    assert "avg mAP" in text and "colour" in text
+    assert "avg mAP" in text and "colour" in text and "| leakage" in text and "attribute leakage" in text
     assert (tmp_path / "map_vs_cost.png").stat().st_size > 1000
     assert (tmp_path / f"matrix_{run.name}.png").stat().st_size > 1000
     res = json.loads((run / "results.json").read_text())

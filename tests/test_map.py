@@ -76,3 +76,69 @@ def test_dataset_map_is_query_weighted_per_dataset():
     details = {"a": {"map": 0.9, "queries": 10}, "b": {"map": 0.3, "queries": 30}, "c": {"map": 0.5, "queries": 5}}
     out = dataset_maps(details, {"a": "fashionai", "b": "fashionai", "c": "darn"})
     assert out == pytest.approx({"fashionai": (0.9 * 10 + 0.3 * 30) / 40, "darn": 0.5})
+
+
+class _Manifest:
+    """The parts of a Manifest that attribute_leakage reads."""
+
+    def __init__(self, names, query, candidate):
+        self.attributes, self._sets = names, {"query": query, "candidate": candidate}
+
+    def attribute_index(self, name):
+        return self.attributes.index(name)
+
+    def eval_set(self, split, attribute):
+        return self._sets
+
+
+def reference_leakage(emb, labels, q, c, head_col, k):
+    out = []
+    for col in range(labels.shape[1]):
+        shares, chances = [], []
+        for i in q:
+            if labels[i, col] < 0:
+                continue
+            scores = sorted(((float(emb[i] @ emb[j]), j) for j in c if j != i), key=lambda t: -t[0])[:k]
+            shares.append(sum(labels[j, col] == labels[i, col] for _, j in scores) / min(k, len(c)))
+            chances.append(sum(labels[j, col] == labels[i, col] for j in c) / len(c))
+        out.append((float(sum(shares)) / len(shares), float(sum(chances)) / len(chances)))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_attribute_leakage_matches_a_plain_reference(seed):
+    from mclfir_dist.evaluation.metrics import SplitEmbeddings, attribute_leakage
+    g = torch.Generator().manual_seed(seed)
+    n = 60
+    labels = torch.stack([torch.randint(0, 3, (n,), generator=g), torch.randint(-1, 4, (n,), generator=g)], dim=1)
+    emb = torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=1)
+    keys = [f"k{i:03d}" for i in range(n)]
+    q, c = list(range(0, 20)), list(range(15, 60))   # 5 queries are also candidates: never their own neighbour
+    manifest = _Manifest(["colour", "pattern"], [keys[i] for i in q], [keys[i] for i in c])
+    se = SplitEmbeddings(keys, labels, emb[:, None], emb, ["colour"], 0.0)
+    got = attribute_leakage(manifest, "test", se, "colour", emb, k=10, chunk=7)
+    want = reference_leakage(emb, labels, q, c, 0, 10)
+    for name, (share, chance) in zip(["colour", "pattern"], want):
+        assert got[name]["share"] == pytest.approx(share, abs=1e-4)
+        assert got[name]["chance"] == pytest.approx(chance, abs=1e-4)
+
+
+def test_a_head_that_only_sees_one_attribute_leaks_nothing_else():
+    """Embeddings that encode colour alone: the colour head's top-10 share the colour (precision 1) and share
+    the pattern at the chance rate, because pattern is drawn independently of colour."""
+    from mclfir_dist.evaluation.metrics import SplitEmbeddings, attribute_leakage
+    from mclfir_dist.evaluation.record import leakage_table, mean_excess_leakage
+    n = 400
+    g = torch.Generator().manual_seed(0)
+    colour = torch.arange(n) % 4
+    pattern = torch.randint(0, 4, (n,), generator=g)   # independent of colour
+    emb = torch.nn.functional.one_hot(colour, 4).float() + 1e-3 * torch.randn(n, 4, generator=g)
+    keys = [f"k{i:03d}" for i in range(n)]
+    manifest = _Manifest(["colour", "pattern"], keys[:40], keys[40:])
+    se = SplitEmbeddings(keys, torch.stack([colour, pattern], 1), emb[:, None], emb, ["colour"], 0.0)
+    leak = attribute_leakage(manifest, "test", se, "colour", emb)
+    assert leak["colour"]["share"] == 1.0
+    assert abs(leak["pattern"]["share"] - leak["pattern"]["chance"]) < 0.08   # 400 neighbours: sd about 0.02
+    results = {"map_details": [{"colour": {"map": 1.0, "leakage": leak}}]}
+    assert "**100.0** (" in leakage_table(results)
+    assert abs(mean_excess_leakage(results)) < 0.08

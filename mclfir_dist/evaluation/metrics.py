@@ -104,8 +104,44 @@ def attribute_map(manifest: Manifest, split: str, se: SplitEmbeddings, attribute
     return mean_average_precision(emb[q], lab[q], emb[c], lab[c], chunk)
 
 
+LEAKAGE_K = 10   # a shopper sees the first screen of results
+
+
+def attribute_leakage(manifest: Manifest, split: str, se: SplitEmbeddings, attribute: str, emb: torch.Tensor,
+                      k: int = LEAKAGE_K, chunk: int = 256) -> Dict[str, dict]:
+    """How attribute-specific one head is. Over `attribute`'s queries (its eval set), ranked by `emb`: for each
+    attribute the shard set labels, `share` = the mean share of the top-k candidates that have the query's
+    value, and `chance` = the share of all candidates that do (what a random ranking gets). Queries without a
+    value for that attribute are left out. The head's own attribute gives its precision@k."""
+    q, c = query_candidate_rows(manifest, split, attribute, se.keys)
+    if len(q) == 0 or len(c) == 0:
+        return {}
+    e = emb.float()
+    top = []
+    for s in range(0, len(q), chunk):
+        scores = e[q[s:s + chunk]] @ e[c].t()
+        scores[q[s:s + chunk, None] == c[None, :]] = float("-inf")   # a query is never its own neighbour
+        top.append(scores.topk(min(k, len(c)), dim=1).indices)
+    top = torch.cat(top)
+    out = {}
+    for b in manifest.attributes:
+        lab = se.labels[:, manifest.attribute_index(b)]
+        ql, cl = lab[q], lab[c]
+        known = ql >= 0
+        if not known.any():
+            continue
+        share = (cl[top] == ql[:, None]).double().mean(dim=1)[known].mean()
+        counts = torch.bincount(cl[cl >= 0], minlength=int(lab.max()) + 1).double()
+        chance = (counts[ql[known]] / len(c)).mean()
+        out[b] = {"share": round(float(share), 5), "chance": round(float(chance), 5)}
+    return out
+
+
 def evaluate_heads(manifest: Manifest, split: str, se: SplitEmbeddings, chunk: int = 256) -> Dict[str, dict]:
-    return {a: attribute_map(manifest, split, se, a, se.emb[:, h], chunk) for h, a in enumerate(se.attributes)}
+    """mAP per head, and its attribute leakage (`attribute_leakage`)."""
+    return {a: {**attribute_map(manifest, split, se, a, se.emb[:, h], chunk),
+                "leakage": attribute_leakage(manifest, split, se, a, se.emb[:, h], chunk=chunk)}
+            for h, a in enumerate(se.attributes)}
 
 
 def random_embedding_map(manifest: Manifest, split: str, se: SplitEmbeddings, attributes: Sequence[str],

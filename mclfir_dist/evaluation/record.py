@@ -16,6 +16,7 @@ import torch
 from torchvision.utils import make_grid
 
 from ..utils.io import atomic_write_json
+from .metrics import LEAKAGE_K
 
 RESULTS_NAME = "results.json"
 
@@ -47,7 +48,7 @@ def new_results(config: dict, shards: str) -> dict:
                        for i, inc in enumerate(config["train"]["increments"])],
         "learned_at": {},
         "accuracy_matrix": [],       # R[t] = {attribute: mAP after increment t}
-        "map_details": [],           # per increment: {attribute: {map, queries, queries_without_relevant}}
+        "map_details": [],           # per increment: {attribute: {map, queries, queries_without_relevant, leakage}}
         "random_map": {},
         "frozen_trunk_map": {},
         "cost": [],                  # per increment (see engine)
@@ -275,8 +276,42 @@ def summary_text(results: dict) -> str:
     if compat:
         parts += ["## the deployed index after each increment (mAP %; drift = 1 - mean cosine, old vs new "
                   "gallery embedding)", compat]
+    leakage = leakage_table(results)
+    if leakage:
+        parts += [f"## attribute leakage after the last increment: % of each head's top-{LEAKAGE_K} that share the "
+                  "query's value of each attribute (chance in brackets; the head's own attribute is its "
+                  f"precision@{LEAKAGE_K})", leakage]
     parts += ["## cost per increment", cost_table(results)]
     return "\n\n".join(parts)
+
+
+def last_leakage(results: dict) -> Dict[str, dict]:
+    """{head: {attribute: {share, chance}}} of the last evaluated increment ({} for runs from before it)."""
+    for details in reversed(results.get("map_details") or []):
+        found = {a: d["leakage"] for a, d in details.items() if isinstance(d, dict) and d.get("leakage")}
+        if found:
+            return found
+    return {}
+
+
+def mean_excess_leakage(results: dict) -> Optional[float]:
+    """Mean over heads and the other attributes of share - chance: 0 = attribute-specific, > 0 = the heads
+    also retrieve by other attributes."""
+    gaps = [v["share"] - v["chance"] for head, row in last_leakage(results).items() for b, v in row.items()
+            if b != head]
+    return float(np.mean(gaps)) if gaps else None
+
+
+def leakage_table(results: dict) -> str:
+    leak = last_leakage(results)
+    if not leak:
+        return ""
+    columns = sorted({b for row in leak.values() for b in row}, key=lambda b: (b not in leak, b))
+    rows = [["head"] + columns]
+    for head, row in leak.items():
+        rows.append([head] + [f"{'**' if b == head else ''}{100 * row[b]['share']:.1f}{'**' if b == head else ''} "
+                              f"({100 * row[b]['chance']:.1f})" if b in row else "-" for b in columns])
+    return markdown_table(rows)
 
 
 def markdown_table(rows: List[List[str]]) -> str:

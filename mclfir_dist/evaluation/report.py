@@ -11,7 +11,7 @@ from ..plugins import import_plugins
 from ..errors import ConfigError
 from ..methods import METHODS
 from ..utils.io import atomic_write_text
-from .record import RESULTS_NAME, fmt, markdown_table, summary_text
+from .record import RESULTS_NAME, fmt, markdown_table, mean_excess_leakage, summary_text
 
 
 def load_results(run_dir: str | Path) -> dict:
@@ -59,7 +59,7 @@ def static_costs(results: Sequence[dict]) -> Optional[dict]:
 def comparison_table(runs: Sequence[str], results: Sequence[dict]) -> str:
     static = static_costs(results)
     rows = [["run", "method", "final avg mAP", "avg forgetting", "BWT", "train s", "device-s", "eval s",
-             "run wall s", "cost / static-final", "cost / static-cumulative"]]
+             "run wall s", "cost / static-final", "cost / static-cumulative", "leakage"]]
     est = "*" if static and static["estimated"] else ""
     for r, res in zip(runs, results):
         m = res["metrics"][-1] if res["metrics"] else {}
@@ -73,12 +73,19 @@ def comparison_table(runs: Sequence[str], results: Sequence[dict]) -> str:
                      f"{sum(c['eval_seconds'] for c in res['cost']):.1f}",
                      f"{res['wall_seconds']:.0f}" if res.get("wall_seconds") else "-",
                      f"{train_s / static['final']:.2f}" if static else "-",
-                     f"{train_s / static['cumulative']:.2f}{est}" if static else "-"])
-    table = markdown_table(rows)
+                     f"{train_s / static['cumulative']:.2f}{est}" if static else "-",
+                     _leakage_cell(res)])
+    table = markdown_table(rows) + ("\n\nleakage: mean over heads and the other attributes of (share of a head's "
+                                    "top-10 sharing the query's value) - (chance), in points; 0 = attribute-specific.")
     if est:
         table += ("\n\n\\* includes joint retrainings that were not run (train.static_final_only): their "
                   "seconds are computed from the final retraining's measured seconds per step.")
     return table
+
+
+def _leakage_cell(res: dict) -> str:
+    gap = mean_excess_leakage(res)
+    return "-" if gap is None else f"{100 * gap:+.1f}"
 
 
 def plot_matrix(res: dict, path: Path, title: str) -> None:
