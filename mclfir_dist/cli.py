@@ -395,7 +395,7 @@ def _add_serve(sub, formatter):
     v.add_argument("--index", required=True, help="an `mclfir index` folder")
     v.add_argument("--host", default="127.0.0.1", help="address to bind (other machines can reach 0.0.0.0; there "
                                                       "is no authentication)")
-    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     v.add_argument("--max-upload-mb", type=float, default=8.0, help="largest accepted upload")
     v.add_argument("--max-pixels", type=int, default=40_000_000, help="largest accepted image (width x height)")
     v.add_argument("--max-k", type=int, default=100, help="most results one search may ask for")

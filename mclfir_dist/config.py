@@ -65,6 +65,8 @@ class ShardBuildConfig:
     max_image_pixels: int = _f(40_000_000, "A CSV image with more pixels (width x height) is a bad row: refused, or "
                                            "skipped and counted with skip_bad_rows. 0 = no limit.")
     seed: int = _f(0, "Seed of the split assignment.")
+    deduplicate: bool = _f(True, "Byte-identical images (drawn splits): one copy is kept when their labels agree; a "
+                                 "group whose labels conflict is dropped whole. Both are listed in the manifest.")
 
 
 @dataclass

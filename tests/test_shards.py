@@ -175,7 +175,8 @@ def test_non_utf8_bytes_in_an_unused_column_do_not_stop_the_build(tmp_path):
     path = _make_csv(tmp_path)
     _append_raw_line(path, b"images/1.jpg,extra,Blue,Wom\xe9n\r\n")   # 'gender' is not used below
     m = build_from_config(_csv_cfg(path, attrs=("baseColour",)), tmp_path / "out")
-    assert sum(m.count(s) for s in ("train", "val", "test")) == 41 and not m.data["skipped_rows"]
+    assert not m.data["skipped_rows"]   # the extra row is a copy of photo 1 with its label: one of them is kept
+    assert sum(m.count(s) for s in ("train", "val", "test")) == 40 and m.data["deduplicated"]["copies_removed"] == 1
 
 
 def test_byte_identical_photos_never_cross_splits(tmp_path):
@@ -188,12 +189,27 @@ def test_byte_identical_photos_never_cross_splits(tmp_path):
             src = i % 5
             (img_dir / f"copy{i}.jpg").write_bytes((img_dir / f"{src}.jpg").read_bytes())
             w.writerow([f"images/copy{i}.jpg", f"copy{i}", ["Red", "Blue"][src % 2], "Men"])
-    m = build_from_config(_csv_cfg(path), tmp_path / "out")
+    cfg = _csv_cfg(path)
+    cfg.deduplicate = False
+    m = build_from_config(cfg, tmp_path / "out")
     split_of = {k: sp for sp in ("train", "val", "test") for k in m.keys(sp)}
     for src in range(5):
         group = {split_of[str(src)]} | {split_of[f"copy{i}"] for i in range(src, 20, 5)}
         assert len(group) == 1, (src, group)
     assert m.data["duplicate_groups"] == {"groups": 5, "images": 25, "across_splits": 0}
+    # by default: one copy of each agreeing group is kept; a group whose labels conflict is dropped whole
+    # (photos 0 and 3 are labelled Women, their copies Men)
+    m = build_from_config(_csv_cfg(path), tmp_path / "dedup")
+    everything = [k for sp in ("train", "val", "test") for k in m.keys(sp)]
+    assert len(everything) == len(set(everything))
+    for src in (1, 2, 4):
+        assert sum(k in everything for k in [str(src)] + [f"copy{i}" for i in range(src, 20, 5)]) == 1, src
+    for src in (0, 3):
+        assert not any(k in everything for k in [str(src)] + [f"copy{i}" for i in range(src, 20, 5)]), src
+    dedup = m.data["deduplicated"]
+    assert dedup["copies_removed"] == 12 and len(dedup["kept_and_removed"]) == 3
+    assert sorted(sorted(g) for g in dedup["conflicting_groups_dropped"]) == sorted(
+        sorted([str(s)] + [f"copy{i}" for i in range(s, 20, 5)]) for s in (0, 3))
 
 
 def test_published_splits_with_a_query_that_is_also_a_candidate_are_refused():

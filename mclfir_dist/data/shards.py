@@ -188,6 +188,27 @@ def duplicate_groups(keys: Sequence[str], content: Dict[str, bytes]) -> List[Lis
     return list(groups.values())
 
 
+def deduplicate(groups: Sequence[Sequence[str]], labels: Dict[str, np.ndarray]
+                ) -> Tuple[List[List[str]], Dict[str, list]]:
+    """Byte-identical copies: keep the first of a group whose labels agree, drop a group whose labels
+    conflict (one photo cannot be both White and Blue). Returns (groups left, what was removed)."""
+    kept: List[List[str]] = []
+    removed: Dict[str, list] = {"copies_removed": [], "conflicting_labels": []}
+    for group in groups:
+        if len(group) == 1:
+            kept.append(list(group))
+        elif all(np.array_equal(labels[k], labels[group[0]]) for k in group[1:]):
+            kept.append([group[0]])
+            removed["copies_removed"].append({"kept": group[0], "removed": list(group[1:])})
+        else:
+            removed["conflicting_labels"].append(list(group))
+    if removed["copies_removed"] or removed["conflicting_labels"]:
+        log.info("deduplicated: %d identical copies removed, %d groups with conflicting labels dropped (%d images; "
+                 "listed in the manifest)", sum(len(r["removed"]) for r in removed["copies_removed"]),
+                 len(removed["conflicting_labels"]), sum(len(g) for g in removed["conflicting_labels"]))
+    return kept, removed
+
+
 def _split_keys(groups: Sequence[Sequence[str]], val_fraction: float, test_fraction: float, seed: int
                 ) -> Dict[str, List[str]]:
     """Whole groups of byte-identical images go to one split, so no photo is in two splits
@@ -317,7 +338,10 @@ def build_shards(samples: Sequence[RawSample], attributes: Sequence[str], out: s
     content = {s.key: s.jpeg for s in samples}
     groups = duplicate_groups(keys, content)
     published = splits is not None
+    dedup = {"copies_removed": [], "conflicting_labels": []}
     if splits is None:
+        if cfg.deduplicate:
+            groups, dedup = deduplicate(groups, labels)
         splits = _split_keys(groups, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     if eval_sets is None:
         rng = np.random.default_rng(cfg.seed + 1)
@@ -341,6 +365,9 @@ def build_shards(samples: Sequence[RawSample], attributes: Sequence[str], out: s
         "duplicate_groups": {"groups": sum(len(g) > 1 for g in groups),
                              "images": sum(len(g) for g in groups if len(g) > 1),
                              "across_splits": len(crossing)},
+        "deduplicated": {"copies_removed": sum(len(r["removed"]) for r in dedup["copies_removed"]),
+                         "kept_and_removed": dedup["copies_removed"],
+                         "conflicting_groups_dropped": dedup["conflicting_labels"]},
     }
     atomic_write_json(out / MANIFEST_NAME, manifest)
     return Manifest(out, manifest)
