@@ -200,6 +200,11 @@ class TrainConfig:
     num_threads: int = _f(0, "torch intra-op threads per process (0 = leave torch's default).")
     dist_init_timeout_s: int = _f(900, "Timeout of process-group initialisation.")
     dist_step_timeout_s: int = _f(300, "Timeout of collectives once training runs.")
+    select: str = _f("last", "Which state an increment ends with: last (its last step) | best_val (the state of the "
+                             "trained heads, and of the encoder where the method trains it, that scored best on the "
+                             "validation split; needs eval.every_steps), as the official protocol does.")
+    patience: int = _f(0, "With eval.every_steps: end an increment early after this many validation evaluations "
+                          "without improvement (0 = never).")
 
 
 @dataclass
@@ -209,6 +214,9 @@ class EvalConfig:
     grid_queries: int = _f(3, "Queries per attribute in the TensorBoard retrieval grid.")
     grid_topk: int = _f(6, "Retrieved candidates shown per query.")
     frozen_baseline: bool = _f(True, "Also report the mAP of the untrained trunk's pooled features.")
+    every_steps: int = _f(0, "Evaluate the validation split on the heads being trained every N steps of an "
+                             "increment, and at its end (0 = never). Its seconds are counted apart from training "
+                             "(cost rows: val_seconds). Used by train.select=best_val and train.patience.")
 
 
 @dataclass
@@ -238,6 +246,7 @@ CHOICES = {
     "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "train.compile_backend": ("inductor", "aot_eager", "eager"),
     "eval.split": ("val", "test"),
+    "train.select": ("last", "best_val"),
 }
 
 
@@ -305,6 +314,9 @@ def validate(cfg: RunConfig) -> None:
     if b.val_fraction + b.test_fraction >= 1.0:
         raise ConfigError(f"config keys 'data.build.val_fraction' + 'data.build.test_fraction' must be < 1, "
                           f"got {b.val_fraction} + {b.test_fraction}")
+    if (cfg.train.select == "best_val" or cfg.train.patience) and not cfg.eval.every_steps:
+        raise ConfigError("config keys 'train.select=best_val' and 'train.patience' need 'eval.every_steps' > 0 "
+                          "(how often the validation split is evaluated inside an increment)")
     if cfg.data.resize_ratio < 1.0:
         raise ConfigError(f"config key 'data.resize_ratio': must be >= 1 (resize, then crop), "
                           f"got {cfg.data.resize_ratio}")
@@ -320,7 +332,7 @@ NON_NEGATIVE = ["data.num_workers", "train.checkpoint_every", "train.num_threads
                 "optim.weight_decay", "optim.grad_clip", "train.reference_batch_doublets", "optim.encoder_lr_scale",
                 "optim.first_encoder_lr_scale", "loss.kd_weight", "teacher.warmup_steps", "eval.grid_queries",
                 "eval.grid_topk", "data.build.min_value_count", "data.build.resize_to", "data.max_image_pixels",
-                "data.build.max_image_pixels"]
+                "data.build.max_image_pixels", "eval.every_steps", "train.patience"]
 # upper bounds past which a run cannot be what was meant (an image side of 10,000,000 is a typo, not a model)
 AT_MOST = {"data.image_size": 4096, "data.build.synthetic.image_size": 4096, "data.build.resize_to": 8192,
            "data.batch_doublets": 1 << 20, "data.eval_batch_size": 1 << 20, "model.embed_dim": 65536,

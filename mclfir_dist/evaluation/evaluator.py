@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torchvision.io import write_png
@@ -31,27 +31,30 @@ class Evaluator:
     def _attributes_of(self, manifest: Manifest) -> List[str]:
         return [a for a, m in self.attribute_manifest.items() if m.root == manifest.root]
 
-    def embeddings(self, model, attributes: Sequence[str]) -> List[Tuple[Manifest, SplitEmbeddings]]:
+    def embeddings(self, model, attributes: Sequence[str], split: Optional[str] = None
+                   ) -> List[Tuple[Manifest, SplitEmbeddings]]:
         """[(manifest, its eval split embedded under the heads of its attributes)] per shard set."""
+        split = split or self.cfg.eval.split
         groups = []
         for manifest in self.manifests:
             own = self._attributes_of(manifest)
             attrs = [a for a in attributes if a in own]
             if not attrs and (attributes or not own):
                 continue
-            loader = build_eval_loader(self.cfg.data, manifest, self.cfg.eval.split, self.runtime.rank,
+            loader = build_eval_loader(self.cfg.data, manifest, split, self.runtime.rank,
                                        self.runtime.world, loader=self.loader, device=self.runtime.device)
             groups.append((manifest, embed_split(model, loader, attrs, self.runtime.device)))
         return groups
 
-    def evaluate(self, model, attributes: Sequence[str]):
-        """(mAP per attribute, details per attribute, eval seconds, embedding groups); each group's
-        `skipped` lists the images that did not decode."""
-        groups = self.embeddings(model, attributes)
+    def evaluate(self, model, attributes: Sequence[str], split: Optional[str] = None):
+        """(mAP per attribute, details per attribute, eval seconds, embedding groups) on `split` (default:
+        eval.split); each group's `skipped` lists the images that did not decode."""
+        split = split or self.cfg.eval.split
+        groups = self.embeddings(model, attributes, split)
         started = time.time()
         details: Dict[str, dict] = {}
         for manifest, embeddings in groups:
-            details.update(evaluate_heads(manifest, self.cfg.eval.split, embeddings, self.cfg.eval.query_chunk))
+            details.update(evaluate_heads(manifest, split, embeddings, self.cfg.eval.query_chunk))
         details = {a: details[a] for a in attributes}
         seconds = sum(e.seconds for _, e in groups) + (time.time() - started)
         return {a: d["map"] for a, d in details.items()}, details, seconds, groups

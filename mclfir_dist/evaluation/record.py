@@ -83,6 +83,8 @@ class CostRecord:
     rank_max_diff: float = 0.0      # parameters and buffers of model and teacher across ranks; 0 = identical
     estimated: bool = False         # not run: computed from a measured retraining's seconds per step
     note: str = ""
+    val_seconds: float = 0.0        # validation inside the increment (eval.every_steps), not in train_seconds
+    selection: dict = dataclasses.field(default_factory=dict)   # eval.every_steps: the val curve and the pick
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -39,6 +39,7 @@ from .metrics import MetricsProcessor
 from .optim import build_optimizer, build_scheduler
 from .prepare import PreparedData, prepare_data
 from .runtime import Runtime, rng_state, seed_everything, set_rng_state
+from .selection import Selection, selected_prefixes
 from .signals import RunStopped, SignalStop
 from .state import Progress, RunParts, RunState
 
@@ -55,6 +56,7 @@ class IncrementSession:
     scheduler: object
     start_step: int = 0             # > 0 when resumed inside the increment
     seconds_before: float = 0.0     # training seconds of the increment before this session
+    selection_state: Optional[dict] = None   # validation inside the increment, as the partial saved it
 
     def with_steps(self, steps: int) -> "IncrementSession":
         """The same session, `steps` long (benchmarks time a few steps at a time)."""
@@ -147,7 +149,7 @@ class Trainer:
             return IncrementSession(plan, ctx, model, optimizer, scheduler)
         self.state.load_zero_partition(partial, optimizer)
         return IncrementSession(plan, ctx, model, optimizer, scheduler, partial["step"],
-                                partial["elapsed_train_seconds"])
+                                partial["elapsed_train_seconds"], partial.get("selection"))
 
     def train_loader(self, plan: IncrementPlan, start_batch: int = 0):
         """The increment's doublet batches from `start_batch` on (a resume replays the stream up to it)."""
@@ -164,15 +166,17 @@ class Trainer:
         session = self.open_increment(plan, ctx, partial)
         loader = self.train_loader(plan, session.start_step)
         seconds = self.train_steps(session, iter(loader))
+        steps, selection = self.steps_done, self.selection
         del loader
         self.record.add_skipped(f"train/increment_{plan.index:02d}",
                                 sorted(k for keys in gather_objects(self.skipped_train) for k in keys))
         rt.acc.free_memory()  # drops the DDP/DeepSpeed wrapper; the next increment re-prepares
         self.method.end_increment(ctx, self.model)
         rt.sync_buffers([self.model] + self.method.modules())
-        return CostRecord(increment=plan.index, name=plan.name, steps=plan.steps,
-                          images_seen=plan.steps * self.images_per_step, train_seconds=seconds,
-                          images_per_second=plan.steps * self.images_per_step / max(seconds, 1e-9),
+        return CostRecord(increment=plan.index, name=plan.name, steps=steps,
+                          images_seen=steps * self.images_per_step, train_seconds=seconds,
+                          images_per_second=steps * self.images_per_step / max(seconds, 1e-9),
+                          val_seconds=round(selection.seconds, 3), selection=selection.record() if selection.every else {},
                           eval_seconds=0.0, world_size=rt.world, device_seconds=seconds * rt.world,
                           backend=rt.backend, global_batch=self.images_per_step,
                           per_rank_batch=2 * self.cfg.data.batch_doublets,
@@ -184,6 +188,9 @@ class Trainer:
         loss_fn = DoubletInfoNCE(cfg.loss.temperature, cfg.loss.mask_same_value, cfg.loss.multi_positive,
                                  cfg.loss.gather, rt.rank, rt.world)
         model, unwrapped = session.model, acc.unwrap_model(session.model)
+        self.selection = Selection(cfg.eval.every_steps, cfg.train.select, cfg.train.patience)
+        self.selection.load_state_dict(session.selection_state)
+        self.steps_done = session.start_step
         fault = _fault_injection()
         self.skipped_train: List[str] = []
         model.train()
@@ -215,15 +222,37 @@ class Trainer:
             if logging_now:
                 self.metrics.log_step(plan, step, self.progress.global_step, session.optimizer, loss, nce, terms,
                                       stats, self.method.log_values())
+            self.steps_done = step + 1
+            if self.selection.due(step + 1, plan.steps):
+                started = time.time()
+                early = self._validate(plan, unwrapped, step + 1)
+                t0 += time.time() - started   # validation is not training time
+                if early:
+                    log.info("train.patience: no better val mAP in %d evaluations: increment %d ends at step %d/%d",
+                             cfg.train.patience, plan.index, step + 1, plan.steps)
+                    break
             stopping = self.stop.agreed() and step + 1 < plan.steps   # the increment's end saves by itself
             if saving_now or stopping:
                 self.state.save_partial(plan.index, step + 1, self.parts(), session.optimizer, session.scheduler,
-                                        session.seconds_before + time.time() - t0)
+                                        session.seconds_before + time.time() - t0, self.selection.state_dict())
             if stopping:
                 raise RunStopped(self.stop.signum, f"saved {self.state.files.partial_path} at increment "
                                                    f"{plan.index}, step {step + 1}/{plan.steps}")
+        self.selection.finish(unwrapped, self.steps_done)
         rt.barrier()
         return session.seconds_before + time.time() - t0
+
+    def _validate(self, plan: IncrementPlan, model, steps_done: int) -> bool:
+        """Score the trained heads on the validation split (RNG untouched, so training continues exactly);
+        True when train.patience says the increment should end."""
+        saved, started = rng_state(), time.time()
+        row, _, _, _ = self.evaluator.evaluate(model, plan.train_heads, split="val")
+        set_rng_state(saved)
+        score = sum(row.values()) / len(row)
+        self.selection.seconds += time.time() - started
+        self.metrics.log_validation(plan.index, self.progress.global_step, row, score)
+        return self.selection.observe(steps_done, score, model,
+                                      selected_prefixes(plan.train_heads, plan.train_encoder))
 
     def _optimizer_step(self, session: IncrementSession, loss: torch.Tensor) -> None:
         acc, clip = self.runtime.acc, self.cfg.optim.grad_clip

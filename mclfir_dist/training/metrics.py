@@ -62,6 +62,12 @@ class MetricsProcessor:
                    "cost/images_per_second": cost.images_per_second, "cost/device_seconds": cost.device_seconds},
                   index)
 
+    def log_validation(self, index: int, global_step: int, row: Dict[str, float], score: float) -> None:
+        """eval.every_steps: the validation mAP of the heads being trained, inside an increment."""
+        self.emit({**{f"val_map/{a}": v for a, v in row.items()}, "val_map/trained_heads": score}, global_step,
+                  f"inc {index}, global step {global_step}: val mAP {100 * score:.2f} "
+                  f"({', '.join(f'{a} {100 * v:.2f}' for a, v in row.items())})")
+
     # -- sinks --------------------------------------------------------------------------------
     def emit(self, values: Dict[str, float], step: int, message: str = "") -> None:
         if message:

@@ -75,7 +75,8 @@ class RunState:
         self.files.save_increment(index, self.capture(index, parts))
         self.runtime.barrier()
 
-    def save_partial(self, index: int, step: int, parts: RunParts, optimizer, scheduler, seconds: float) -> None:
+    def save_partial(self, index: int, step: int, parts: RunParts, optimizer, scheduler, seconds: float,
+                     selection: Optional[dict] = None) -> None:
         """Enough to continue this increment at `step`. Under ZeRO every rank first writes its optimizer
         partition; partial.pt, written last by the main process, names them."""
         rt = self.runtime
@@ -90,7 +91,8 @@ class RunState:
             rt.barrier()
         if rt.is_main:
             self.files.save_partial({**self.capture(index, parts), "step": step, **extra,
-                                     "scheduler": scheduler.state_dict(), "elapsed_train_seconds": seconds})
+                                     "scheduler": scheduler.state_dict(), "elapsed_train_seconds": seconds,
+                                     "selection": selection})
             self.files.remove_rank_files(keep=(index, step) if rt.world > 1 else None)
         self.save_requested = False
         rt.barrier()
