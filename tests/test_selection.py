@@ -44,17 +44,26 @@ def test_selection_keeps_the_best_and_stops_on_patience():
     assert again.record() == s.record() and again.record()["kept_step"] == 4
 
 
-def test_best_val_keeps_the_state_that_scored_best(tiny_shards, tmp_path):
+BEST_VAL = ("eval.every_steps=3", "train.select=best_val", "train.checkpoint_every=4")
+
+
+@pytest.fixture(scope="module")
+def best_val_run(tiny_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("best_val") / "run"
+    return out, train(_cfg(tiny_shards, *BEST_VAL), out)
+
+
+def test_best_val_keeps_the_state_that_scored_best(best_val_run, tiny_shards, tmp_path):
     from mclfir_dist.cli import main
-    res = train(_cfg(tiny_shards, "eval.every_steps=4", "train.select=best_val"), tmp_path / "run")
+    run, res = best_val_run
     for cost in res["cost"]:
         sel = cost["selection"]
-        assert [p[0] for p in sel["curve"]] == [4, 8, 12] and cost["val_seconds"] > 0 and cost["steps"] == 12
+        assert [p[0] for p in sel["curve"]] == [3, 6, 9, 12] and cost["val_seconds"] > 0 and cost["steps"] == 12
         best = max(sel["curve"], key=lambda p: p[1])
         assert sel["kept_step"] == best[0] and sel["best_val_map"] == best[1]
     # the final checkpoint is the kept state: its val mAP of the last head is the best of that curve
     out = tmp_path / "val.json"
-    assert main(["eval", "--run", str(tmp_path / "run"), "--shards", str(tiny_shards), "--split", "val",
+    assert main(["eval", "--run", str(run), "--shards", str(tiny_shards), "--split", "val",
                  "--json", str(out)]) == 0
     kept = res["cost"][-1]["selection"]["best_val_map"]
     assert json.loads(out.read_text())["map"]["garment_length"] == pytest.approx(kept, abs=1e-9)
@@ -71,9 +80,10 @@ def test_patience_ends_an_increment_early_and_the_cost_row_says_so(tiny_shards, 
         assert c["images_seen"] == c["steps"] * 32
 
 
-def test_a_run_killed_inside_an_increment_resumes_to_the_same_pick(tiny_shards, tmp_path, monkeypatch):
-    cfg = _cfg(tiny_shards, "eval.every_steps=3", "train.select=best_val", "train.checkpoint_every=4")
-    reference = train(cfg, tmp_path / "uninterrupted")
+def test_a_run_killed_inside_an_increment_resumes_to_the_same_pick(best_val_run, tiny_shards, tmp_path,
+                                                                  monkeypatch):
+    cfg = _cfg(tiny_shards, *BEST_VAL)
+    uninterrupted, reference = best_val_run
     monkeypatch.setenv("MCLFIR_FAULT_RANK", "0")
     monkeypatch.setenv("MCLFIR_FAULT_STEP", "10")   # increment 0, after the step-8 partial (which saw 3 and 6)
     with pytest.raises(RuntimeError, match="injected fault"):
@@ -85,5 +95,5 @@ def test_a_run_killed_inside_an_increment_resumes_to_the_same_pick(tiny_shards, 
     assert [c["selection"] for c in res["cost"]] == [c["selection"] for c in reference["cost"]]
     assert res["accuracy_matrix"] == reference["accuracy_matrix"]
     a = torch.load(tmp_path / "r/checkpoints/increment_01.pt", map_location="cpu", weights_only=True)["model"]
-    b = torch.load(tmp_path / "uninterrupted/checkpoints/increment_01.pt", map_location="cpu", weights_only=True)["model"]
+    b = torch.load(uninterrupted / "checkpoints/increment_01.pt", map_location="cpu", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
