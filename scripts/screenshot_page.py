@@ -34,6 +34,7 @@ def main() -> None:
         tab.click("#go")
         tab.wait_for_function(f"document.querySelectorAll('#results .hit').length === {int(args.k)}")
         tab.wait_for_function("[...document.images].every(i => i.complete)")
+        tab.evaluate("document.querySelector('aside').scrollTop = 0")
         tab.screenshot(path=args.out)
         browser.close()
     print(f"wrote {args.out}")
