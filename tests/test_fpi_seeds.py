@@ -13,9 +13,12 @@ spec.loader.exec_module(fpi_seeds)
 
 def _result(avg, forgetting, seconds, estimated_first=False):
     cost = [{"train_seconds": s, "estimated": estimated_first and i < len(seconds) - 1} for i, s in enumerate(seconds)]
+    leak = {"a": {"a": {"share": avg, "chance": 0.5}, "b": {"share": 0.6, "chance": 0.5}},
+            "b": {"b": {"share": avg, "chance": 0.5}, "a": {"share": 0.5, "chance": 0.5}}}
     return {"complete": True, "final": {"average_map": avg, "average_forgetting": forgetting},
             "cost": cost, "increments": [{"attributes": ["a"]}, {"attributes": ["b"]}],
-            "accuracy_matrix": [{"a": avg}, {"a": avg, "b": avg}]}
+            "accuracy_matrix": [{"a": avg}, {"a": avg, "b": avg}],
+            "map_details": [{}, {h: {"map": avg, "leakage": leak[h]} for h in ("a", "b")}]}
 
 
 def _write(runs, name, res):
@@ -42,5 +45,6 @@ def test_report_states_each_target_from_the_runs(tmp_path):
     assert "MCL-FIR is above finetune** (Welch's t-test over seeds, two-sided p = 0.000" in text
     assert "MCL-FIR is not distinguishable from lwf** (Welch" in text          # 0.2 points, sd 0.4
     assert "MCL-FIR is below static_joint** (Welch" in text
+    assert "Attribute leakage" in text and "| mclfir | 64.0 / +10.0 | 64.0 / +0.0 |" in text   # seed mean
     assert (tmp_path / "out" / "final_map.png").stat().st_size > 0
     assert (tmp_path / "out" / "map_vs_cost.png").stat().st_size > 0
