@@ -196,6 +196,7 @@ def hostile_cases(key):
         ("weight not a number", 400, {"key": key, "attributes": "colour:lots"}, None),
         ("weight not finite", 400, {"key": key, "attributes": "colour:nan"}, None),
         ("unknown filter column", 400, {"key": key, "attributes": "colour", "where": "price=1"}, None),
+        ("filter value no item has", 400, {"key": key, "attributes": "colour", "where": "colour=chartreuse"}, None),
         ("filter not COL=VAL", 400, {"key": key, "attributes": "colour", "where": "red"}, None),
         ("two files", 400, {"attributes": "colour"}, {"image": ("x.jpg", jpeg()), "other": ("y.jpg", jpeg())}),
     ]

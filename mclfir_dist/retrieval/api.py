@@ -248,7 +248,13 @@ def _row_filter(cat: CatalogueIndex, where: Mapping[str, object] | None) -> Opti
             have = ", ".join(cat.labels) or "none"
             raise ConfigError(f"where: unknown label column {column!r} (the catalogue has: {have})")
         values = [str(w) for w in (wanted if isinstance(wanted, (list, tuple, set)) else [wanted])]
-        keep &= np.isin(cat.label_array(column), values)
+        labels = cat.label_array(column)
+        unknown = [v for v in values if not (labels == v).any()]
+        if unknown:   # a typo would otherwise return nothing, silently
+            have = sorted({str(v) for v in labels if v})
+            raise ConfigError(f"where: no item has {column}={unknown[0]!r} (values: {', '.join(have[:20])}"
+                              f"{', ...' if len(have) > 20 else ''})")
+        keep &= np.isin(labels, values)
     return keep
 
 
