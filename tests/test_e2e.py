@@ -83,6 +83,11 @@ def test_eval_exports_embeddings_that_reproduce_map(tiny_run, tiny_shards, tmp_p
         m = mean_average_precision(*(torch.from_numpy(x) for x in (q, ql, c, cl)))["map"]
         assert m == pytest.approx(report["map"][a], abs=1e-9)
         assert m == pytest.approx(results["accuracy_matrix"][-1][a], abs=1e-5)
+        # the same leakage as the run recorded for its last increment (same checkpoint, same test split)
+        recorded = results["map_details"][-1][a]["leakage"]
+        assert report["details"][a]["leakage"].keys() == recorded.keys()
+        for b, v in recorded.items():
+            assert report["details"][a]["leakage"][b]["share"] == pytest.approx(v["share"], abs=1e-4)
 
 
 def test_report_writes_table_and_plots(tiny_run, tmp_path):

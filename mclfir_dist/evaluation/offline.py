@@ -15,7 +15,7 @@ from ..data.shard_sets import check_shard_sets
 from ..errors import ShardError
 from ..training.checkpoint import load_run_model
 from ..utils.io import atomic_write, atomic_write_json
-from .metrics import attribute_map, dataset_maps, embed_split, query_candidate_rows
+from .metrics import attribute_leakage, attribute_map, dataset_maps, embed_split, query_candidate_rows
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,8 @@ def evaluate_run(run_dir: str, shards: str, split: str = "test", export: Optiona
            "details": {},
            "skipped_shards": skipped_shards, "skipped_samples": {"count": len(se.skipped), "keys": se.skipped}}
     for h, a in enumerate(attrs):
-        d = attribute_map(manifest, split, se, a, se.emb[:, h], cfg.eval.query_chunk)
+        d = {**attribute_map(manifest, split, se, a, se.emb[:, h], cfg.eval.query_chunk),
+             "leakage": attribute_leakage(manifest, split, se, a, se.emb[:, h], chunk=cfg.eval.query_chunk)}
         q, c = query_candidate_rows(manifest, split, a, se.keys)
         out["map"][a], out["details"][a] = d["map"], d
         print(f"{a:24s} mAP {100 * d['map']:6.2f}  ({d['queries']} queries, {len(c)} candidates)")
