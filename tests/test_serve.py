@@ -144,6 +144,21 @@ def test_searches_equal_the_python_api(server, run, catalogue):
     assert status == 200 and [h["key"] for h in json.loads(data)["hits"]] == [h.key for h in r.search(key, "colour", 3)]
 
 
+def test_an_animated_gif_is_searched_by_its_first_frame(server, run, catalogue):
+    """torchvision decodes an animated GIF to N frames; the service and the API take the first (it was a 500)."""
+    from PIL import Image
+    from mclfir_dist import Retriever
+    index, _, _ = catalogue
+    frames = [Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)) for i in range(3)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    first = io.BytesIO()
+    frames[0].save(first, "PNG")
+    status, got = search(server, {"attributes": "colour", "k": "4"}, {"image": ("a.gif", buf.getvalue())})
+    want = Retriever.from_run(run, index=index).search(first.getvalue(), "colour", k=4)
+    assert status == 200 and [h["key"] for h in got["hits"]] == [h.key for h in want]
+
+
 def test_concurrent_uploads_share_batches_and_get_their_own_answers(server, run, catalogue):
     from mclfir_dist import Retriever
     index, _, _ = catalogue

@@ -74,9 +74,10 @@ def decode_any(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tenso
         raise ImageRejected(f"not an image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     check_pixels(height, width, max_pixels)
     try:
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError as e:
         raise ImageRejected(f"image does not decode ({str(e).splitlines()[0] if str(e) else 'RuntimeError'})") from None
+    return image[0] if image.dim() == 4 else image   # an animated GIF decodes to frames: its first one
 
 
 def decode(jpeg: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
