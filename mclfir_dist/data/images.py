@@ -17,6 +17,13 @@ DEFAULT_MAX_PIXELS = 40_000_000   # 6,300 x 6,300: above any catalogue photo; a 
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
+def _reason(e: RuntimeError) -> str:
+    """torchvision's first line without its source location ('decode_jpeg, /__w/.../decode_jpeg.cpp:171, ')."""
+    import re
+    text = str(e).splitlines()[0] if str(e) else "RuntimeError"
+    return re.sub(r"^[\w()]+, \S+:\d+, ", "", text)
+
+
 class ImageRejected(ValueError):
     """A sample's image does not decode or is over the pixel limit; the loaders skip and count it."""
 
@@ -76,7 +83,7 @@ def decode_any(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tenso
     try:
         image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError as e:
-        raise ImageRejected(f"image does not decode ({str(e).splitlines()[0] if str(e) else 'RuntimeError'})") from None
+        raise ImageRejected(f"image does not decode ({_reason(e)})") from None
     return image[0] if image.dim() == 4 else image   # an animated GIF decodes to frames: its first one
 
 
@@ -86,4 +93,4 @@ def decode(jpeg: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     try:
         return decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError as e:   # libjpeg's errors; the size was checked, so this is the data
-        raise ImageRejected(f"JPEG does not decode ({str(e).splitlines()[0] if str(e) else 'RuntimeError'})") from None
+        raise ImageRejected(f"JPEG does not decode ({_reason(e)})") from None
