@@ -287,6 +287,9 @@ def test_it_binds_to_localhost_and_refuses_another_models_index(run, catalogue, 
         status, got = search(url, {"attributes": "colour"}, {"image": ("x.jpg", jpeg())})
         assert status == 400 and "key" in got["error"]
         assert listening_addresses(int(url.rsplit(":", 1)[1])) == {"127.0.0.1"}
+        taken = subprocess.run([sys.executable, "-m", "mclfir_dist.cli", "serve", "--index", str(index), "--port",
+                                url.rsplit(":", 1)[1]], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert taken.returncode == 2 and "cannot listen on" in taken.stderr and "serving" not in taken.stdout
     finally:
         stop_server(proc)
     other = tmp_path / "index"

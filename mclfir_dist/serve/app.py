@@ -187,7 +187,15 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 def serve(run: Optional[str], index: str, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits(),
           allow_other_model: bool = False, access_log: bool = False) -> None:
     """`mclfir serve`: load once, then answer until SIGINT/SIGTERM."""
+    import socket
     import uvicorn
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:   # before minutes of loading
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn: a TIME_WAIT port is free
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e} (another server? try --port)") \
+                from None
     retriever = Retriever.from_run(run, index, allow_other_model) if run else Retriever.from_index(index)
     app = build_app(retriever, limits)
     if host not in LOOPBACK:
