@@ -170,6 +170,10 @@ class TrainConfig:
                                           "** k (batch_scaling.py; logged and kept in results.json). 0 = off.")
     static_final_only: bool = _f(False, "static_joint: retrain only at the last increment; the earlier retrainings' "
                                         "cost is estimated from its measured seconds per step (marked in results).")
+    static_steps_factor: float = _f(1.0, "static_joint: a retraining may run this many times the steps of the "
+                                         "increments so far (what static retraining is charged); with "
+                                         "train.select=best_val and train.patience it stops at its validation "
+                                         "plateau, so it gets its budget and is not held to it.")
     checkpoint_every: int = _f(0, "Also save checkpoints/partial.pt every N steps inside an increment (model, "
                                   "optimizer, schedule, teacher, step), so a dead run loses at most N steps; 0 = off. "
                                   "Under DeepSpeed ZeRO each rank also saves its optimizer partition.")
@@ -217,6 +221,9 @@ class EvalConfig:
     every_steps: int = _f(0, "Evaluate the validation split on the heads being trained every N steps of an "
                              "increment, and at its end (0 = never). Its seconds are counted apart from training "
                              "(cost rows: val_seconds). Used by train.select=best_val and train.patience.")
+    query_draw: int = _f(0, "Which images of val/test are queries: 0 = the shard set's draw; N > 0 = drawn again "
+                            "with seed N among each attribute's query and candidate images, the same number of "
+                            "queries per value, so a spread over seeds also covers the query draw.")
 
 
 @dataclass
@@ -326,13 +333,13 @@ def validate(cfg: RunConfig) -> None:
 POSITIVE = ["train.steps_per_increment", "train.log_every", "data.batch_doublets", "data.image_size",
             "data.eval_batch_size",
             "data.shuffle_buffer", "data.dali_threads", "model.embed_dim", "model.head_channels", "loss.temperature",
-            "optim.lr", "optim.step_size", "eval.query_chunk", "train.dist_init_timeout_s", "train.dist_step_timeout_s",
+            "optim.lr", "optim.step_size", "train.static_steps_factor", "eval.query_chunk", "train.dist_init_timeout_s", "train.dist_step_timeout_s",
             "data.build.samples_per_shard", "data.build.synthetic.num_images", "data.build.synthetic.image_size"]
 NON_NEGATIVE = ["data.num_workers", "train.checkpoint_every", "train.num_threads", "optim.warmup_steps",
                 "optim.weight_decay", "optim.grad_clip", "train.reference_batch_doublets", "optim.encoder_lr_scale",
                 "optim.first_encoder_lr_scale", "loss.kd_weight", "teacher.warmup_steps", "eval.grid_queries",
                 "eval.grid_topk", "data.build.min_value_count", "data.build.resize_to", "data.max_image_pixels",
-                "data.build.max_image_pixels", "eval.every_steps", "train.patience"]
+                "data.build.max_image_pixels", "eval.every_steps", "train.patience", "eval.query_draw"]
 # upper bounds past which a run cannot be what was meant (an image side of 10,000,000 is a typo, not a model)
 AT_MOST = {"data.image_size": 4096, "data.build.synthetic.image_size": 4096, "data.build.resize_to": 8192,
            "data.batch_doublets": 1 << 20, "data.eval_batch_size": 1 << 20, "model.embed_dim": 65536,

@@ -1,16 +1,20 @@
-"""The several-seed real-photo comparison, end to end: equal validation tuning, seeds, report.
+"""The real-photo comparison, end to end: equal validation tuning, seeds, report.
 
     python scripts/fpi_seeds.py [--csv labels.csv --image-root DIR] [--shards DIR] [--runs DIR] [--out DIR]
-    (bash scripts/fpi_seeds.sh: the defaults, about 100 minutes on 2 CPU cores)
+    (bash scripts/fpi_seeds.sh: the defaults; its budget is 150 minutes on 2 CPU cores)
 
-1. tune   every method (mclfir, finetune, lwf, frozen, static_joint) gets the same search on the
-          validation split: optim.lr over --lrs, seed 0, the first --tune-increments increments
-          (static_joint: its final retraining over them). The best validation average mAP wins; every
-          trial and the choice go to tuning.json / TUNING.md. The test split is never looked at here.
-2. seeds  every method with its chosen lr for --seeds on the test split. static_joint retrains at every
-          increment for the first seed (static-cumulative measured end to end) and only at the last for
+1. tune   every method gets the same number of trials (--trials) on the validation split of the full task
+          (every increment; static_joint: its final retraining), seed 0. A compass search over the method's
+          own knobs (KNOBS: lr and encoder lr scale for all; KD weight for mclfir and lwf; the teacher decay
+          for mclfir): it starts from the config's values and tries the untried neighbours of the best point
+          found so far, knob by knob, nearest first, so a best value at the edge of what was tried is extended
+          before anything else. Every trial and whether each chosen value is interior go to tuning.json and
+          TUNING.md. The test split is never looked at here.
+2. seeds  every method with its chosen values for --seeds on the test split; seed N also redraws which
+          images are queries (eval.query_draw=N), so the spread covers the query draw too. static_joint runs
+          every retraining for the first seed (static-cumulative measured end to end) and only the last for
           the others (their earlier retrainings' cost is estimated, and marked so).
-3. report mean +- std over seeds, error-bar plots, and one sentence per target of the paper's claim.
+3. report mean +- std over seeds, Welch's t-test per claim, attribute leakage, plots.
 
 Runs whose results.json is complete are not run again, so the script can be stopped and restarted.
 Any CSV with the same columns works: --csv/--image-root rebuild the shards from it (into --shards).
@@ -29,15 +33,43 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["mclfir", "finetune", "lwf", "frozen", "static_joint"]
+# name in the report -> (train.method, settings that define it)
+VARIANTS = {
+    "mclfir": ("mclfir", []),
+    # the official code's distillation: MSE of pooled trunk features, the released weight, an augmented teacher view
+    "mclfir_released": ("mclfir", ["loss.kd_type=feature", "loss.kd_weight=0.0001", "data.teacher_view=perspective"]),
+    "lwf": ("lwf", []),
+    "finetune": ("finetune", []),
+    "frozen": ("frozen", []),
+    # a retraining is long: validation every 30 steps, stopped after 3 evaluations without a better one
+    # (its search starts at the middle of the encoder scales the audit asked for, {0, 0.05, 0.1, 0.2})
+    "static_joint": ("static_joint", ["eval.every_steps=30", "train.patience=3", "optim.first_encoder_lr_scale=0.1"]),
+}
+METHODS = list(VARIANTS)
+DEFAULT_METHODS = [m for m in METHODS if m != "finetune"]   # finetune (the lower bound) would not fit the budget
+LABELS = {"mclfir_released": "mclfir (released loss)"}
+# knob -> its ladder of values (the search moves along it; the config's value is where it starts)
+LR = ("optim.lr", [1.25e-4, 2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2])
+ENCODER = ("optim.encoder_lr_scale", [0.0, 0.05, 0.1, 0.2, 0.4, 0.8])
+FIRST_ENCODER = ("optim.first_encoder_lr_scale", [0.0, 0.05, 0.1, 0.2, 0.4, 0.8])
+KD = ("loss.kd_weight", [0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0])
+DECAY = ("teacher.decay", [0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999])
+KNOBS = {"mclfir": [LR, ENCODER, KD, DECAY], "mclfir_released": [LR, ENCODER, DECAY], "lwf": [LR, ENCODER, KD],
+         "finetune": [LR, ENCODER], "frozen": [LR], "static_joint": [LR, FIRST_ENCODER]}
+
+
+def label(method: str) -> str:
+    return LABELS.get(method, method)
 
 
 def run_train(config: Path, out: Path, overrides, log: Path) -> dict:
     """One `mclfir train`, skipped when its results.json is already complete."""
-    results = out / "results.json"
+    results, wall = out / "results.json", out / "wall_seconds.json"
     if results.is_file() and json.loads(results.read_text()).get("complete"):
         print(f"  {out.name}: done before, kept", flush=True)
-        return json.loads(results.read_text())
+        res = json.loads(results.read_text())
+        res["wall_seconds"] = json.loads(wall.read_text()) if wall.is_file() else None
+        return res
     cmd = [str(Path(sys.executable).parent / "mclfir"), "train", "--config", str(config), "--out", str(out),
            "--overwrite", *overrides]
     t0 = time.time()
@@ -46,63 +78,127 @@ def run_train(config: Path, out: Path, overrides, log: Path) -> dict:
     if p.returncode != 0:
         raise SystemExit(f"{out.name} failed (exit {p.returncode}); its log: {log}")
     res = json.loads(results.read_text())
-    print(f"  {out.name}: final avg mAP {100 * res['final']['average_map']:.2f} in {time.time() - t0:.0f}s",
+    res["wall_seconds"] = round(time.time() - t0, 1)
+    wall.write_text(json.dumps(res["wall_seconds"]))   # the budget counts runs kept from an earlier start too
+    print(f"  {out.name}: final avg mAP {100 * res['final']['average_map']:.2f} in {res['wall_seconds']:.0f}s",
           flush=True)
     return res
 
 
-def increments_override(config: Path, n: int) -> str:
+# ---------------------------------------------------------------- tuning
+
+def start_point(config: Path, method: str, overrides) -> dict:
+    """The config's value of each of the method's knobs (after the method's own settings and overrides)."""
     sys.path.insert(0, str(ROOT))
     from mclfir_dist.configure import load_config
-    incs = load_config(config).train.increments[:n]
-    return "train.increments=[" + ", ".join(
-        f"{{name: {i.name}, attributes: [{', '.join(i.attributes)}]}}" for i in incs) + "]"
+    cfg = load_config(config, [*VARIANTS[method][1], *overrides])
+    point = {}
+    for key, ladder in KNOBS[method]:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        point[key] = min(ladder, key=lambda v: abs(math.log(v + 1e-9) - math.log(value + 1e-9)))
+    return point
+
+
+def next_trial(method: str, start: dict, trials: list):
+    """The compass search's next point: the best point so far with one knob moved along its ladder to the
+    nearest untried value: distance 1 before 2, one step up for every knob before one step down (so a small
+    budget still moves every knob once), knobs in KNOBS order. `start` when nothing was tried; None when every
+    value of every knob was tried around the best."""
+    if not trials:
+        return dict(start)
+    best = max(trials, key=lambda t: t["score"])["point"]
+    tried = [t["point"] for t in trials]
+    longest = max(len(ladder) for _, ladder in KNOBS[method])
+    for distance in range(1, longest):
+        for step in (distance, -distance):
+            for key, ladder in KNOBS[method]:
+                j = ladder.index(best[key]) + step
+                if 0 <= j < len(ladder):
+                    candidate = {**best, key: ladder[j]}
+                    if candidate not in tried:
+                        return candidate
+    return None
+
+
+def interior(method: str, trials: list) -> dict:
+    """Per knob: is the chosen value beaten by neither neighbour on its ladder, both tried (with the other knobs
+    at their chosen values)? "edge of the ladder" when the chosen value is the ladder's first or last."""
+    best = max(trials, key=lambda t: t["score"])["point"]
+    out = {}
+    for key, ladder in KNOBS[method]:
+        i = ladder.index(best[key])
+        if i in (0, len(ladder) - 1):
+            out[key] = "edge of the ladder"
+            continue
+        sides = [{**best, key: ladder[j]} for j in (i - 1, i + 1)]
+        out[key] = "interior" if all(s in [t["point"] for t in trials] for s in sides) else "a neighbour untried"
+    return out
 
 
 def tune(args, data) -> dict:
-    print(f"== tune: optim.lr in {args.lrs}, validation split, seed 0, first {args.tune_increments} increments",
-          flush=True)
+    print(f"== tune: {args.trials} trials per method, validation split, seed 0, every increment", flush=True)
     tdir = args.runs / "tune"
     tdir.mkdir(parents=True, exist_ok=True)
-    trials = {}
+    record = {"split": "val", "seed": 0, "trials_per_method": args.trials,
+              "knobs": {m: {k: ladder for k, ladder in KNOBS[m]} for m in args.methods}, "methods": {}}
     for method in args.methods:
-        for lr in args.lrs:
+        train_method, settings = VARIANTS[method]
+        start = start_point(args.config, method, data)
+        trials = []
+        while len(trials) < args.trials:
+            point = next_trial(method, start, trials)
+            if point is None:
+                break
+            name = f"{method}_t{len(trials):02d}"
             extra = ["train.static_final_only=true"] if method == "static_joint" else []
-            res = run_train(args.config, tdir / f"{method}_lr{lr}",
-                            data + [f"train.method={method}", f"optim.lr={lr}", "eval.split=val", "train.seed=0",
-                                    increments_override(args.config, args.tune_increments),
-                                    "eval.frozen_baseline=false", "eval.grid_queries=0", *extra],
-                            tdir / f"{method}_lr{lr}.log")
-            trials.setdefault(method, {})[lr] = res["final"]["average_map"]
-    chosen = {m: max(t, key=t.get) for m, t in trials.items()}
-    record = {"grid": {"optim.lr": args.lrs}, "split": "val", "seed": 0, "increments": args.tune_increments,
-              "trials": trials, "chosen": chosen}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "tuning.json").write_text(json.dumps(record, indent=1))
-    lines = ["# Validation search (the same for every method)", "",
-             f"optim.lr in {args.lrs}; validation split; seed 0; the first {args.tune_increments} increments "
-             "(static_joint: its final retraining over them). Validation average mAP:", "",
-             "| method | " + " | ".join(f"lr {lr}" for lr in args.lrs) + " | chosen |",
-             "|---|" + "---|" * (len(args.lrs) + 1)]
-    for m, t in trials.items():
-        lines.append(f"| {m} | " + " | ".join(f"{100 * t[lr]:.2f}" for lr in args.lrs) + f" | {chosen[m]} |")
-    (args.out / "TUNING.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines), flush=True)
-    return chosen
+            res = run_train(args.config, tdir / name,
+                            data + [f"train.method={train_method}", *settings, "eval.split=val", "train.seed=0",
+                                    "eval.frozen_baseline=false", "eval.grid_queries=0", *extra,
+                                    *(f"{k}={v}" for k, v in point.items())], tdir / f"{name}.log")
+            trials.append({"run": name, "point": point, "score": res["final"]["average_map"],
+                           "seconds": res["wall_seconds"]})
+        best = max(trials, key=lambda t: t["score"])
+        record["methods"][method] = {"trials": trials, "chosen": best["point"], "chosen_val_map": best["score"],
+                                     "interior": interior(method, trials)}
+        _write_tuning(args.out, record)
+    return {m: r["chosen"] for m, r in record["methods"].items()}
+
+
+def _write_tuning(out: Path, record: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tuning.json").write_text(json.dumps(record, indent=1))
+    lines = ["# Validation search (the same number of trials for every method)", "",
+             f"{record['trials_per_method']} trials per method, validation split, seed 0, every increment of the "
+             "task (static_joint: its final retraining over all attributes). A compass search over each method's "
+             "own knobs, from the config's values (scripts/fpi_seeds.py). Validation average mAP per trial; the "
+             "chosen trial in bold.", ""]
+    for method, r in record["methods"].items():
+        keys = list(r["chosen"])
+        lines += [f"## {label(method)}", "", "| trial | " + " | ".join(keys) + " | val avg mAP | seconds |",
+                  "|---|" + "---|" * (len(keys) + 2)]
+        for t in r["trials"]:
+            bold = "**" if t["point"] == r["chosen"] else ""
+            lines.append(f"| {t['run']} | " + " | ".join(f"{t['point'][k]:g}" for k in keys)
+                         + f" | {bold}{100 * t['score']:.2f}{bold} | {t['seconds'] or 0:.0f} |")
+        lines += ["", "Chosen: " + ", ".join(f"{k}={v:g} ({r['interior'][k]})" for k, v in r["chosen"].items()), ""]
+    (out / "TUNING.md").write_text("\n".join(lines) + "\n")
 
 
 def seeds(args, data, chosen: dict) -> None:
-    print(f"== seeds {args.seeds}, test split", flush=True)
+    print(f"== seeds {args.seeds}, test split, query draw = seed", flush=True)
     sdir = args.runs / "seeds"
     sdir.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         for method in args.methods:
+            train_method, settings = VARIANTS[method]
             extra = []
             if method == "static_joint" and seed != args.seeds[0]:
                 extra = ["train.static_final_only=true"]
             run_train(args.config, sdir / f"{method}_s{seed}",
-                      data + [f"train.method={method}", f"optim.lr={chosen[method]}", f"train.seed={seed}",
-                              "eval.split=test", "eval.grid_queries=0", *extra],
+                      data + [f"train.method={train_method}", *settings, f"train.seed={seed}",
+                              f"eval.query_draw={seed}", "eval.split=test", "eval.grid_queries=0", *extra,
+                              *(f"{k}={v}" for k, v in chosen[method].items())],
                       sdir / f"{method}_s{seed}.log")
 
 
@@ -127,11 +223,61 @@ def compare(runs, a: str, b: str):
     return welch(values(a), values(b))
 
 
-def claim(runs, final, other: str) -> str:
-    w = compare(runs, "mclfir", other)
-    words = {"above": f"above {other}", "below": f"below {other}", "not distinguishable": f"not distinguishable from {other}"}
-    return (f"- **MCL-FIR is {words[w.verdict()]}** (Welch's t-test over seeds, two-sided p = {w.p:.3f}, "
-            f"df = {w.df:.1f}): {fmt(final['mclfir'])} vs {fmt(final[other])}, {100 * w.difference:+.2f} points.")
+def claim(runs, final, a: str, b: str) -> str:
+    w = compare(runs, a, b)
+    words = {"above": f"above {label(b)}", "below": f"below {label(b)}",
+             "not distinguishable": f"not distinguishable from {label(b)}"}
+    return (f"- **{label(a)} is {words[w.verdict()]}** (Welch's t-test over seeds, two-sided p = {w.p:.3f}, "
+            f"df = {w.df:.1f}): {fmt(final[a])} vs {fmt(final[b])}, {100 * w.difference:+.2f} points.")
+
+
+def static_lines(runs) -> list:
+    """How far the static retrainings ran: steps allowed, run and kept, per retraining (mean over seeds)."""
+    static = runs.get("static_joint", {})
+    rows = {}
+    for r in static.values():
+        for c in r["cost"]:
+            if c.get("estimated") or not c.get("selection"):
+                continue
+            sel = c["selection"]
+            rows.setdefault(c["increment"], []).append(
+                (c["steps"], sel.get("kept_step"), sel.get("stopped_early_at"), c["train_seconds"]))
+    if not rows:
+        return []
+    lines = ["Static retrainings (static_joint; each may run twice the steps it is charged and stops at its "
+             "validation plateau, train.patience; the kept model is the best on validation):", "",
+             "| retraining | runs | steps run (mean) | kept step (mean) | stopped early | train s (mean) |",
+             "|---|---|---|---|---|---|"]
+    for inc, vals in sorted(rows.items()):
+        kept = [v[1] for v in vals if v[1] is not None]
+        lines.append(f"| {inc} | {len(vals)} | {np.mean([v[0] for v in vals]):.0f} | "
+                     f"{np.mean(kept) if kept else float('nan'):.0f} | {sum(v[2] is not None for v in vals)} of "
+                     f"{len(vals)} | {np.mean([v[3] for v in vals]):.0f} |")
+    return lines + [""]
+
+
+def tuning_lines(out: Path) -> list:
+    path = out / "tuning.json"
+    if not path.is_file():
+        return []
+    record = json.loads(path.read_text())
+    if "methods" not in record:
+        return []
+    lines = [f"Chosen on validation ({record['trials_per_method']} trials per method, TUNING.md lists every trial):", ""]
+    for method, r in record["methods"].items():
+        lines.append(f"- {label(method)}: " + ", ".join(f"{k}={v:g} ({r['interior'][k]})"
+                                                      for k, v in r["chosen"].items())
+                     + f"; val {100 * r['chosen_val_map']:.2f}")
+    return lines + [""]
+
+
+def budget_line(args) -> str:
+    walls = [json.loads(p.read_text()) for p in args.runs.glob("*/*/wall_seconds.json")]
+    if not walls:
+        return ""
+    tune_s = sum(json.loads(p.read_text()) for p in args.runs.glob("tune/*/wall_seconds.json"))
+    return (f"Wall time of every run (one at a time, this machine): {sum(walls) / 60:.0f} min "
+            f"(tuning {tune_s / 60:.0f}, seeds {(sum(walls) - tune_s) / 60:.0f}); the budget is 150 min.")
 
 
 def leakage_lines(runs) -> list:
@@ -159,7 +305,7 @@ def leakage_lines(runs) -> list:
         for h in heads:
             v = per_head.get(h)
             cells.append("-" if not v else f"{100 * np.mean([a for a, _ in v]):.1f} / {100 * np.mean([b for _, b in v]):+.1f}")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label(method)} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
@@ -194,7 +340,7 @@ def report(args) -> str:
     for m, rs in runs.items():
         # static_joint: the final retraining (static-final); its cumulative cost is the reference itself
         t = static_final if m == "static_joint" else float(np.mean(train_s[m]))
-        name = "static_joint (static-final)" if m == "static_joint" else m
+        name = "static_joint (static-final)" if m == "static_joint" else label(m)
         forgetting = f"{fmt(forget[m])} (n={forget[m][2]})" if forget[m][2] != len(rs) else fmt(forget[m])
         lines.append(f"| {name} | {len(rs)} | {fmt(final[m])} | {forgetting} | {t:.0f} | {t / static_final:.2f} | "
                      f"{t / static_cum:.2f} | "
@@ -223,20 +369,23 @@ def report(args) -> str:
         f_m, f_s, _ = forget["mclfir"]
         sentences.append(f"- **Average forgetting at most 2 points: {'holds' if f_m <= 0.02 else 'does not hold'}.** "
                          f"MCL-FIR {fmt(forget['mclfir'])} points.")
-        sentences += [claim(runs, final, other) for other in ("static_joint", "lwf", "finetune", "frozen")
+        sentences += [claim(runs, final, "mclfir", other) for other in METHODS[1:]
                       if other in runs and len(runs[other]) > 1 and len(runs["mclfir"]) > 1]
+    if all(len(runs.get(m, {})) > 1 for m in ("static_joint", "frozen")):
+        sentences.append(claim(runs, final, "static_joint", "frozen"))
     _plots(args.out, runs, final, forget, train_s, static_cum)
     leakage = leakage_lines(runs)
     text = "\n".join([
         "# Real-photo comparison over several seeds (2-core CPU)", "",
         f"Config `{args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config}`; "
-        f"seeds {args.seeds}; each method with the lr its validation search chose (TUNING.md). Test split. "
-        "mean ± sample std over seeds, in mAP points. Training seconds are measured on this machine, one run "
-        "at a time; static-cumulative is the first seed's static_joint run, which retrained at every increment.",
-        "", table, "", *leakage,
+        f"seeds {args.seeds}; each method with the values its validation search chose (TUNING.md). Test split; "
+        "seed N also redraws which test images are queries. mean ± sample std over seeds, in mAP points. "
+        "Training seconds are measured on this machine, one run at a time; static-cumulative is the first "
+        "seed's static_joint run, which ran every retraining.",
+        "", table, "", *tuning_lines(args.out), *static_lines(runs), *leakage,
         "Targets (the paper's claim), then each comparison by Welch's t-test over the seeds at the 5% level: "
         "\"above\" or \"below\" only where the test says so, otherwise \"not distinguishable\". The spread covers "
-        "the training seed only (one split, one query draw):", "", *sentences, "",
+        "the training seed and the query draw (one split):", "", *sentences, "", budget_line(args), "",
         "![final mAP and forgetting](final_map.png)", "", "![mAP vs cost](map_vs_cost.png)", ""])
     (args.out / "README.md").write_text(text)
     print(text, flush=True)
@@ -250,8 +399,8 @@ def _plots(out: Path, runs, final, forget, train_s, static_cum) -> None:
     methods = list(runs)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, what, title in ((axes[0], final, "final average mAP (test)"), (axes[1], forget, "average forgetting")):
-        ax.bar(methods, [100 * what[m][0] for m in methods], yerr=[100 * what[m][1] for m in methods], capsize=4,
-               color=["tab:red" if m == "mclfir" else "tab:gray" for m in methods])
+        ax.bar([label(m) for m in methods], [100 * what[m][0] for m in methods], yerr=[100 * what[m][1] for m in methods], capsize=4,
+               color=["tab:red" if m.startswith("mclfir") else "tab:gray" for m in methods])
         ax.set_title(title + " (points, ± std over seeds)")
         ax.tick_params(axis="x", rotation=20)
     fig.tight_layout()
@@ -262,7 +411,7 @@ def _plots(out: Path, runs, final, forget, train_s, static_cum) -> None:
         x = [t / static_cum for t in train_s[m]] if m != "static_joint" else \
             [r["cost"][-1]["train_seconds"] / static_cum for r in runs[m].values()]
         ax.errorbar(np.mean(x), 100 * final[m][0], xerr=np.std(x, ddof=1) if len(x) > 1 else 0,
-                    yerr=100 * final[m][1], fmt="o", capsize=4, label="static-final" if m == "static_joint" else m)
+                    yerr=100 * final[m][1], fmt="o", capsize=4, label="static-final" if m == "static_joint" else label(m))
     if "static_joint" in runs:
         ax.errorbar(1.0, 100 * final["static_joint"][0], yerr=100 * final["static_joint"][1], fmt="s", capsize=4,
                     label="static-cumulative")
@@ -283,10 +432,9 @@ def main() -> int:
     ap.add_argument("--shards", type=Path, help="shard folder (built from --csv when given, or when missing)")
     ap.add_argument("--runs", type=Path, default=ROOT / "runs/fpi_seeds", help="where the runs go")
     ap.add_argument("--out", type=Path, default=ROOT / "docs/results/fpi_seeds", help="where the report goes")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--lrs", type=float, nargs="+", default=[2.5e-4, 5e-4, 1e-3])
-    ap.add_argument("--tune-increments", type=int, default=3)
-    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--trials", type=int, default=4, help="validation trials per method (the same for all)")
+    ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=METHODS)
     ap.add_argument("--phase", choices=["all", "tune", "seeds", "report"], default="all")
     ap.add_argument("overrides", nargs="*", help="config overrides for every run (key=value)")
     args = ap.parse_args()
@@ -306,14 +454,13 @@ def main() -> int:
     if args.phase in ("all", "tune"):
         chosen = tune(args, data)
     elif chosen_path.is_file():
-        chosen = json.loads(chosen_path.read_text())["chosen"]
-        chosen = {m: float(v) for m, v in chosen.items()}
+        chosen = {m: r["chosen"] for m, r in json.loads(chosen_path.read_text()).get("methods", {}).items()}
     else:
         chosen = {}
     if args.phase in ("all", "seeds"):
         missing = [m for m in args.methods if m not in chosen]
         if missing:
-            raise SystemExit(f"no tuned lr for {missing}: run --phase tune first ({chosen_path})")
+            raise SystemExit(f"no tuned values for {missing}: run --phase tune first ({chosen_path})")
         seeds(args, data, chosen)
     if args.phase in ("all", "report"):
         report(args)

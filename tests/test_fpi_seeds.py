@@ -42,9 +42,41 @@ def test_report_states_each_target_from_the_runs(tmp_path):
     assert "At most 35% of static-cumulative training cost: does not hold" in text   # 20 s / 30 s
     assert "67%" in text
     assert "Average forgetting at most 2 points: holds" in text
-    assert "MCL-FIR is above finetune** (Welch's t-test over seeds, two-sided p = 0.000" in text
-    assert "MCL-FIR is not distinguishable from lwf** (Welch" in text          # 0.2 points, sd 0.4
-    assert "MCL-FIR is below static_joint** (Welch" in text
+    assert "mclfir is above finetune** (Welch's t-test over seeds, two-sided p = 0.000" in text
+    assert "mclfir is not distinguishable from lwf** (Welch" in text          # 0.2 points, sd 0.4
+    assert "mclfir is below static_joint** (Welch" in text
     assert "Attribute leakage" in text and "| mclfir | 64.0 / +10.0 | 64.0 / +0.0 |" in text   # seed mean
     assert (tmp_path / "out" / "final_map.png").stat().st_size > 0
     assert (tmp_path / "out" / "map_vs_cost.png").stat().st_size > 0
+
+
+def _search(method, objective, budget):
+    """Run the compass search against an objective of the knob values; the trials it made."""
+    start = {key: ladder[len(ladder) // 2] for key, ladder in fpi_seeds.KNOBS[method]}
+    trials = []
+    while len(trials) < budget:
+        point = fpi_seeds.next_trial(method, start, trials)
+        if point is None:
+            break
+        assert point not in [t["point"] for t in trials]            # never the same trial twice
+        trials.append({"point": point, "score": objective(point)})
+    return trials
+
+
+def test_the_search_extends_a_knob_until_its_best_value_is_interior():
+    lr_ladder = dict(fpi_seeds.KNOBS["frozen"])["optim.lr"]
+    best_lr = lr_ladder[-2]                                          # far above where the search starts
+    trials = _search("frozen", lambda p: -abs(math.log(p["optim.lr"] / best_lr)), 20)
+    chosen = max(trials, key=lambda t: t["score"])["point"]
+    assert chosen["optim.lr"] == best_lr
+    assert fpi_seeds.interior("frozen", trials) == {"optim.lr": "interior"}
+    assert len(trials) == len(lr_ladder)                             # then every other value, then it stops
+
+
+def test_a_small_budget_moves_every_knob_once_and_says_what_is_not_interior():
+    start_lr = dict(fpi_seeds.KNOBS["mclfir"])["optim.lr"][len(dict(fpi_seeds.KNOBS["mclfir"])["optim.lr"]) // 2]
+    trials = _search("mclfir", lambda p: -abs(p["optim.lr"] - start_lr), 5)   # start + one step up per knob
+    moved = {key for t in trials[1:] for key in t["point"] if t["point"][key] != trials[0]["point"][key]}
+    assert len(trials) == 5 and moved == {"optim.lr", "optim.encoder_lr_scale", "loss.kd_weight", "teacher.decay"}
+    verdict = fpi_seeds.interior("mclfir", trials)
+    assert verdict["optim.lr"] == "a neighbour untried" and set(verdict) == set(dict(fpi_seeds.KNOBS["mclfir"]))

@@ -81,8 +81,9 @@ def test_dataset_map_is_query_weighted_per_dataset():
 class _Manifest:
     """The parts of a Manifest that attribute_leakage reads."""
 
-    def __init__(self, names, query, candidate):
+    def __init__(self, names, query, candidate, query_draw=0):
         self.attributes, self._sets = names, {"query": query, "candidate": candidate}
+        self.query_draw = query_draw
 
     def attribute_index(self, name):
         return self.attributes.index(name)
@@ -142,3 +143,31 @@ def test_a_head_that_only_sees_one_attribute_leaks_nothing_else():
     results = {"map_details": [{"colour": {"map": 1.0, "leakage": leak}}]}
     assert "**100.0** (" in leakage_table(results)
     assert abs(mean_excess_leakage(results)) < 0.08
+
+
+def test_a_query_draw_chooses_other_queries_among_the_same_images_per_value():
+    from collections import Counter
+
+    from mclfir_dist.evaluation.metrics import SplitEmbeddings, query_candidate_rows
+    g = torch.Generator().manual_seed(3)
+    n = 80
+    labels = torch.randint(0, 4, (n, 1), generator=g)
+    keys = [f"k{i:03d}" for i in range(n)]
+    q = [i for i in range(n) if i % 4 == 0]
+    c = [i for i in range(n) if i % 4 != 0 and i < 70]          # 70..79 are in neither set
+    se = SplitEmbeddings(keys, labels, torch.zeros(n, 1, 2), torch.zeros(n, 2), ["colour"], 0.0)
+
+    def rows(draw):
+        manifest = _Manifest(["colour"], [keys[i] for i in q], [keys[i] for i in c], draw)
+        dq, dc = query_candidate_rows(manifest, "test", "colour", se)
+        return dq.tolist(), dc.tolist()
+
+    assert rows(0) == (q, c)                                     # draw 0: the shard set's own sets
+    values = labels[:, 0].tolist()
+    for draw in (1, 2):
+        dq, dc = rows(draw)
+        assert rows(draw) == (dq, dc)                            # the same draw gives the same sets
+        assert not set(dq) & set(dc) and sorted(dq + dc) == sorted(q + c)
+        assert Counter(values[i] for i in dq) == Counter(values[i] for i in q)
+        assert dq != q
+    assert rows(1)[0] != rows(2)[0]

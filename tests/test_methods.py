@@ -155,3 +155,10 @@ def test_every_static_joint_retraining_is_a_fresh_start_with_the_first_encoder_l
     assert [p.encoder_lr_scale for p in plans] == [1.0, 1.0]
     assert all(p.rebuild_model and p.frozen_heads == [] for p in plans)
     assert plans[1].train_heads == ["a0", "a1"] and plans[1].steps == 2 * cfg.train.steps_per_increment
+
+
+def test_static_steps_factor_lets_each_retraining_run_past_what_it_is_charged(tiny_shards):
+    cfg = tiny_cfg(tiny_shards, extra=["train.method=static_joint", "train.static_steps_factor=2.5"])
+    method = METHODS.get("static_joint")(cfg, None)
+    plans = [method.plan(i, f"i{i}", [f"a{i}"], [f"a{j}" for j in range(i)]) for i in range(3)]
+    assert [p.steps for p in plans] == [round(2.5 * cfg.train.steps_per_increment * (i + 1)) for i in range(3)]

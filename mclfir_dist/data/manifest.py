@@ -126,6 +126,7 @@ class Manifest:
     root: Path
     data: dict
     excluded: Set[str] = field(default_factory=set)
+    query_draw: int = 0   # eval.query_draw: 0 = the draw stored in eval_sets; N > 0 = redrawn with seed N
 
     @classmethod
     def load(cls, root: str | Path) -> "Manifest":

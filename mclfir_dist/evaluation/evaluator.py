@@ -27,6 +27,8 @@ class Evaluator:
                  loader: str, run_dir: Path):
         self.cfg, self.runtime, self.loader, self.run_dir = cfg, runtime, loader, run_dir
         self.manifests, self.attribute_manifest = list(manifests), attribute_manifest
+        for manifest in self.manifests:
+            manifest.query_draw = cfg.eval.query_draw
 
     def _attributes_of(self, manifest: Manifest) -> List[str]:
         return [a for a, m in self.attribute_manifest.items() if m.root == manifest.root]
@@ -82,7 +84,7 @@ class Evaluator:
         if cfg.grid_queries <= 0:
             return
         for h, attribute in enumerate(embeddings.attributes):
-            queries, candidates = query_candidate_rows(manifest, cfg.split, attribute, embeddings.keys)
+            queries, candidates = query_candidate_rows(manifest, cfg.split, attribute, embeddings)
             queries = queries[:cfg.grid_queries]
             if len(queries) == 0 or len(candidates) == 0:
                 continue

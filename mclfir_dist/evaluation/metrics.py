@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Sequence
 
@@ -87,19 +89,41 @@ def embed_split(model, loader, attributes: Sequence[str], device: torch.device) 
                            list(attributes), time.time() - t0, all_skipped)
 
 
-def query_candidate_rows(manifest: Manifest, split: str, attribute: str, keys: Sequence[str]):
-    pos = {k: i for i, k in enumerate(keys)}
+def query_candidate_rows(manifest: Manifest, split: str, attribute: str, se: "SplitEmbeddings"):
+    """Rows of `se` that are `attribute`'s queries and candidates in `split` (manifest.query_draw applied)."""
+    pos = {k: i for i, k in enumerate(se.keys)}
     sets = manifest.eval_set(split, attribute)
-    q = torch.tensor([pos[k] for k in sets["query"] if k in pos], dtype=torch.long)
-    c = torch.tensor([pos[k] for k in sets["candidate"] if k in pos], dtype=torch.long)
-    return q, c
+    q = [pos[k] for k in sets["query"] if k in pos]
+    c = [pos[k] for k in sets["candidate"] if k in pos]
+    if manifest.query_draw:
+        values = se.labels[:, manifest.attribute_index(attribute)].tolist()
+        q, c = redraw_queries(q, c, values, manifest.query_draw, attribute)
+    return torch.tensor(q, dtype=torch.long), torch.tensor(c, dtype=torch.long)
+
+
+def redraw_queries(queries: Sequence[int], candidates: Sequence[int], values: Sequence[int], draw: int,
+                   attribute: str):
+    """Choose the queries again among the same images: per value as many as the stored draw has, the rest
+    candidates. Seeded by (draw, attribute), so every run and `mclfir eval` with the same draw agree."""
+    rng = np.random.default_rng([draw, zlib.crc32(attribute.encode())])
+    wanted = Counter(values[i] for i in queries)
+    pool: Dict[int, List[int]] = {}
+    for i in sorted(list(queries) + list(candidates)):
+        pool.setdefault(values[i], []).append(i)
+    new_q, new_c = [], []
+    for v in sorted(pool):
+        rows = pool[v]
+        perm = rng.permutation(len(rows))
+        new_q += [rows[j] for j in perm[:wanted.get(v, 0)]]
+        new_c += [rows[j] for j in perm[wanted.get(v, 0):]]
+    return sorted(new_q), sorted(new_c)
 
 
 def attribute_map(manifest: Manifest, split: str, se: SplitEmbeddings, attribute: str, emb: torch.Tensor,
                   chunk: int = 256) -> Dict[str, float]:
     """mAP of one attribute with per-image embeddings `emb` (N x D, rows as se.keys)."""
     col = manifest.attribute_index(attribute)
-    q, c = query_candidate_rows(manifest, split, attribute, se.keys)
+    q, c = query_candidate_rows(manifest, split, attribute, se)
     lab = se.labels[:, col]
     return mean_average_precision(emb[q], lab[q], emb[c], lab[c], chunk)
 
@@ -113,7 +137,7 @@ def attribute_leakage(manifest: Manifest, split: str, se: SplitEmbeddings, attri
     attribute the shard set labels, `share` = the mean share of the top-k candidates that have the query's
     value, and `chance` = the share of all candidates that do (what a random ranking gets). Queries without a
     value for that attribute are left out. The head's own attribute gives its precision@k."""
-    q, c = query_candidate_rows(manifest, split, attribute, se.keys)
+    q, c = query_candidate_rows(manifest, split, attribute, se)
     if len(q) == 0 or len(c) == 0:
         return {}
     e = emb.float()

@@ -45,6 +45,7 @@ def evaluate_run(run_dir: str, shards: str, split: str = "test", export: Optiona
                  json_path: Optional[str] = None, skip_bad_shards: bool = False) -> dict:
     model, cfg, ckpt = load_run_model(run_dir)
     manifest = Manifest.load(shards)
+    manifest.query_draw = cfg.eval.query_draw   # the run's own query draw, so its numbers are reproduced
     skipped_shards = check_shard_sets([manifest], [split], skip_bad_shards)
     attrs = [a for a in model.attributes if a in manifest.attributes]
     missing = [a for a in model.attributes if a not in manifest.attributes]
@@ -62,7 +63,7 @@ def evaluate_run(run_dir: str, shards: str, split: str = "test", export: Optiona
     for h, a in enumerate(attrs):
         d = {**attribute_map(manifest, split, se, a, se.emb[:, h], cfg.eval.query_chunk),
              "leakage": attribute_leakage(manifest, split, se, a, se.emb[:, h], chunk=cfg.eval.query_chunk)}
-        q, c = query_candidate_rows(manifest, split, a, se.keys)
+        q, c = query_candidate_rows(manifest, split, a, se)
         out["map"][a], out["details"][a] = d["map"], d
         print(f"{a:24s} mAP {100 * d['map']:6.2f}  ({d['queries']} queries, {len(c)} candidates)")
         if export:

@@ -1,6 +1,6 @@
 """static_joint: the static baseline. At every increment, retrain from the initial (pretrained)
-model on every attribute seen so far, with the step budget of all increments so far, and the
-first increment's encoder lr scale (each retraining is a fresh start).
+model on every attribute seen so far, with the step budget of all increments so far (times
+`train.static_steps_factor`), and the first increment's encoder lr scale (each retraining is a fresh start).
 
 `train.static_final_only`: retrain only at the last increment; the earlier retrainings' cost is
 estimated from its measured seconds per step (and marked as estimated in results and reports)."""
@@ -24,5 +24,6 @@ class StaticJoint(Method):
              ) -> IncrementPlan:
         last = index == len(self.cfg.train.increments) - 1
         return IncrementPlan(index, name, list(old_attributes) + list(new_attributes), [],
-                             self.cfg.train.steps_per_increment * (index + 1), self.cfg.optim.first_encoder_lr_scale,
+                             round(self.cfg.train.static_steps_factor * self.cfg.train.steps_per_increment * (index + 1)),
+                             self.cfg.optim.first_encoder_lr_scale,
                              rebuild_model=True, skip=self.cfg.train.static_final_only and not last)
