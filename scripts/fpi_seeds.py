@@ -322,6 +322,10 @@ def report(args) -> str:
     if not runs:
         raise SystemExit(f"no complete runs under {sdir}")
     (args.out / "runs").mkdir(parents=True, exist_ok=True)
+    written = {f"{method}_s{seed}.json" for method, by_seed in runs.items() for seed in by_seed}
+    for old in (args.out / "runs").glob("*_s*.json"):
+        if old.name not in written:
+            old.unlink()   # from an earlier study: every file here is one row of this report
     for method, by_seed in runs.items():
         for seed, r in by_seed.items():
             (args.out / "runs" / f"{method}_s{seed}.json").write_text(json.dumps(r))

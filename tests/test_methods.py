@@ -162,3 +162,17 @@ def test_static_steps_factor_lets_each_retraining_run_past_what_it_is_charged(ti
     method = METHODS.get("static_joint")(cfg, None)
     plans = [method.plan(i, f"i{i}", [f"a{i}"], [f"a{j}" for j in range(i)]) for i in range(3)]
     assert [p.steps for p in plans] == [round(2.5 * cfg.train.steps_per_increment * (i + 1)) for i in range(3)]
+
+
+def test_mixed_batches_too_small_to_give_every_attribute_a_negative_are_refused(tiny_shards):
+    from mclfir_dist.config import ConfigError
+    from mclfir_dist.training.engine import check_negatives, plan_increments
+    cfg = tiny_cfg(tiny_shards, extra=["train.method=static_joint", "data.batch_doublets=3"])
+    plans = plan_increments(METHODS.get("static_joint")(cfg, None), cfg)
+    assert len(plans[-1].train_heads) >= 2
+    with pytest.raises(ConfigError, match="data.task_sampling=rotate"):
+        check_negatives(plans, cfg, world=1)          # 3 doublets over >= 2 attributes: one gets a single doublet
+    check_negatives(plans, cfg, world=2)              # gathered over 2 ranks every attribute has >= 2
+    rotate = tiny_cfg(tiny_shards, extra=["train.method=static_joint", "data.batch_doublets=3",
+                                          "data.task_sampling=rotate"])
+    check_negatives(plans, rotate, world=1)

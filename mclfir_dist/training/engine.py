@@ -19,9 +19,9 @@ from typing import Iterator, List, Optional, Sequence
 
 import torch
 
-from ..config import RunConfig, to_dict, to_yaml
+from ..config import ConfigError, RunConfig, to_dict, to_yaml
 from ..data import build_train_loader
-from ..data.pairing import positive_index
+from ..data.pairing import positive_index, task_quotas
 from ..data.streams import epoch_seed
 from ..evaluation.compatibility import compatibility, load_snapshot, save_snapshot, snapshot
 from ..evaluation.evaluator import Evaluator
@@ -74,6 +74,7 @@ class Trainer:
         self.method = build_method(cfg, runtime)
         self.method.setup(self.model)
         self.plans = plan_increments(self.method, cfg)   # pure functions of the config: the whole run's steps
+        check_negatives(self.plans, cfg, runtime.world)
         self.record = RunRecord.new(to_dict(cfg), str(cfg.data.shards))
         self.record.set_sources({a: str(m.root) for a, m in data.attribute_manifest.items()}, data.skipped_shards,
                                 batch_scaling)
@@ -374,6 +375,23 @@ def plan_increments(method, cfg: RunConfig) -> List[IncrementPlan]:
     increments = cfg.train.increments
     return [method.plan(i, inc.name, list(inc.attributes), [a for prev in increments[:i] for a in prev.attributes])
             for i, inc in enumerate(increments)]
+
+
+def check_negatives(plans: Sequence[IncrementPlan], cfg: RunConfig, world: int) -> None:
+    """Mixed batches split the doublets over an increment's attributes. An attribute with one doublet in the
+    whole (gathered) batch has no negative: its InfoNCE is 0 and nothing is learnt, silently; refuse it."""
+    if cfg.data.task_sampling == "rotate":
+        return
+    pool = world if cfg.loss.gather else 1
+    for p in plans:
+        if p.skip or len(p.train_heads) < 2:
+            continue
+        n = cfg.data.batch_doublets
+        if n < len(p.train_heads) or min(task_quotas(n, len(p.train_heads))) * pool < 2:
+            raise ConfigError(f"increment {p.index} ('{p.name}') trains {len(p.train_heads)} attributes in mixed "
+                              f"batches of data.batch_doublets={n} ({pool} rank(s) gathered): some attribute gets "
+                              f"one doublet per batch or none, so no negative and no learning; use "
+                              f"data.task_sampling=rotate or at least {2 * len(p.train_heads)} doublets")
 
 
 def step_loss(batch: dict, model, unwrapped: MCLFIRModel, method, ctx: IncrementContext, loss_fn: DoubletInfoNCE,
