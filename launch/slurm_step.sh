@@ -15,6 +15,9 @@ export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 export NNODES=$SLURM_NNODES PROCS_PER_NODE
 # torchrun's agent forwards only these signals to its workers; SIGUSR1 (sbatch --signal) must be among them
 export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+# elastic rendezvous (c10d) across nodes: a fresh address every round, else a node that comes back hangs in
+# torch 2.14's shared rendezvous store (docs/clusters.md)
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 echo "mclfir sbatch: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST," \
      "master $MASTER_ADDR:$MASTER_PORT, run $OUT"
 # --kill-on-bad-exit: one failed node ends the step instead of leaving the others in a collective.

@@ -210,6 +210,57 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_ends_exactly(reference, t
     assert same_end(run, reference / "reference")
 
 
+def elastic_node(run: Path, shards: Path, port: str):
+    """One "node" of a two-node elastic job: its own torchrun agent with one worker, c10d rendezvous."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2:2", "--nproc-per-node", "1",
+            "--max-restarts", "3", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+            "--rdzv-id", "mclfir-two-nodes", "--monitor-interval", "0.5", "-m", "mclfir_dist.train",
+            *train_args(run, shards, "train.checkpoint_every=4")]
+
+
+def test_a_killed_node_comes_back_and_the_run_ends_exactly(reference, tmp_path):
+    """kill -9 of a whole node (its agent and its worker) mid-increment, then the node starts again, as a
+    scheduler or an operator would: the other node's agent restarts its worker, both meet in a new rendezvous
+    round, `--resume auto` continues from the partial, and the end equals the uninterrupted run's.
+    torch 2.14's shared rendezvous store made that new round hang (the surviving rank-0 agent keeps the old
+    round's MASTER_ADDR and never publishes it in the new round); TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 is the
+    launch setting that avoids it (docs/clusters.md, launch/slurm_step.sh)."""
+    run, port = tmp_path / "run", free_port()
+    node_env = dict(env(), TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    logs = [tmp_path / "node0.log", tmp_path / "node1.log", tmp_path / "node1_again.log"]
+
+    def start(i):
+        with open(logs[i], "w") as out:
+            return subprocess.Popen(elastic_node(run, reference / "shards", port), cwd=ROOT, env=node_env,
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    first = start(0)
+    time.sleep(2)                      # node 0 hosts the rendezvous store (its host must stay up: docs)
+    second = start(1)
+    deadline = time.time() + 300
+    while not any("inc 1 step 6/" in log.read_text(errors="replace") for log in logs[:2] if log.is_file()):
+        assert time.time() < deadline, logs[0].read_text(errors="replace")[-3000:]
+        time.sleep(0.1)
+    # the whole node at once: its agent and its worker (torchrun starts workers in their own session)
+    node = [second.pid] + [int(p) for p in subprocess.run(["pgrep", "-P", str(second.pid)], capture_output=True,
+                                                          text=True).stdout.split()]
+    assert len(node) == 2
+    killed = time.time()
+    for pid in node:
+        os.kill(pid, signal.SIGKILL)
+    second.wait()
+    again = start(2)
+    deadline = time.time() + 300
+    while not any("resumed from" in log.read_text(errors="replace") for log in (logs[0], logs[2])):
+        assert time.time() < deadline, logs[0].read_text(errors="replace")[-3000:]
+        time.sleep(0.1)
+    print(f"node restart: killed node to resumed run in {time.time() - killed:.1f} s")
+    assert first.wait(timeout=600) == 0, logs[0].read_text(errors="replace")[-3000:]
+    assert again.wait(timeout=600) == 0, logs[2].read_text(errors="replace")[-3000:]
+    text = logs[0].read_text(errors="replace") + logs[2].read_text(errors="replace")
+    assert "continuing at step 4 of increment 1" in text, text[-3000:]
+    assert same_end(run, reference / "reference")
+
+
 def test_a_smaller_world_is_refused_inside_an_increment(reference, tmp_path):
     """An elastic restart that comes back with fewer processes: the partial of 2 is not resumed by 1 (the
     global batch and the InfoNCE pool would change mid-increment) unless train.resume_other_world=true."""

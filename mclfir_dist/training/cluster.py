@@ -80,12 +80,17 @@ def init_restarted_group(backend: str, timeout) -> bool:
     """A worker that torchrun restarted (TORCHELASTIC_RESTART_COUNT > 0) makes the default process group
     itself, on the launcher's store under a prefix of its attempt: torch 2.14 reuses that store across
     attempts without one, so gloo read the dead attempt's addresses ("connectFullMesh failed ... Connection
-    refused") and each such failure used up a restart. Accelerate then finds the group made and keeps it."""
+    refused") and each such failure used up a restart. Accelerate then finds the group made and keeps it.
+    Only on the agent's shared store: without it (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, what multi-node elastic
+    jobs need, docs/clusters.md) every round has a fresh store, and the restart counts of agents on different
+    nodes differ, so a prefix of the attempt would split the world in two."""
     import torch.distributed as dist
     from torch.distributed.rendezvous import _create_c10d_store
 
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    if attempt == 0 or dist.is_initialized() or "MASTER_ADDR" not in os.environ or "WORLD_SIZE" not in os.environ:
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    if not shared or attempt == 0 or dist.is_initialized() or "MASTER_ADDR" not in os.environ \
+            or "WORLD_SIZE" not in os.environ:
         return False
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     store = _create_c10d_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), rank, world, timeout)
