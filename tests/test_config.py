@@ -108,3 +108,18 @@ def test_a_bare_no_is_the_choice_no_not_yaml_false():
     from conftest import ROOT
     from mclfir_dist.configure import load_config
     assert load_config(ROOT / "configs/debug_cpu.yaml", ["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
+@pytest.mark.parametrize("var", ["SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"])
+def test_copies_started_by_srun_or_mpirun_without_a_process_group_are_refused(monkeypatch, var):
+    """`srun -n 2 mclfir train ...` (no torch launcher): two lone world-1 runs into one --out, refused."""
+    from mclfir_dist.training.cluster import check_launcher
+    for v in ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "ACCELERATE_USE_CPU"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv(var, "1")
+    check_launcher()                                     # one copy: a plain single-process run
+    monkeypatch.setenv(var, "2")
+    with pytest.raises(ConfigError, match=f"{var}=2.*accelerate launch"):
+        check_launcher()
+    monkeypatch.setenv("WORLD_SIZE", "2")                # under torchrun/accelerate: a real process group
+    check_launcher()

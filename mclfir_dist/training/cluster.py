@@ -28,6 +28,19 @@ def check_launcher() -> None:
                           "process per launch (world size 1), not one run: drop --cpu and launch with "
                           "--config_file launch/multinode_cpu.yaml (several nodes) or launch/cpu_2proc.yaml (one "
                           "node); on a machine without CUDA they use gloo")
+    # a launcher that starts N copies of the command itself (srun, mpirun) without a torch launcher in between:
+    # N lone world-1 runs into one --out. torchrun and accelerate set WORLD_SIZE for a real process group.
+    if "WORLD_SIZE" not in os.environ:
+        for var, launcher in LONE_COPIES:
+            copies = os.environ.get(var, "")
+            if copies.isdigit() and int(copies) > 1:
+                raise ConfigError(f"{launcher} started {copies} copies of this command ({var}={copies}) but none of "
+                                  "them is in a process group (no WORLD_SIZE): each would train alone into the same "
+                                  "run; start one `accelerate launch` (or torchrun) per node, as "
+                                  "launch/slurm_step.sh does")
+
+
+LONE_COPIES = [("SLURM_STEP_NUM_TASKS", "srun"), ("OMPI_COMM_WORLD_SIZE", "mpirun"), ("PMI_SIZE", "an MPI launcher")]
 
 
 def nodes_of(views: List[Dict[str, Any]]) -> int:
