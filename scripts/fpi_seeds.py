@@ -7,9 +7,9 @@
           (every increment; static_joint: its final retraining), seed 0. A compass search over the method's
           own knobs (KNOBS: lr and encoder lr scale for all; KD weight for mclfir and lwf; the teacher decay
           for mclfir): it starts from the config's values and tries the untried neighbours of the best point
-          found so far, knob by knob, nearest first, so a best value at the edge of what was tried is extended
-          before anything else. Every trial and whether each chosen value is interior go to tuning.json and
-          TUNING.md. The test split is never looked at here.
+          found so far, nearest first, the least-tried knob first, so every knob moves once before any moves
+          twice, and a best value at the edge of what was tried is extended next. Every trial and whether each
+          chosen value is interior go to tuning.json and TUNING.md. The test split is never looked at here.
 2. seeds  every method with its chosen values for --seeds on the test split; seed N also redraws which
           images are queries (eval.query_draw=N), so the spread covers the query draw too. static_joint runs
           every retraining for the first seed (static-cumulative measured end to end) and only the last for
@@ -102,17 +102,18 @@ def start_point(config: Path, method: str, overrides) -> dict:
 
 def next_trial(method: str, start: dict, trials: list):
     """The compass search's next point: the best point so far with one knob moved along its ladder to the
-    nearest untried value: distance 1 before 2, one step up for every knob before one step down (so a small
-    budget still moves every knob once), knobs in KNOBS order. `start` when nothing was tried; None when every
-    value of every knob was tried around the best."""
+    nearest untried value: distance 1 before 2; the knob with the fewest values tried first (so a small budget
+    moves every knob once, the method's own KD weight and decay included), one step up before one step down.
+    `start` when nothing was tried; None when every value of every knob was tried around the best."""
     if not trials:
         return dict(start)
     best = max(trials, key=lambda t: t["score"])["point"]
     tried = [t["point"] for t in trials]
-    longest = max(len(ladder) for _, ladder in KNOBS[method])
+    knobs = sorted(KNOBS[method], key=lambda knob: len({p[knob[0]] for p in tried}))   # stable: KNOBS order
+    longest = max(len(ladder) for _, ladder in knobs)
     for distance in range(1, longest):
-        for step in (distance, -distance):
-            for key, ladder in KNOBS[method]:
+        for key, ladder in knobs:
+            for step in (distance, -distance):
                 j = ladder.index(best[key]) + step
                 if 0 <= j < len(ladder):
                     candidate = {**best, key: ladder[j]}
