@@ -224,6 +224,9 @@ class EvalConfig:
     query_draw: int = _f(0, "Which images of val/test are queries: 0 = the shard set's draw; N > 0 = drawn again "
                             "with seed N among each attribute's query and candidate images, the same number of "
                             "queries per value, so a spread over seeds also covers the query draw.")
+    cache_mb: int = _f(1024, "Keep each eval split's decoded batches (per process, up to this many MiB in all) "
+                             "so that later evaluations in the run replay them instead of decoding again; "
+                             "0 = decode on every pass.")
 
 
 @dataclass

@@ -97,3 +97,43 @@ def test_a_run_killed_inside_an_increment_resumes_to_the_same_pick(best_val_run,
     a = torch.load(tmp_path / "r/checkpoints/increment_01.pt", map_location="cpu", weights_only=True)["model"]
     b = torch.load(uninterrupted / "checkpoints/increment_01.pt", map_location="cpu", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_eval_split_is_decoded_once_and_replayed_bit_for_bit(tiny_shards, tmp_path, monkeypatch):
+    """eval.cache_mb: the validation passes inside increments and the pass at each increment's end reuse the
+    first pass's batches; the run's numbers equal a run that decodes on every pass."""
+    import mclfir_dist.evaluation.evaluator as evaluator
+    built = []
+    original = evaluator.build_eval_loader
+
+    def counting(cfg, manifest, split, *args, **kwargs):
+        built.append(split)
+        return original(cfg, manifest, split, *args, **kwargs)
+
+    monkeypatch.setattr(evaluator, "build_eval_loader", counting)
+    results, passes = {}, {}
+    for cache_mb in (0, 1024):
+        built.clear()
+        results[cache_mb] = train(_cfg(tiny_shards, "eval.every_steps=4", "train.select=best_val",
+                                       f"eval.cache_mb={cache_mb}", steps=8), tmp_path / f"c{cache_mb}")
+        passes[cache_mb] = list(built)
+    assert passes[1024] == ["test", "val"]   # the baselines' pass and the first validation; then replays only
+    assert passes[0].count("val") == 4 and passes[0].count("test") == 3   # 2 increments x 2 validations
+    for key in ("accuracy_matrix", "final", "random_map"):
+        assert results[0][key] == results[1024][key]
+    assert [r["selection"]["curve"] for r in results[0]["cost"]] == [r["selection"]["curve"] for r in results[1024]["cost"]]
+
+
+def test_a_split_cache_keeps_only_whole_passes_that_fit():
+    from mclfir_dist.evaluation.split_cache import SplitCache
+    batch = lambda: {"images": torch.zeros(256, dtype=torch.uint8), "keys": ["a"]}   # noqa: E731; 256 bytes
+    cache = SplitCache(limit_mb=1024 / 2 ** 20)   # 1 KiB
+    made = []
+    loader = lambda n: (made.append(n) or [batch() for _ in range(n)])   # noqa: E731
+    assert len(list(cache.batches("small", lambda: loader(3)))) == 3
+    assert len(list(cache.batches("small", lambda: loader(3)))) == 3 and made == [3]   # replayed
+    assert len(list(cache.batches("big", lambda: loader(2)))) == 2 and "big" not in cache.splits   # 768 + 512 > 1024
+    stopped = iter(cache.batches("other", lambda: loader(1)))
+    next(stopped)
+    assert "other" not in cache.splits   # a pass that did not reach its end is not kept
+    assert len(list(SplitCache(0).batches("x", lambda: loader(1)))) == 1

@@ -18,6 +18,7 @@ from ..model.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from .metrics import (SplitEmbeddings, embed_split, evaluate_heads, pooled_feature_map, query_candidate_rows,
                       random_embedding_map)
 from .record import retrieval_grid
+from .split_cache import SplitCache
 
 log = logging.getLogger("mclfir")
 
@@ -29,6 +30,7 @@ class Evaluator:
         self.manifests, self.attribute_manifest = list(manifests), attribute_manifest
         for manifest in self.manifests:
             manifest.query_draw = cfg.eval.query_draw
+        self.cache = SplitCache(cfg.eval.cache_mb)
 
     def _attributes_of(self, manifest: Manifest) -> List[str]:
         return [a for a, m in self.attribute_manifest.items() if m.root == manifest.root]
@@ -43,8 +45,10 @@ class Evaluator:
             attrs = [a for a in attributes if a in own]
             if not attrs and (attributes or not own):
                 continue
-            loader = build_eval_loader(self.cfg.data, manifest, split, self.runtime.rank,
-                                       self.runtime.world, loader=self.loader, device=self.runtime.device)
+            loader = self.cache.batches(
+                (str(manifest.root), split),
+                lambda: build_eval_loader(self.cfg.data, manifest, split, self.runtime.rank, self.runtime.world,
+                                          loader=self.loader, device=self.runtime.device))
             groups.append((manifest, embed_split(model, loader, attrs, self.runtime.device)))
         return groups
 
