@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mclfir_dist.evaluation.stats import p_text
+
 ROOT = Path(__file__).resolve().parents[1]
 # name in the report -> (train.method, settings that define it)
 VARIANTS = {
@@ -228,7 +230,7 @@ def claim(runs, final, a: str, b: str) -> str:
     w = compare(runs, a, b)
     words = {"above": f"above {label(b)}", "below": f"below {label(b)}",
              "not distinguishable": f"not distinguishable from {label(b)}"}
-    return (f"- **{label(a)} is {words[w.verdict()]}** (Welch's t-test over seeds, two-sided p = {w.p:.3f}, "
+    return (f"- **{label(a)} is {words[w.verdict()]}** (Welch's t-test over seeds, two-sided {p_text(w.p)}, "
             f"df = {w.df:.1f}): {fmt(final[a])} vs {fmt(final[b])}, {100 * w.difference:+.2f} points.")
 
 
@@ -364,7 +366,7 @@ def report(args) -> str:
         sentences.append(
             f"- **Within 1 point of tuned static_joint: {'holds' if difference >= -0.01 else 'does not hold'}.** "
             f"MCL-FIR {fmt(final['mclfir'])} vs static_joint {fmt(final['static_joint'])}: {100 * difference:+.2f} "
-            f"points" + (f" (Welch p = {compare(runs, 'mclfir', 'static_joint').p:.3f})." if both else "."))
+            f"points" + (f" (Welch {p_text(compare(runs, 'mclfir', 'static_joint').p)})." if both else "."))
         frac = float(np.mean(train_s["mclfir"])) / static_cum
         sentences.append(
             f"- **At most 35% of static-cumulative training cost: {'holds' if frac <= 0.35 else 'does not hold'}.** "

@@ -42,7 +42,7 @@ def test_report_states_each_target_from_the_runs(tmp_path):
     assert "At most 35% of static-cumulative training cost: does not hold" in text   # 20 s / 30 s
     assert "67%" in text
     assert "Average forgetting at most 2 points: holds" in text
-    assert "mclfir is above finetune** (Welch's t-test over seeds, two-sided p = 0.000" in text
+    assert "mclfir is above finetune** (Welch's t-test over seeds, two-sided p < 0.001" in text
     assert "mclfir is not distinguishable from lwf** (Welch" in text          # 0.2 points, sd 0.4
     assert "mclfir is below static_joint** (Welch" in text
     assert "Attribute leakage" in text and "| mclfir | 64.0 / +10.0 | 64.0 / +0.0 |" in text   # seed mean

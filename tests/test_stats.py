@@ -23,3 +23,8 @@ def test_welch_by_hand_and_the_verdicts():
     assert welch([55.1, 54.7, 55.4], [54.5, 54.7, 54.5]).verdict() == "not distinguishable"
     with pytest.raises(ValueError):
         welch([1.0], [1.0, 2.0])
+
+
+def test_p_values_print_three_decimals_or_an_upper_bound():
+    from mclfir_dist.evaluation.stats import p_text
+    assert p_text(0.0123) == "p = 0.012" and p_text(0.0004) == "p < 0.001" and p_text(0.0005) == "p = 0.001"

@@ -21,6 +21,11 @@ class Welch:
         return "above" if self.difference > 0 else "below"
 
 
+def p_text(p: float) -> str:
+    """'p = 0.012', or 'p < 0.001' where three decimals would print 0.000."""
+    return "p < 0.001" if p < 0.0005 else f"p = {p:.3f}"
+
+
 def t_two_sided_p(t: float, df: float, steps: int = 4000) -> float:
     """P(|T| >= |t|) for Student's t with `df` degrees of freedom (Simpson's rule on the density)."""
     t = abs(t)
