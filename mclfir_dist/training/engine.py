@@ -171,7 +171,7 @@ class Trainer:
         del loader
         self.record.add_skipped(f"train/increment_{plan.index:02d}",
                                 sorted(k for keys in gather_objects(self.skipped_train) for k in keys))
-        rt.acc.free_memory()  # drops the DDP/DeepSpeed wrapper; the next increment re-prepares
+        rt.release_prepared()
         self.method.end_increment(ctx, self.model)
         rt.sync_buffers([self.model] + self.method.modules())
         return CostRecord(increment=plan.index, name=plan.name, steps=steps,
