@@ -342,7 +342,7 @@ NON_NEGATIVE = ["data.num_workers", "train.checkpoint_every", "train.num_threads
                 "optim.weight_decay", "optim.grad_clip", "train.reference_batch_doublets", "optim.encoder_lr_scale",
                 "optim.first_encoder_lr_scale", "loss.kd_weight", "teacher.warmup_steps", "eval.grid_queries",
                 "eval.grid_topk", "data.build.min_value_count", "data.build.resize_to", "data.max_image_pixels",
-                "data.build.max_image_pixels", "eval.every_steps", "train.patience", "eval.query_draw"]
+                "data.build.max_image_pixels", "eval.every_steps", "train.patience", "eval.query_draw", "eval.cache_mb"]
 # upper bounds past which a run cannot be what was meant (an image side of 10,000,000 is a typo, not a model)
 AT_MOST = {"data.image_size": 4096, "data.build.synthetic.image_size": 4096, "data.build.resize_to": 8192,
            "data.batch_doublets": 1 << 20, "data.eval_batch_size": 1 << 20, "model.embed_dim": 65536,

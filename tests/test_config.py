@@ -61,6 +61,7 @@ def test_every_key_is_documented():
     ("data.num_workers=-1", "must be >= 0"),
     ("optim.lr=-1", "must be > 0"),
     ("train.checkpoint_every=-1", "must be >= 0"),
+    ("eval.cache_mb=-1", "must be >= 0"),
     ("teacher.decay=1.5", "must be in [0, 1]"),
     ("data.build.test_fraction=0.95", "must be < 1"),
 ])
