@@ -80,3 +80,13 @@ def test_a_small_budget_moves_every_knob_once_and_says_what_is_not_interior():
     assert len(trials) == 5 and moved == {"optim.lr", "optim.encoder_lr_scale", "loss.kd_weight", "teacher.decay"}
     verdict = fpi_seeds.interior("mclfir", trials)
     assert verdict["optim.lr"] == "a neighbour untried" and set(verdict) == set(dict(fpi_seeds.KNOBS["mclfir"]))
+
+
+def test_each_search_starts_at_the_earlier_choice_or_at_the_config():
+    config = ROOT / "configs/fpi_seeds_cpu.yaml"
+    for method in fpi_seeds.START:
+        start = fpi_seeds.start_point(config, method, [])
+        assert start == fpi_seeds.START[method]                       # every knob named, every value on its ladder
+        assert all(v in dict(fpi_seeds.KNOBS[method])[k] for k, v in start.items())
+    assert fpi_seeds.start_point(config, "mclfir", [], earlier=False)["loss.kd_weight"] == 3.0   # the config's
+    assert fpi_seeds.start_point(config, "mclfir", ["optim.lr=2e-3"], earlier=False)["optim.lr"] == 2e-3
