@@ -149,6 +149,20 @@ def interior(method: str, trials: list) -> dict:
     return out
 
 
+def bracketed(method: str, trials: list) -> dict:
+    """Per knob, the weaker test: was a value below and a value above the chosen one tried (whatever the other
+    knobs were)? That is, did the grid reach past the chosen value on both sides."""
+    best = max(trials, key=lambda t: t["score"])["point"]
+    out = {}
+    for key, ladder in KNOBS[method]:
+        i = ladder.index(best[key])
+        seen = {ladder.index(t["point"][key]) for t in trials}
+        below, above = any(j < i for j in seen), any(j > i for j in seen)
+        out[key] = "bracketed" if below and above else \
+            "edge of the ladder" if i in (0, len(ladder) - 1) else f"nothing tried {'below' if above else 'above'}"
+    return out
+
+
 def tune(args, data) -> dict:
     print(f"== tune: {args.trials} trials per method, validation split, seed 0, every increment", flush=True)
     tdir = args.runs / "tune"
@@ -173,7 +187,7 @@ def tune(args, data) -> dict:
                            "seconds": res["wall_seconds"]})
         best = max(trials, key=lambda t: t["score"])
         record["methods"][method] = {"start": start, "trials": trials, "chosen": best["point"], "chosen_val_map": best["score"],
-                                     "interior": interior(method, trials)}
+                                     "interior": interior(method, trials), "bracketed": bracketed(method, trials)}
         _write_tuning(args.out, record)
     return {m: r["chosen"] for m, r in record["methods"].items()}
 
@@ -187,7 +201,8 @@ def _write_tuning(out: Path, record: dict) -> None:
              "own knobs (scripts/fpi_seeds.py), from the values an earlier 4-trial search of the same kind chose "
              "(START; the first trial of each table). Validation average mAP per trial; the chosen trial in bold. "
              "A chosen value is interior when both its neighbours on the knob's ladder were tried, with the other "
-             "knobs at their chosen values, and neither scored higher.", ""]
+             "knobs at their chosen values, and neither scored higher; bracketed (weaker) when a lower and a higher "
+             "value were tried, whatever the other knobs were.", ""]
     for method, r in record["methods"].items():
         keys = list(r["chosen"])
         lines += [f"## {label(method)}", "", "| trial | " + " | ".join(keys) + " | val avg mAP | seconds |",
@@ -196,7 +211,8 @@ def _write_tuning(out: Path, record: dict) -> None:
             bold = "**" if t["point"] == r["chosen"] else ""
             lines.append(f"| {t['run']} | " + " | ".join(f"{t['point'][k]:g}" for k in keys)
                          + f" | {bold}{100 * t['score']:.2f}{bold} | {t['seconds'] or 0:.0f} |")
-        lines += ["", "Chosen: " + ", ".join(f"{k}={v:g} ({r['interior'][k]})" for k, v in r["chosen"].items()), ""]
+        lines += ["", "Chosen: " + ", ".join(f"{k}={v:g} ({r['interior'][k]}; {r['bracketed'][k]})"
+                                            for k, v in r["chosen"].items()), ""]
     (out / "TUNING.md").write_text("\n".join(lines) + "\n")
 
 
@@ -280,7 +296,8 @@ def tuning_lines(out: Path) -> list:
         return []
     lines = [f"Chosen on validation ({record['trials_per_method']} trials per method, TUNING.md lists every trial):", ""]
     for method, r in record["methods"].items():
-        lines.append(f"- {label(method)}: " + ", ".join(f"{k}={v:g} ({r['interior'][k]})"
+        inner, sides = interior(method, r["trials"]), bracketed(method, r["trials"])
+        lines.append(f"- {label(method)}: " + ", ".join(f"{k}={v:g} ({inner[k]}; {sides[k]})"
                                                       for k, v in r["chosen"].items())
                      + f"; val {100 * r['chosen_val_map']:.2f}")
     return lines + [""]
@@ -478,7 +495,12 @@ def main() -> int:
     if args.phase in ("all", "tune"):
         chosen = tune(args, data)
     elif chosen_path.is_file():
-        chosen = {m: r["chosen"] for m, r in json.loads(chosen_path.read_text()).get("methods", {}).items()}
+        record = json.loads(chosen_path.read_text())
+        for method, r in record.get("methods", {}).items():   # recomputed: a report keeps up with these rules
+            r["interior"], r["bracketed"] = interior(method, r["trials"]), bracketed(method, r["trials"])
+        if record.get("methods"):
+            _write_tuning(args.out, record)
+        chosen = {m: r["chosen"] for m, r in record.get("methods", {}).items()}
     else:
         chosen = {}
     if args.phase in ("all", "seeds"):

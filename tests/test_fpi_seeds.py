@@ -90,3 +90,15 @@ def test_each_search_starts_at_the_earlier_choice_or_at_the_config():
         assert all(v in dict(fpi_seeds.KNOBS[method])[k] for k, v in start.items())
     assert fpi_seeds.start_point(config, "mclfir", [], earlier=False)["loss.kd_weight"] == 3.0   # the config's
     assert fpi_seeds.start_point(config, "mclfir", ["optim.lr=2e-3"], earlier=False)["optim.lr"] == 2e-3
+
+
+def test_bracketed_asks_only_that_the_grid_reached_past_the_chosen_value_on_both_sides():
+    lr = dict(fpi_seeds.KNOBS["static_joint"])["optim.lr"]
+    enc = dict(fpi_seeds.KNOBS["static_joint"])["optim.first_encoder_lr_scale"]
+    trial = lambda i, j, score: {"point": {"optim.lr": lr[i], "optim.first_encoder_lr_scale": enc[j]}, "score": score}
+    trials = [trial(3, 2, 0.50), trial(4, 2, 0.49), trial(3, 3, 0.52), trial(2, 2, 0.40), trial(0, 3, 0.1)]
+    # chosen (lr[3], enc[3]): lr tried below (at enc[2] and enc[3]) and above (at enc[2] only)
+    assert fpi_seeds.bracketed("static_joint", trials) == {"optim.lr": "bracketed",
+                                                           "optim.first_encoder_lr_scale": "nothing tried above"}
+    assert fpi_seeds.interior("static_joint", trials) == {"optim.lr": "a neighbour untried",
+                                                          "optim.first_encoder_lr_scale": "a neighbour untried"}
