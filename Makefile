@@ -20,8 +20,11 @@ serve: setup
 # two steps: the main suite, then the cluster tests (two localhost nodes, SLURM, elastic restarts; root)
 test: test-main test-cluster
 
+# the main suite on 2 xdist workers (one thread each; a file's tests stay on one worker, so its shared runs are
+# built once); TEST_WORKERS=0 runs it in one process
+TEST_WORKERS ?= 2
 test-main: setup setup-browser
-	.venv/bin/python -m pytest -q -m "not cluster" tests
+	.venv/bin/python -m pytest -q -m "not cluster" $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) tests
 
 test-cluster: setup setup-cluster
 	.venv/bin/python -m pytest -q -m cluster tests

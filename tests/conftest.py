@@ -9,7 +9,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 REAL_DATA = ROOT.parent / "shared" / "data" / "fashion-product-images"
-torch.set_num_threads(2)
+# Under pytest-xdist (`make test`: 2 workers on 2 cores) each worker and the runs it starts get one thread each,
+# so that two workers never oversubscribe the cores (two 2-thread torch jobs on 2 cores run ~4x slower, not 2x).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, min(2, (os.cpu_count() or 2) // _WORKERS))
+torch.set_num_threads(THREADS)
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 # before any test starts cuBLAS: runs with train.deterministic (every training run here, on a GPU) need it
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
@@ -141,3 +147,14 @@ def checkpoint_state(increment: int, **extra) -> dict:
     return {"increment": increment, "global_step": 10 * increment, "heads": ["colour"], "frozen": [],
             "model": {k: v.clone() for k, v in _CHECKPOINT_MODEL["model"].items()}, "method": {},
             "config": _CHECKPOINT_MODEL["config"], "results": {"complete": False}, "rng": {}, **extra}
+
+
+# The longest files first, so that two xdist workers (`--dist loadfile`: a file's tests stay together) finish
+# near the same time instead of one waiting on a long file handed out last. Serial runs keep this order too.
+_LONG_FILES = ["test_distributed.py", "test_extend.py", "test_e2e.py", "test_plugins.py", "test_signals.py",
+               "test_dali.py", "test_chaos.py", "test_extension_points.py"]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(_LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(_LONG_FILES)))   # stable: the rest keep their order
