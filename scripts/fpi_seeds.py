@@ -68,6 +68,12 @@ START = {"mclfir": {"optim.lr": 1e-3, "optim.encoder_lr_scale": 0.2, "loss.kd_we
          "static_joint": {"optim.lr": 5e-4, "optim.first_encoder_lr_scale": 0.1}}
 
 
+def usage_error(message: str):
+    """A wrong order of phases or an empty folder: one line, exit 2 (a failed run exits 1)."""
+    print(f"fpi_seeds: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def label(method: str) -> str:
     return LABELS.get(method, method)
 
@@ -287,17 +293,23 @@ def static_lines(runs) -> list:
     return lines + [""]
 
 
-def tuning_lines(out: Path) -> list:
+def load_tuning(out: Path) -> dict:
+    """tuning.json's record ({} when there is none), each method's knob verdicts recomputed from its trials, so
+    that a report keeps up with these rules."""
     path = out / "tuning.json"
-    if not path.is_file():
-        return []
-    record = json.loads(path.read_text())
-    if "methods" not in record:
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    for method, r in record.get("methods", {}).items():
+        r["interior"], r["bracketed"] = interior(method, r["trials"]), bracketed(method, r["trials"])
+    return record
+
+
+def tuning_lines(out: Path) -> list:
+    record = load_tuning(out)
+    if not record.get("methods"):
         return []
     lines = [f"Chosen on validation ({record['trials_per_method']} trials per method, TUNING.md lists every trial):", ""]
     for method, r in record["methods"].items():
-        inner, sides = interior(method, r["trials"]), bracketed(method, r["trials"])
-        lines.append(f"- {label(method)}: " + ", ".join(f"{k}={v:g} ({inner[k]}; {sides[k]})"
+        lines.append(f"- {label(method)}: " + ", ".join(f"{k}={v:g} ({r['interior'][k]}; {r['bracketed'][k]})"
                                                       for k, v in r["chosen"].items())
                      + f"; val {100 * r['chosen_val_map']:.2f}")
     return lines + [""]
@@ -352,7 +364,7 @@ def report(args) -> str:
                 if r.get("complete"):
                     runs.setdefault(method, {})[seed] = r
     if not runs:
-        raise SystemExit(f"no complete runs under {sdir}")
+        usage_error(f"no complete runs under {sdir}: run the seeds phase first")
     (args.out / "runs").mkdir(parents=True, exist_ok=True)
     written = {f"{method}_s{seed}.json" for method, by_seed in runs.items() for seed in by_seed}
     for old in (args.out / "runs").glob("*_s*.json"):
@@ -487,26 +499,28 @@ def main() -> int:
                  f"data.build.csv.image_root={Path(args.image_root or Path(args.csv).parent).resolve()}"]
     if args.shards:
         data.append(f"data.shards={args.shards.resolve()}")
-    args.runs.mkdir(parents=True, exist_ok=True)
-    args.out.mkdir(parents=True, exist_ok=True)
+    if args.trials < 1:
+        usage_error(f"--trials must be at least 1, got {args.trials}")
+    from mclfir_dist.configure import load_config
+    from mclfir_dist.errors import ConfigError
+    try:   # a wrong key or value is named here, before any run or folder is made
+        load_config(args.config, data)
+    except ConfigError as e:
+        usage_error(str(e))
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     t0 = time.time()
     chosen_path = args.out / "tuning.json"
     if args.phase in ("all", "tune"):
         chosen = tune(args, data)
-    elif chosen_path.is_file():
-        record = json.loads(chosen_path.read_text())
-        for method, r in record.get("methods", {}).items():   # recomputed: a report keeps up with these rules
-            r["interior"], r["bracketed"] = interior(method, r["trials"]), bracketed(method, r["trials"])
+    else:
+        record = load_tuning(args.out)
         if record.get("methods"):
             _write_tuning(args.out, record)
         chosen = {m: r["chosen"] for m, r in record.get("methods", {}).items()}
-    else:
-        chosen = {}
     if args.phase in ("all", "seeds"):
         missing = [m for m in args.methods if m not in chosen]
         if missing:
-            raise SystemExit(f"no tuned values for {missing}: run --phase tune first ({chosen_path})")
+            usage_error(f"no tuned values for {missing}: run --phase tune first ({chosen_path})")
         seeds(args, data, chosen)
     if args.phase in ("all", "report"):
         report(args)

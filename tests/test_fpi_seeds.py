@@ -2,7 +2,11 @@
 import importlib.util
 import json
 import math
+import subprocess
+import sys
 from argparse import Namespace
+
+import pytest
 
 from conftest import ROOT
 
@@ -102,3 +106,18 @@ def test_bracketed_asks_only_that_the_grid_reached_past_the_chosen_value_on_both
                                                            "optim.first_encoder_lr_scale": "nothing tried above"}
     assert fpi_seeds.interior("static_joint", trials) == {"optim.lr": "a neighbour untried",
                                                           "optim.first_encoder_lr_scale": "a neighbour untried"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--trials", "0"], "--trials must be at least 1"),
+    (["bogus.key=1"], "config key 'bogus'"),
+    (["--phase", "seeds"], "run --phase tune first"),
+    (["--phase", "report"], "no complete runs under"),
+])
+def test_misuse_is_one_line_and_exit_2_and_makes_no_folder(tmp_path, args, message):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    p = subprocess.run([sys.executable, str(ROOT / "scripts/fpi_seeds.py"), "--runs", str(runs), "--out", str(out),
+                        *args], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert message in p.stderr and len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+    assert not runs.exists() and not out.exists()
