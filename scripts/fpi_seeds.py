@@ -91,6 +91,8 @@ def run_train(config: Path, out: Path, overrides, log: Path) -> dict:
     t0 = time.time()
     with open(log, "w") as f:
         p = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if p.returncode in (130, 143):   # the run was stopped by Ctrl-C or SIGTERM (it saved, then exited)
+        raise KeyboardInterrupt
     if p.returncode != 0:
         raise SystemExit(f"{out.name} failed (exit {p.returncode}); its log: {log}")
     res = json.loads(results.read_text())
@@ -529,4 +531,10 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:   # Ctrl-C reaches the run in flight too; runs are resumed by name, whole
+        print("fpi_seeds: interrupted; finished runs are kept and the one in flight starts over: run the same "
+              "command again to go on",
+              file=sys.stderr)
+        raise SystemExit(130)
