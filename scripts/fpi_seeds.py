@@ -3,7 +3,8 @@
     python scripts/fpi_seeds.py [--csv labels.csv --image-root DIR] [--shards DIR] [--runs DIR] [--out DIR]
     (bash scripts/fpi_seeds.sh: the defaults; its budget is 150 minutes on 2 CPU cores)
 
-1. tune   every method gets the same number of trials (--trials) on the validation split of the full task
+1. tune   every method gets the same number of trials (at least --trials, at most --max-trials, enough that
+          every chosen value is interior) on the validation split of the full task
           (every increment; static_joint: its final retraining), seed 0. A compass search over the method's
           own knobs (KNOBS: lr and encoder lr scale for all; KD weight for mclfir and lwf; the teacher decay
           for mclfir): it starts from an earlier search's choices (START; --start config: the config's values)
@@ -82,10 +83,12 @@ def run_train(config: Path, out: Path, overrides, log: Path) -> dict:
     """One `mclfir train`, skipped when its results.json is already complete."""
     results, wall = out / "results.json", out / "wall_seconds.json"
     if results.is_file() and json.loads(results.read_text()).get("complete"):
-        print(f"  {out.name}: done before, kept", flush=True)
         res = json.loads(results.read_text())
-        res["wall_seconds"] = json.loads(wall.read_text()) if wall.is_file() else None
-        return res
+        if same_settings(config, overrides, res):
+            print(f"  {out.name}: done before, kept", flush=True)
+            res["wall_seconds"] = json.loads(wall.read_text()) if wall.is_file() else None
+            return res
+        print(f"  {out.name}: done before with other settings, run again", flush=True)
     cmd = [str(Path(sys.executable).parent / "mclfir"), "train", "--config", str(config), "--out", str(out),
            "--overwrite", *overrides]
     t0 = time.time()
@@ -101,6 +104,15 @@ def run_train(config: Path, out: Path, overrides, log: Path) -> dict:
     print(f"  {out.name}: final avg mAP {100 * res['final']['average_map']:.2f} in {res['wall_seconds']:.0f}s",
           flush=True)
     return res
+
+
+def same_settings(config: Path, overrides, res: dict) -> bool:
+    """Was a kept run made with these settings? (A run is found by name; a new choice of values must not
+    reuse the old run.)"""
+    sys.path.insert(0, str(ROOT))
+    from mclfir_dist.config import to_dict
+    from mclfir_dist.configure import load_config
+    return to_dict(load_config(config, list(overrides))) == res.get("config")
 
 
 # ---------------------------------------------------------------- tuning
@@ -157,6 +169,18 @@ def interior(method: str, trials: list) -> dict:
     return out
 
 
+def settled(method: str, trials: list) -> bool:
+    """Has the compass search converged: was every ladder neighbour of the best point (one knob moved one step)
+    tried? Then every chosen value is interior, or at the edge of its ladder with its one neighbour tried."""
+    best = max(trials, key=lambda t: t["score"])["point"]
+    tried = [t["point"] for t in trials]
+    for key, ladder in KNOBS[method]:
+        i = ladder.index(best[key])
+        if any(0 <= j < len(ladder) and {**best, key: ladder[j]} not in tried for j in (i - 1, i + 1)):
+            return False
+    return True
+
+
 def bracketed(method: str, trials: list) -> dict:
     """Per knob, the weaker test: was a value below and a value above the chosen one tried (whatever the other
     knobs were)? That is, did the grid reach past the chosen value on both sides."""
@@ -172,45 +196,66 @@ def bracketed(method: str, trials: list) -> dict:
 
 
 def tune(args, data) -> dict:
-    print(f"== tune: {args.trials} trials per method, validation split, seed 0, every increment", flush=True)
-    tdir = args.runs / "tune"
-    tdir.mkdir(parents=True, exist_ok=True)
-    record = {"split": "val", "seed": 0, "trials_per_method": args.trials,
+    """Every method searches until its best point is settled (every chosen value interior) and it has as many
+    trials as any other method: passes over the methods repeat until one adds no trial. A method stops short
+    only at --max-trials or when every one-knob move from its best was tried."""
+    print(f"== tune: at least {args.trials} trials per method, until every choice is interior and every method "
+          f"has as many as any other (at most {args.max_trials}); validation split, seed 0, every increment",
+          flush=True)
+    (args.runs / "tune").mkdir(parents=True, exist_ok=True)
+    record = {"split": "val", "seed": 0, "trials_per_method": args.trials, "max_trials": args.max_trials,
               "knobs": {m: {k: ladder for k, ladder in KNOBS[m]} for m in args.methods}, "methods": {}}
-    for method in args.methods:
-        train_method, settings = VARIANTS[method]
-        start = start_point(args.config, method, data, earlier=args.start == "earlier")
-        trials = []
-        while len(trials) < args.trials:
-            point = next_trial(method, start, trials)
-            if point is None:
-                break
-            name = f"{method}_t{len(trials):02d}"
-            extra = ["train.static_final_only=true"] if method == "static_joint" else []
-            res = run_train(args.config, tdir / name,
-                            data + [f"train.method={train_method}", *settings, "eval.split=val", "train.seed=0",
-                                    "eval.frozen_baseline=false", "eval.grid_queries=0", *extra,
-                                    *(f"{k}={v}" for k, v in point.items())], tdir / f"{name}.log")
-            trials.append({"run": name, "point": point, "score": res["final"]["average_map"],
-                           "seconds": res["wall_seconds"]})
-        best = max(trials, key=lambda t: t["score"])
-        record["methods"][method] = {"start": start, "trials": trials, "chosen": best["point"], "chosen_val_map": best["score"],
-                                     "interior": interior(method, trials), "bracketed": bracketed(method, trials)}
-        _write_tuning(args.out, record)
+    starts = {m: start_point(args.config, m, data, earlier=args.start == "earlier") for m in args.methods}
+    trials = {m: [] for m in args.methods}
+    target, added = args.trials, True
+    while added:
+        added = False
+        for method in args.methods:
+            added |= _search(args, data, method, starts[method], trials[method], target)
+            best = max(trials[method], key=lambda t: t["score"])
+            record["methods"][method] = {"start": starts[method], "trials": trials[method], "chosen": best["point"],
+                                         "chosen_val_map": best["score"], "settled": settled(method, trials[method]),
+                                         "interior": interior(method, trials[method]),
+                                         "bracketed": bracketed(method, trials[method])}
+            _write_tuning(args.out, record)
+        target = max(len(t) for t in trials.values())
     return {m: r["chosen"] for m, r in record["methods"].items()}
+
+
+def _search(args, data, method: str, start: dict, trials: list, target: int) -> bool:
+    """Extend one method's trials (in place) until it has `target` and is settled; whether any was added."""
+    train_method, settings = VARIANTS[method]
+    extra = ["train.static_final_only=true"] if method == "static_joint" else []
+    added = False
+    while len(trials) < args.max_trials and not (len(trials) >= target and settled(method, trials)):
+        point = next_trial(method, start, trials)
+        if point is None:   # every one-knob move from the best point was tried
+            break
+        name = f"{method}_t{len(trials):02d}"
+        res = run_train(args.config, args.runs / "tune" / name,
+                        data + [f"train.method={train_method}", *settings, "eval.split=val", "train.seed=0",
+                                "eval.frozen_baseline=false", "eval.grid_queries=0", *extra,
+                                *(f"{k}={v}" for k, v in point.items())], args.runs / "tune" / f"{name}.log")
+        trials.append({"run": name, "point": point, "score": res["final"]["average_map"],
+                       "seconds": res["wall_seconds"]})
+        added = True
+    return added
 
 
 def _write_tuning(out: Path, record: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "tuning.json").write_text(json.dumps(record, indent=1))
     lines = ["# Validation search (the same number of trials for every method)", "",
-             f"{record['trials_per_method']} trials per method, validation split, seed 0, every increment of the "
-             "task (static_joint: its final retraining over all attributes). A compass search over each method's "
-             "own knobs (scripts/fpi_seeds.py), from the values an earlier 4-trial search of the same kind chose "
-             "(START; the first trial of each table). Validation average mAP per trial; the chosen trial in bold. "
-             "A chosen value is interior when both its neighbours on the knob's ladder were tried, with the other "
-             "knobs at their chosen values, and neither scored higher; bracketed (weaker) when a lower and a higher "
-             "value were tried, whatever the other knobs were.", ""]
+             f"Trials per method: {trial_counts(record)}. Validation split, seed 0, every increment of the task "
+             "(static_joint: its final retraining over all attributes). A compass search over each method's own "
+             "knobs (scripts/fpi_seeds.py), from the values an earlier 4-trial search of the same kind chose "
+             "(START; the first trial of each table). Each method went on until every chosen value was interior "
+             f"and it had as many trials as any other method (at least {record['trials_per_method']}, at most "
+             f"{record.get('max_trials', record['trials_per_method'])}; a method with every one-knob move from its "
+             "best tried stops there). Validation average mAP per trial; the chosen trial in bold. A chosen value is interior when "
+             "both its neighbours on the knob's ladder were tried, with the other knobs at their chosen values, "
+             "and neither scored higher; bracketed (weaker) when a lower and a higher value were tried, whatever "
+             "the other knobs were.", ""]
     for method, r in record["methods"].items():
         keys = list(r["chosen"])
         lines += [f"## {label(method)}", "", "| trial | " + " | ".join(keys) + " | val avg mAP | seconds |",
@@ -302,14 +347,24 @@ def load_tuning(out: Path) -> dict:
     record = json.loads(path.read_text()) if path.is_file() else {}
     for method, r in record.get("methods", {}).items():
         r["interior"], r["bracketed"] = interior(method, r["trials"]), bracketed(method, r["trials"])
+        r["settled"] = settled(method, r["trials"])
     return record
+
+
+def trial_counts(record: dict) -> str:
+    """'14 each' or '14 each, frozen 8 (every value of its knob)'."""
+    counts = {m: len(r["trials"]) for m, r in record["methods"].items()}
+    most = max(counts.values())
+    fewer = [f"{label(m)} {n} ({'every one-knob move from its best tried' if next_trial(m, {}, r['trials']) is None else 'stopped'})"
+             for (m, n), r in zip(counts.items(), record["methods"].values()) if n < most]
+    return ", ".join([f"{most} each", *fewer])
 
 
 def tuning_lines(out: Path) -> list:
     record = load_tuning(out)
     if not record.get("methods"):
         return []
-    lines = [f"Chosen on validation ({record['trials_per_method']} trials per method, TUNING.md lists every trial):", ""]
+    lines = [f"Chosen on validation (trials per method: {trial_counts(record)}; TUNING.md lists every trial):", ""]
     for method, r in record["methods"].items():
         lines.append(f"- {label(method)}: " + ", ".join(f"{k}={v:g} ({r['interior'][k]}; {r['bracketed'][k]})"
                                                       for k, v in r["chosen"].items())
@@ -485,8 +540,10 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "docs/results/fpi_seeds", help="where the report goes")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--trials", type=int, default=9,
-                    help="validation trials per method (the same for all; 9 = the start and both neighbours of "
-                         "each of mclfir's 4 knobs)")
+                    help="validation trials per method at least (9 = the start and both neighbours of each of "
+                         "mclfir's 4 knobs); more until every choice is interior, the same count for all")
+    ap.add_argument("--max-trials", type=int, default=18,
+                    help="validation trials per method at most (the 150-minute budget)")
     ap.add_argument("--start", choices=["earlier", "config"], default="earlier",
                     help="where each search starts: an earlier search's choices (START) or the config's values")
     ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=METHODS)
@@ -503,6 +560,8 @@ def main() -> int:
         data.append(f"data.shards={args.shards.resolve()}")
     if args.trials < 1:
         usage_error(f"--trials must be at least 1, got {args.trials}")
+    if args.max_trials < args.trials:
+        usage_error(f"--max-trials must be at least --trials ({args.trials}), got {args.max_trials}")
     from mclfir_dist.configure import load_config
     from mclfir_dist.errors import ConfigError
     try:   # a wrong key or value is named here, before any run or folder is made

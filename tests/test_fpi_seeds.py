@@ -108,8 +108,78 @@ def test_bracketed_asks_only_that_the_grid_reached_past_the_chosen_value_on_both
                                                           "optim.first_encoder_lr_scale": "a neighbour untried"}
 
 
+def _tune(tmp_path, monkeypatch, objective, methods, trials=3, max_trials=30):
+    """fpi_seeds.tune with each run replaced by `objective` of (method, point); the runs it asked for."""
+    asked = []
+
+    def fake_run(config, out, overrides, log):
+        method = out.name.rsplit("_t", 1)[0]
+        point = {k: float(v) for k, v in (o.split("=", 1) for o in overrides) if k in dict(fpi_seeds.KNOBS[method])}
+        asked.append(out.name)
+        return {"final": {"average_map": objective(method, point)}, "wall_seconds": 1.0}
+
+    monkeypatch.setattr(fpi_seeds, "run_train", fake_run)
+    args = Namespace(runs=tmp_path / "runs", out=tmp_path / "out", config=ROOT / "configs/fpi_seeds_cpu.yaml",
+                     methods=methods, trials=trials, max_trials=max_trials, start="earlier")
+    return fpi_seeds.tune(args, []), json.loads((tmp_path / "out" / "tuning.json").read_text()), asked
+
+
+def _bowl(best):
+    """A smooth objective whose best point is `best` (log distance on every knob)."""
+    return lambda method, p: -sum(abs(math.log((p[k] + 0.01) / (best[k] + 0.01))) for k in p)
+
+
+def test_every_method_searches_until_each_choice_is_interior_and_all_get_as_many_trials(tmp_path, monkeypatch):
+    best = {"optim.lr": 4e-3, "optim.encoder_lr_scale": 0.05, "loss.kd_weight": 30.0, "teacher.decay": 0.9,
+            "optim.first_encoder_lr_scale": 0.0}
+    chosen, record, asked = _tune(tmp_path, monkeypatch, _bowl(best), ["mclfir", "lwf", "frozen", "static_joint"])
+    counts = {m: len(r["trials"]) for m, r in record["methods"].items()}
+    for method, r in record["methods"].items():
+        assert r["settled"] and chosen[method] == {k: best[k] for k in r["chosen"]}   # found and every side tried
+        assert all(v in ("interior", "edge of the ladder") for v in r["interior"].values())
+    assert counts["mclfir"] > 3                                      # it went past --trials to settle
+    most = max(counts.values())
+    for method, r in record["methods"].items():                   # topped up to the most, or nothing left
+        assert counts[method] == most or fpi_seeds.next_trial(method, {}, r["trials"]) is None
+    assert counts["lwf"] == most > counts["frozen"] == len(dict(fpi_seeds.KNOBS["frozen"])["optim.lr"])
+    assert len(asked) == len(set(asked)) == sum(counts.values())     # no trial run twice
+    text = (tmp_path / "out" / "TUNING.md").read_text()
+    assert f"Trials per method: {most} each, " in text and "frozen 8 (every one-knob move from its best tried)" in text
+
+
+def test_a_search_stops_at_max_trials_and_says_it_is_not_settled(tmp_path, monkeypatch):
+    best = {"optim.lr": 1.25e-4, "optim.encoder_lr_scale": 0.8, "loss.kd_weight": 0.1, "teacher.decay": 0.999}
+    _, record, asked = _tune(tmp_path, monkeypatch, _bowl(best), ["mclfir"], trials=2, max_trials=6)
+    r = record["methods"]["mclfir"]
+    assert len(asked) == len(r["trials"]) == 6 and not r["settled"]
+    assert "a neighbour untried" in r["interior"].values()
+
+
+def test_a_kept_run_is_reused_only_with_the_same_settings(tmp_path, monkeypatch):
+    from mclfir_dist.config import to_dict
+    from mclfir_dist.configure import load_config
+    config = ROOT / "configs/fpi_seeds_cpu.yaml"
+    out = tmp_path / "run"
+    out.mkdir()
+    kept = {"complete": True, "config": to_dict(load_config(config, ["optim.lr=0.001"])), "final": {"average_map": 0.5}}
+    (out / "results.json").write_text(json.dumps(kept))
+    started = []
+
+    def fake_subprocess_run(cmd, **kw):
+        started.append(cmd)
+        (out / "results.json").write_text(json.dumps({**kept, "final": {"average_map": 0.7}}))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(fpi_seeds.subprocess, "run", fake_subprocess_run)
+    assert fpi_seeds.run_train(config, out, ["optim.lr=0.001"], tmp_path / "log")["final"]["average_map"] == 0.5
+    assert not started                                               # same settings: kept
+    assert fpi_seeds.run_train(config, out, ["optim.lr=0.002"], tmp_path / "log")["final"]["average_map"] == 0.7
+    assert len(started) == 1 and "optim.lr=0.002" in started[0]      # other settings: run again
+
+
 @pytest.mark.parametrize("args, message", [
     (["--trials", "0"], "--trials must be at least 1"),
+    (["--trials", "5", "--max-trials", "4"], "--max-trials must be at least --trials"),
     (["bogus.key=1"], "config key 'bogus'"),
     (["--phase", "seeds"], "run --phase tune first"),
     (["--phase", "report"], "no complete runs under"),
