@@ -156,16 +156,19 @@ def next_trial(method: str, start: dict, trials: list):
 
 def interior(method: str, trials: list) -> dict:
     """Per knob: is the chosen value beaten by neither neighbour on its ladder, both tried (with the other knobs
-    at their chosen values)? "edge of the ladder" when the chosen value is the ladder's first or last."""
+    at their chosen values)? At the ladder's first or last value (an encoder scale of 0 cannot go lower) the
+    one neighbour is asked for."""
     best = max(trials, key=lambda t: t["score"])["point"]
+    tried = [t["point"] for t in trials]
     out = {}
     for key, ladder in KNOBS[method]:
         i = ladder.index(best[key])
-        if i in (0, len(ladder) - 1):
-            out[key] = "edge of the ladder"
-            continue
-        sides = [{**best, key: ladder[j]} for j in (i - 1, i + 1)]
-        out[key] = "interior" if all(s in [t["point"] for t in trials] for s in sides) else "a neighbour untried"
+        sides = [{**best, key: ladder[j]} for j in (i - 1, i + 1) if 0 <= j < len(ladder)]
+        every = all(s in tried for s in sides)
+        if len(sides) < 2:
+            out[key] = "end of the ladder, its neighbour tried" if every else "end of the ladder, its neighbour untried"
+        else:
+            out[key] = "interior" if every else "a neighbour untried"
     return out
 
 
@@ -191,7 +194,7 @@ def bracketed(method: str, trials: list) -> dict:
         seen = {ladder.index(t["point"][key]) for t in trials}
         below, above = any(j < i for j in seen), any(j > i for j in seen)
         out[key] = "bracketed" if below and above else \
-            "edge of the ladder" if i in (0, len(ladder) - 1) else f"nothing tried {'below' if above else 'above'}"
+            "end of the ladder" if i in (0, len(ladder) - 1) else f"nothing tried {'below' if above else 'above'}"
     return out
 
 

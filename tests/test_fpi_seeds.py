@@ -136,7 +136,7 @@ def test_every_method_searches_until_each_choice_is_interior_and_all_get_as_many
     counts = {m: len(r["trials"]) for m, r in record["methods"].items()}
     for method, r in record["methods"].items():
         assert r["settled"] and chosen[method] == {k: best[k] for k in r["chosen"]}   # found and every side tried
-        assert all(v in ("interior", "edge of the ladder") for v in r["interior"].values())
+        assert all(v in ("interior", "end of the ladder, its neighbour tried") for v in r["interior"].values())
     assert counts["mclfir"] > 3                                      # it went past --trials to settle
     most = max(counts.values())
     for method, r in record["methods"].items():                   # topped up to the most, or nothing left
