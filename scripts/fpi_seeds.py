@@ -109,7 +109,6 @@ def run_train(config: Path, out: Path, overrides, log: Path) -> dict:
 def same_settings(config: Path, overrides, res: dict) -> bool:
     """Was a kept run made with these settings? (A run is found by name; a new choice of values must not
     reuse the old run.)"""
-    sys.path.insert(0, str(ROOT))
     from mclfir_dist.config import to_dict
     from mclfir_dist.configure import load_config
     return to_dict(load_config(config, list(overrides))) == res.get("config")
@@ -120,7 +119,6 @@ def same_settings(config: Path, overrides, res: dict) -> bool:
 def start_point(config: Path, method: str, overrides, earlier: bool = True) -> dict:
     """Where the method's search starts: START's values (when `earlier`), else the config's value of each of
     the method's knobs (after the method's own settings and overrides), snapped to the knob's ladder."""
-    sys.path.insert(0, str(ROOT))
     from mclfir_dist.configure import load_config
     cfg = load_config(config, [*VARIANTS[method][1], *overrides])
     point = {}
@@ -166,22 +164,19 @@ def interior(method: str, trials: list) -> dict:
         sides = [{**best, key: ladder[j]} for j in (i - 1, i + 1) if 0 <= j < len(ladder)]
         every = all(s in tried for s in sides)
         if len(sides) < 2:
-            out[key] = "end of the ladder, its neighbour tried" if every else "end of the ladder, its neighbour untried"
+            out[key] = f"end of the ladder, its neighbour {'tried' if every else 'untried'}"
         else:
             out[key] = "interior" if every else "a neighbour untried"
     return out
 
 
+SETTLED = ("interior", "end of the ladder, its neighbour tried")
+
+
 def settled(method: str, trials: list) -> bool:
     """Has the compass search converged: was every ladder neighbour of the best point (one knob moved one step)
-    tried? Then every chosen value is interior, or at the edge of its ladder with its one neighbour tried."""
-    best = max(trials, key=lambda t: t["score"])["point"]
-    tried = [t["point"] for t in trials]
-    for key, ladder in KNOBS[method]:
-        i = ladder.index(best[key])
-        if any(0 <= j < len(ladder) and {**best, key: ladder[j]} not in tried for j in (i - 1, i + 1)):
-            return False
-    return True
+    tried, so that every chosen value is interior or at the end of its ladder with its one neighbour tried?"""
+    return all(v in SETTLED for v in interior(method, trials).values())
 
 
 def bracketed(method: str, trials: list) -> dict:
@@ -255,10 +250,10 @@ def _write_tuning(out: Path, record: dict) -> None:
              "(START; the first trial of each table). Each method went on until every chosen value was interior "
              f"and it had as many trials as any other method (at least {record['trials_per_method']}, at most "
              f"{record.get('max_trials', record['trials_per_method'])}; a method with every one-knob move from its "
-             "best tried stops there). Validation average mAP per trial; the chosen trial in bold. A chosen value is interior when "
-             "both its neighbours on the knob's ladder were tried, with the other knobs at their chosen values, "
-             "and neither scored higher; bracketed (weaker) when a lower and a higher value were tried, whatever "
-             "the other knobs were.", ""]
+             "best tried stops there). Validation average mAP per trial; the chosen trial in bold. A chosen value "
+             "is interior when both its neighbours on the knob's ladder were tried, with the other knobs at their "
+             "chosen values, and neither scored higher; bracketed (weaker) when a lower and a higher value were "
+             "tried, whatever the other knobs were.", ""]
     for method, r in record["methods"].items():
         keys = list(r["chosen"])
         lines += [f"## {label(method)}", "", "| trial | " + " | ".join(keys) + " | val avg mAP | seconds |",
@@ -355,11 +350,11 @@ def load_tuning(out: Path) -> dict:
 
 
 def trial_counts(record: dict) -> str:
-    """'14 each' or '14 each, frozen 8 (every value of its knob)'."""
-    counts = {m: len(r["trials"]) for m, r in record["methods"].items()}
-    most = max(counts.values())
-    fewer = [f"{label(m)} {n} ({'every one-knob move from its best tried' if next_trial(m, {}, r['trials']) is None else 'stopped'})"
-             for (m, n), r in zip(counts.items(), record["methods"].values()) if n < most]
+    """'18 each' or '18 each, frozen 8 (every one-knob move from its best tried)'."""
+    most = max(len(r["trials"]) for r in record["methods"].values())
+    fewer = [f"{label(m)} {len(r['trials'])} ("
+             + ("every one-knob move from its best tried" if next_trial(m, {}, r["trials"]) is None else "stopped")
+             + ")" for m, r in record["methods"].items() if len(r["trials"]) < most]
     return ", ".join([f"{most} each", *fewer])
 
 
