@@ -75,6 +75,13 @@ def usage_error(message: str):
     raise SystemExit(2)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's errors (a bad number, an unknown method) as one line and exit 2, not usage plus error."""
+
+    def error(self, message: str):
+        usage_error(message)
+
+
 def label(method: str) -> str:
     return LABELS.get(method, method)
 
@@ -96,6 +103,9 @@ def run_train(config: Path, out: Path, overrides, log: Path) -> dict:
         p = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     if p.returncode in (130, 143):   # the run was stopped by Ctrl-C or SIGTERM (it saved, then exited)
         raise KeyboardInterrupt
+    if p.returncode == 2:   # `mclfir train` refused something the user can fix (a bad CSV, a wrong value): its line
+        lines = [ln for ln in Path(log).read_text(errors="replace").splitlines() if ln.strip()]
+        usage_error(f"{out.name}: {lines[-1] if lines else 'exit 2'} (log: {log})")
     if p.returncode != 0:
         raise SystemExit(f"{out.name} failed (exit {p.returncode}); its log: {log}")
     res = json.loads(results.read_text())
@@ -529,7 +539,7 @@ def _plots(out: Path, runs, final, forget, train_s, static_cum) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, default=ROOT / "configs/fpi_seeds_cpu.yaml")
     ap.add_argument("--csv", help="CSV of photos with the config's columns (default: the config's)")
     ap.add_argument("--image-root", help="folder the CSV's file names are relative to")
@@ -556,6 +566,9 @@ def main() -> int:
                  f"data.build.csv.image_root={Path(args.image_root or Path(args.csv).parent).resolve()}"]
     if args.shards:
         data.append(f"data.shards={args.shards.resolve()}")
+    for flag, path, kind in (("--csv", args.csv, Path.is_file), ("--image-root", args.image_root, Path.is_dir)):
+        if path and not kind(Path(path)):
+            usage_error(f"{flag} {path}: no such {'file' if kind is Path.is_file else 'folder'}")
     if args.trials < 1:
         usage_error(f"--trials must be at least 1, got {args.trials}")
     if args.max_trials < args.trials:

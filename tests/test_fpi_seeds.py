@@ -177,9 +177,27 @@ def test_a_kept_run_is_reused_only_with_the_same_settings(tmp_path, monkeypatch)
     assert len(started) == 1 and "optim.lr=0.002" in started[0]      # other settings: run again
 
 
+def test_a_run_that_refuses_its_input_stops_the_study_in_one_line(tmp_path, monkeypatch, capsys):
+    log = tmp_path / "t00.log"
+
+    def refusing_run(cmd, stdout=None, **kw):
+        stdout.write("12:00:00 INFO reading x.csv\nmclfir train: error: x.csv row 7: missing column 'id'\n")
+        return subprocess.CompletedProcess(cmd, 2)
+
+    monkeypatch.setattr(fpi_seeds.subprocess, "run", refusing_run)
+    with pytest.raises(SystemExit) as stop:
+        fpi_seeds.run_train(ROOT / "configs/fpi_seeds_cpu.yaml", tmp_path / "mclfir_t00", [], log)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"fpi_seeds: mclfir_t00: mclfir train: error: x.csv row 7: missing column 'id' (log: {log})"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--trials", "0"], "--trials must be at least 1"),
     (["--trials", "5", "--max-trials", "4"], "--max-trials must be at least --trials"),
+    (["--trials", "abc"], "argument --trials: invalid int value: 'abc'"),
+    (["--methods", "bogus"], "argument --methods: invalid choice: 'bogus'"),
+    (["--csv", "no/such.csv", "--shards", "sh"], "--csv no/such.csv: no such file"),
     (["bogus.key=1"], "config key 'bogus'"),
     (["--phase", "seeds"], "run --phase tune first"),
     (["--phase", "report"], "no complete runs under"),
