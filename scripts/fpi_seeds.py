@@ -558,6 +558,8 @@ def main() -> int:
     ap.add_argument("--phase", choices=["all", "tune", "seeds", "report"], default="all")
     ap.add_argument("overrides", nargs="*", help="config overrides for every run (key=value)")
     args = ap.parse_args()
+    # the runs start in the repository root: a relative folder must mean the caller's, not the repository's
+    args.runs, args.out, args.config = args.runs.resolve(), args.out.resolve(), args.config.resolve()
     data = list(args.overrides)
     if args.csv:
         if not args.shards:

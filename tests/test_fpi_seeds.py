@@ -192,6 +192,25 @@ def test_a_run_that_refuses_its_input_stops_the_study_in_one_line(tmp_path, monk
     assert err == [f"fpi_seeds: mclfir_t00: mclfir train: error: x.csv row 7: missing column 'id' (log: {log})"]
 
 
+def test_relative_folders_are_the_callers_not_the_repositorys(tmp_path, monkeypatch, capsys):
+    started = []
+
+    def refusing_run(cmd, stdout=None, **kw):   # the run starts in the repository root
+        started.append(cmd)
+        stdout.write("mclfir train: error: stop here\n")
+        return subprocess.CompletedProcess(cmd, 2)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(fpi_seeds.subprocess, "run", refusing_run)
+    monkeypatch.setattr(sys, "argv", ["fpi_seeds.py", "--runs", "r", "--out", "o", "--methods", "frozen"])
+    with pytest.raises(SystemExit) as stop:
+        fpi_seeds.main()
+    assert stop.value.code == 2 and "stop here" in capsys.readouterr().err
+    out = started[0][started[0].index("--out") + 1]
+    assert out == str(tmp_path / "r" / "tune" / "frozen_t00")        # under the caller's folder
+    assert (tmp_path / "r" / "tune" / "frozen_t00.log").is_file()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--trials", "0"], "--trials must be at least 1"),
     (["--trials", "5", "--max-trials", "4"], "--max-trials must be at least --trials"),
