@@ -162,3 +162,26 @@ def test_a_signal_landing_during_the_collective_is_not_lost(monkeypatch):
     monkeypatch.setattr(signals.dist, "all_reduce", all_reduce)
     assert stop.agreed() == 0          # this step: no rank had it when the flags were exchanged
     assert stop.agreed() == signal.SIGUSR1   # next step: it is exchanged, not lost
+
+
+@pytest.mark.parametrize("answer", ["accepted", "refused"])
+def test_requeue_reports_scontrols_answer_though_slurm_signals_it(tmp_path, monkeypatch, answer):
+    """A requeue makes SLURM send SIGTERM to every process of the step, the scontrol that asked included (the
+    race a CI run hit). A stand-in scontrol signals itself the same way before it answers."""
+    from mclfir_dist.training import signals
+
+    fake = tmp_path / "scontrol"
+    tail = 'exit 0' if answer == "accepted" else 'echo "Requested operation not supported on this job" >&2; exit 1'
+    fake.write_text(f'#!/bin/sh\nkill -TERM $$\nsleep 0.2\necho "$@" > "{tmp_path}/args"\n{tail}\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    stop = signals.SignalStop()
+    stop.signum = signal.SIGTERM
+    assert stop.requeue() is None          # only SIGUSR1 (the warning before a time limit) asks for a requeue
+    stop.signum = signal.SIGUSR1
+    expected = ("scontrol requeue 41: done" if answer == "accepted" else
+                "scontrol requeue 41: failed: Requested operation not supported on this job")
+    assert stop.requeue() == expected
+    assert (tmp_path / "args").read_text().split() == ["requeue", "41"]
+    assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN   # ignored in scontrol only, not here

@@ -71,5 +71,16 @@ class SignalStop:
         job = os.environ.get("SLURM_JOB_ID")
         if self.signum != signal.SIGUSR1 or not job or shutil.which("scontrol") is None:
             return None
-        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-        return f"scontrol requeue {job}: " + ("done" if done.returncode == 0 else done.stderr.strip())
+        log.info("scontrol requeue %s: asking", job)
+        # The requeue makes SLURM send SIGTERM to every process of the step, scontrol included: ignoring it
+        # (inherited through exec) lets scontrol report its answer instead of dying before it.
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True,
+                              preexec_fn=_ignore_sigterm)
+        if done.returncode == 0:
+            return f"scontrol requeue {job}: done"
+        why = done.stderr.strip() or f"exit {done.returncode}"
+        return f"scontrol requeue {job}: failed: {why}"
+
+
+def _ignore_sigterm() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
