@@ -147,6 +147,22 @@ def test_every_method_searches_until_each_choice_is_interior_and_all_get_as_many
     assert f"Trials per method: {most} each, " in text and "frozen 8 (every one-knob move from its best tried)" in text
 
 
+def test_the_committed_search_is_what_the_script_runs_from_nothing(tmp_path, monkeypatch):
+    """docs/results/fpi_seeds/tuning.json was made in two passes (9 trials, then the settling search). Replayed
+    with its own scores, the search from nothing asks for exactly its trials, in order and under the same run
+    names, and chooses the same values: `bash scripts/fpi_seeds.sh` from nothing runs those runs and no others."""
+    record = json.loads((ROOT / "docs/results/fpi_seeds/tuning.json").read_text())
+    score = {(m, json.dumps(t["point"], sort_keys=True)): t["score"]
+             for m, r in record["methods"].items() for t in r["trials"]}
+    chosen, replayed, asked = _tune(tmp_path, monkeypatch, lambda m, p: score[(m, json.dumps(p, sort_keys=True))],
+                                    list(record["methods"]), record["trials_per_method"], record["max_trials"])
+    assert len(asked) == len(set(asked)) == len(score)
+    for method, r in record["methods"].items():
+        again = replayed["methods"][method]["trials"]
+        assert [(t["run"], t["point"]) for t in again] == [(t["run"], t["point"]) for t in r["trials"]]
+        assert chosen[method] == r["chosen"]
+
+
 def test_a_search_stops_at_max_trials_and_says_it_is_not_settled(tmp_path, monkeypatch):
     best = {"optim.lr": 1.25e-4, "optim.encoder_lr_scale": 0.8, "loss.kd_weight": 0.1, "teacher.decay": 0.999}
     _, record, asked = _tune(tmp_path, monkeypatch, _bowl(best), ["mclfir"], trials=2, max_trials=6)
