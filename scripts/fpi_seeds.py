@@ -568,9 +568,10 @@ def main() -> int:
                  f"data.build.csv.image_root={Path(args.image_root or Path(args.csv).parent).resolve()}"]
     if args.shards:
         data.append(f"data.shards={args.shards.resolve()}")
-    for flag, path, kind in (("--csv", args.csv, Path.is_file), ("--image-root", args.image_root, Path.is_dir)):
-        if path and not kind(Path(path)):
-            usage_error(f"{flag} {path}: no such {'file' if kind is Path.is_file else 'folder'}")
+    for flag, path, exists, noun in (("--csv", args.csv, Path.is_file, "file"),
+                                     ("--image-root", args.image_root, Path.is_dir, "folder")):
+        if path and not exists(Path(path)):
+            usage_error(f"{flag} {path}: no such {noun}")
     if args.trials < 1:
         usage_error(f"--trials must be at least 1, got {args.trials}")
     if args.max_trials < args.trials:
