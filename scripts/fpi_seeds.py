@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from mclfir_dist.evaluation.stats import p_text
+from mclfir_dist.study import runner, search
 
 ROOT = Path(__file__).resolve().parents[1]
 # name in the report -> (train.method, settings that define it)
@@ -71,15 +71,7 @@ START = {"mclfir": {"optim.lr": 1e-3, "optim.encoder_lr_scale": 0.2, "loss.kd_we
 
 def usage_error(message: str):
     """A wrong order of phases or an empty folder: one line, exit 2 (a failed run exits 1)."""
-    print(f"fpi_seeds: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse's errors (a bad number, an unknown method) as one line and exit 2, not usage plus error."""
-
-    def error(self, message: str):
-        usage_error(message)
+    runner.usage_error("fpi_seeds", message)
 
 
 def label(method: str) -> str:
@@ -87,41 +79,7 @@ def label(method: str) -> str:
 
 
 def run_train(config: Path, out: Path, overrides, log: Path) -> dict:
-    """One `mclfir train`, skipped when its results.json is already complete."""
-    results, wall = out / "results.json", out / "wall_seconds.json"
-    if results.is_file() and json.loads(results.read_text()).get("complete"):
-        res = json.loads(results.read_text())
-        if same_settings(config, overrides, res):
-            print(f"  {out.name}: done before, kept", flush=True)
-            res["wall_seconds"] = json.loads(wall.read_text()) if wall.is_file() else None
-            return res
-        print(f"  {out.name}: done before with other settings, run again", flush=True)
-    cmd = [str(Path(sys.executable).parent / "mclfir"), "train", "--config", str(config), "--out", str(out),
-           "--overwrite", *overrides]
-    t0 = time.time()
-    with open(log, "w") as f:
-        p = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    if p.returncode in (130, 143):   # the run was stopped by Ctrl-C or SIGTERM (it saved, then exited)
-        raise KeyboardInterrupt
-    if p.returncode == 2:   # `mclfir train` refused something the user can fix (a bad CSV, a wrong value): its line
-        lines = [ln for ln in Path(log).read_text(errors="replace").splitlines() if ln.strip()]
-        usage_error(f"{out.name}: {lines[-1] if lines else 'exit 2'} (log: {log})")
-    if p.returncode != 0:
-        raise SystemExit(f"{out.name} failed (exit {p.returncode}); its log: {log}")
-    res = json.loads(results.read_text())
-    res["wall_seconds"] = round(time.time() - t0, 1)
-    wall.write_text(json.dumps(res["wall_seconds"]))   # the budget counts runs kept from an earlier start too
-    print(f"  {out.name}: final avg mAP {100 * res['final']['average_map']:.2f} in {res['wall_seconds']:.0f}s",
-          flush=True)
-    return res
-
-
-def same_settings(config: Path, overrides, res: dict) -> bool:
-    """Was a kept run made with these settings? (A run is found by name; a new choice of values must not
-    reuse the old run.)"""
-    from mclfir_dist.config import to_dict
-    from mclfir_dist.configure import load_config
-    return to_dict(load_config(config, list(overrides))) == res.get("config")
+    return runner.run_train(config, out, overrides, log, prog="fpi_seeds")
 
 
 # ---------------------------------------------------------------- tuning
@@ -141,66 +99,20 @@ def start_point(config: Path, method: str, overrides, earlier: bool = True) -> d
 
 
 def next_trial(method: str, start: dict, trials: list):
-    """The compass search's next point: the best point so far with one knob moved along its ladder to the
-    nearest untried value: distance 1 before 2; the knob with the fewest values tried first (so a small budget
-    moves every knob once, the method's own KD weight and decay included), one step up before one step down.
-    `start` when nothing was tried; None when every value of every knob was tried around the best."""
-    if not trials:
-        return dict(start)
-    best = max(trials, key=lambda t: t["score"])["point"]
-    tried = [t["point"] for t in trials]
-    knobs = sorted(KNOBS[method], key=lambda knob: len({p[knob[0]] for p in tried}))   # stable: KNOBS order
-    longest = max(len(ladder) for _, ladder in knobs)
-    for distance in range(1, longest):
-        for key, ladder in knobs:
-            for step in (distance, -distance):
-                j = ladder.index(best[key]) + step
-                if 0 <= j < len(ladder):
-                    candidate = {**best, key: ladder[j]}
-                    if candidate not in tried:
-                        return candidate
-    return None
+    """The method's next trial (search.next_trial over KNOBS[method])."""
+    return search.next_trial(KNOBS[method], start, trials)
 
 
 def interior(method: str, trials: list) -> dict:
-    """Per knob: is the chosen value beaten by neither neighbour on its ladder, both tried (with the other knobs
-    at their chosen values)? At the ladder's first or last value (an encoder scale of 0 cannot go lower) the
-    one neighbour is asked for."""
-    best = max(trials, key=lambda t: t["score"])["point"]
-    tried = [t["point"] for t in trials]
-    out = {}
-    for key, ladder in KNOBS[method]:
-        i = ladder.index(best[key])
-        sides = [{**best, key: ladder[j]} for j in (i - 1, i + 1) if 0 <= j < len(ladder)]
-        every = all(s in tried for s in sides)
-        if len(sides) < 2:
-            out[key] = f"end of the ladder, its neighbour {'tried' if every else 'untried'}"
-        else:
-            out[key] = "interior" if every else "a neighbour untried"
-    return out
-
-
-SETTLED = ("interior", "end of the ladder, its neighbour tried")
+    return search.interior(KNOBS[method], trials)
 
 
 def settled(method: str, trials: list) -> bool:
-    """Has the compass search converged: was every ladder neighbour of the best point (one knob moved one step)
-    tried, so that every chosen value is interior or at the end of its ladder with its one neighbour tried?"""
-    return all(v in SETTLED for v in interior(method, trials).values())
+    return search.settled(KNOBS[method], trials)
 
 
 def bracketed(method: str, trials: list) -> dict:
-    """Per knob, the weaker test: was a value below and a value above the chosen one tried (whatever the other
-    knobs were)? That is, did the grid reach past the chosen value on both sides."""
-    best = max(trials, key=lambda t: t["score"])["point"]
-    out = {}
-    for key, ladder in KNOBS[method]:
-        i = ladder.index(best[key])
-        seen = {ladder.index(t["point"][key]) for t in trials}
-        below, above = any(j < i for j in seen), any(j > i for j in seen)
-        out[key] = "bracketed" if below and above else \
-            "end of the ladder" if i in (0, len(ladder) - 1) else f"nothing tried {'below' if above else 'above'}"
-    return out
+    return search.bracketed(KNOBS[method], trials)
 
 
 def tune(args, data) -> dict:
@@ -539,7 +451,7 @@ def _plots(out: Path, runs, final, forget, train_s, static_cum) -> None:
 
 
 def main() -> int:
-    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = runner.Parser(prog="fpi_seeds", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, default=ROOT / "configs/fpi_seeds_cpu.yaml")
     ap.add_argument("--csv", help="CSV of photos with the config's columns (default: the config's)")
     ap.add_argument("--image-root", help="folder the CSV's file names are relative to")

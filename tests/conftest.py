@@ -16,6 +16,10 @@ THREADS = max(1, min(2, (os.cpu_count() or 2) // _WORKERS))
 torch.set_num_threads(THREADS)
 if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+# Runs here train as if launched with `--mixed_precision no`: train.mixed_precision=auto would pick bf16 on a CPU
+# with bf16 matrix units and fp32 elsewhere, and the numerical comparisons (one process against two, resume
+# against uninterrupted) are written for fp32 on every machine. tests/test_runtime.py checks auto itself.
+os.environ.setdefault("ACCELERATE_MIXED_PRECISION", "no")
 # before any test starts cuBLAS: runs with train.deterministic (every training run here, on a GPU) need it
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 

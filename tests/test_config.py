@@ -5,6 +5,7 @@ from mclfir_dist.config import ConfigError, describe
 from mclfir_dist.configure import load_config
 
 ROOT_CONFIGS = ["configs/debug_cpu.yaml", "configs/fpi_cpu.yaml", "configs/fpi_methods_cpu.yaml",
+                "configs/fpi96_cpu.yaml",
                 "configs/paper_gpu.yaml", "configs/paper22_gpu.yaml"]
 
 
@@ -124,3 +125,31 @@ def test_copies_started_by_srun_or_mpirun_without_a_process_group_are_refused(mo
         check_launcher()
     monkeypatch.setenv("WORLD_SIZE", "2")                # under torchrun/accelerate: a real process group
     check_launcher()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.label_noise=1.0", "'data.label_noise': must be in [0, 1)"),
+    ("data.label_noise=-0.1", "'data.label_noise': must be in [0, 1)"),
+    ("model.drop_connect=-0.5", "'model.drop_connect': must be -1"),
+    ("model.drop_connect=1.5", "'model.drop_connect': must be -1"),
+    ("model.channels_last=sometimes", "'model.channels_last': 'sometimes' is not one of auto, true, false"),
+])
+def test_study_knobs_are_checked(override, message):
+    from conftest import ROOT
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/debug_cpu.yaml", [override])
+    assert message in str(e.value)
+
+
+def test_drop_connect_reaches_the_trunk_and_resnets_refuse_it():
+    from conftest import ROOT
+    from mclfir_dist.model.trunks import build_trunk
+    cfg = load_config(ROOT / "configs/fpi96_cpu.yaml", ["model.pretrained=false"])
+    assert cfg.model.drop_connect == 0.0
+    trunk, _ = build_trunk(cfg.model, 96)
+    assert trunk.net._global_params.drop_connect_rate == 0.0
+    default, _ = build_trunk(load_config(ROOT / "configs/fpi96_cpu.yaml", ["model.pretrained=false",
+                                                                          "model.drop_connect=-1"]).model, 96)
+    assert default.net._global_params.drop_connect_rate == 0.2   # the package's own
+    with pytest.raises(ConfigError, match="resnet18 has no stochastic depth"):
+        build_trunk(load_config(ROOT / "configs/debug_cpu.yaml", ["model.drop_connect=0.1"]).model, 64)

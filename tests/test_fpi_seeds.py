@@ -9,6 +9,7 @@ from argparse import Namespace
 import pytest
 
 from conftest import ROOT
+from mclfir_dist.study import runner
 
 spec = importlib.util.spec_from_file_location("fpi_seeds", ROOT / "scripts/fpi_seeds.py")
 fpi_seeds = importlib.util.module_from_spec(spec)
@@ -186,7 +187,7 @@ def test_a_kept_run_is_reused_only_with_the_same_settings(tmp_path, monkeypatch)
         (out / "results.json").write_text(json.dumps({**kept, "final": {"average_map": 0.7}}))
         return subprocess.CompletedProcess(cmd, 0)
 
-    monkeypatch.setattr(fpi_seeds.subprocess, "run", fake_subprocess_run)
+    monkeypatch.setattr(runner.subprocess, "run", fake_subprocess_run)
     assert fpi_seeds.run_train(config, out, ["optim.lr=0.001"], tmp_path / "log")["final"]["average_map"] == 0.5
     assert not started                                               # same settings: kept
     assert fpi_seeds.run_train(config, out, ["optim.lr=0.002"], tmp_path / "log")["final"]["average_map"] == 0.7
@@ -200,7 +201,7 @@ def test_a_run_that_refuses_its_input_stops_the_study_in_one_line(tmp_path, monk
         stdout.write("12:00:00 INFO reading x.csv\nmclfir train: error: x.csv row 7: missing column 'id'\n")
         return subprocess.CompletedProcess(cmd, 2)
 
-    monkeypatch.setattr(fpi_seeds.subprocess, "run", refusing_run)
+    monkeypatch.setattr(runner.subprocess, "run", refusing_run)
     with pytest.raises(SystemExit) as stop:
         fpi_seeds.run_train(ROOT / "configs/fpi_seeds_cpu.yaml", tmp_path / "mclfir_t00", [], log)
     assert stop.value.code == 2
@@ -217,7 +218,7 @@ def test_relative_folders_are_the_callers_not_the_repositorys(tmp_path, monkeypa
         return subprocess.CompletedProcess(cmd, 2)
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(fpi_seeds.subprocess, "run", refusing_run)
+    monkeypatch.setattr(runner.subprocess, "run", refusing_run)
     monkeypatch.setattr(sys, "argv", ["fpi_seeds.py", "--runs", "r", "--out", "o", "--methods", "frozen"])
     with pytest.raises(SystemExit) as stop:
         fpi_seeds.main()

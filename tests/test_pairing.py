@@ -100,3 +100,46 @@ def test_every_loader_honours_task_sampling_rotate(tiny_shards, loader):
     batches = list(itertools.islice(iter(build_train_loader(cfg, m, ["colour", "garment_length"], 0, 1, 0,
                                                             loader)), 4))
     assert [sorted(set(b["task"].tolist())) for b in batches] == [[0], [1], [0], [1]]
+
+
+def test_label_noise_replaces_the_asked_fraction_with_wrong_values_fixed_per_image():
+    from mclfir_dist.data.pairing import LabelNoise
+    noise = LabelNoise(0.2, seed=3, sizes={0: 5, 1: 4})
+    rng = np.random.default_rng(0)
+    labels = {f"k{i}": rng.integers(-1, 4, size=3) for i in range(5000)}
+    noisy = {k: noise(k, v) for k, v in labels.items()}
+    for c in (0, 1):
+        labelled = [k for k, v in labels.items() if v[c] >= 0]
+        changed = [k for k in labelled if noisy[k][c] != labels[k][c]]
+        assert 0.18 < len(changed) / len(labelled) < 0.22                      # about the fraction asked
+        assert all(0 <= noisy[k][c] < (5, 4)[c] for k in changed)             # a value of the vocabulary
+    assert all(noisy[k][2] == v[2] for k, v in labels.items())                # a column not named is untouched
+    assert all((noisy[k][labels[k] < 0] == -1).all() for k in labels)         # unlabelled stays unlabelled
+    # the same image gets the same wrong label every time (an epoch, a rank); another seed draws others
+    assert all(np.array_equal(noise(k, v), noisy[k]) for k, v in list(labels.items())[:200])
+    other = LabelNoise(0.2, seed=4, sizes={0: 5, 1: 4})
+    assert any(not np.array_equal(other(k, v), noisy[k]) for k, v in labels.items())
+    assert all(np.array_equal(LabelNoise(0.0, 3, {0: 5})(k, v), v) for k, v in list(labels.items())[:50])
+
+
+def test_the_batcher_pairs_on_the_noisy_labels(tiny_shards):
+    """Doublets are formed on the noisy labels (a mislabelled image pairs with its wrong class), and a batch
+    hands them on; data.label_noise reaches the torch loader through the config."""
+    from mclfir_dist.config import DataConfig
+    from mclfir_dist.data import build_train_loader
+    from mclfir_dist.data.pairing import LabelNoise, label_noise
+    manifest = Manifest(tiny_shards)
+    col = manifest.attribute_index("colour")
+    cfg = DataConfig(shards=str(tiny_shards), image_size=32, batch_doublets=8, num_workers=0, label_noise=0.5,
+                     label_noise_seed=1)
+    noise = label_noise(cfg, manifest, [col])
+    assert isinstance(noise, LabelNoise) and noise.sizes == {col: len(manifest.values("colour"))}
+    clean = {}
+    from mclfir_dist.data.streams import decode_labels, iter_shard
+    for shard in manifest.shard_files("train"):
+        clean.update({s["__key__"]: decode_labels(s["lbl"]) for s in iter_shard(shard)})
+    batch = next(iter(build_train_loader(cfg, manifest, ["colour"], 0, 1, seed=0)))
+    values = batch["value"].tolist()
+    expected = [int(noise(k, clean[k])[col]) for k in batch["keys"]]
+    assert values == expected and values != [int(clean[k][col]) for k in batch["keys"]]
+    assert label_noise(DataConfig(label_noise=0.0), manifest, [col]) is None

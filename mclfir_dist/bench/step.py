@@ -18,14 +18,21 @@ after-step time (MCL-FIR: the EMA update), the AdamW step alone with each kernel
 (optim.implementation) side by side and, with --project-doublets, the hours a run would take.
 --profile FILE writes torch.profiler's tables for a few end-to-end steps (by self device time and by self
 CPU time, and the share of the wall time the device was busy): why a figure is what it is, from one run.
+--compare-precision runs the whole bench four times, each in its own process (one Accelerator each): fp32 and
+bf16, channels_last off and on, and prints model / step / end2end images/s of each against fp32 without
+channels_last (on a CPU: whether its bf16 matrix units pay; without them bf16 is emulated and slower).
 Numbers only; nothing is asserted. Runs on CPU at tiny size (tested) and on a GPU at paper size.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -118,6 +125,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="also print the hours N training doublets would take at the measured end-to-end rate, "
                          "whatever the batch (the paper's 22 tasks x 12,500 steps x 16 doublets: 4400000)")
     ap.add_argument("--profile", metavar="FILE", help="write torch.profiler tables of a few end-to-end steps")
+    ap.add_argument("--compare-precision", action="store_true",
+                    help="fp32 against bf16, channels_last off and on: four runs side by side, ratios against fp32")
+    ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ap.add_argument("overrides", nargs="*")
     return ap.parse_args(argv)
 
@@ -182,14 +192,14 @@ class Bench:
         self.results["end2end"] = self.steps(self.batches, self.args.steps)
         if self.args.profile:
             cfg = self.cfg
-            header = (f"{cfg.name}: {self.images_per_step} images/step, channels_last {cfg.model.channels_last}, "
+            header = (f"{cfg.name}: {self.images_per_step} images/step, channels_last {self.rt.channels_last}, "
                       f"compile {cfg.train.compile}, loader {self.trainer.data.loader}, on {self.rt.device}")
             profile_steps(lambda n: self.steps(self.batches, n), min(self.args.steps, 10), self.rt.device,
                           self.args.profile, header)
 
     def _forward(self):
         images = self.on_device["images"]
-        if self.cfg.model.channels_last:
+        if self.rt.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         task = self.on_device["task"].to(self.rt.device)
         counts = rows_per_task(self.batch["task"], len(self.plan.train_heads))
@@ -229,7 +239,7 @@ class Bench:
         r, cfg, rt, ips = self.results, self.cfg, self.rt, self.images_per_step
         device = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "CPU"
         print(f"bench.step on {device}, {rt.world} process(es), {ips} images/step, precision {rt.precision}, "
-              f"channels_last {cfg.model.channels_last}, compile {cfg.train.compile}, loader "
+              f"channels_last {rt.channels_last}, compile {cfg.train.compile}, loader "
               f"{self.trainer.data.loader}, increment {self.index} ({', '.join(self.plan.train_heads)})")
         for name in ("model", "step", "loader", "end2end"):
             print(f"  {name:8s} {r[name]:10.1f} images/s  {1000 * ips / r[name]:8.1f} ms/step")
@@ -251,13 +261,52 @@ class Bench:
         return r
 
 
+PRECISION_GRID = (("no", False), ("no", True), ("bf16", False), ("bf16", True))
+
+
+def compare_precision(args: argparse.Namespace, argv: list) -> dict:
+    """The bench once per (precision, channels_last), each in a fresh process; a table against fp32."""
+    passed, skip = [], False
+    for a in argv:   # this call's own flags stay here; --out, given again below, wins in the child
+        if not skip and a != "--compare-precision" and a != "--json" and not a.startswith("--json="):
+            passed.append(a)
+        skip = a == "--json"
+    table = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for precision, layout in PRECISION_GRID:
+            name = f"{'fp32' if precision == 'no' else precision}{' + channels_last' if layout else ''}"
+            out = Path(tmp) / "r.json"
+            cmd = [sys.executable, "-m", "mclfir_dist.bench.step", *passed, "--json", str(out), "--out",
+                   f"{args.out}/{precision}_{int(layout)}", f"train.mixed_precision={precision}",
+                   f"model.channels_last={str(layout).lower()}"]
+            print(f"== {name}", flush=True)
+            p = subprocess.run(cmd, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            print(p.stdout[-1500:], end="")
+            if p.returncode != 0:
+                raise RuntimeError(f"bench.step for {name} failed (exit {p.returncode})")
+            table[name] = json.loads(out.read_text())
+    base = table["fp32"]
+    print(f"\n{'setting':24s} {'model':>9s} {'step':>9s} {'end2end':>9s}   (images/s; x = against fp32)")
+    for name, r in table.items():
+        print(f"{name:24s} " + " ".join(f"{r[k]:9.1f}" for k in ("model", "step", "end2end"))
+              + "   " + "  ".join(f"{k} {r[k] / base[k]:.2f}x" for k in ("model", "step", "end2end")))
+    return table
+
+
 def main(argv=None) -> dict:
-    bench = Bench(parse_args(argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.compare_precision:
+        return compare_precision(args, argv)
+    bench = Bench(args)
     bench.loader()
     bench.step()
     bench.end_to_end()
     bench.model_alone()
-    return bench.report()
+    results = bench.report()
+    if args.json:
+        atomic_write_text(args.json, json.dumps(results))
+    return results
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence, Tuple
 
-from ..config import DataConfig
+from ..config import ConfigError, DataConfig
 from ..registry import Registry
 from .manifest import Manifest
 
@@ -33,8 +33,10 @@ LOADERS: Registry[Loader] = Registry("loader", "data.loader", extra_choices=("au
 
 def _torch_train(cfg, manifest, columns, rank, world, seed, device=None, start_batch=0):
     from .loader_torch import DoubletStream, make_loader, transform_spec
+    from .pairing import label_noise
     stream = DoubletStream(manifest.shard_files("train"), columns, cfg.batch_doublets, transform_spec(cfg),
-                           rank, world, seed, cfg.shuffle_buffer, start_batch, cfg.task_sampling == "rotate")
+                           rank, world, seed, cfg.shuffle_buffer, start_batch, cfg.task_sampling == "rotate",
+                           label_noise(cfg, manifest, columns))
     return make_loader(stream, cfg.num_workers, device)
 
 
@@ -116,6 +118,9 @@ def build_train_loader(cfg: DataConfig, manifest: Manifest, attributes: Sequence
     (seed, start_batch), with a warning)."""
     columns = [manifest.attribute_index(a) for a in attributes]
     entry = LOADERS.get(loader)
+    if cfg.label_noise and loader not in ("torch", "dali", "torch_gpu"):
+        raise ConfigError(f"data.label_noise={cfg.label_noise}: the plug-in loader {loader!r} does not apply it "
+                          "(the built-in loaders do)")
     if start_batch and entry.exact_resume:
         return entry.train(cfg, manifest, columns, rank, world, seed, device, start_batch=start_batch)
     if start_batch:

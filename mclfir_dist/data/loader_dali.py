@@ -31,7 +31,7 @@ from ..model.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from .images import DEFAULT_MAX_PIXELS, ImageRejected, decode
 from .loader_torch import TransformSpec, collate_eval
 from .manifest import IMAGE_EXT, LABEL_EXT, SID_EXT, Manifest, ShardError
-from .pairing import DoubletBatcher
+from .pairing import DoubletBatcher, label_noise
 from .shards import write_index
 from .streams import iter_shard
 
@@ -293,7 +293,9 @@ def dali_train_batches(cfg: DataConfig, manifest: Manifest, columns: Sequence[in
     src = DaliSampleSource(manifest.shard_files("train"), manifest.index_files("train"), manifest.keys("train"), spec,
                            2 * cfg.batch_doublets, rank, world, seed, True, cfg.dali_threads, device,
                            cfg.shuffle_buffer)
-    for batch in DoubletBatcher(columns, cfg.batch_doublets, cfg.task_sampling == "rotate").batches(iter(src)):
+    batcher = DoubletBatcher(columns, cfg.batch_doublets, cfg.task_sampling == "rotate",
+                             label_noise(cfg, manifest, columns))
+    for batch in batcher.batches(iter(src)):
         batch["skipped"] = src.drain_skipped()
         yield batch
 

@@ -34,7 +34,7 @@ from torchvision.transforms import v2
 from .images import check_jpeg_header
 from .loader_torch import (CorruptCounter, DoubletStream, EvalStream, TransformSpec, collate_eval, eval_transform,
                            make_loader, seed_augmentation, train_transforms, transform_spec)
-from .pairing import collate_doublets
+from .pairing import collate_doublets, label_noise
 
 log = logging.getLogger(__name__)
 
@@ -364,7 +364,8 @@ def _prefetched(batches: Iterator[dict], device: torch.device, depth: int) -> It
 def device_train_batches(cfg, manifest, columns, rank: int, world: int, seed: int, device=None,
                          start_batch: int = 0) -> DeviceDoubletBatches:
     stream = RawDoubletStream(manifest.shard_files("train"), columns, cfg.batch_doublets, transform_spec(cfg),
-                              rank, world, seed, cfg.shuffle_buffer, rotate=cfg.task_sampling == "rotate")
+                              rank, world, seed, cfg.shuffle_buffer, rotate=cfg.task_sampling == "rotate",
+                              noise=label_noise(cfg, manifest, columns))
     return DeviceDoubletBatches(stream, cfg.num_workers, device or "cpu", start_batch)
 
 

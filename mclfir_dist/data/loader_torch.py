@@ -95,10 +95,10 @@ class DoubletStream(IterableDataset):
 
     def __init__(self, shards: Sequence[Path], attribute_columns: Sequence[int], batch_doublets: int,
                  spec: TransformSpec, rank: int, world: int, seed: int, shuffle_buffer: int = 512,
-                 start_batch: int = 0, rotate: bool = False):
+                 start_batch: int = 0, rotate: bool = False, noise=None):
         self.shards, self.columns, self.batch_doublets = list(shards), list(attribute_columns), batch_doublets
         self.spec, self.rank, self.world, self.seed = spec, rank, world, seed
-        self.shuffle_buffer, self.start_batch, self.rotate = shuffle_buffer, start_batch, rotate
+        self.shuffle_buffer, self.start_batch, self.rotate, self.noise = shuffle_buffer, start_batch, rotate, noise
 
     def _samples(self, stream_id: int, n_streams: int, corrupt: CorruptCounter) -> Iterator[dict]:
         """Decoded (not yet augmented) samples, each with the seed of its own augmentation."""
@@ -134,7 +134,7 @@ class DoubletStream(IterableDataset):
         stream_id, n_streams, worker, n_workers = _stream_identity(self.rank, self.world)
         # the DataLoader takes batches from its workers in turn: global batch i is this worker's if i % n == w
         to_skip = len(range(worker, self.start_batch, n_workers))
-        batcher = DoubletBatcher(self.columns, self.batch_doublets, self.rotate)
+        batcher = DoubletBatcher(self.columns, self.batch_doublets, self.rotate, self.noise)
         for samples in self._samples(stream_id, n_streams, corrupt):
             batcher.add(samples)
             if not batcher.batch_ready():

@@ -15,6 +15,7 @@ none is its own positive (its next-epoch copy does not pair with it).
 """
 from __future__ import annotations
 
+import hashlib
 from collections import deque
 from typing import Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -30,6 +31,35 @@ def task_quotas(batch_doublets: int, n_tasks: int) -> List[int]:
     return q
 
 
+class LabelNoise:
+    """data.label_noise: a fraction of the training labels replaced by another value of the same attribute.
+    Which labels and which wrong values is a function of (seed, key, column) alone, as in a mislabelled
+    dataset: every epoch, rank, loader and method of one seed sees the same wrong labels; evaluation never
+    goes through here, so its labels stay clean."""
+
+    def __init__(self, fraction: float, seed: int, sizes: Dict[int, int]):
+        self.fraction, self.seed, self.sizes = fraction, seed, dict(sizes)
+
+    def _unit(self, key: str, column: int, draw: int) -> float:
+        digest = hashlib.blake2b(f"{self.seed}/{key}/{column}/{draw}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") / 2 ** 64
+
+    def __call__(self, key: str, labels) -> np.ndarray:
+        out = np.array(labels, dtype=np.int64, copy=True)
+        for c, size in self.sizes.items():
+            if out[c] >= 0 and size > 1 and self._unit(key, c, 0) < self.fraction:
+                out[c] = (out[c] + 1 + int(self._unit(key, c, 1) * (size - 1))) % size   # never the true value
+        return out
+
+
+def label_noise(cfg, manifest, columns: Sequence[int]) -> Optional[LabelNoise]:
+    """The LabelNoise of a DataConfig for these label columns (None at data.label_noise=0)."""
+    if not cfg.label_noise:
+        return None
+    values = manifest.data["attributes"]
+    return LabelNoise(cfg.label_noise, cfg.label_noise_seed, {c: len(values[c]["values"]) for c in columns})
+
+
 class DoubletBatcher:
     """Turns a stream of decoded samples into balanced doublet batches.
 
@@ -37,14 +67,17 @@ class DoubletBatcher:
     'image' (tensor), 'labels' (int64 vector), 'key' and optionally 'teacher_image'.
     """
 
-    def __init__(self, attribute_columns: Sequence[int], batch_doublets: int, rotate: bool = False):
-        self.columns = list(attribute_columns)
+    def __init__(self, attribute_columns: Sequence[int], batch_doublets: int, rotate: bool = False,
+                 noise: Optional[LabelNoise] = None):
+        self.columns, self.noise = list(attribute_columns), noise
         self.quotas = task_quotas(batch_doublets, len(self.columns))
         self.batch_doublets, self.rotate, self.turn = batch_doublets, rotate and len(self.columns) > 1, 0
         self.pending: List[Dict[int, dict]] = [dict() for _ in self.columns]
         self.ready: List[Deque[Tuple[dict, dict]]] = [deque() for _ in self.columns]
 
     def add(self, sample: dict) -> None:
+        if self.noise is not None:
+            sample["labels"] = self.noise(sample["key"], sample["labels"])
         labels = sample["labels"]
         tasks = [t for t, c in enumerate(self.columns) if labels[c] >= 0]
         if not tasks:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid
 
+from ..utils.cpu import bf16_units, cpu_name
 from ..utils.io import atomic_write_json
 from .metrics import LEAKAGE_K
 
@@ -29,7 +30,8 @@ def fmt(x: Optional[float], pct: bool = True) -> str:
 
 def machine_info() -> dict:
     """Where a run's costs were measured: they are only comparable on the same machine."""
-    info = {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
+    info = {"host": platform.node(), "cpu": platform.processor() or platform.machine(), "cpu_model": cpu_name(),
+            "cpu_bf16_units": list(bf16_units()),
             "cpu_count": os.cpu_count(), "torch": str(torch.__version__), "python": platform.python_version(),
             "torch_threads": torch.get_num_threads(), "gpu": None}
     if torch.cuda.is_available():
@@ -151,10 +153,12 @@ class RunRecord:
         self.data["cost"].append(cost.as_dict())
 
     def set_launch(self, *, world_size: int, nodes: int, hosts: List[str], backend: str, global_batch: int,
-                   loader: str, mixed_precision: str) -> None:
+                   loader: str, mixed_precision: str, precision_reason: str = "",
+                   channels_last: bool = False) -> None:
         """How the latest increment ran (a resumed run may run on another world size or other nodes)."""
         self.data.update(world_size=world_size, nodes=nodes, hosts=hosts, backend=backend, global_batch=global_batch,
-                         loader=loader, mixed_precision=mixed_precision)
+                         loader=loader, mixed_precision=mixed_precision, precision_reason=precision_reason,
+                         channels_last=channels_last)
 
     def skip_increment(self, cost: CostRecord) -> None:
         """An increment that was not run (static_final_only): no mAP, forgetting and BWT unknown."""

@@ -56,10 +56,11 @@ class ResNetTrunk(nn.Module):
 class EfficientNetLiteTrunk(nn.Module):
     out_channels = 1280
 
-    def __init__(self, image_size: int):
+    def __init__(self, image_size: int, drop_connect: float = -1.0):
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
-        self.net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
+        rate = {} if drop_connect < 0 else {"drop_connect_rate": drop_connect}   # -1: the package's 0.2
+        self.net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size, **rate)
         self.net._fc = nn.Identity()  # classifier unused; keep it out of the optimizer and EMA
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

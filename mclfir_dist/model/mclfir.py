@@ -112,14 +112,18 @@ class MCLFIRModel(nn.Module):
         return stacked, fmap.mean(dim=(2, 3))
 
 
-def build_model(cfg: ModelConfig, image_size: int, device: Optional[torch.device] = None) -> MCLFIRModel:
-    """The model as training starts it; with `device`, moved there (and SyncBatchNorm-converted if asked)."""
+def build_model(cfg: ModelConfig, image_size: int, device: Optional[torch.device] = None,
+                channels_last: Optional[bool] = None) -> MCLFIRModel:
+    """The model as training starts it; with `device`, moved there (and SyncBatchNorm-converted if asked).
+    channels_last: the runtime's resolved choice (None: only an explicit model.channels_last=true)."""
     trunk, channels = build_trunk(cfg, image_size)
     model = MCLFIRModel(trunk, channels, cfg.head_channels, cfg.embed_dim, cfg.trunk_bn)
     if device is None:
         return model
     model = model.to(device)
-    if cfg.channels_last:
+    if channels_last is None:
+        channels_last = cfg.channels_last is True
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.sync_batchnorm:
         model = convert_sync_batchnorm(model, device.type == "cuda")

@@ -34,7 +34,7 @@ TRUNKS: Registry[TrunkBuilder] = Registry("trunk", "model.trunk")
 
 @TRUNKS.register("efficientnet_lite0", label="EfficientNet-Lite0")
 def efficientnet_lite0(cfg: ModelConfig, image_size: int) -> Tuple[nn.Module, int]:
-    trunk = EfficientNetLiteTrunk(image_size)
+    trunk = EfficientNetLiteTrunk(image_size, cfg.drop_connect)
     if cfg.weights:
         _load(trunk.load_pretrained, _existing(cfg.weights))
     elif cfg.pretrained:
@@ -51,6 +51,9 @@ def _load(load, path: str) -> None:
 
 def _resnet_builder(name: str) -> TrunkBuilder:
     def build(cfg: ModelConfig, image_size: int) -> Tuple[nn.Module, int]:
+        if cfg.drop_connect > 0:
+            raise ConfigError(f"model.drop_connect={cfg.drop_connect}: {name} has no stochastic depth (EfficientNet "
+                              "trunks only); leave it at -1 or 0")
         trunk = ResNetTrunk(name, cfg.cut)
         if cfg.weights:
             _load(lambda path: trunk.load_torchvision_state(torch.load(path, map_location="cpu", weights_only=True)),

@@ -114,7 +114,7 @@ class Trainer:
 
     def _build_model(self) -> MCLFIRModel:
         cfg = self.cfg
-        model = build_model(cfg.model, cfg.data.image_size, self.runtime.device)
+        model = build_model(cfg.model, cfg.data.image_size, self.runtime.device, self.runtime.channels_last)
         if cfg.train.compile:
             model.compile_in_place(cfg.train.compile_mode, cfg.train.compile_backend)
         return model
@@ -210,7 +210,7 @@ class Trainer:
             self.skipped_train += batch.get("skipped", [])
             with acc.autocast():
                 loss, nce, terms, stats = step_loss(batch, model, unwrapped, self.method, session.ctx, loss_fn,
-                                                    plan.train_heads, rt.device, cfg.model.channels_last)
+                                                    plan.train_heads, rt.device, rt.channels_last)
             nonfinite = nonfinite | ~torch.isfinite(loss.detach())   # read at log and checkpoint time: no sync here
             self._optimizer_step(session, loss)
             self.method.after_step(unwrapped)
@@ -351,7 +351,9 @@ class Trainer:
         self.record.set_launch(world_size=self.runtime.world, nodes=nodes_of(self.runtime.views),
                                hosts=sorted({v["host"] for v in self.runtime.views}), backend=self.runtime.backend,
                                global_batch=self.images_per_step, loader=self.data.loader,
-                               mixed_precision=self.runtime.precision)
+                               mixed_precision=self.runtime.precision,
+                               precision_reason=self.runtime.acc.precision_reason,
+                               channels_last=self.runtime.channels_last)
         self.metrics.log_increment(plan.index, self.progress.global_step, row, metrics, cost)
         if self.runtime.is_main:
             self._measure_compatibility(plan.index, groups)

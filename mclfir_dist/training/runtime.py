@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import ConfigError, RunConfig
+from ..utils.cpu import bf16_units
 from .distributed import backend as process_group_backend
 from .cluster import check_launcher, init_restarted_group, my_view
 from .distributed import broadcast_buffers, gather_objects
@@ -53,9 +54,10 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
 
 
-def resolve_precision(configured: str, launcher: str | None) -> tuple:
+def resolve_precision(configured: str, launcher: str | None, device_type: str = "cpu",
+                      bf16_units: tuple = ()) -> tuple:
     """(precision, why). Precedence: an explicit config value (file or override) > the launcher's
-    `--mixed_precision` (ACCELERATE_MIXED_PRECISION) > no."""
+    `--mixed_precision` (ACCELERATE_MIXED_PRECISION) > bf16 on a CPU with bf16 matrix units > no."""
     launcher = (launcher or "").lower() or None
     if configured != "auto":
         if launcher and launcher != configured:
@@ -63,7 +65,20 @@ def resolve_precision(configured: str, launcher: str | None) -> tuple:
         return configured, f"train.mixed_precision={configured}"
     if launcher:
         return launcher, f"the launcher's --mixed_precision {launcher} (train.mixed_precision=auto)"
+    if device_type == "cpu" and bf16_units:
+        return "bf16", f"train.mixed_precision=auto on a CPU with bf16 matrix units ({', '.join(bf16_units)})"
+    if device_type == "cpu":
+        return "no", "train.mixed_precision=auto: this CPU has no bf16 matrix units (amx_bf16, avx512_bf16)"
     return "no", "train.mixed_precision=auto and no launcher setting"
+
+
+def resolve_channels_last(configured, precision: str) -> tuple:
+    """(channels_last, why). auto: on wherever training runs in reduced precision (bf16 convolutions on a GPU's
+    tensor cores or a CPU's AMX units want NHWC: 1.7x on an H200, 1.2x over bf16 alone on an AMX CPU)."""
+    if configured != "auto":
+        return bool(configured), f"model.channels_last={str(bool(configured)).lower()}"
+    on = precision in ("bf16", "fp16")
+    return on, f"model.channels_last=auto with precision {precision}"
 
 
 def build_trackers(cfg: RunConfig, run_dir) -> list:
@@ -105,7 +120,9 @@ def build_accelerator(cfg: RunConfig, run_dir=None):
     use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if use_deepspeed and not torch.cuda.is_available():
         skip_deepspeed_shm_build()
-    precision, why = resolve_precision(cfg.train.mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION"))
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    precision, why = resolve_precision(cfg.train.mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION"),
+                                       device_type, bf16_units() if device_type == "cpu" else ())
     acc = Accelerator(mixed_precision=precision, kwargs_handlers=[init, ddp],
                       cpu=not torch.cuda.is_available() and not use_deepspeed,
                       log_with=build_trackers(cfg, run_dir) if run_dir is not None else None,
@@ -143,6 +160,8 @@ class Runtime:
         setup_logging(self.is_main)
         self.precision = str(self.acc.mixed_precision)
         log.info("precision: %s (%s)", self.precision, self.acc.precision_reason)
+        self.channels_last, why = resolve_channels_last(cfg.model.channels_last, self.precision)
+        log.info("channels_last: %s (%s)", str(self.channels_last).lower(), why)
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.device = self.acc.device
         self.deepspeed = getattr(self.acc.state, "deepspeed_plugin", None)

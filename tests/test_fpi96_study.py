@@ -1,0 +1,89 @@
+"""The 96 px study's gate (scripts/fpi96_study.py): its verdict from results.json files, and misuse."""
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("fpi96_study", ROOT / "scripts/fpi96_study.py")
+study = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(study)
+
+
+def _res(avg, forgetting=0.0, seconds=10.0):
+    return {"final": {"average_map": avg}, "metrics": [{"average_forgetting": forgetting}],
+            "cost": [{"train_seconds": seconds}], "machine": {"cpu": "x86_64", "cpu_count": 2, "torch": "t"},
+            "mixed_precision": "bf16", "precision_reason": "auto", "channels_last": True}
+
+
+def _runs(trained, frozen_lo, frozen_hi, forget):
+    runs = {}
+    for s, (t, lo, hi, f) in enumerate(zip(trained, frozen_lo, frozen_hi, forget)):
+        runs["static_train", s] = _res(t)
+        runs["static_frozen_lr0.0005", s] = _res(lo)
+        runs["static_frozen_lr0.001", s] = _res(hi)
+        runs["finetune", s] = _res(0.5, f)
+    return runs
+
+
+def test_the_gate_keeps_the_better_frozen_lr_and_passes_only_on_both_counts():
+    seeds = [0, 1, 2]
+    runs = _runs([0.560, 0.565, 0.558], [0.530, 0.532, 0.529], [0.540, 0.541, 0.539], [0.03, 0.025, 0.04])
+    v = study.gate_verdict(runs, seeds)
+    assert v["best_frozen_lr"] == 1e-3                      # the frozen encoder gets its better lr
+    assert v["difference"].mean == pytest.approx((2.0 + 2.4 + 1.9) / 3)
+    assert v["passes"] and v["encoder_matters"] and v["finetune_forgets"]
+    text = study.gate_report(runs, seeds, "configs/fpi96_cpu.yaml")
+    assert "**The gate passes.**" in text and "lr 0.001, the better of 0.0005, 0.001" in text
+    # a frozen encoder within 1.5 points fails the gate, and the report says which part failed
+    close = _runs([0.550, 0.552, 0.549], [0.530, 0.532, 0.529], [0.540, 0.541, 0.539], [0.03, 0.025, 0.04])
+    v = study.gate_verdict(close, seeds)
+    assert not v["passes"] and not v["encoder_matters"] and v["finetune_forgets"]
+    assert "**The gate fails.**" in study.gate_report(close, seeds, "c.yaml")
+    # finetune that barely forgets fails it too
+    assert not study.gate_verdict(_runs([0.56] * 3, [0.53] * 3, [0.54] * 3, [0.01, 0.02, 0.015]), seeds)["passes"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--phase", "gate", "--seeds", "0"], "the paired test needs at least 2 seeds"),
+    (["--phase", "gate", "--set", "optim.lrr=1"], "optim.lrr"),
+    (["--phase", "gate", "--config", "no/such.yaml"], "no such file"),
+    (["--phase", "seedz"], "invalid choice"),
+])
+def test_misuse_is_one_line_and_exit_2(tmp_path, args, message):
+    p = subprocess.run([sys.executable, str(ROOT / "scripts/fpi96_study.py"), *args, "--runs", str(tmp_path / "r")],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_tune_gives_every_method_the_same_trials_on_the_first_three_increments(tmp_path, monkeypatch):
+    asked = []
+
+    def fake_run(config, out, overrides, log, prog):
+        asked.append((out.name, list(overrides)))
+        point = dict(o.split("=", 1) for o in overrides if o.split("=")[0] in
+                     {k for knobs in study.KNOBS.values() for k, _ in knobs})
+        lr = float(point["optim.lr"])
+        score = 0.5 - abs(lr - 1e-3) + (0.01 if out.name.startswith("static_train") else 0.0)
+        return {"final": {"average_map": score}, "wall_seconds": 3.0, "cost": [{"train_seconds": 2.0}]}
+
+    monkeypatch.setattr(study.runner, "run_train", fake_run)
+    args = study.parse_args(["--phase", "tune", "--trials", "3", "--runs", str(tmp_path / "r"),
+                             "--out", str(tmp_path / "o")])
+    record = study.tune(args)
+    assert {m: len(r["trials"]) for m, r in record["methods"].items()} == {m: 3 for m in study.METHODS}
+    assert [name for name, _ in asked[:5]] == [f"{m}_t00" for m in study.METHODS]   # round robin
+    for name, overrides in asked:
+        incs = next(o for o in overrides if o.startswith("train.increments="))
+        assert incs.count("name:") == 3 and "articleType" in incs and "usage" not in incs
+        assert "eval.split=val" in overrides and "train.seed=0" in overrides
+        assert ("train.static_final_only=true" in overrides) == name.startswith("static")
+    frozen = [o for n, o in asked if n.startswith("static_frozen")]
+    assert all("optim.first_encoder_lr_scale=0" in o for o in frozen)
+    assert record["methods"]["mclfir"]["chosen"]["optim.lr"] == 1e-3            # the best trial's point
+    assert set(record["methods"]["mclfir"]["chosen"]) == {k for k, _ in study.KNOBS["mclfir"]}
+    text = (tmp_path / "o" / "TUNING.md").read_text()
+    assert "## static_frozen" in text and "**" in text
