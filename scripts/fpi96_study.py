@@ -28,7 +28,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from mclfir_dist.evaluation.stats import p_text, paired
+from mclfir_dist.evaluation.stats import holm, p_text, paired, tost_paired
 from mclfir_dist.study import runner, search
 from mclfir_dist.utils.io import atomic_write_text
 
@@ -63,8 +63,8 @@ KNOBS = {"mclfir": [LR, FIRST, LATER, KD, DECAY], "lwf": [LR, FIRST, LATER, KD],
 TUNE_INCREMENTS = 3   # the cost ratio needs 6 increments, tuning does not (the issue: the first 3, for all alike)
 
 
-def seed_overrides(seed: int) -> list:
-    return [f"train.seed={seed}", f"eval.query_draw={seed}", "eval.split=val", "eval.grid_queries=0"]
+def seed_overrides(seed: int, split: str = "val") -> list:
+    return [f"train.seed={seed}", f"eval.query_draw={seed}", f"eval.split={split}", "eval.grid_queries=0"]
 
 
 def gate_runs(args) -> dict:
@@ -229,11 +229,305 @@ def write_tuning(out: Path, record: dict) -> None:
     atomic_write_text(out / "TUNING.md", "\n".join(lines))
 
 
+# ---------------------------------------------------------------- seeds, budget, orders, noise (test split)
+
+ORDERS = {   # the config's order is "default"; two more, each attribute in a new position
+    "reversed": ["subCategory", "season", "usage", "gender", "baseColour", "articleType"],
+    "shuffled": ["gender", "subCategory", "articleType", "season", "baseColour", "usage"],
+}
+BUDGETS = (0.25, 0.5, 2.0)   # static_train's final retraining at these multiples of its charged steps (1x: seeds)
+NOISE = 0.2                  # data.label_noise of the noise phase
+CONTINUAL = ("mclfir", "lwf", "finetune")
+
+
+def load_chosen(out: Path, methods) -> dict:
+    import json
+    path = out / "tuning.json"
+    record = json.loads(path.read_text()) if path.is_file() else {"methods": {}}
+    missing = [m for m in methods if m not in record["methods"]]
+    if missing:
+        runner.usage_error(PROG, f"no tuned values for {', '.join(missing)} in {path}: run --phase tune first")
+    return {m: record["methods"][m]["chosen"] for m in methods}
+
+
+def study_run(args, phase: str, name: str, method: str, chosen: dict, extra) -> dict:
+    """One test-split run of `method` with its chosen values, under RUNS/phase/name."""
+    d = args.runs / phase
+    d.mkdir(parents=True, exist_ok=True)
+    overrides = [*METHODS[method], *(f"{k}={v}" for k, v in chosen[method].items()), *extra, *args.set]
+    return runner.run_train(args.config, d / name, overrides, d / f"{name}.log", prog=PROG)
+
+
+def seeds_phase(args, chosen: dict) -> None:
+    """Every method, every seed, all six increments. static_train retrains at every increment for the first
+    seed (static-cumulative measured end to end) and only at the last for the others (the earlier
+    retrainings' cost estimated from its seconds per step, marked so); static_frozen only at the last."""
+    for seed in args.seeds:
+        for method in args.methods:
+            extra = seed_overrides(seed, "test")
+            if method == "static_frozen" or (method == "static_train" and seed != args.seeds[0]):
+                extra.append("train.static_final_only=true")
+            study_run(args, "seeds", f"{method}_s{seed}", method, chosen, extra)
+
+
+def budget_phase(args, chosen: dict) -> None:
+    """static_train's final retraining at BUDGETS x its charged steps: the accuracy-cost curve."""
+    for seed in args.seeds:
+        for factor in BUDGETS:
+            study_run(args, "budget", f"static_train_x{factor:g}_s{seed}", "static_train", chosen,
+                      [*seed_overrides(seed, "test"), "train.static_final_only=true",
+                       f"train.static_steps_factor={factor}"])
+
+
+def order_overrides(order) -> str:
+    return "train.increments=[" + ", ".join(f"{{name: {a}, attributes: [{a}]}}" for a in order) + "]"
+
+
+def orders_phase(args, chosen: dict) -> None:
+    """The continual methods in two more attribute orders (first seed), and static_train's cumulative cost
+    in each (steps x its measured seconds per step: static_final_only)."""
+    seed = args.seeds[0]
+    for order_name, order in ORDERS.items():
+        for method in [m for m in args.methods if m in (*CONTINUAL, "static_train")]:
+            extra = [*seed_overrides(seed, "test"), order_overrides(order)]
+            if method == "static_train":
+                extra.append("train.static_final_only=true")
+            study_run(args, "orders", f"{method}_{order_name}_s{seed}", method, chosen, extra)
+
+
+def noise_phase(args, chosen: dict) -> None:
+    """NOISE of every increment's training labels replaced (seeded per seed; evaluation labels clean)."""
+    for seed in args.seeds:
+        for method in [m for m in args.methods if m in (*CONTINUAL, "static_train")]:
+            extra = [*seed_overrides(seed, "test"), f"data.label_noise={NOISE}", f"data.label_noise_seed={seed}"]
+            if method == "static_train":
+                extra.append("train.static_final_only=true")
+            study_run(args, "noise", f"{method}_noisy_s{seed}", method, chosen, extra)
+
+
+# ---------------------------------------------------------------- report
+
+EQUIVALENCE = 1.0   # "comparable": the paired difference's 90% interval inside +-1 point (TOST at 5%)
+COST_CLAIM = 0.35   # "about 30%": at most 35% of static-cumulative's training seconds
+
+
+def collect(args) -> dict:
+    """{phase: {run name: results}} of every complete run of the study."""
+    import json
+    found = {}
+    for path in sorted(args.runs.glob("*/*/results.json")):
+        res = json.loads(path.read_text())
+        if res.get("complete"):
+            found.setdefault(path.parent.parent.name, {})[path.parent.name] = res
+    return found
+
+
+def total_cost(res: dict) -> float:
+    """Training seconds of every increment, estimated ones included (static_final_only)."""
+    return sum(c["train_seconds"] for c in res["cost"])
+
+
+def row(claim: str, test: str, effect: str, p=None, kind: str = "difference", sign: float = 0.0,
+        verdict: str = "") -> dict:
+    """One claim's line: kind 'equivalence' (TOST p), 'difference' (paired t p, sign of the effect), or a
+    threshold with its verdict given (no p)."""
+    return {"claim": claim, "test": test, "effect": effect, "p": p, "kind": kind, "sign": sign, "verdict": verdict}
+
+
+def claim_rows(runs: dict, seeds) -> list:
+    """A row for each of the paper's claims the runs can test, and MCL-FIR against each baseline."""
+    got = runs.get("seeds", {})
+    have = [s for s in seeds if f"mclfir_s{s}" in got and f"static_train_s{s}" in got]
+    if len(have) < 2:
+        return []
+    mc = [final_map(got[f"mclfir_s{s}"]) for s in have]
+    st = [final_map(got[f"static_train_s{s}"]) for s in have]
+    eq = tost_paired(mc, st, EQUIVALENCE)
+    rows = [row("Comparable to static retraining (trainable encoder)",
+                f"TOST, paired over {len(have)} seeds, margin +-{EQUIVALENCE:g} point",
+                f"{eq.mean:+.2f} points, 90% interval [{eq.low:+.2f}, {eq.high:+.2f}]", eq.p, "equivalence")]
+    ratios = [total_cost(got[f"mclfir_s{s}"]) / total_cost(got[f"static_train_s{s}"]) for s in have]
+    rows.append(row(f"At most {100 * COST_CLAIM:.0f}% of static-cumulative's training cost",
+                    f"training seconds per seed (seed {have[0]}: every retraining run; the others' earlier "
+                    "retrainings from seconds per step)",
+                    f"{100 * min(ratios):.1f}-{100 * max(ratios):.1f}% (mean {100 * sum(ratios) / len(ratios):.1f}%)",
+                    kind="threshold", verdict="holds" if max(ratios) <= COST_CLAIM else "does not hold"))
+    for other in ("lwf", "finetune", "static_frozen"):
+        pairs = [s for s in have if f"{other}_s{s}" in got]
+        if len(pairs) >= 2:
+            d = paired([final_map(got[f"mclfir_s{s}"]) for s in pairs],
+                       [final_map(got[f"{other}_s{s}"]) for s in pairs])
+            rows.append(row(f"MCL-FIR against {other}", f"paired t over {d.n} seeds",
+                            f"{d.interval_text(1.0)} points (d_z {d.d_z:.2f})", d.p, sign=d.mean))
+    return rows + budget_rows(runs, seeds) + noise_rows(runs, seeds) + order_rows(runs, seeds)
+
+
+def noise_rows(runs: dict, seeds) -> list:
+    """Messy data: each method's drop (clean - noisy, paired by seed); MCL-FIR's drop against static's."""
+    clean, noisy = runs.get("seeds", {}), runs.get("noise", {})
+    drops = {}
+    for m in (*CONTINUAL, "static_train"):
+        ss = [s for s in seeds if f"{m}_s{s}" in clean and f"{m}_noisy_s{s}" in noisy]
+        drops[m] = {s: final_map(clean[f"{m}_s{s}"]) - final_map(noisy[f"{m}_noisy_s{s}"]) for s in ss}
+    both = [s for s in drops["mclfir"] if s in drops["static_train"]]
+    if len(both) < 2:
+        return []
+    d = paired([drops["mclfir"][s] for s in both], [drops["static_train"][s] for s in both])
+    text = "; ".join(f"{m} {sum(v.values()) / len(v):.2f}" for m, v in drops.items() if v)
+    return [row(f"Messy data ({int(100 * NOISE)}% of training labels wrong): MCL-FIR's drop against static's",
+                f"paired t over {d.n} seeds of the drops (clean - noisy)",
+                f"{d.interval_text(1.0)} points (mean drops: {text})", d.p, sign=d.mean)]
+
+
+def order_rows(runs: dict, seeds) -> list:
+    """Order: MCL-FIR against finetune over the three orders (first seed), and each method's range."""
+    seed, orders = seeds[0], runs.get("orders", {})
+
+    def per_order(m):
+        found = [runs.get("seeds", {}).get(f"{m}_s{seed}")] + [orders.get(f"{m}_{o}_s{seed}") for o in ORDERS]
+        return [final_map(r) for r in found] if all(found) else None
+    mc, ft = per_order("mclfir"), per_order("finetune")
+    if not mc or not ft:
+        return []
+    d = paired(mc, ft)
+    spread = "; ".join(f"{m} {min(v):.2f}-{max(v):.2f}" for m in CONTINUAL if (v := per_order(m)))
+    return [row("Order: MCL-FIR against finetune when the attribute order changes",
+                f"paired t over {len(mc)} orders (seed {seed})",
+                f"{d.interval_text(1.0)} points (range over orders: {spread})", d.p, sign=d.mean)]
+
+
+def interpolate(points, x: float) -> float:
+    """y at x on a curve of (x, y) points, linear in log x, held flat past its ends."""
+    import math
+    pts = sorted(points)
+    if x <= pts[0][0]:
+        return pts[0][1]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+    return pts[-1][1]
+
+
+def budget_curve(runs: dict, seed: int) -> list:
+    """static_train's (training seconds of its final retraining, mAP) at each budget, for one seed."""
+    found = [runs.get("seeds", {}).get(f"static_train_s{seed}")]
+    found += [runs.get("budget", {}).get(f"static_train_x{f:g}_s{seed}") for f in BUDGETS]
+    return [(train_seconds(r) if i else r["cost"][-1]["train_seconds"], final_map(r))
+            for i, r in enumerate(found) if r is not None]
+
+
+def budget_rows(runs: dict, seeds) -> list:
+    """MCL-FIR against static's accuracy-cost curve at MCL-FIR's own cost, paired by seed."""
+    got = runs.get("seeds", {})
+    ss = [s for s in seeds if f"mclfir_s{s}" in got and len(budget_curve(runs, s)) == len(BUDGETS) + 1]
+    if len(ss) < 2:
+        return []
+    mc = [final_map(got[f"mclfir_s{s}"]) for s in ss]
+    at_cost = [interpolate(budget_curve(runs, s), total_cost(got[f"mclfir_s{s}"])) for s in ss]
+    d = paired(mc, at_cost)
+    return [row("Accuracy against cost: MCL-FIR against static retraining given MCL-FIR's training seconds",
+                f"paired t over {d.n} seeds; static's mAP interpolated (log cost) on its "
+                f"{', '.join(f'{f:g}x' for f in sorted((*BUDGETS, 1.0)))} curve", f"{d.interval_text(1.0)} points",
+                d.p, sign=d.mean)]
+
+
+def claims_table(rows: list) -> list:
+    """The rows with Holm's correction over every tested p (equivalence and differences together)."""
+    tested = [i for i, r in enumerate(rows) if r["p"] is not None]
+    adjusted = dict(zip(tested, holm([rows[i]["p"] for i in tested])))
+    lines = ["| claim | test | effect [interval] | p | p (Holm) | verdict |", "|---|---|---|---|---|---|"]
+    for i, r in enumerate(rows):
+        ph = adjusted.get(i)
+        if r["kind"] == "equivalence":
+            word = "equivalent" if ph < 0.05 else "not shown equivalent"
+        elif r["kind"] == "difference":
+            word = "not distinguishable" if ph >= 0.05 else ("above" if r["sign"] > 0 else "below")
+        else:
+            word = r["verdict"]
+        lines.append(f"| {r['claim']} | {r['test']} | {r['effect']} | {'-' if r['p'] is None else p_text(r['p'])} "
+                     f"| {'-' if ph is None else p_text(ph)} | {word} |")
+    return lines
+
+
+def mean_std(values) -> str:
+    import statistics
+    return "-" if not values else (f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+                                   if len(values) > 1 else f"{values[0]:.2f}")
+
+
+def main_table(runs: dict, seeds) -> list:
+    """Per method over the seeds: final mAP, forgetting, training seconds and the share of static-cumulative."""
+    got = runs.get("seeds", {})
+    static = {s: total_cost(got[f"static_train_s{s}"]) for s in seeds if f"static_train_s{s}" in got}
+    lines = ["| method | seeds | final avg mAP (test) | avg forgetting | training s | / static-cumulative |",
+             "|---|---|---|---|---|---|"]
+    for m in METHODS:
+        rs = {s: got[f"{m}_s{s}"] for s in seeds if f"{m}_s{s}" in got}
+        if not rs:
+            continue
+        cost = [total_cost(r) for r in rs.values()]
+        share = [total_cost(r) / static[s] for s, r in rs.items() if s in static]
+        forget = [forgetting(r) for r in rs.values() if not m.startswith("static")]
+        lines.append(f"| {m} | {len(rs)} | {mean_std([final_map(r) for r in rs.values()])} | {mean_std(forget)} | "
+                     f"{mean_std(cost)} | {mean_std(share) if share else '-'} |")
+    return lines
+
+
+def plot_curve(runs: dict, seeds, path: Path) -> None:
+    """static's accuracy-cost curve (mean over seeds) and every method at its own cost."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    curves = [budget_curve(runs, s) for s in seeds]
+    curves = [c for c in curves if len(c) == len(BUDGETS) + 1]
+    if curves:
+        xs = [sum(c[i][0] for c in curves) / len(curves) for i in range(len(curves[0]))]
+        ys = [sum(c[i][1] for c in curves) / len(curves) for i in range(len(curves[0]))]
+        ax.plot(*zip(*sorted(zip(xs, ys))), "o-", color="grey", label="static_train at 0.25-2x steps")
+    got = runs.get("seeds", {})
+    for m in METHODS:
+        rs = [got[f"{m}_s{s}"] for s in seeds if f"{m}_s{s}" in got]
+        if rs:
+            ax.plot(sum(total_cost(r) for r in rs) / len(rs), sum(final_map(r) for r in rs) / len(rs), "s", label=m)
+    ax.set_xscale("log")
+    ax.set_xlabel("training seconds (static: its final retraining)")
+    ax.set_ylabel("final average mAP (test)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report_phase(args) -> str:
+    runs = collect(args)
+    if not runs.get("seeds"):
+        runner.usage_error(PROG, f"no complete runs under {args.runs / 'seeds'}: run --phase seeds first")
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot_curve(runs, args.seeds, args.out / "accuracy_cost.png")
+    lines = ["# MCL-FIR where the encoder must adapt: the paper's claims, tested", "",
+             f"`{args.config.name}`, test split, seeds {', '.join(map(str, args.seeds))} (each seed also draws the "
+             "queries), paired by seed. The gate: GATE.md; the search: TUNING.md. Each claim's verdict follows its "
+             "test; p values are corrected with Holm's method over every tested claim.", "",
+             *main_table(runs, args.seeds), "", *claims_table(claim_rows(runs, args.seeds)), "",
+             "![accuracy against cost](accuracy_cost.png)", ""]
+    for phase, found in runs.items():
+        (args.out / "runs" / phase).mkdir(parents=True, exist_ok=True)
+        for name in found:
+            shutil.copyfile(args.runs / phase / name / "results.json", args.out / "runs" / phase / f"{name}.json")
+    text = "\n".join(lines)
+    atomic_write_text(args.out / "README.md", text)
+    return text
+
+
+PHASES = {"seeds": seeds_phase, "budget": budget_phase, "orders": orders_phase, "noise": noise_phase}
+
+
 # ---------------------------------------------------------------- command line
 
 def parse_args(argv=None):
     ap = runner.Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--phase", choices=["gate", "tune"], required=True)
+    ap.add_argument("--phase", choices=["gate", "tune", *PHASES, "report"], required=True)
     ap.add_argument("--trials", type=int, default=8, help="tune: validation trials per method")
     ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     ap.add_argument("--config", type=Path, default=ROOT / "configs/fpi96_cpu.yaml")
@@ -264,6 +558,10 @@ def main(argv=None) -> int:
     try:
         if args.phase == "gate":
             print(write_gate(args, gate_runs(args)))
+        elif args.phase == "report":
+            print(report_phase(args))
+        elif args.phase in PHASES:
+            PHASES[args.phase](args, load_chosen(args.out, args.methods))
         else:
             record = tune(args)
             print("\n".join(f"{m}: {r['chosen']} val {100 * r['chosen_val_map']:.2f}"

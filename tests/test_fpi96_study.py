@@ -87,3 +87,57 @@ def test_tune_gives_every_method_the_same_trials_on_the_first_three_increments(t
     assert set(record["methods"]["mclfir"]["chosen"]) == {k for k, _ in study.KNOBS["mclfir"]}
     text = (tmp_path / "o" / "TUNING.md").read_text()
     assert "## static_frozen" in text and "**" in text
+
+
+def _full(avg, forgetting=0.01, seconds=(10.0,) * 6, estimated=False):
+    cost = [{"train_seconds": s, "estimated": estimated and i < len(seconds) - 1} for i, s in enumerate(seconds)]
+    return {"complete": True, "final": {"average_map": avg}, "metrics": [{"average_forgetting": forgetting}],
+            "cost": cost}
+
+
+def test_the_report_tests_each_claim_with_holm_from_the_runs(tmp_path):
+    import json
+    runs = tmp_path / "runs"
+
+    def put(phase, name, res):
+        (runs / phase / name).mkdir(parents=True)
+        (runs / phase / name / "results.json").write_text(json.dumps(res))
+    jitter = (0.0, 0.003, -0.002)
+    for s, j in enumerate(jitter):
+        put("seeds", f"mclfir_s{s}", _full(0.560 + j, 0.005, (10.0,) * 6))
+        put("seeds", f"lwf_s{s}", _full(0.556 + j, 0.006))
+        put("seeds", f"finetune_s{s}", _full(0.530 + j, 0.04))
+        # static: seed 0 ran every retraining (cost 10, 20, ... 60 s); the others only the last (estimated before)
+        put("seeds", f"static_train_s{s}", _full(0.5605 + j + 0.001 * s, 0.0, tuple(10.0 * (i + 1) for i in range(6)),
+                                                estimated=s > 0))
+        put("seeds", f"static_frozen_s{s}", _full(0.540 + j, 0.0, (5.0,) * 6, estimated=True))
+        for f, gain in zip(study.BUDGETS, (-0.03, -0.01, 0.004)):
+            put("budget", f"static_train_x{f:g}_s{s}", _full(0.5605 + j + gain, 0.0, (0,) * 5 + (60.0 * f,), True))
+        for m, drop in (("mclfir", 0.010), ("lwf", 0.012), ("finetune", 0.02), ("static_train", 0.011 + 0.001 * s)):
+            base = {"mclfir": 0.560, "lwf": 0.556, "finetune": 0.530, "static_train": 0.5605 + 0.001 * s}[m]
+            put("noise", f"{m}_noisy_s{s}", _full(base + j - drop))
+    for o, j in zip(study.ORDERS, (0.004, -0.006)):
+        for m, base in (("mclfir", 0.560), ("lwf", 0.556), ("finetune", 0.528), ("static_train", 0.56)):
+            put("orders", f"{m}_{o}_s0", _full(base + j))
+    args = study.parse_args(["--phase", "report", "--runs", str(runs), "--out", str(tmp_path / "out")])
+    text = study.report_phase(args)
+    claims = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    comparable = claims["Comparable to static retraining (trainable encoder)"]
+    assert "TOST" in comparable and comparable.endswith("| equivalent |")     # -0.1 to -0.3 points, tight
+    cost = claims["At most 35% of static-cumulative's training cost"]
+    assert "28.6-28.6%" in cost and cost.endswith("| holds |")                # 60 s of 210 s for every seed
+    assert claims["MCL-FIR against finetune"].endswith("| above |")
+    assert "Holm" in text and text.count("| p (Holm) |") == 1
+    assert any(k.startswith("Accuracy against cost") for k in claims)
+    assert any(k.startswith("Messy data") for k in claims) and any(k.startswith("Order:") for k in claims)
+    mclfir_row = next(line for line in text.splitlines() if line.startswith("| mclfir | 3 |"))
+    assert "56.03 ± 0.25" in mclfir_row
+    assert (tmp_path / "out" / "accuracy_cost.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "runs" / "noise" / "mclfir_noisy_s1.json").is_file()
+
+
+def test_interpolation_on_the_cost_curve_is_linear_in_log_cost():
+    curve = [(10.0, 0.50), (40.0, 0.56), (20.0, 0.54)]
+    assert study.interpolate(curve, 20.0) == pytest.approx(0.54)
+    assert study.interpolate(curve, 20.0 * 2 ** 0.5) == pytest.approx(0.55)   # halfway in log between 20 and 40
+    assert study.interpolate(curve, 5.0) == 0.50 and study.interpolate(curve, 99.0) == 0.56
