@@ -1,6 +1,7 @@
 """bf16 + channels_last against fp32 on the embedded default, paired by seed: final average mAP, forgetting and
 training speed per seed, the paired difference with its 95% interval, TOST against +-1 point, and the
-bench.step table. Reads RUNS/{fp32,bf16}_s<seed>/results.json and RUNS/bench.txt (scripts/precision_parity.sh)."""
+bench.step tables. Reads RUNS/{fp32,bf16}_s<seed>/results.json and RUNS/bench_<name>.txt
+(scripts/precision_parity.sh)."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +14,9 @@ from mclfir_dist.evaluation.stats import p_text, paired, tost_paired
 from mclfir_dist.utils.io import atomic_write_text
 
 MARGIN = 0.01   # one mAP point: the "no worse than seed noise" bar a precision change must meet
+BENCHES = {"demo": ("the demo (ResNet-18, 64 px, mclfir)", 30),
+           "fpi96": ("the real-photo study (EfficientNet-Lite0, 96 px, mclfir)", 10)}
+CONFIGS = {"demo": "configs/debug_cpu.yaml", "fpi96": "configs/fpi96_cpu.yaml"}
 
 
 def load(runs: Path) -> dict:
@@ -32,7 +36,7 @@ def speed(r: dict) -> tuple:
     return seconds, sum(c["images_seen"] for c in r["cost"]) / seconds
 
 
-def report(found: dict, bench: str) -> str:
+def report(found: dict, bench: dict) -> str:
     seeds = sorted(set(found["fp32"]) & set(found["bf16"]))
     if len(seeds) < 2:
         raise SystemExit(f"error: {len(seeds)} seed(s) with both settings; the paired test needs 2 or more")
@@ -63,11 +67,25 @@ def report(found: dict, bench: str) -> str:
               f"[{100 * eq.low:+.2f}, {100 * eq.high:+.2f}]): **{eq.verdict()}** ({p_text(eq.p)}).", "",
               f"**Training speed:** bf16 + channels_last trained {min(ratios):.2f}-{max(ratios):.2f}x faster than "
               f"fp32 (training seconds per run; mean {sum(ratios) / len(ratios):.2f}x).", ""]
-    if bench:
-        lines += ["## bench.step on this machine", "", "`python -m mclfir_dist.bench.step --config "
-                  "configs/debug_cpu.yaml --compare-precision --steps 30 --warmup 5` (each setting in its own "
-                  "process; images/s and the ratio against fp32 without channels_last):", "", "```", bench, "```", ""]
+    for name, (what, steps) in BENCHES.items():
+        if name in bench:
+            lines += [f"## bench.step: {what}", "", f"`python -m mclfir_dist.bench.step --config {CONFIGS[name]} "
+                      f"--compare-precision --steps {steps} --warmup 3` (each setting in its own process; images/s "
+                      "and the ratio against fp32 without channels_last; the `step` column is the engine's whole "
+                      "training step):", "", "```", bench[name], "```", "", fastest(bench[name]), ""]
     return "\n".join(lines)
+
+
+def fastest(table: str) -> str:
+    """The setting with the fastest engine step in a --compare-precision table, in words."""
+    rows = {}
+    for line in table.splitlines()[1:]:
+        name, numbers = line[:24].strip(), line[24:].split()
+        if len(numbers) >= 3:
+            rows[name] = float(numbers[1])
+    best = max(rows, key=rows.get)
+    return (f"Fastest training step here: **{best}**, {rows[best] / rows['fp32']:.2f}x fp32's; "
+            + ", ".join(f"{k} {v / rows['fp32']:.2f}x" for k, v in rows.items() if k not in ("fp32", best)) + ".")
 
 
 def main() -> None:
@@ -77,11 +95,12 @@ def main() -> None:
     args = ap.parse_args()
     runs, out = Path(args.runs), Path(args.out)
     found = load(runs)
-    bench_file = runs / "bench.txt"
-    bench = ""
-    if bench_file.exists():
-        text = bench_file.read_text()
-        bench = text[text.index("\nsetting"):].strip() if "\nsetting" in text else ""
+    bench = {}
+    for name in BENCHES:
+        path = runs / f"bench_{name}.txt"
+        text = path.read_text() if path.is_file() else ""
+        if "\nsetting" in text:
+            bench[name] = text[text.index("\nsetting"):].strip()
     text = report(found, bench)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     for setting, by_seed in found.items():

@@ -185,3 +185,27 @@ def test_requeue_reports_scontrols_answer_though_slurm_signals_it(tmp_path, monk
     assert stop.requeue() == expected
     assert (tmp_path / "args").read_text().split() == ["requeue", "41"]
     assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN   # ignored in scontrol only, not here
+
+
+def test_a_run_killed_with_kill_9_resumes_at_once_though_its_loader_worker_lives_on(reference, tmp_path):
+    """The loader worker (a forked child) used to inherit the lock's descriptor and kept the run locked while it
+    outlived its killed parent: the resume right after `kill -9` was refused."""
+    run = tmp_path / "run"
+    first = subprocess.Popen(command(run, reference / "shards", False, "data.num_workers=1"), cwd=ROOT, env=env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        for line in first.stdout:   # a step logged: the loader's worker is up
+            if " step " in line:
+                break
+        workers = subprocess.run(["pgrep", "-P", str(first.pid)], capture_output=True, text=True).stdout.split()
+        assert workers, "no loader worker"
+        for pid in workers:
+            os.kill(int(pid), signal.SIGSTOP)   # it cannot notice its parent's death and exit
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        p = subprocess.run(command(run, reference / "shards", False, "data.num_workers=1"), cwd=ROOT, env=env(),
+                           capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]   # not "being written by ... pid <the dead one>"
+        assert json.loads((run / "results.json").read_text())["complete"]
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)

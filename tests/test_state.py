@@ -1,4 +1,5 @@
 """The run state's saving rules (training/state.py), without a run: when a partial checkpoint is due."""
+import os
 from types import SimpleNamespace
 
 from mclfir_dist.training.state import RunState
@@ -34,3 +35,46 @@ def test_a_lock_path_that_cannot_be_a_file_is_one_named_error(tmp_path):
         RunLock(tmp_path / "run").acquire()
     with RunLock(tmp_path / "other") as lock:   # and a normal one records its holder
         assert "pid" in lock.path.read_text()
+
+
+def test_a_link_planted_at_the_lock_is_refused_and_its_target_untouched(tmp_path):
+    import pytest
+
+    from mclfir_dist.errors import OutputError
+    from mclfir_dist.training.lock import RunLock
+    victim = tmp_path / "notes.txt"
+    victim.write_text("the user's own file\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").symlink_to(victim)
+    with pytest.raises(OutputError, match="symbolic link"):
+        RunLock(tmp_path / "run").acquire()
+    assert victim.read_text() == "the user's own file\n"
+
+
+def test_a_forked_child_does_not_keep_the_lock_after_its_parent_is_killed(tmp_path):
+    """A loader worker outliving a `kill -9`ed run held its lock for seconds and refused the resume."""
+    import signal
+    import subprocess
+    import sys
+
+    from mclfir_dist.training.lock import RunLock
+    script = f"""
+import multiprocessing as mp, os, signal, sys, time
+from mclfir_dist.training.lock import RunLock
+RunLock({str(tmp_path / 'run')!r}).acquire()
+child = mp.get_context("fork").Process(target=time.sleep, args=(60,))
+child.start()
+open({str(tmp_path / 'child')!r}, "w").write(str(child.pid))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    # no pipes: the child would hold them open and the wait would last its 60 s
+    p = subprocess.run([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       timeout=60)
+    assert p.returncode == -signal.SIGKILL
+    child = int((tmp_path / "child").read_text())
+    try:
+        os.kill(child, 0)                     # the child lives on
+        with RunLock(tmp_path / "run") as lock:   # and the lock is free at once
+            assert f"pid {os.getpid()}" in lock.path.read_text()
+    finally:
+        os.kill(child, signal.SIGKILL)
