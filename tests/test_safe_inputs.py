@@ -76,3 +76,46 @@ def test_a_run_without_trackers_finishes(tiny_shards, tmp_path):
     res = train(cfg, tmp_path / "r")
     assert res["complete"] and (tmp_path / "r" / "checkpoints" / "increment_01.pt").is_file()
     assert not (tmp_path / "r" / "tensorboard").exists()
+
+
+def test_an_animated_gif_decodes_its_first_frame_only(tmp_path):
+    """A 20-frame GIF of 3000 x 3000 is a few kB; decoding every frame (as torchvision does) took 540 MB,
+    growing with the frame count. Only frame 0 is decoded now: the memory of one frame."""
+    import io
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from conftest import ROOT
+    from mclfir_dist.data.images import decode_any
+    frames = [Image.new("P", (3000, 3000), color=i) for i in range(20)]
+    for i, f in enumerate(frames):
+        f.putpalette([(7 * i) % 256, 0, 0] * 256)
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=50)
+    (tmp_path / "anim.gif").write_bytes(buf.getvalue())
+    assert len(buf.getvalue()) < 200_000
+    small = io.BytesIO()   # the first frame's pixels come back, not another frame's
+    Image.new("RGB", (8, 6), (200, 10, 10)).save(small, format="GIF", save_all=True,
+                                                 append_images=[Image.new("RGB", (8, 6), (10, 200, 10))])
+    img = decode_any(small.getvalue())
+    assert tuple(img.shape) == (3, 6, 8) and img[0].float().mean() > 150 and img[1].float().mean() < 50
+    # peak RSS of the decoding alone: the child resets its high-water mark first (a forked child inherits the
+    # parent's ru_maxrss, and pytest's is high), then reads VmHWM against its RSS before decoding
+    script = f"""
+import re, sys
+sys.path.insert(0, {str(ROOT)!r})
+from mclfir_dist.data.images import decode_any
+data = open({str(tmp_path / 'anim.gif')!r}, "rb").read()
+kb = lambda key: int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+open("/proc/self/clear_refs", "w").write("5")
+before = kb("VmRSS")
+img = decode_any(data)
+print(tuple(img.shape), (kb("VmHWM") - before) // 1024)
+"""
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    shape, grown_mb = p.stdout.rsplit(" ", 1)
+    assert shape.strip() == "(3, 3000, 3000)"
+    assert int(grown_mb) < 200, f"decoding grew memory by {grown_mb} MB"   # one RGB frame is 27 MB

@@ -75,16 +75,27 @@ def decode_any(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tenso
     try:
         with Image.open(io.BytesIO(data)) as im:
             width, height = im.size
+            check_pixels(height, width, max_pixels)
+            if getattr(im, "is_animated", False):   # torchvision would decode every frame: PIL decodes the first
+                return _first_frame(im)
+    except ImageRejected:
+        raise
     except Image.DecompressionBombError as e:
         raise ImageRejected(f"over the pixel limit ({e})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageRejected(f"not an image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    check_pixels(height, width, max_pixels)
     try:
         image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError as e:
         raise ImageRejected(f"image does not decode ({_reason(e)})") from None
-    return image[0] if image.dim() == 4 else image   # an animated GIF decodes to frames: its first one
+    return image[0] if image.dim() == 4 else image
+
+
+def _first_frame(im) -> torch.Tensor:
+    """Frame 0 of an animation (GIF, APNG, WebP) as RGB uint8 C x H x W; no other frame is decoded."""
+    import numpy as np
+    im.seek(0)
+    return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
 
 
 def decode(jpeg: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
