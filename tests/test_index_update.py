@@ -154,3 +154,42 @@ def test_misuse_is_one_line(test_emb, tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "error" in err[0], (argv, err)
+
+
+def test_links_planted_in_an_index_folder_are_replaced_never_written_through(test_emb, tmp_path):
+    """A link at the old fixed temp name (.colour.faiss.tmp) or at a destination (keys.txt) used to be written
+    through: its target was overwritten. Now every file is a fresh temp file renamed over the name."""
+    import shutil
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    index = tmp_path / "idx"
+    assert main(["index", "--embeddings", str(test_emb), "--out", str(index)]) == 0
+    attribute = json.loads((index / "index.json").read_text())["attributes"].popitem()[0]
+    (index / f".{attribute}.faiss.tmp").symlink_to(victim)
+    key = (test_emb / "keys.txt").read_text().split()[0]
+    assert main(["index", "update", "--index", str(index), "--remove", key]) == 0
+    fresh = tmp_path / "idx2"
+    fresh.mkdir()
+    (fresh / "keys.txt").symlink_to(victim)
+    assert main(["index", "--embeddings", str(test_emb), "--out", str(fresh)]) == 0
+    assert victim.read_text() == "precious\n"
+    assert not (fresh / "keys.txt").is_symlink()
+    assert (fresh / "keys.txt").read_text() == (test_emb / "keys.txt").read_text()
+    shutil.rmtree(index)
+
+
+def test_a_key_listed_twice_is_refused_naming_both_lines(test_emb, tmp_path, capsys):
+    import shutil
+    emb = tmp_path / "emb"
+    shutil.copytree(test_emb, emb)
+    keys = (emb / "keys.txt").read_text().splitlines()
+    keys[3] = keys[1]
+    (emb / "keys.txt").write_text("".join(k + "\n" for k in keys))
+    capsys.readouterr()
+    assert main(["index", "--embeddings", str(emb), "--out", str(tmp_path / "idx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"key {keys[1]!r} on line 4 is already on line 2" in err and len(err.splitlines()) == 1
+    index = tmp_path / "good"
+    assert main(["index", "--embeddings", str(test_emb), "--out", str(index)]) == 0
+    assert main(["index", "update", "--index", str(index), "--embeddings", str(emb)]) == 2
+    assert "already on line 2" in capsys.readouterr().err

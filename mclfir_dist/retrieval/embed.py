@@ -284,7 +284,7 @@ def load_embeddings(folder: str | Path) -> dict:
     for a in expect(meta.get("attributes"), list, "attributes", folder / "embed.json", BadInputError):
         check_attribute(a, f"{folder / 'embed.json'}: attributes", BadInputError)
     labels = read_json(folder / "labels.json", dict, BadInputError) if (folder / "labels.json").is_file() else {}
-    keys = (folder / "keys.txt").read_text().splitlines()
+    keys = read_keys(folder / "keys.txt")
     locations = (folder / "locations.txt").read_text().splitlines() if (folder / "locations.txt").is_file() else []
     matrices = {a: _matrix(folder / f"{a}.npy", len(keys)) for a in meta["attributes"]}
     if locations and len(locations) != len(keys):
@@ -294,6 +294,19 @@ def load_embeddings(folder: str | Path) -> dict:
             raise BadInputError(f"{folder / 'labels.json'}: '{a}' must list one value per key ({len(keys)})")
     return {"meta": meta, "keys": keys, "locations": locations or [""] * len(keys), "labels": labels,
             "matrices": matrices}
+
+
+def read_keys(path: Path) -> List[str]:
+    """keys.txt's lines; a key listed twice is refused (search would return its item twice). Empty lines are
+    removed items of an index and may repeat."""
+    keys = path.read_text().splitlines()
+    seen: Dict[str, int] = {}
+    for row, key in enumerate(keys, 1):
+        if key and key in seen:
+            raise BadInputError(f"{path}: key {key!r} on line {row} is already on line {seen[key]} (keys must be "
+                                "unique)")
+        seen.setdefault(key, row)
+    return keys
 
 
 def _matrix(path: Path, rows: int) -> np.ndarray:

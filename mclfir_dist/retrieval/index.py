@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -23,10 +22,10 @@ import numpy as np
 
 from ..config import ConfigError
 from ..errors import BadInputError
-from ..utils.io import atomic_write_json, atomic_write_text
+from ..utils.io import atomic_write, atomic_write_json, atomic_write_text
 from ..utils.names import check_attribute
 from ..utils.jsonfile import read_json
-from .embed import load_embeddings
+from .embed import load_embeddings, read_keys
 
 log = logging.getLogger(__name__)
 KINDS = ("flat", "ivf", "hnsw")
@@ -63,10 +62,11 @@ def build_index(vectors: np.ndarray, kind: str = "flat", nlist: int = 0, nprobe:
 
 
 def _write_faiss(index, path: Path) -> None:
+    """Serialised in memory, then written like every output: a fresh temp file renamed over `path` (a link
+    planted at `path` or at a fixed temp name is replaced, never written through)."""
     import faiss
-    tmp = path.with_name(f".{path.name}.tmp")
-    faiss.write_index(index, str(tmp))
-    tmp.replace(path)
+    data = faiss.serialize_index(index)
+    atomic_write(path, lambda f: f.write(data.tobytes()))
 
 
 def _chosen(emb: dict, attributes: Optional[Sequence[str]], where: str) -> List[str]:
@@ -109,7 +109,8 @@ def index_catalogue(embeddings: str | Path, out: str | Path, kind: str = "flat",
         log.info("%s: %s index of %d vectors in %.2f s", attribute, kind, index.ntotal, seconds)
     for name in ("keys.txt", "locations.txt", "labels.json"):
         if (Path(embeddings) / name).is_file() and not keep:
-            shutil.copyfile(Path(embeddings) / name, out / name)
+            data = (Path(embeddings) / name).read_bytes()
+            atomic_write(out / name, lambda f, d=data: f.write(d))   # replaces a link at the destination
     meta = {"format": INDEX_FORMAT, "kind": kind, "params": {"nlist": nlist, "nprobe": nprobe, "hnsw_m": hnsw_m,
             "ef_search": ef_search}, "attributes": {**keep, **built}, "model_hash": hashes,
             "items": len(emb["keys"]), "embeddings": str(embeddings), "embed": emb["meta"]}
@@ -266,7 +267,7 @@ class CatalogueIndex:
             raise BadInputError(f"{self.folder / 'index.json'}: 'attributes' must be a mapping")
         for a in attributes:
             check_attribute(a, f"{self.folder / 'index.json'}: attributes", BadInputError)
-        self.keys = (self.folder / "keys.txt").read_text().splitlines()
+        self.keys = read_keys(self.folder / "keys.txt")
         self.locations = (self.folder / "locations.txt").read_text().splitlines() \
             if (self.folder / "locations.txt").is_file() else [""] * len(self.keys)
         self.labels = json.loads((self.folder / "labels.json").read_text()) \
