@@ -35,8 +35,11 @@ def test_the_gate_keeps_the_better_frozen_lr_and_passes_only_on_both_counts():
     assert v["best_frozen_lr"] == 1e-3                      # the frozen encoder gets its better lr
     assert v["difference"].mean == pytest.approx((2.0 + 2.4 + 1.9) / 3)
     assert v["passes"] and v["encoder_matters"] and v["finetune_forgets"]
+    del runs["static_frozen_lr0.0005", 1], runs["static_frozen_lr0.0005", 2]   # run on the first seed only
+    assert study.gate_verdict(runs, seeds)["difference"].mean == pytest.approx((2.0 + 2.4 + 1.9) / 3)
     text = study.gate_report(runs, seeds, "configs/fpi96_cpu.yaml")
-    assert "**The gate passes.**" in text and "lr 0.001, the better of 0.0005, 0.001" in text
+    assert "**The gate passes.**" in text and "lr 0.001, the better of 0.0005, 0.001 on seed 0" in text
+    assert "| 1 | 56.50 | - | 54.10 | +2.40 |" in text
     # a frozen encoder within 1.5 points fails the gate, and the report says which part failed
     close = _runs([0.550, 0.552, 0.549], [0.530, 0.532, 0.529], [0.540, 0.541, 0.539], [0.03, 0.025, 0.04])
     v = study.gate_verdict(close, seeds)
@@ -141,3 +144,19 @@ def test_interpolation_on_the_cost_curve_is_linear_in_log_cost():
     assert study.interpolate(curve, 20.0) == pytest.approx(0.54)
     assert study.interpolate(curve, 20.0 * 2 ** 0.5) == pytest.approx(0.55)   # halfway in log between 20 and 40
     assert study.interpolate(curve, 5.0) == 0.50 and study.interpolate(curve, 99.0) == 0.56
+
+
+def test_the_gate_runs_the_frozen_lr_chosen_on_the_first_seed_only_there_after(tmp_path, monkeypatch):
+    started = []
+
+    def fake_run(config, out, overrides, log, prog):
+        started.append(out.name)
+        return _res(0.55 if "lr0.001" in out.name else 0.53, 0.03)
+
+    monkeypatch.setattr(study.runner, "run_train", fake_run)
+    args = study.parse_args(["--phase", "gate", "--runs", str(tmp_path / "r"), "--out", str(tmp_path / "o")])
+    runs = study.gate_runs(args)
+    assert started == ["static_train_s0", "static_frozen_lr0.0005_s0", "static_frozen_lr0.001_s0", "finetune_s0",
+                       "static_train_s1", "static_frozen_lr0.001_s1", "finetune_s1",
+                       "static_train_s2", "static_frozen_lr0.001_s2", "finetune_s2"]
+    assert study.gate_verdict(runs, [0, 1, 2])["best_frozen_lr"] == 1e-3
