@@ -401,6 +401,9 @@ def _add_serve(sub, formatter):
     v.add_argument("--max-k", type=int, default=100, help="most results one search may ask for")
     v.add_argument("--allow-other-model", action="store_true", help="serve an index embedded by other weights")
     v.add_argument("--access-log", action="store_true", help="log every request")
+    v.add_argument("--allowed-hosts", default="", metavar="NAMES",
+                   help="comma-separated host names the service answers besides the bound address (requests "
+                        "naming another Host are refused: DNS rebinding)")
 
 
 def cmd_serve(args) -> int:
@@ -410,7 +413,7 @@ def cmd_serve(args) -> int:
         raise ConfigError("--port is 1-65535; --max-k, --max-upload-mb and --max-pixels must be positive")
     serve(args.run, args.index, args.host, args.port,
           Limits(int(args.max_upload_mb * 1024 * 1024), args.max_pixels, args.max_k), args.allow_other_model,
-          args.access_log)
+          args.access_log, args.allowed_hosts.split(","))
     return 0
 
 

@@ -316,3 +316,36 @@ def test_the_serve_benchmark_runs_bounded_and_every_request_succeeds(run, tmp_pa
         assert level["key"]["failures"] == 0 and level["upload"]["failures"] == 0
     assert row["in_process"]["key"]["n"] == 12 and row["cli"]["n"] == 1
     assert "| 300 | key | HTTP | 4 |" in (tmp_path / "bench.md").read_text()
+
+
+def test_a_foreign_host_header_is_refused_dns_rebinding(server):
+    """A page on attacker.example that rebinds its name to 127.0.0.1 sends Host: attacker.example: refused
+    (421) before any route runs; the loopback names the server is bound to are answered."""
+    port = server.rsplit(":", 1)[1]
+    status, _, body = request(server + "/items", headers={"Host": f"attacker.example:{port}"})
+    assert status == 421 and "attacker.example" in json.loads(body)["error"]
+    for name in (f"localhost:{port}", f"127.0.0.1:{port}"):
+        assert request(server + "/health", headers={"Host": name})[0] == 200
+
+
+def test_allowed_hosts_follow_the_bound_address_and_the_flag():
+    import asyncio
+
+    from mclfir_dist.serve.inputs import HostCheck, allowed_hosts, host_name
+    assert host_name("[::1]:8000") == "::1" and host_name("Shop.Example:80") == "shop.example"
+    assert allowed_hosts("127.0.0.1") == {"127.0.0.1", "localhost", "::1"}
+    assert allowed_hosts("10.0.0.5", ["shop.example"]) == {"10.0.0.5", "shop.example"}
+    assert allowed_hosts("0.0.0.0") is None and allowed_hosts("0.0.0.0", ["shop.example", ""]) == {"shop.example"}
+    sent = []
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    async def send(message):
+        sent.append(message)
+
+    check = HostCheck(app, allowed_hosts("0.0.0.0", ["shop.example"]))
+    for host, status in ((b"shop.example:8000", 200), (b"evil.example", 421), (b"", 421)):
+        sent.clear()
+        asyncio.run(check({"type": "http", "headers": [(b"host", host)]}, None, send))
+        assert sent[0]["status"] == status, host

@@ -19,15 +19,17 @@ from ..retrieval.api import Retriever
 from ..version import __version__
 from .batcher import EmbedBatcher
 from ..retrieval.images import CatalogueImages, media_type
-from .inputs import BodyLimit, HTTPError, Limits, SearchRequest, check_key, read_search
+from .inputs import (LOOPBACK, BodyLimit, HostCheck, HTTPError, Limits, SearchRequest, allowed_hosts,
+                     check_key, read_search)
 
 log = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("static") / "index.html"
 MAX_LABEL_VALUES = 500   # per column in GET /attributes: enough for any filter menu
 
 
-def build_app(retriever: Retriever, limits: Limits = Limits()) -> FastAPI:
-    """The service over a Retriever that has an index (and a model, for uploads)."""
+def build_app(retriever: Retriever, limits: Limits = Limits(), hosts: Optional[frozenset] = None) -> FastAPI:
+    """The service over a Retriever that has an index (and a model, for uploads); with `hosts`, only requests
+    whose Host header names one of them are answered."""
     cat = retriever.catalogue
     retriever.max_pixels = min(retriever.max_pixels or limits.max_pixels, limits.max_pixels)
     images = CatalogueImages(cat)
@@ -46,6 +48,8 @@ def build_app(retriever: Retriever, limits: Limits = Limits()) -> FastAPI:
     _errors(app)
     _routes(app, retriever, images, batcher, limits)
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+    if hosts is not None:
+        app.add_middleware(HostCheck, hosts=hosts)   # added last: runs first
     return app
 
 
@@ -181,11 +185,8 @@ def _one_thread_search(retriever: Retriever, *args):
     return retriever.search(*args)
 
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
 def serve(run: Optional[str], index: str, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits(),
-          allow_other_model: bool = False, access_log: bool = False) -> None:
+          allow_other_model: bool = False, access_log: bool = False, extra_hosts=()) -> None:
     """`mclfir serve`: load once, then answer until SIGINT/SIGTERM."""
     import socket
     import uvicorn
@@ -197,9 +198,12 @@ def serve(run: Optional[str], index: str, host: str = "127.0.0.1", port: int = 8
             raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e} (another server? try --port)") \
                 from None
     retriever = Retriever.from_run(run, index, allow_other_model) if run else Retriever.from_index(index)
-    app = build_app(retriever, limits)
+    hosts = allowed_hosts(host, extra_hosts)
+    app = build_app(retriever, limits, hosts)
     if host not in LOOPBACK:
         log.warning("listening on %s: reachable from other machines, and the service has no authentication", host)
+    if hosts is None:
+        log.warning("bound to every address with no --allowed-hosts: any Host header is answered")
     print(f"serving {len(retriever.catalogue._row)} items ({', '.join(retriever.catalogue.meta['attributes'])}) "
           f"from {index} on http://{'[' + host + ']' if ':' in host else host}:{port}/  (Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=access_log)

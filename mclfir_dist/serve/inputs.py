@@ -72,6 +72,47 @@ class BodyLimit:
         return await self.app(scope, counted, send)
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+ANY_ADDRESS = ("0.0.0.0", "::", "")
+
+
+def host_name(header: str) -> str:
+    """The host of a Host header, without its port: 'a.b:80' -> 'a.b', '[::1]:80' -> '::1'."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def allowed_hosts(bound: str, extra=()) -> Optional[frozenset]:
+    """The Host names a server bound to `bound` answers: the bound address (every loopback name when it is a
+    loopback one) and `extra` (--allowed-hosts). None, for a server bound to every address with no list,
+    answers any (it cannot know the names it is reached by)."""
+    names = {host_name(h) for h in extra if h.strip()}
+    if bound in ANY_ADDRESS and not names:
+        return None
+    if bound not in ANY_ADDRESS:
+        names |= set(LOOPBACK) if bound in LOOPBACK else {host_name(bound)}
+    return frozenset(names)
+
+
+class HostCheck:
+    """ASGI middleware: a request whose Host header is not one the server answers to is refused (421) before
+    any route runs; a page elsewhere that rebinds its own name to 127.0.0.1 cannot read this service."""
+
+    def __init__(self, app, hosts: frozenset):
+        self.app, self.hosts = app, hosts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        header = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+        if host_name(header) not in self.hosts:
+            return await _send_error(send, 421, f"Host {header[:100]!r} is not served here (allowed: "
+                                     f"{', '.join(sorted(self.hosts))}; mclfir serve --allowed-hosts adds names)")
+        return await self.app(scope, receive, send)
+
+
 async def _send_error(send, status: int, message: str) -> None:
     body = json.dumps({"error": message}).encode()
     await send({"type": "http.response.start", "status": status,
