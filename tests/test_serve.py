@@ -349,3 +349,32 @@ def test_allowed_hosts_follow_the_bound_address_and_the_flag():
         sent.clear()
         asyncio.run(check({"type": "http", "headers": [(b"host", host)]}, None, send))
         assert sent[0]["status"] == status, host
+
+
+def test_only_image_bytes_leave_the_service_whatever_locations_txt_names(catalogue, tmp_path):
+    """A hostile locations.txt naming a secret (directly, or through a link dressed as an image) got its bytes
+    back with 200; now only bytes with an image's magic and a parsable header are served, and a refusal names
+    no path."""
+    import shutil
+    index, query_jpg, _ = catalogue
+    hostile = tmp_path / "idx"
+    shutil.copytree(index, hostile)
+    meta = json.loads((hostile / "index.json").read_text())
+    meta["embed"]["source"] = {}   # locations are file paths, not shard names
+    (hostile / "index.json").write_text(json.dumps(meta))
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0 the secret\n")
+    (tmp_path / "photo.jpg").symlink_to(secret)
+    keys = (hostile / "keys.txt").read_text().splitlines()
+    rows = [str(secret), str(tmp_path / "photo.jpg"), str(query_jpg)] + [""] * (len(keys) - 3)
+    (hostile / "locations.txt").write_text("".join(r + "\n" for r in rows))
+    proc, url = start_server(None, hostile)
+    try:
+        for key in keys[:2]:
+            status, _, body = request(f"{url}/items/{key}/image")
+            assert status == 404 and b"secret" not in body and str(tmp_path).encode() not in body, body
+        status, headers, body = request(f"{url}/items/{keys[2]}/image")
+        assert status == 200 and headers["content-type"] == "image/jpeg" and body == query_jpg.read_bytes()
+    finally:
+        out = stop_server(proc)
+    assert "Traceback" not in out

@@ -23,6 +23,22 @@ def media_type(data: bytes) -> Optional[str]:
     return next((t for magic, t in MAGIC if data.startswith(magic)), None)
 
 
+def image_type(data: bytes) -> Optional[str]:
+    """The media type of bytes that are an image: known magic bytes and a header PIL parses (no pixel is
+    decoded); None for anything else (a text file a hostile locations.txt points at)."""
+    kind = media_type(data)
+    if kind is None:
+        return None
+    import io
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
+        return None
+    return kind if width > 0 and height > 0 else None
+
+
 class CatalogueImages:
     def __init__(self, catalogue: CatalogueIndex):
         self.catalogue = catalogue

@@ -18,7 +18,7 @@ from ..errors import BadInputError, ConfigError
 from ..retrieval.api import Retriever
 from ..version import __version__
 from .batcher import EmbedBatcher
-from ..retrieval.images import CatalogueImages, media_type
+from ..retrieval.images import CatalogueImages, image_type
 from .inputs import (LOOPBACK, BodyLimit, HostCheck, HTTPError, Limits, SearchRequest, allowed_hosts,
                      check_key, read_search)
 
@@ -132,8 +132,10 @@ def _routes(app: FastAPI, retriever: Retriever, images: CatalogueImages, batcher
     async def item(rest: str):
         if rest.endswith("/image") and rest not in cat._row:
             key = check_key(cat, rest[:-len("/image")])
-            data = await run_in_threadpool(images.read, key)
-            return Response(data, media_type=media_type(data) or "application/octet-stream",
+            data, kind = await run_in_threadpool(_image_or_none, images, key)
+            if kind is None:   # only image bytes leave the service, and no path is named
+                raise HTTPError(404, f"item {key!r} has no image to serve")
+            return Response(data, media_type=kind,
                             headers={"cache-control": "max-age=3600", "x-content-type-options": "nosniff"})
         return _item(cat, check_key(cat, rest))
 
@@ -148,6 +150,20 @@ def _routes(app: FastAPI, retriever: Retriever, images: CatalogueImages, batcher
                              "seconds": round(time.perf_counter() - started, 4),
                              "hits": [{"rank": h.rank, "key": h.key, "score": round(h.score, 6), "values": h.values,
                                        "image": f"/items/{h.key}/image"} for h in hits]})
+
+
+def _image_or_none(images: CatalogueImages, key: str) -> tuple:
+    """(bytes, media type) of an item's image, or (b"", None) when it is missing or not an image (the server
+    log names the path; the reply does not)."""
+    try:
+        data = images.read(key)
+    except FileNotFoundError as e:
+        log.warning("GET image of %r: %s", key, e)
+        return b"", None
+    kind = image_type(data)
+    if kind is None:
+        log.warning("GET image of %r: the file its location names is not an image; refused", key)
+    return data, kind
 
 
 def _item(cat, key: str) -> dict:
