@@ -90,3 +90,35 @@ def test_trainer_runs_the_scaled_plan_and_saves_the_effective_config(tiny_shards
     resumed = load_config(tmp_path / "run" / "config.yaml")   # what --resume reads: nothing scaled twice
     assert resumed.train.steps_per_increment == 15 and resumed.train.reference_batch_doublets == 16
     assert scale_to_global_batch(resumed, world=1)[1] is None
+
+
+def test_a_new_reference_batch_cannot_carry_a_changed_lr_past_the_resume_check(tiny_shards, tmp_path):
+    """`--resume RUN optim.lr=5` was refused, but adding train.reference_batch_doublets=32 let it through (the
+    batch-scaled keys were skipped whenever the reference changed), and the run's files then said lr 5 for
+    increments trained at 0.001. The check now compares what the user asked for, before scaling."""
+    from mclfir_dist.training.engine import train
+    base = tiny_train_overrides(tiny_shards, steps=3, increments="[{name: a, attributes: [colour]}]") + [
+        "eval.grid_queries=0", "eval.frozen_baseline=false"]
+    assert train(load_config(ROOT / "configs/debug_cpu.yaml", base), tmp_path / "r")["complete"]
+    for extra in (["optim.lr=5"], ["optim.lr=5", "train.reference_batch_doublets=32"],
+                  ["train.reference_batch_doublets=32"]):
+        with pytest.raises(ConfigError, match="changes what the run computes") as e:
+            train(load_config(ROOT / "configs/debug_cpu.yaml", base + extra), tmp_path / "r", resume=True)
+        assert ("optim.lr" in str(e.value)) == ("optim.lr=5" in extra)
+    assert train(load_config(ROOT / "configs/debug_cpu.yaml", base), tmp_path / "r", resume=True)["complete"]
+
+
+def test_a_scaled_run_resumes_from_its_own_config_yaml_and_from_the_original(tiny_shards, tmp_path):
+    """Both configs a user may resume with: the original (scaled again at start) and config.yaml (the saved
+    effective one, what `--resume RUN` reads); a changed lr is refused with either."""
+    from mclfir_dist.training.engine import train
+    base = tiny_train_overrides(tiny_shards, steps=6, increments="[{name: a, attributes: [colour]}]") + [
+        "eval.grid_queries=0", "eval.frozen_baseline=false", "train.reference_batch_doublets=8"]
+    original = load_config(ROOT / "configs/debug_cpu.yaml", base)
+    assert train(original, tmp_path / "r")["complete"]
+    saved = tmp_path / "r" / "config.yaml"
+    assert load_config(saved).train.reference_batch_doublets == 16   # effective: 16 doublets a step
+    assert train(original, tmp_path / "r", resume=True)["complete"]
+    assert train(load_config(saved), tmp_path / "r", resume=True)["complete"]
+    with pytest.raises(ConfigError, match="optim.lr"):
+        train(load_config(saved, ["optim.lr=5"]), tmp_path / "r", resume=True)

@@ -66,8 +66,9 @@ class IncrementSession:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | Path, runtime: Runtime, data: PreparedData,
-                 batch_scaling: Optional[dict] = None, resume: bool = False):
+                 batch_scaling: Optional[dict] = None, resume: bool = False, requested: Optional[RunConfig] = None):
         self.cfg, self.run_dir, self.runtime, self.data = cfg, Path(run_dir), runtime, data
+        self.requested = requested or cfg   # what the user asked for, before the batch scaling
         self.evaluator = Evaluator(cfg, runtime, data.manifests, data.attribute_manifest, data.loader, self.run_dir)
         seed_everything(cfg.train.seed)  # same initial weights on every rank (the teacher copies them)
         self.model: MCLFIRModel = self._build_model()
@@ -98,15 +99,16 @@ class Trainer:
         """Processes, the batch scaling for their global batch, the data, then the trainer."""
         runtime = Runtime(cfg, run_dir)
         runtime.views = check_run_dir(run_dir, resume)   # every rank sees the run (and knows its node)
+        requested = cfg
         cfg, scaling = scale_to_global_batch(cfg, runtime.world)   # steps, lr, EMA decay for this global batch
         if scaling:
             log.info("batch scaling: %s", describe_scaling(scaling))
         if runtime.is_main:
             ensure_writable_dir(run_dir)   # a read-only or full --out fails here, before any work
-        return cls(cfg, run_dir, runtime, prepare_data(cfg, runtime), scaling, resume)
+        return cls(cfg, run_dir, runtime, prepare_data(cfg, runtime), scaling, resume, requested)
 
     def parts(self) -> RunParts:
-        return RunParts(self.cfg, self.model, self.method, self.record, self.progress.global_step)
+        return RunParts(self.cfg, self.model, self.method, self.record, self.progress.global_step, self.requested)
 
     @property
     def images_per_step(self) -> int:

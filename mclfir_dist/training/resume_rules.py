@@ -52,12 +52,14 @@ def check_increments(saved: List[dict], new: List[dict], where: str) -> Optional
     return len(saved) if len(new) > len(saved) else None
 
 
-def check_resume(saved: dict, cfg: RunConfig, where: str) -> Optional[int]:
-    """Refuse a config that changes the run's results; return the first new increment of an extension."""
+def check_resume(saved: dict, cfg: RunConfig, where: str, scaled: bool = True) -> Optional[int]:
+    """Refuse a config that changes the run's results; return the first new increment of an extension.
+    scaled=False: both are what the user asked for, before batch scaling, so every key is compared (the
+    batch-scaled keys too: a new train.reference_batch_doublets cannot carry a new lr past the check)."""
     new = to_dict(cfg)
     first_new = check_increments(saved["train"]["increments"], new["train"]["increments"], where)
     old_flat, new_flat = _flat(saved), _flat(new)
-    rescaled = cfg.train.reference_batch_doublets > 0 and \
+    rescaled = scaled and cfg.train.reference_batch_doublets > 0 and \
         old_flat.get("train.reference_batch_doublets") != new_flat.get("train.reference_batch_doublets")
     differ = []
     for key, value in new_flat.items():

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import RunConfig, to_dict
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..evaluation.record import RunRecord
 from .checkpoint import Checkpointer, ResumePoint, load_zero_optimizer_state, restore_model, zero_optimizer_state
 from .resume_rules import check_resume, config_hash
@@ -32,6 +32,7 @@ class RunParts:
     method: object          # methods.Method
     record: RunRecord
     global_step: int
+    requested: Optional[RunConfig] = None   # the user's config before batch scaling (what a resume compares)
 
 
 @dataclass
@@ -68,7 +69,8 @@ class RunState:
         m = parts.model
         return {"increment": index, "global_step": parts.global_step, "heads": m.attributes,
                 "frozen": list(m.frozen), "model": m.state_dict(), "method": parts.method.state_dict(),
-                "config": to_dict(parts.cfg), "results": parts.record.state_dict(), "rng": rng_state()}
+                "config": to_dict(parts.cfg), "results": parts.record.state_dict(), "rng": rng_state(),
+                "requested_config": to_dict(parts.requested or parts.cfg)}
 
     # -- how: save ----------------------------------------------------------------------------
     def save_increment(self, index: int, parts: RunParts) -> None:
@@ -103,13 +105,28 @@ class RunState:
             self.files.remove_stale_temporaries()
 
     # -- how: load ----------------------------------------------------------------------------
+    def _check_config(self, state: dict, parts: RunParts) -> Optional[int]:
+        """What the user asked for now must be what the run was asked for (its original config) or the run's
+        saved effective config (config.yaml, which `--resume RUN` reads), every key compared, the batch-scaled
+        ones too. A checkpoint from before requested_config: the effective configs, scaled keys left out."""
+        asked = f"--resume {self.files.run_dir}"
+        if not isinstance(state.get("requested_config"), dict) or parts.requested is None:
+            return check_resume(state["config"], parts.cfg, asked)
+        try:
+            return check_resume(state["requested_config"], parts.requested, asked, scaled=False)
+        except ConfigError as first:
+            try:
+                return check_resume(state["config"], parts.requested, asked, scaled=False)
+            except ConfigError:
+                raise first from None
+
     def restore(self, parts: RunParts) -> Progress:
         """Load the newest good checkpoint into the parts (model, method, record, RNG)."""
         point: Optional[ResumePoint] = self.files.resume_point()
         if point is None:
             raise CheckpointError(f"--resume: no checkpoint under {self.files.dir}")
         state = point.state
-        first_new = check_resume(state["config"], parts.cfg, f"--resume {self.files.run_dir}")
+        first_new = self._check_config(state, parts)
         restore_model(parts.model, state)
         parts.record.load_state_dict(state["results"])
         if first_new is not None:
