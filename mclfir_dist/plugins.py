@@ -36,5 +36,7 @@ def import_plugins(names: Iterable[str]) -> List[str]:
         except ImportError as e:
             raise PluginError(f"config key 'plugins': cannot import {name!r} ({e}); put the module on "
                               "PYTHONPATH or install the package that holds it") from None
+        except Exception as e:   # the module imported but raised while running: named, not a traceback
+            raise PluginError(f"config key 'plugins': importing {name!r} raised {type(e).__name__}: {e}") from None
         loaded.append(name)
     return loaded

@@ -155,3 +155,14 @@ def test_a_plugin_that_does_not_import_is_one_line_and_exit_2(tmp_path, value):
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and "plugins" in err[0] and "Traceback" not in p.stderr, p.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_a_plugin_that_raises_while_importing_is_one_line_and_exit_2(tmp_path):
+    (tmp_path / "broken_plugin.py").write_text("raise RuntimeError('half-written plug-in')\n")
+    p = subprocess.run(mclfir("train", "--config", str(ROOT / "configs/debug_cpu.yaml"), "--out", str(tmp_path / "r"),
+                              "plugins=[broken_plugin]"), cwd=tmp_path, env=env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 2, p.stderr[-2000:]
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and "'broken_plugin' raised RuntimeError: half-written plug-in" in err[0], p.stderr
+    assert not (tmp_path / "r").exists()
