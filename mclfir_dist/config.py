@@ -317,7 +317,12 @@ def validate(cfg: RunConfig) -> None:
     if not cfg.train.increments:
         raise ConfigError("config key 'train.increments': at least one increment is required")
     seen: set = set()
+    names: dict = {}
     for i, inc in enumerate(cfg.train.increments):
+        if inc.name in names:   # reports, checkpoints and TensorBoard name increments: two would be one
+            raise ConfigError(f"config key 'train.increments[{i}].name': {inc.name!r} already names increment "
+                              f"{names[inc.name]}")
+        names[inc.name] = i
         if not inc.attributes:
             raise ConfigError(f"config key 'train.increments[{i}].attributes': empty")
         for a in inc.attributes:

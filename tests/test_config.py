@@ -153,3 +153,10 @@ def test_drop_connect_reaches_the_trunk_and_resnets_refuse_it():
     assert default.net._global_params.drop_connect_rate == 0.2   # the package's own
     with pytest.raises(ConfigError, match="resnet18 has no stochastic depth"):
         build_trunk(load_config(ROOT / "configs/debug_cpu.yaml", ["model.drop_connect=0.1"]).model, 64)
+
+
+def test_two_increments_of_one_name_are_refused():
+    from conftest import ROOT
+    with pytest.raises(ConfigError, match=r"'train.increments\[1\].name': 'a' already names increment 0"):
+        load_config(ROOT / "configs/debug_cpu.yaml",
+                    ["train.increments=[{name: a, attributes: [colour]},{name: a, attributes: [pattern]}]"])
