@@ -1,5 +1,6 @@
 """Using a trained model: embed a catalogue, index and search it, export a portable model."""
 import json
+import re
 import subprocess
 import sys
 
@@ -151,3 +152,22 @@ print("ok", sorted(m for m in sys.modules if m.split('.')[0] in ("accelerate", "
     missing, unexpected = resnet.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("trunk.")},
                                                  strict=False)
     assert not unexpected and all(k.startswith(("layer4", "fc")) for k in missing)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("embed_dim", 200000, "embed_dim must be an integer in [1, 65536], got 200000"),
+    ("image_size", -5, "image_size must be an integer in [1, 4096], got -5"),
+    ("trunk", "os.system", "trunk 'os.system' is not one of"),
+    ("attributes", ["a/../b"], "attribute name 'a/../b' is not allowed"),
+    ("head_channels", 48, "tensor 'heads."),   # a valid size that the file's tensors do not have
+])
+def test_an_export_config_is_checked_before_anything_is_built(run, tmp_path, key, value, message):
+    from mclfir_dist.retrieval.portable import load_exported
+    exp = tmp_path / "exp"
+    if not exp.exists():
+        assert main(["export", "--run", str(run), "--out", str(exp)]) == 0
+    config = json.loads((exp / "config.json").read_text())
+    config[key] = value
+    (exp / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_exported(exp)

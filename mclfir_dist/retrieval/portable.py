@@ -20,7 +20,7 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
-from ..model.backbones import build_backbone, load_export_state
+from ..model.backbones import build_backbone, export_state, load_export_state
 from ..model.heads import AttributeHead
 from ..model.preprocess import IMAGENET_MEAN, IMAGENET_STD, eval_transform, normalise, preprocess
 
@@ -50,12 +50,58 @@ class ExportedModel(nn.Module):
         return {a: self.heads[a](fmap) for a in (attributes or self.attributes)}
 
 
+# config.json's sizes: (key, type, smallest, largest); past these a file cannot be a model this code wrote
+SIZES = (("image_size", int, 1, 4096), ("resize", int, 1, 8192), ("head_channels", int, 1, 65536),
+         ("embed_dim", int, 1, 65536))
+
+
+def check_export_config(config, path: Path) -> dict:
+    """config.json as a checkpoint's config is checked: every field a reader uses, typed and in range, before
+    anything is built from it (an embed_dim of 200000 would allocate 160 GB)."""
+    from ..model.backbones import BACKBONES
+    from ..utils.names import check_attribute
+    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
+        got = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{path}: format {got!r}, expected {EXPORT_FORMAT}")
+    if config.get("trunk") not in BACKBONES or not isinstance(config.get("cut"), str):
+        raise ValueError(f"{path}: trunk {config.get('trunk')!r} is not one of {', '.join(BACKBONES)}")
+    for key, kind, low, high in SIZES:
+        value = config.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) or not low <= value <= high:
+            raise ValueError(f"{path}: {key} must be an integer in [{low}, {high}], got {value!r}")
+    attributes = config.get("attributes")
+    if not isinstance(attributes, list) or not attributes or len(set(map(str, attributes))) != len(attributes):
+        raise ValueError(f"{path}: attributes must be a non-empty list of distinct names")
+    for a in attributes:
+        check_attribute(a, f"{path}: attributes", ValueError)
+    return config
+
+
+def _check_shapes(config: dict, tensors: Path, path: Path) -> None:
+    """Every tensor of the file has the name and shape a model built from config.json (on the meta device: no
+    memory) expects, read from the file's header before any tensor is loaded."""
+    from safetensors import safe_open
+    with torch.device("meta"):
+        meta = ExportedModel(config)
+    expected = {f"trunk.{k}": tuple(v.shape) for k, v in export_state(meta.trunk).items()}
+    expected.update({f"heads.{k}": tuple(v.shape) for k, v in meta.heads.state_dict().items()})
+    with safe_open(str(tensors), framework="pt") as f:
+        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    for name in sorted(set(expected) | set(found)):
+        if expected.get(name) != found.get(name):
+            raise ValueError(f"{tensors} does not match {path}: tensor '{name}' is {found.get(name)} in the file, "
+                             f"{expected.get(name)} by the config")
+
+
 def load_exported(directory: str | Path, device: str | torch.device = "cpu") -> ExportedModel:
     from safetensors.torch import load_file
     directory = Path(directory)
-    config = json.loads((directory / "config.json").read_text())
-    if config.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{directory / 'config.json'}: format {config.get('format')!r}, expected {EXPORT_FORMAT}")
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{directory / 'config.json'}: not JSON ({e})") from None
+    check_export_config(config, directory / "config.json")
+    _check_shapes(config, directory / "model.safetensors", directory / "config.json")
     model = ExportedModel(config)
     state = load_file(str(directory / "model.safetensors"))
     try:
