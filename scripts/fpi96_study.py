@@ -7,8 +7,8 @@
 gate  Before any study, on the validation split, paired over seeds (train.seed = eval.query_draw = seed):
       static_joint retrained once on all six attributes (static_final_only: 6 x 100 steps, one attribute per
       batch, so 100 updates per head) with a trainable encoder (the paper's static) against the same
-      retraining with a frozen encoder (optim.first_encoder_lr_scale=0) at two lrs on the first seed, the
-      better one run on the other seeds; and finetune's average forgetting over the six increments. It passes when the trainable
+      retraining with a frozen encoder (optim.first_encoder_lr_scale=0), each at two lrs on the first seed
+      and at its better one on the other seeds; and finetune's average forgetting over the six increments. It passes when the trainable
       encoder is ahead by at least GATE_POINTS on average and finetune forgets at least FORGET_POINTS.
       Writes OUT/GATE.md and a copy of every run's results.json, whether it passes or not.
 
@@ -36,13 +36,14 @@ ROOT = Path(__file__).resolve().parents[1]
 PROG = "fpi96_study"
 GATE_POINTS = 1.5     # trainable over frozen static, equal updates per head (validation mAP points)
 FORGET_POINTS = 2.0   # finetune's average forgetting
-FROZEN_LRS = (5e-4, 1e-3)
+GATE_LRS = (5e-4, 1e-3)   # each static variant's lr: both on the first seed, the better one on the others
 STATIC = ["train.method=static_joint", "train.static_final_only=true"]
 GATE_RUNS = {   # name -> overrides (the seed's are added per run)
-    "static_train": STATIC,
-    **{f"static_frozen_lr{lr:g}": [*STATIC, "optim.first_encoder_lr_scale=0", f"optim.lr={lr}"] for lr in FROZEN_LRS},
+    **{f"static_train_lr{lr:g}": [*STATIC, f"optim.lr={lr}"] for lr in GATE_LRS},
+    **{f"static_frozen_lr{lr:g}": [*STATIC, "optim.first_encoder_lr_scale=0", f"optim.lr={lr}"] for lr in GATE_LRS},
     "finetune": ["train.method=finetune"],
 }
+VARIANTS = ("static_train", "static_frozen")
 
 
 # the study's rows: name -> the settings that define it (static: one retraining on every attribute seen)
@@ -69,13 +70,14 @@ def seed_overrides(seed: int, split: str = "val") -> list:
 
 def gate_runs(args) -> dict:
     """{(name, seed): results} of every gate run, running what is missing (seed by seed, so a stop keeps
-    whole seeds). The frozen encoder's lr is chosen on the first seed (both FROZEN_LRS run there); the
+    whole seeds). Each static variant's lr is chosen on the first seed (both GATE_LRS run there); the
     other seeds run the chosen one only."""
     out = {}
     (args.runs / "gate").mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
+        chosen = {chosen_name(out, v, args.seeds[0]) for v in VARIANTS} if seed != args.seeds[0] else set(GATE_RUNS)
         for name, overrides in GATE_RUNS.items():
-            if seed != args.seeds[0] and name.startswith("static_frozen") and name != frozen_name(out, args.seeds[0]):
+            if name.startswith(VARIANTS) and name not in chosen:
                 continue
             run = args.runs / "gate" / f"{name}_s{seed}"
             out[name, seed] = runner.run_train(args.config, run, [*overrides, *seed_overrides(seed), *args.set],
@@ -83,9 +85,9 @@ def gate_runs(args) -> dict:
     return out
 
 
-def frozen_name(runs: dict, first_seed: int) -> str:
-    """The frozen-encoder run name whose lr scored best on the first seed."""
-    return max((f"static_frozen_lr{lr:g}" for lr in FROZEN_LRS), key=lambda n: final_map(runs[n, first_seed]))
+def chosen_name(runs: dict, variant: str, first_seed: int) -> str:
+    """The run name of `variant` ("static_train" or "static_frozen") whose lr scored best on the first seed."""
+    return max((f"{variant}_lr{lr:g}" for lr in GATE_LRS), key=lambda n: final_map(runs[n, first_seed]))
 
 
 def final_map(res: dict) -> float:
@@ -101,55 +103,64 @@ def train_seconds(res: dict) -> float:
 
 
 def gate_verdict(runs: dict, seeds) -> dict:
-    """The gate's numbers: the frozen lr kept (best on the first seed), the paired difference, finetune's
+    """The gate's numbers: each variant's lr (best on the first seed), the paired difference, finetune's
     forgetting, pass or not."""
-    kept = frozen_name(runs, seeds[0])
-    best_lr = float(kept.removeprefix("static_frozen_lr"))
-    frozen_by_lr = {lr: [final_map(runs[f"static_frozen_lr{lr:g}", s]) if (f"static_frozen_lr{lr:g}", s) in runs
-                         else None for s in seeds] for lr in FROZEN_LRS}
-    trained = [final_map(runs["static_train", s]) for s in seeds]
-    diff = paired(trained, frozen_by_lr[best_lr])
+    kept = {v: chosen_name(runs, v, seeds[0]) for v in VARIANTS}
+    by_run = {name: [final_map(runs[name, s]) if (name, s) in runs else None for s in seeds]
+              for name in GATE_RUNS if name.startswith(VARIANTS)}
+    trained, frozen = by_run[kept["static_train"]], by_run[kept["static_frozen"]]
+    diff = paired(trained, frozen)
     forget = [forgetting(runs["finetune", s]) for s in seeds]
     mean_forget = sum(forget) / len(forget)
-    return {"best_frozen_lr": best_lr, "frozen_by_lr": frozen_by_lr, "trained": trained, "difference": diff,
+    return {"kept": kept, "by_run": by_run, "trained": trained, "difference": diff,
             "forgetting": forget, "mean_forgetting": mean_forget,
             "encoder_matters": diff.mean >= GATE_POINTS, "finetune_forgets": mean_forget >= FORGET_POINTS,
             "passes": diff.mean >= GATE_POINTS and mean_forget >= FORGET_POINTS}
 
 
+def regime(res: dict) -> str:
+    """The run's regime in words, from its own config."""
+    c = res["config"]
+    incs, steps = len(c["train"]["increments"]), c["train"]["steps_per_increment"]
+    return (f"{c['model']['trunk']} ({'pretrained' if c['model']['pretrained'] else 'random init'}), "
+            f"{c['data']['image_size']} px, {incs} increments x {steps} steps of {c['data']['batch_doublets']} "
+            f"doublets, drop_connect {c['model']['drop_connect']}")
+
+
 def gate_report(runs: dict, seeds, config: Path) -> str:
     v = gate_verdict(runs, seeds)
-    d, machine = v["difference"], runs["static_train", seeds[0]]["machine"]
+    d, first = v["difference"], runs[v["kept"]["static_train"], seeds[0]]
+    c = first["config"]
+    steps, incs = c["train"]["steps_per_increment"], len(c["train"]["increments"])
     word = lambda ok: "**holds**" if ok else "**fails**"
-    lines = ["# GATE: can the encoder's adaptation show at this size?", "",
-             f"**The gate {'passes' if v['passes'] else 'fails'}.** `{config}` (EfficientNet-Lite0, pretrained, "
-             "96 px, 6 increments x 100 steps of 32 doublets, stochastic depth off for all), validation split, "
+    lr_of = lambda name: name.rsplit("_lr", 1)[1]
+    lines = ["# GATE: can the encoder's adaptation show in this regime?", "",
+             f"**The gate {'passes' if v['passes'] else 'fails'}.** `{config}`: {regime(first)}; validation split, "
              f"seeds {', '.join(map(str, seeds))} (each seed also draws the queries), paired by seed.", "",
              f"1. Static retraining with a trainable encoder beats it with a frozen encoder by at least "
-             f"{GATE_POINTS} points at equal updates per head (both: one retraining on all six attributes, "
-             f"600 steps, one attribute per batch, 100 updates per head): {word(v['encoder_matters'])}. "
-             f"Trainable - frozen = {d.interval_text(1.0)} points (mean [95% interval], paired t {p_text(d.p)}, "
-             f"d_z {d.d_z:.2f}); the frozen encoder at lr {v['best_frozen_lr']:g}, the better of "
-             f"{', '.join(f'{lr:g}' for lr in FROZEN_LRS)} on seed {seeds[0]} (the other seeds ran that lr only).",
-             f"2. Finetune forgets at least {FORGET_POINTS} points (average forgetting after six increments): "
+             f"{GATE_POINTS} points at equal updates per head (both: one retraining on all {incs} attributes, "
+             f"{steps * incs} steps, one attribute per batch, {steps} updates per head): "
+             f"{word(v['encoder_matters'])}. Trainable - frozen = {d.interval_text(1.0)} points (mean [95% "
+             f"interval], paired t {p_text(d.p)}, d_z {d.d_z:.2f}). Each at its better lr of "
+             f"{', '.join(f'{lr:g}' for lr in GATE_LRS)} on seed {seeds[0]} (the other seeds ran that lr only): "
+             f"trainable {lr_of(v['kept']['static_train'])}, frozen {lr_of(v['kept']['static_frozen'])}.",
+             f"2. Finetune forgets at least {FORGET_POINTS} points (average forgetting after {incs} increments): "
              f"{word(v['finetune_forgets'])}: {v['mean_forgetting']:.2f} points on average "
              f"({', '.join(f'{f:.2f}' for f in v['forgetting'])}).", "",
-             "| seed | static, trainable encoder | " + " | ".join(f"static, frozen, lr {lr:g}" for lr in FROZEN_LRS)
-             + " | trainable - frozen (kept lr) | finetune final | finetune forgetting |",
-             "|---|---|" + "---|" * len(FROZEN_LRS) + "---|---|---|"]
+             "| seed | " + " | ".join(n.replace("_lr", ", lr ") for n in v["by_run"])
+             + " | trainable - frozen (kept lrs) | finetune final | finetune forgetting |",
+             "|---|" + "---|" * (len(v["by_run"]) + 3)]
+    cell = lambda x: "-" if x is None else f"{x:.2f}"
     for i, s in enumerate(seeds):
-        cell = lambda x: "-" if x is None else f"{x:.2f}"
-        lines.append(f"| {s} | {v['trained'][i]:.2f} | " + " | ".join(cell(v["frozen_by_lr"][lr][i])
-                     for lr in FROZEN_LRS) + f" | {d.differences[i]:+.2f} | {final_map(runs['finetune', s]):.2f} | "
-                     f"{v['forgetting'][i]:.2f} |")
+        lines.append(f"| {s} | " + " | ".join(cell(values[i]) for values in v["by_run"].values())
+                     + f" | {d.differences[i]:+.2f} | {final_map(runs['finetune', s]):.2f} | {v['forgetting'][i]:.2f} |")
     lines += ["", "Training seconds per run (seed order): " + "; ".join(
         f"{name} " + " / ".join(f"{train_seconds(runs[name, s]):.0f}" for s in seeds if (name, s) in runs)
-        for name in GATE_RUNS) + ".",
-        "", f"Machine: {machine.get('cpu_model', machine['cpu'])}, {machine['cpu_count']} cores, torch "
-        f"{machine['torch']}, precision {runs['static_train', seeds[0]].get('mixed_precision')} "
-        f"({runs['static_train', seeds[0]].get('precision_reason', '')}), channels_last "
-        f"{runs['static_train', seeds[0]].get('channels_last')}. Every number comes from a results.json in "
-        "`gate_runs/`. Reproduce: `python scripts/fpi96_study.py --phase gate`.", ""]
+        for name in GATE_RUNS if any((name, s) in runs for s in seeds)) + ".",
+        "", f"Machine: {first['machine'].get('cpu_model', first['machine']['cpu'])}, {first['machine']['cpu_count']} "
+        f"cores, torch {first['machine']['torch']}, precision {first.get('mixed_precision')} "
+        f"({first.get('precision_reason', '')}), channels_last {first.get('channels_last')}. Every number comes "
+        "from a results.json in `gate_runs/`. Reproduce: `python scripts/fpi96_study.py --phase gate`.", ""]
     return "\n".join(lines)
 
 

@@ -12,39 +12,50 @@ study = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(study)
 
 
+CONFIG = {"model": {"trunk": "efficientnet_lite0", "pretrained": True, "drop_connect": 0.0},
+          "data": {"image_size": 96, "batch_doublets": 32},
+          "train": {"steps_per_increment": 100, "increments": [{"name": str(i)} for i in range(6)]}}
+
+
 def _res(avg, forgetting=0.0, seconds=10.0):
     return {"final": {"average_map": avg}, "metrics": [{"average_forgetting": forgetting}],
             "cost": [{"train_seconds": seconds}], "machine": {"cpu": "x86_64", "cpu_count": 2, "torch": "t"},
-            "mixed_precision": "bf16", "precision_reason": "auto", "channels_last": True}
+            "mixed_precision": "no", "precision_reason": "train.mixed_precision=no", "channels_last": True,
+            "config": CONFIG}
 
 
-def _runs(trained, frozen_lo, frozen_hi, forget):
+def _runs(trained, frozen_lo, frozen_hi, forget, trained_hi=None):
     runs = {}
     for s, (t, lo, hi, f) in enumerate(zip(trained, frozen_lo, frozen_hi, forget)):
-        runs["static_train", s] = _res(t)
+        runs["static_train_lr0.0005", s] = _res(t)
+        runs["static_train_lr0.001", s] = _res(t - 0.01 if trained_hi is None else trained_hi[s])
         runs["static_frozen_lr0.0005", s] = _res(lo)
         runs["static_frozen_lr0.001", s] = _res(hi)
         runs["finetune", s] = _res(0.5, f)
     return runs
 
 
-def test_the_gate_keeps_the_better_frozen_lr_and_passes_only_on_both_counts():
+def test_the_gate_keeps_each_variants_better_lr_and_passes_only_on_both_counts():
     seeds = [0, 1, 2]
     runs = _runs([0.560, 0.565, 0.558], [0.530, 0.532, 0.529], [0.540, 0.541, 0.539], [0.03, 0.025, 0.04])
     v = study.gate_verdict(runs, seeds)
-    assert v["best_frozen_lr"] == 1e-3                      # the frozen encoder gets its better lr
+    assert v["kept"] == {"static_train": "static_train_lr0.0005", "static_frozen": "static_frozen_lr0.001"}
     assert v["difference"].mean == pytest.approx((2.0 + 2.4 + 1.9) / 3)
     assert v["passes"] and v["encoder_matters"] and v["finetune_forgets"]
-    del runs["static_frozen_lr0.0005", 1], runs["static_frozen_lr0.0005", 2]   # run on the first seed only
+    for name in ("static_train_lr0.001", "static_frozen_lr0.0005"):   # run on the first seed only
+        del runs[name, 1], runs[name, 2]
     assert study.gate_verdict(runs, seeds)["difference"].mean == pytest.approx((2.0 + 2.4 + 1.9) / 3)
     text = study.gate_report(runs, seeds, "configs/fpi96_cpu.yaml")
-    assert "**The gate passes.**" in text and "lr 0.001, the better of 0.0005, 0.001 on seed 0" in text
-    assert "| 1 | 56.50 | - | 54.10 | +2.40 |" in text
+    assert "**The gate passes.**" in text and "trainable 0.0005, frozen 0.001" in text
+    assert "| 1 | 56.50 | - | - | 54.10 | +2.40 |" in text and "96 px, 6 increments x 100 steps" in text
     # a frozen encoder within 1.5 points fails the gate, and the report says which part failed
     close = _runs([0.550, 0.552, 0.549], [0.530, 0.532, 0.529], [0.540, 0.541, 0.539], [0.03, 0.025, 0.04])
     v = study.gate_verdict(close, seeds)
     assert not v["passes"] and not v["encoder_matters"] and v["finetune_forgets"]
     assert "**The gate fails.**" in study.gate_report(close, seeds, "c.yaml")
+    # the trainable encoder's better lr counts for it, as the frozen one's for it
+    better = _runs([0.550, 0.552, 0.549], [0.530] * 3, [0.540] * 3, [0.03] * 3, trained_hi=[0.57, 0.56, 0.565])
+    assert study.gate_verdict(better, seeds)["kept"]["static_train"] == "static_train_lr0.001"
     # finetune that barely forgets fails it too
     assert not study.gate_verdict(_runs([0.56] * 3, [0.53] * 3, [0.54] * 3, [0.01, 0.02, 0.015]), seeds)["passes"]
 
@@ -146,7 +157,7 @@ def test_interpolation_on_the_cost_curve_is_linear_in_log_cost():
     assert study.interpolate(curve, 5.0) == 0.50 and study.interpolate(curve, 99.0) == 0.56
 
 
-def test_the_gate_runs_the_frozen_lr_chosen_on_the_first_seed_only_there_after(tmp_path, monkeypatch):
+def test_the_gate_runs_each_variants_lr_chosen_on_the_first_seed_only_there_after(tmp_path, monkeypatch):
     started = []
 
     def fake_run(config, out, overrides, log, prog):
@@ -156,7 +167,8 @@ def test_the_gate_runs_the_frozen_lr_chosen_on_the_first_seed_only_there_after(t
     monkeypatch.setattr(study.runner, "run_train", fake_run)
     args = study.parse_args(["--phase", "gate", "--runs", str(tmp_path / "r"), "--out", str(tmp_path / "o")])
     runs = study.gate_runs(args)
-    assert started == ["static_train_s0", "static_frozen_lr0.0005_s0", "static_frozen_lr0.001_s0", "finetune_s0",
-                       "static_train_s1", "static_frozen_lr0.001_s1", "finetune_s1",
-                       "static_train_s2", "static_frozen_lr0.001_s2", "finetune_s2"]
-    assert study.gate_verdict(runs, [0, 1, 2])["best_frozen_lr"] == 1e-3
+    assert started == ["static_train_lr0.0005_s0", "static_train_lr0.001_s0", "static_frozen_lr0.0005_s0",
+                       "static_frozen_lr0.001_s0", "finetune_s0",
+                       "static_train_lr0.001_s1", "static_frozen_lr0.001_s1", "finetune_s1",
+                       "static_train_lr0.001_s2", "static_frozen_lr0.001_s2", "finetune_s2"]
+    assert study.gate_verdict(runs, [0, 1, 2])["kept"]["static_frozen"] == "static_frozen_lr0.001"
