@@ -242,14 +242,7 @@ def write_tuning(out: Path, record: dict) -> None:
              "per trial, the chosen one in bold. A chosen value is interior when both its neighbours on the "
              "knob's ladder were tried with the other knobs at their chosen values.", ""]
     for method, r in record["methods"].items():
-        keys = list(r["chosen"])
-        lines += [f"## {method}", "", "| trial | " + " | ".join(keys) + " | val avg mAP | train s |",
-                  "|---|" + "---|" * (len(keys) + 2)]
-        for t in r["trials"]:
-            bold = "**" if t["point"] == r["chosen"] else ""
-            lines.append(f"| {t['run']} | " + " | ".join(f"{t['point'][k]:g}" for k in keys)
-                         + f" | {bold}{100 * t['score']:.2f}{bold} | {t['train_seconds']:.0f} |")
-        lines += ["", "Chosen: " + ", ".join(f"{k}={v:g} ({r['interior'][k]})" for k, v in r["chosen"].items()), ""]
+        lines += search.trial_table(method, r, "train_seconds", lambda k, r=r: r["interior"][k])
     atomic_write_text(out / "TUNING.md", "\n".join(lines))
 
 

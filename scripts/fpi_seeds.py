@@ -177,15 +177,8 @@ def _write_tuning(out: Path, record: dict) -> None:
              "chosen values, and neither scored higher; bracketed (weaker) when a lower and a higher value were "
              "tried, whatever the other knobs were.", ""]
     for method, r in record["methods"].items():
-        keys = list(r["chosen"])
-        lines += [f"## {label(method)}", "", "| trial | " + " | ".join(keys) + " | val avg mAP | seconds |",
-                  "|---|" + "---|" * (len(keys) + 2)]
-        for t in r["trials"]:
-            bold = "**" if t["point"] == r["chosen"] else ""
-            lines.append(f"| {t['run']} | " + " | ".join(f"{t['point'][k]:g}" for k in keys)
-                         + f" | {bold}{100 * t['score']:.2f}{bold} | {t['seconds'] or 0:.0f} |")
-        lines += ["", "Chosen: " + ", ".join(f"{k}={v:g} ({r['interior'][k]}; {r['bracketed'][k]})"
-                                            for k, v in r["chosen"].items()), ""]
+        lines += search.trial_table(label(method), r, "seconds",
+                                    lambda k, r=r: f"{r['interior'][k]}; {r['bracketed'][k]}")
     (out / "TUNING.md").write_text("\n".join(lines) + "\n")
 
 

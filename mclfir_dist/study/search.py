@@ -66,3 +66,17 @@ def bracketed(knobs: list, trials: list) -> dict:
         out[key] = "bracketed" if below and above else \
             "end of the ladder" if i in (0, len(ladder) - 1) else f"nothing tried {'below' if above else 'above'}"
     return out
+
+
+def trial_table(title: str, entry: dict, seconds: str, verdict) -> list:
+    """Markdown lines of one method's trials: a row per trial (the chosen one's score in bold), then its chosen
+    values with `verdict(key)` for each. `seconds`: the trial field shown as the last column."""
+    keys = list(entry["chosen"])
+    label = "seconds" if seconds == "seconds" else "train s"
+    lines = [f"## {title}", "", "| trial | " + " | ".join(keys) + f" | val avg mAP | {label} |",
+             "|---|" + "---|" * (len(keys) + 2)]
+    for t in entry["trials"]:
+        bold = "**" if t["point"] == entry["chosen"] else ""
+        lines.append(f"| {t['run']} | " + " | ".join(f"{t['point'][k]:g}" for k in keys)
+                     + f" | {bold}{100 * t['score']:.2f}{bold} | {t.get(seconds) or 0:.0f} |")
+    return lines + ["", "Chosen: " + ", ".join(f"{k}={v:g} ({verdict(k)})" for k, v in entry["chosen"].items()), ""]
