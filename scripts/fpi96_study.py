@@ -2,6 +2,7 @@
 
     python scripts/fpi96_study.py --phase gate [--seeds 0 1 2] [--runs runs/fpi96] [--out docs/results/fpi96]
 
+    python scripts/fpi96_study.py --phase gate --probe static_train_lr0.0005 static_frozen_lr0.001 --set ...
     python scripts/fpi96_study.py --phase tune [--trials 8]
 
 gate  Before any study, on the validation split, paired over seeds (train.seed = eval.query_draw = seed):
@@ -75,9 +76,14 @@ def gate_runs(args) -> dict:
     out = {}
     (args.runs / "gate").mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
-        chosen = {chosen_name(out, v, args.seeds[0]) for v in VARIANTS} if seed != args.seeds[0] else set(GATE_RUNS)
+        if args.probe:   # a quick look at a regime: these runs on the first seed, no verdict
+            chosen = set(args.probe) if seed == args.seeds[0] else set()
+        elif seed == args.seeds[0]:
+            chosen = set(GATE_RUNS)
+        else:
+            chosen = {chosen_name(out, v, args.seeds[0]) for v in VARIANTS} | {"finetune"}
         for name, overrides in GATE_RUNS.items():
-            if name.startswith(VARIANTS) and name not in chosen:
+            if name not in chosen:
                 continue
             run = args.runs / "gate" / f"{name}_s{seed}"
             out[name, seed] = runner.run_train(args.config, run, [*overrides, *seed_overrides(seed), *args.set],
@@ -546,6 +552,8 @@ def parse_args(argv=None):
     ap = runner.Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--phase", choices=["gate", "tune", *PHASES, "report"], required=True)
     ap.add_argument("--trials", type=int, default=8, help="tune: validation trials per method")
+    ap.add_argument("--probe", nargs="+", choices=list(GATE_RUNS), metavar="RUN",
+                    help="gate: only these runs, on the first seed (a regime's first look; no GATE.md)")
     ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     ap.add_argument("--config", type=Path, default=ROOT / "configs/fpi96_cpu.yaml")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -573,7 +581,10 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        if args.phase == "gate":
+        if args.phase == "gate" and args.probe:
+            runs = gate_runs(args)
+            print("\n".join(f"{name} seed {seed}: val {final_map(r):.2f}" for (name, seed), r in runs.items()))
+        elif args.phase == "gate":
             print(write_gate(args, gate_runs(args)))
         elif args.phase == "report":
             print(report_phase(args))

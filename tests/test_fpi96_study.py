@@ -172,3 +172,14 @@ def test_the_gate_runs_each_variants_lr_chosen_on_the_first_seed_only_there_afte
                        "static_train_lr0.001_s1", "static_frozen_lr0.001_s1", "finetune_s1",
                        "static_train_lr0.001_s2", "static_frozen_lr0.001_s2", "finetune_s2"]
     assert study.gate_verdict(runs, [0, 1, 2])["kept"]["static_frozen"] == "static_frozen_lr0.001"
+
+
+def test_a_probe_runs_only_the_named_runs_on_the_first_seed(tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(study.runner, "run_train", lambda config, out, overrides, log, prog: started.append(
+        (out.name, overrides)) or _res(0.5))
+    args = study.parse_args(["--phase", "gate", "--probe", "static_train_lr0.0005", "static_frozen_lr0.001",
+                             "--runs", str(tmp_path / "r"), "--set", "data.image_size=128"])
+    study.gate_runs(args)
+    assert [n for n, _ in started] == ["static_train_lr0.0005_s0", "static_frozen_lr0.001_s0"]
+    assert all("data.image_size=128" in o for _, o in started)
