@@ -199,3 +199,20 @@ def test_a_label_column_named_otherwise_maps_to_its_head_or_is_named(run, tiny_s
     assert any("no label column for colour" in r.getMessage() and "--label-map" in r.getMessage()
                for r in caplog.records)
     assert main(common + ["--out", str(tmp_path / "bad"), "--label-map", "brand=colour"]) == 2
+
+
+def test_a_query_path_that_is_not_a_regular_file_is_named_for_what_it_is(tmp_path):
+    """A FIFO used to be reported as 'not found' (and reading one would block): now its kind is named."""
+    import os
+
+    from mclfir_dist.errors import BadInputError
+    from mclfir_dist.retrieval.images import check_image_file
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(BadInputError, match=r"--image: .*pipe is not a regular file \(a FIFO\)"):
+        check_image_file(tmp_path / "pipe", "--image")
+    with pytest.raises(BadInputError, match=r"is not a regular file \(a folder\)"):
+        check_image_file(tmp_path, "--image")
+    with pytest.raises(FileNotFoundError, match="--image: no such file"):
+        check_image_file(tmp_path / "gone.jpg", "--image")
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    assert check_image_file(tmp_path / "a.jpg", "--image") == tmp_path / "a.jpg"

@@ -24,6 +24,7 @@ from ..data.images import DEFAULT_MAX_PIXELS, ImageRejected
 from ..errors import BadInputError, ConfigError
 from ..model.preprocess import eval_transform, preprocess
 from .embed import decode_file_bytes, model_identity
+from .images import check_image_file
 from .index import CatalogueIndex
 
 Query = Union[str, Path, bytes, np.ndarray, torch.Tensor, Mapping[str, np.ndarray]]
@@ -125,9 +126,7 @@ class Retriever:
                 raise BadInputError(f"an image tensor must be uint8 C x H x W, got {image.dtype} {tuple(image.shape)}")
             return image
         if isinstance(image, (str, Path)):
-            path = Path(image)
-            if not path.is_file():
-                raise FileNotFoundError(f"no such image file: {path}")
+            path = check_image_file(Path(image), "image")
             data, name = path.read_bytes(), str(path)
         elif isinstance(image, (bytes, bytearray)):
             data, name = bytes(image), "the image bytes"

@@ -15,6 +15,7 @@ from ..errors import BadInputError, ConfigError
 from ..utils.io import atomic_write_text
 from .api import Hit, Retriever
 from .embed import IMAGE_SUFFIXES
+from .images import check_image_file
 
 BATCH = 64   # image queries embedded at once
 
@@ -130,8 +131,8 @@ def print_hits(run: Optional[str], index: str, image: Optional[str], key: Option
     """One query with --attributes or --where: the table `mclfir search` prints."""
     if image is not None and run is None:
         raise ConfigError("--image needs --run RUN (the model that embeds the query)")
-    if image is not None and not Path(image).is_file():
-        raise FileNotFoundError(f"--image: no such file: {image}")
+    if image is not None:
+        check_image_file(Path(image), "--image")
     retriever = Retriever.from_run(run, index, allow_other_model) if run else Retriever.from_index(index)
     hits = retriever.search(Path(image) if image is not None else key, weights, k, where)
     query = image if image is not None else key

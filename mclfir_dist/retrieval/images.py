@@ -23,6 +23,23 @@ def media_type(data: bytes) -> Optional[str]:
     return next((t for magic, t in MAGIC if data.startswith(magic)), None)
 
 
+def check_image_file(path: Path, what: str) -> Path:
+    """A query image path that names a regular file (a FIFO would block the read, a folder cannot be one)."""
+    import os
+    import stat
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what}: no such file: {path}") from None
+    except OSError as e:
+        raise BadInputError(f"{what}: {path}: {e.strerror}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else \
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "special"
+        raise BadInputError(f"{what}: {path} is not a regular file ({kind})")
+    return Path(path)
+
+
 def image_type(data: bytes) -> Optional[str]:
     """The media type of bytes that are an image: known magic bytes and a header PIL parses (no pixel is
     decoded); None for anything else (a text file a hostile locations.txt points at)."""

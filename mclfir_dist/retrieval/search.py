@@ -13,7 +13,7 @@ from ..config import ConfigError
 from ..data.images import ImageRejected
 from .api import Retriever
 from .embed import decode_file_bytes
-from .images import CatalogueImages
+from .images import CatalogueImages, check_image_file
 from .index import CatalogueIndex
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,8 @@ def search_catalogue(run: Optional[str], index_dir: str, attribute: str, image: 
         raise ConfigError("give exactly one of --image Q.jpg or --key K")
     if image is not None and run is None:
         raise ConfigError("--image needs --run RUN (the model that embeds the query)")
-    if image is not None and not Path(image).is_file():
-        raise FileNotFoundError(f"--image: no such file: {image}")
+    if image is not None:
+        check_image_file(Path(image), "--image")
     retriever = Retriever.from_run(run, index_dir, allow_other_model) if run else Retriever.from_index(index_dir)
     catalogue = retriever.catalogue
     with warnings.catch_warnings(record=True) as caught:
