@@ -16,7 +16,7 @@ from typing import List, Optional
 from . import __version__
 from .config import ShardBuildConfig, describe, peek_plugins
 from .errors import USER_ERRORS, ConfigError
-from .plugins import import_plugins
+from .plugins import import_plugins, require_saved, trust_saved_plugins
 
 # ---------------------------------------------------------------- shards
 
@@ -134,6 +134,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="start fresh in a RUN_DIR that already holds a run, deleting its checkpoints and results")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    p.add_argument("--trust-run-plugins", action="store_true",
+                   help="--resume without --config: import the plug-ins the run's config.yaml lists (runs their "
+                        "code; otherwise name them with --plugins or in the config you pass)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.steps_per_increment=50")
 
 
@@ -185,9 +188,12 @@ def cmd_train(args) -> int:
         print("\n".join(describe()))
         return 0
     run_dir, resume, replace = resolve_run_dir(args)
+    if getattr(args, "trust_run_plugins", False):
+        trust_saved_plugins()
     config = args.config
-    if resume and not config:
+    if resume and not config:   # the run's own file: its plug-ins are the run's, not the user's
         config = str(run_dir / "config.yaml")
+        require_saved(peek_plugins(config, []), config)
     if not config:
         raise ConfigError("give --config FILE")
     cfg = load_config(config, args.overrides)
@@ -428,9 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mclfir", description="MCL-FIR: continual attribute-specific fashion retrieval")
     p.add_argument("--version", action="version", version=f"mclfir_dist {__version__}")
     p.add_argument("--plugins", metavar="MODULE[,MODULE]",
-                   help="import these modules first (they may register converters, trunks, methods...); a run's "
-                        "own plug-ins come from its config, and installed ones from the mclfir_dist.plugins entry "
-                        "points")
+                   help="import these modules first (they may register converters, trunks, methods...); installed "
+                        "ones load from the mclfir_dist.plugins entry points. A run's saved list is never imported "
+                        "by itself: name its plug-ins here, or pass --trust-run-plugins")
+    p.add_argument("--trust-run-plugins", action="store_true",
+                   help="import the plug-ins a run's saved config lists (runs their code: only for runs you trust)")
     sub = p.add_subparsers(dest="cmd", required=True)
     _add_shards(sub)
     t = sub.add_parser("train", formatter_class=formatter,
@@ -459,6 +467,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         import_plugins(_plugin_option(argv))
+        trust_saved_plugins("--trust-run-plugins" in argv)
     except USER_ERRORS as e:
         print(f"mclfir: error: {e}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ from . import methods  # noqa: F401  mclfir, finetune, lwf, frozen, static_joint
 from .config import RunConfig
 from .data import LOADERS, converters  # noqa: F401  torch, torch_gpu, dali; fashionai, deepfashion, darn, zappos
 from .model import trunks  # noqa: F401  resnet18..101, efficientnet_lite0
-from .plugins import import_plugins
+from .plugins import import_plugins, require_saved
 from .training import losses, optim  # noqa: F401  distillation types; lr schedules
 
 
@@ -32,9 +32,10 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]
     return schema.load_config(path, overrides)
 
 
-def config_from_dict(d: dict) -> RunConfig:
-    """A saved config (config.yaml, a checkpoint's) -> RunConfig, after importing the plug-ins it names."""
-    import_plugins(list(d.get("plugins") or []))
+def config_from_dict(d: dict, where: str = "a saved config") -> RunConfig:
+    """A saved config (config.yaml, a checkpoint's) -> RunConfig. The plug-ins it names must be loaded already
+    (or trusted: --trust-run-plugins); reading it imports nothing by itself."""
+    require_saved(d.get("plugins") or [], where)
     cfg = schema.from_dict(d)
     schema.validate(cfg)
     return cfg

@@ -1,6 +1,10 @@
 """Importing plug-ins: the modules a config names (`plugins: [...]`) and those installed packages declare
 under the entry-point group `mclfir_dist.plugins`. Light on purpose (no torch): the command line calls it
-before it builds its parser, so that a plug-in's converters are valid choices there."""
+before it builds its parser, so that a plug-in's converters are valid choices there.
+
+Only what the user names is imported: --plugins, the config file they pass, installed entry points. A run
+folder, checkpoint or results file is data: the plug-ins its saved config lists must already be loaded
+(`require_saved`), or the user says `--trust-run-plugins` to import that list."""
 from __future__ import annotations
 
 import importlib
@@ -13,6 +17,7 @@ from typing import Iterable, List
 from .errors import PluginError
 
 ENTRY_POINT_GROUP = "mclfir_dist.plugins"
+TRUST = {"saved": False}   # --trust-run-plugins: a run's saved plug-in list may be imported
 MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")   # a dotted module name, never a path
 
 
@@ -40,3 +45,23 @@ def import_plugins(names: Iterable[str]) -> List[str]:
             raise PluginError(f"config key 'plugins': importing {name!r} raised {type(e).__name__}: {e}") from None
         loaded.append(name)
     return loaded
+
+
+def trust_saved_plugins(on: bool = True) -> None:
+    TRUST["saved"] = on
+
+
+def require_saved(names, where: str) -> None:
+    """The plug-ins a saved config (`where`) lists must be loaded already; with --trust-run-plugins they are
+    imported now. Otherwise one line names the missing ones and both ways to load them."""
+    names = [n for n in (names or []) if isinstance(n, str)]
+    missing = [n for n in names if n not in sys.modules]
+    if not missing:
+        return
+    if TRUST["saved"]:
+        import_plugins(missing)
+        return
+    listed = ",".join(missing)
+    raise PluginError(f"{where} names plug-ins that are not loaded: {listed}. A run's files run no code by "
+                      f"themselves: load them with `mclfir --plugins {listed} ...`, or pass --trust-run-plugins "
+                      "to import the run's own list")

@@ -105,17 +105,17 @@ def check_plugin_run_resumes_exactly(tmp_path: Path, two: bool) -> None:
     assert res["config"]["model"]["trunk"] == "tiny_cnn" and res["config"]["optim"]["schedule"] == "halving"
     assert res["world_size"] == (2 if two else 1)
     kill_inside_second_increment(launch(two, *start_args(killed, shards)), killed)
-    run_ok(launch(two, "--resume", str(killed)))   # no --config, no plugins: config.yaml names them
+    run_ok(launch(two, "--resume", str(killed), "--trust-run-plugins"))   # no --config: config.yaml names them
     assert_same_end(killed, reference)
 
 
 def test_a_plugin_method_under_mclfir_train_is_killed_and_resumes_exactly(tmp_path):
     check_plugin_run_resumes_exactly(tmp_path, two=False)
     run, shards = tmp_path / "reference", tmp_path / "shards"
-    p = run_ok(mclfir("eval", "--run", str(run), "--shards", str(shards)))   # the plug-ins come from the run
+    p = run_ok(mclfir("--trust-run-plugins", "eval", "--run", str(run), "--shards", str(shards)))   # the run's list
     assert "colour" in p.stdout
-    run_ok(mclfir("export", "--run", str(run), "--out", str(tmp_path / "export")))
-    check = ("import torch, extras\n"
+    run_ok(mclfir("--plugins", "replay_method,extras", "export", "--run", str(run), "--out", str(tmp_path / "export")))
+    check = ("import torch, extras, replay_method\n"
              "from mclfir_dist.retrieval.portable import load_exported\n"
              "from mclfir_dist.training.checkpoint import load_run_model\n"
              f"exported = load_exported({str(tmp_path / 'export')!r})\n"
@@ -166,3 +166,35 @@ def test_a_plugin_that_raises_while_importing_is_one_line_and_exit_2(tmp_path):
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and "'broken_plugin' raised RuntimeError: half-written plug-in" in err[0], p.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_a_downloaded_run_imports_nothing_it_names(run, tiny_shards, tmp_path):
+    """A run whose saved config lists `plugins: [evil_plugin]`, with evil_plugin.py in the working directory:
+    eval, export and report used to import it (rc 0, its code ran). Now the run's list is data: eval and export
+    refuse in one line naming the plug-in and both ways to load it, report reads results.json alone, and only
+    an explicit --trust-run-plugins imports the list."""
+    import shutil
+    dl = tmp_path / "dl"
+    shutil.copytree(run, dl)
+    for ckpt in (dl / "checkpoints").glob("increment_*.pt"):
+        state = torch.load(ckpt, weights_only=True)
+        state["config"]["plugins"] = ["evil_plugin"]
+        torch.save(state, ckpt)
+    res = json.loads((dl / "results.json").read_text())
+    res["config"]["plugins"] = ["evil_plugin"]
+    (dl / "results.json").write_text(json.dumps(res))
+    (tmp_path / "evil_plugin.py").write_text("open('EVIL_RAN', 'w').write('evil')\nprint('EVIL PLUGIN RAN')\n")
+
+    def cli(*args):
+        return subprocess.run(mclfir(*args), cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
+    for args in (["eval", "--run", str(dl), "--shards", str(tiny_shards)], ["export", "--run", str(dl), "--out", "x"]):
+        p = cli(*args)
+        err = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(err) == 1, p.stdout[-2000:] + p.stderr[-2000:]
+        assert "evil_plugin" in err[0] and "--trust-run-plugins" in err[0] and "--plugins evil_plugin" in err[0]
+        assert "EVIL" not in p.stdout and not (tmp_path / "EVIL_RAN").exists()
+    p = cli("report", str(dl), "--out", "rep")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "EVIL" not in p.stdout and not (tmp_path / "EVIL_RAN").exists()
+    p = cli("--trust-run-plugins", "eval", "--run", str(dl), "--shards", str(tiny_shards))
+    assert p.returncode == 0 and (tmp_path / "EVIL_RAN").exists(), p.stderr[-2000:]   # the user's explicit choice

@@ -7,8 +7,6 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from ..plugins import import_plugins
-from ..errors import ConfigError
 from ..methods import METHODS
 from ..utils.io import atomic_write_text
 from .record import RESULTS_NAME, fmt, markdown_table, mean_excess_leakage, summary_text
@@ -31,11 +29,7 @@ def method_of(res: dict) -> str:
 
 
 def method_class(res: dict):
-    """The run's method class (its plug-ins imported), or None where it cannot be had here."""
-    try:
-        import_plugins(res["config"].get("plugins") or [])
-    except ConfigError:
-        return None
+    """The run's method class where it is registered here (a results file imports nothing), else None."""
     name = method_of(res)
     return METHODS.get(name) if name in METHODS else None
 

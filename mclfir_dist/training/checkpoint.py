@@ -28,7 +28,7 @@ import torch
 
 from ..version import __version__
 from ..configure import config_from_dict
-from ..errors import CheckpointError, ConfigError, UnsafeCheckpointError
+from ..errors import CheckpointError, ConfigError, PluginError, UnsafeCheckpointError
 from ..model.mclfir import build_model
 from ..utils.io import atomic_torch_save
 from ..utils.names import check_attribute
@@ -88,7 +88,9 @@ def check_contents(state: dict, path: Path) -> None:
         raise CheckpointError(f"{path}: damaged checkpoint: heads {state['heads']} and frozen {state['frozen']} "
                               "do not agree")
     try:
-        cfg = config_from_dict(state["config"])
+        cfg = config_from_dict(state["config"], str(path))
+    except PluginError:
+        raise   # not damage: the user has not loaded the run's plug-ins
     except ConfigError as e:
         raise CheckpointError(f"{path}: its saved config is not valid: {e}") from None
     cfg.model.pretrained, cfg.model.weights = False, ""
@@ -302,7 +304,7 @@ def load_run_model(run_dir: str | Path, checkpoint: Optional[str | Path] = None)
             why = f": every one is damaged; the newest: {files.problems[0]}" if files.problems else ""
             raise CheckpointError(f"no usable checkpoint under {Path(run_dir) / CKPT_DIR}{why}")
         path, state = found
-    cfg = config_from_dict(state["config"])
+    cfg = config_from_dict(state["config"], str(path))
     cfg.model.pretrained, cfg.model.weights = False, ""   # weights come from the checkpoint
     model = build_model(cfg.model, cfg.data.image_size)
     restore_model(model, state)
