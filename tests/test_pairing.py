@@ -128,7 +128,7 @@ def test_the_batcher_pairs_on_the_noisy_labels(tiny_shards):
     from mclfir_dist.config import DataConfig
     from mclfir_dist.data import build_train_loader
     from mclfir_dist.data.pairing import LabelNoise, label_noise
-    manifest = Manifest(tiny_shards)
+    manifest = Manifest.load(tiny_shards)
     col = manifest.attribute_index("colour")
     cfg = DataConfig(shards=str(tiny_shards), image_size=32, batch_doublets=8, num_workers=0, label_noise=0.5,
                      label_noise_seed=1)
