@@ -152,7 +152,7 @@ def gate_report(runs: dict, seeds, config: Path) -> str:
              f"trainable {lr_of(v['kept']['static_train'])}, frozen {lr_of(v['kept']['static_frozen'])}.",
              f"   Margin: the mean is {d.mean - GATE_POINTS:+.2f} points from the bar and the interval's lower end "
              f"{d.low:+.2f}, so the stricter reading (the whole 95% interval above {GATE_POINTS}) "
-             f"{'holds' if d.low >= GATE_POINTS else 'does not'}.",
+             f"{'holds' if d.low >= GATE_POINTS else 'does not hold'}.",
              f"2. Finetune forgets at least {FORGET_POINTS} points (average forgetting after {incs} increments): "
              f"{word(v['finetune_forgets'])}: {v['mean_forgetting']:.2f} points on average "
              f"({', '.join(f'{f:.2f}' for f in v['forgetting'])}).", "",
