@@ -83,3 +83,23 @@ def test_a_paused_loader_holds_no_more_than_bench_step_drains(tiny_shards):
     ahead = made.value - 1
     assert ahead == cfg.num_workers * PREFETCH_FACTOR <= batches_held_ahead(cfg)
     del batches
+
+
+def test_bench_step_compares_precisions_in_four_processes_and_refuses_a_wrong_key(tiny_shards, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from mclfir_dist.bench.step import PRECISION_GRID, main
+    tiny = ["--config", str(ROOT / "configs/debug_cpu.yaml"), "--steps", "1", "--warmup", "1",
+            "--out", str(tmp_path / "run"), f"data.shards={tiny_shards}", "data.image_size=32",
+            "data.batch_doublets=8", "data.num_workers=0", "model.head_channels=16", "model.embed_dim=8",
+            "eval.frozen_baseline=false"]
+    table = main([*tiny, "--compare-precision"])
+    assert list(table) == ["fp32", "fp32 + channels_last", "bf16", "bf16 + channels_last"] == \
+        [f"{'fp32' if p == 'no' else p}{' + channels_last' if c else ''}" for p, c in PRECISION_GRID]
+    assert all(r["step"] > 0 for r in table.values())
+    out = capsys.readouterr().out
+    assert "precision bf16, channels_last True" in out and "step 1.00x" in out
+    p = subprocess.run([sys.executable, "-m", "mclfir_dist.bench.step", *tiny, "--compare-precision", "optim.lrr=1"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 2 and "optim.lrr" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr

@@ -129,7 +129,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="fp32 against bf16, channels_last off and on: four runs side by side, ratios against fp32")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ap.add_argument("overrides", nargs="*")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)   # overrides may sit between the flags
 
 
 class Bench:
@@ -264,26 +264,27 @@ class Bench:
 PRECISION_GRID = (("no", False), ("no", True), ("bf16", False), ("bf16", True))
 
 
-def compare_precision(args: argparse.Namespace, argv: list) -> dict:
+def compare_precision(args: argparse.Namespace) -> dict:
     """The bench once per (precision, channels_last), each in a fresh process; a table against fp32."""
-    passed, skip = [], False
-    for a in argv:   # this call's own flags stay here; --out, given again below, wins in the child
-        if not skip and a != "--compare-precision" and a != "--json" and not a.startswith("--json="):
-            passed.append(a)
-        skip = a == "--json"
+    common = ["--config", args.config, "--steps", str(args.steps), "--warmup", str(args.warmup),
+              "--project-doublets", str(args.project_doublets)]
     table = {}
     with tempfile.TemporaryDirectory() as tmp:
         for precision, layout in PRECISION_GRID:
             name = f"{'fp32' if precision == 'no' else precision}{' + channels_last' if layout else ''}"
             out = Path(tmp) / "r.json"
-            cmd = [sys.executable, "-m", "mclfir_dist.bench.step", *passed, "--json", str(out), "--out",
-                   f"{args.out}/{precision}_{int(layout)}", f"train.mixed_precision={precision}",
-                   f"model.channels_last={str(layout).lower()}"]
+            cmd = [sys.executable, "-m", "mclfir_dist.bench.step", *common, "--json", str(out),
+                   "--out", f"{args.out}/{precision}_{int(layout)}", *args.overrides,
+                   f"train.mixed_precision={precision}", f"model.channels_last={str(layout).lower()}"]
             print(f"== {name}", flush=True)
             p = subprocess.run(cmd, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            if p.returncode == 2:   # a wrong key or shard folder: the child's own line, once
+                lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
+                print(lines[-1] if lines else f"bench.step: the {name} run refused its input", file=sys.stderr)
+                raise SystemExit(2)
             print(p.stdout[-1500:], end="")
             if p.returncode != 0:
-                raise RuntimeError(f"bench.step for {name} failed (exit {p.returncode})")
+                raise SystemExit(f"bench.step --compare-precision: the {name} run failed (exit {p.returncode})")
             table[name] = json.loads(out.read_text())
     base = table["fp32"]
     print(f"\n{'setting':24s} {'model':>9s} {'step':>9s} {'end2end':>9s}   (images/s; x = against fp32)")
@@ -294,10 +295,9 @@ def compare_precision(args: argparse.Namespace, argv: list) -> dict:
 
 
 def main(argv=None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.compare_precision:
-        return compare_precision(args, argv)
+        return compare_precision(args)
     bench = Bench(args)
     bench.loader()
     bench.step()

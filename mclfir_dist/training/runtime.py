@@ -55,7 +55,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def resolve_precision(configured: str, launcher: str | None, device_type: str = "cpu",
-                      bf16_units: tuple = ()) -> tuple:
+                      units: tuple = ()) -> tuple:
     """(precision, why). Precedence: an explicit config value (file or override) > the launcher's
     `--mixed_precision` (ACCELERATE_MIXED_PRECISION) > bf16 on a CPU with bf16 matrix units > no."""
     launcher = (launcher or "").lower() or None
@@ -65,8 +65,8 @@ def resolve_precision(configured: str, launcher: str | None, device_type: str = 
         return configured, f"train.mixed_precision={configured}"
     if launcher:
         return launcher, f"the launcher's --mixed_precision {launcher} (train.mixed_precision=auto)"
-    if device_type == "cpu" and bf16_units:
-        return "bf16", f"train.mixed_precision=auto on a CPU with bf16 matrix units ({', '.join(bf16_units)})"
+    if device_type == "cpu" and units:
+        return "bf16", f"train.mixed_precision=auto on a CPU with bf16 matrix units ({', '.join(units)})"
     if device_type == "cpu":
         return "no", "train.mixed_precision=auto: this CPU has no bf16 matrix units (amx_bf16, avx512_bf16)"
     return "no", "train.mixed_precision=auto and no launcher setting"

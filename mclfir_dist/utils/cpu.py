@@ -10,17 +10,25 @@ from pathlib import Path
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
-def cpu_flags(cpuinfo: str | None = None) -> frozenset:
-    """The flags line of /proc/cpuinfo (empty where there is none: macOS, Windows)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
-        except OSError:
-            return frozenset()
+@functools.lru_cache(maxsize=None)
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:   # macOS, Windows
+        return ""
+
+
+def _field(cpuinfo: str, name: str) -> str:
+    """The first `name : value` line's value ('' if none)."""
     for line in cpuinfo.splitlines():
-        if line.startswith("flags") and ":" in line:
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+        if line.startswith(name) and ":" in line:
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+def cpu_flags(cpuinfo: str | None = None) -> frozenset:
+    """The flags line of /proc/cpuinfo (empty where there is none)."""
+    return frozenset(_field(_cpuinfo() if cpuinfo is None else cpuinfo, "flags").split())
 
 
 @functools.lru_cache(maxsize=None)
@@ -32,10 +40,4 @@ def bf16_units() -> tuple:
 
 def cpu_name() -> str:
     """The CPU's model name (for results.json: speeds compare only on one CPU)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if line.startswith("model name") and ":" in line:
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _field(_cpuinfo(), "model name") or platform.processor() or platform.machine()
