@@ -20,7 +20,13 @@ from .plugins import import_plugins, require_saved, trust_saved_plugins
 
 # ---------------------------------------------------------------- shards
 
-FORMATTER = argparse.ArgumentDefaultsHelpFormatter   # every option's default is shown in --help
+class FORMATTER(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in --help, except an empty one ('(default: )' said nothing)."""
+
+    def _get_help_string(self, action):
+        if action.default in ("", None, False, []) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _add_shards(sub):
@@ -276,6 +282,9 @@ def _add_search(sub, formatter):
     q.add_argument("--allow-other-model", action="store_true",
                    help="search an index embedded by other weights (e.g. before an extension); prints the run's "
                         "measured compatibility")
+    q.add_argument("--skip-bad-queries", action="store_true",
+                   help="with --queries: search the others when a key is unknown or an image unusable, and list "
+                        "the skipped ones (stderr, and hits.jsonl); without it the batch stops before searching")
 
 
 def _add_use(sub, formatter):
@@ -297,6 +306,8 @@ def _add_use(sub, formatter):
     e.add_argument("--image-root", help="with --csv: folder the paths are relative to (default: the CSV's folder)")
     e.add_argument("--label-map", default="", metavar="COLUMN=HEAD,...",
                    help="with --csv: the column that labels a head whose name differs (e.g. baseColour=colour)")
+    e.add_argument("--label-columns", default="", metavar="COLUMN,...",
+                   help="with --csv: more columns to keep as labels, to filter on and show (shards keep all theirs)")
     e.add_argument("--dry-run", action="store_true",
                    help="embed a few batches only, print the images/s measured and what the whole catalogue would "
                         "cost; write nothing")
@@ -335,7 +346,8 @@ def cmd_embed(args) -> int:
     embed_catalogue(args.run, args.out, args.images, args.csv, args.shards,
                     [a.strip() for a in args.attributes.split(",") if a.strip()], args.batch, args.workers,
                     [s.strip() for s in args.splits.split(",") if s.strip()], args.image_column, args.key_column,
-                    args.image_root, dry_run=args.dry_run, label_map=_pairs(args.label_map, "--label-map"))
+                    args.image_root, dry_run=args.dry_run, label_map=_pairs(args.label_map, "--label-map"),
+                    label_extra=[c.strip() for c in args.label_columns.split(",") if c.strip()])
     return 0
 
 
@@ -381,7 +393,7 @@ def cmd_search(args) -> int:
             raise ConfigError("--queries and --out go together (many queries -> hits.jsonl or hits.csv)")
         weights = parse_weights(args.attributes or args.attribute)
         batch_search(args.run, args.index, args.queries, args.out, weights, args.k, parse_where(args.where),
-                     args.allow_other_model)
+                     args.allow_other_model, args.skip_bad_queries)
     elif args.attributes or args.where:
         if args.sheet:
             raise ConfigError("--sheet draws one attribute's plain search: drop --attributes/--where")
@@ -406,7 +418,9 @@ def _add_serve(sub, formatter):
     v.add_argument("--max-pixels", type=int, default=40_000_000, help="largest accepted image (width x height)")
     v.add_argument("--max-k", type=int, default=100, help="most results one search may ask for")
     v.add_argument("--allow-other-model", action="store_true", help="serve an index embedded by other weights")
-    v.add_argument("--access-log", action="store_true", help="log every request")
+    v.add_argument("--access-log", nargs="?", const="-", metavar="FILE",
+                   help="one line per request to FILE (appended), or to stderr without FILE: time, client, "
+                        "\"method path\", status, bytes, milliseconds, route (docs/serve.md)")
     v.add_argument("--allowed-hosts", default="", metavar="NAMES",
                    help="comma-separated host names the service answers besides the bound address (requests "
                         "naming another Host are refused: DNS rebinding)")

@@ -35,4 +35,9 @@ class PluginError(ConfigError):
     """A plug-in named in `plugins` or the `mclfir_dist.plugins` entry points does not import."""
 
 
+class OtherModelWarning(UserWarning):
+    """An index searched with allow_other_model may hold another model's vectors; `mclfir search` reports
+    only this warning as a model mismatch (a library's DeprecationWarning is not one)."""
+
+
 USER_ERRORS = (ConfigError, CheckpointError, ShardError, BadInputError, OutputError, FileNotFoundError)

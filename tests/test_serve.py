@@ -106,7 +106,12 @@ def test_endpoints_answer_what_the_catalogue_holds(server, catalogue, tiny_shard
     assert meta["attributes"] == ["colour", "garment_length"] and meta["uploads"] is True
     assert "red" in meta["labels"]["colour"] or len(meta["labels"]["colour"]) >= 2
     item = json.loads(request(server + f"/items/{key}")[2])
-    assert item["key"] == key and set(item["values"]) == {"colour", "garment_length"}
+    # every label column of the shards, headed or not (only the two headed ones were kept: neckline was refused)
+    assert item["key"] == key and set(item["values"]) == {"colour", "garment_length", "neckline", "pattern",
+                                                          "sleeve_length"}
+    neckline = item["values"]["neckline"]
+    status, got = search(server, {"key": key, "attributes": "colour", "k": "3", "where": f"neckline={neckline}"})
+    assert status == 200 and got["hits"] and all(h["values"]["neckline"] == neckline for h in got["hits"])
     status, headers, image = request(server + f"/items/{key}/image")
     assert status == 200 and headers["content-type"] == "image/jpeg"
     shard = next(p for p in sorted(Path(tiny_shards).glob("test-*.tar"))
@@ -378,3 +383,107 @@ def test_only_image_bytes_leave_the_service_whatever_locations_txt_names(catalog
     finally:
         out = stop_server(proc)
     assert "Traceback" not in out
+
+
+def test_limits_and_messages_name_what_a_client_can_change(server):
+    """The 413 states the upload limit /attributes publishes (it said the body limit, 64 KiB more); an image over
+    the pixel limit names the service's flag, not a training key; a file PIL cannot identify is not described by
+    PIL's buffer object."""
+    limits = json.loads(request(server + "/attributes")[2])["limits"]
+    status, _, data = request(server + "/search", "POST", b"x" * 200_000, {"Content-Type": "application/json"})
+    assert status == 413 and f"{limits['max_upload_bytes']:,}-byte" in json.loads(data)["error"]
+    big = io.BytesIO()
+    from PIL import Image
+    Image.new("RGB", (60, 60)).save(big, "PNG")
+    status, got = search(server, {"attributes": "colour"}, {"image": ("x.png", big.getvalue())})
+    assert status == 422 and "--max-pixels" in got["error"] and "data.max_image_pixels" not in got["error"]
+    status, got = search(server, {"attributes": "colour"}, {"image": ("x.png", b"\x89PNG\r\n\x1a\n" + b"junk" * 50)})
+    assert status == 422 and "BytesIO" not in got["error"] and "0x" not in got["error"], got
+
+
+def test_weights_of_zero_or_below_are_refused_unless_a_positive_one_ranks(server, catalogue):
+    _, _, key = catalogue
+    for spec in ("colour:0", "colour:-1", "colour:0,garment_length:-2"):
+        status, got = search(server, {"key": key, "attributes": spec})
+        assert status == 400 and "above 0" in got["error"], (spec, got)
+    status, got = search(server, {"key": key, "attributes": "colour:1,colour:2"})
+    assert status == 400 and "twice" in got["error"]
+    status, got = search(server, {"key": key, "attributes": "colour:1,garment_length:-0.5", "k": "5"})
+    assert status == 200
+    for h in got["hits"]:   # the score's parts come back, and add up
+        assert set(h["scores"]) == {"colour", "garment_length"}
+        assert abs(h["score"] - (h["scores"]["colour"] - 0.5 * h["scores"]["garment_length"])) < 1e-5
+
+
+def test_vector_queries_and_paging_over_http(server, run, catalogue):
+    from mclfir_dist import Retriever
+    index, _, key = catalogue
+    r = Retriever.from_run(run, index=index)
+    vector = r.catalogue.vector("colour", key)
+    body = json.dumps({"vector": {"colour": vector.tolist()}, "attributes": "colour", "k": 6}).encode()
+    status, _, data = request(server + "/search", "POST", body, {"Content-Type": "application/json"})
+    got = json.loads(data)
+    want = r.search(vector, "colour", k=6)
+    assert status == 200 and [h["key"] for h in got["hits"]] == [h.key for h in want] and got["query"]["vector"]
+    short = json.dumps({"vector": {"colour": [0.1, 0.2]}, "attributes": "colour"}).encode()
+    status, _, data = request(server + "/search", "POST", short, {"Content-Type": "application/json"})
+    assert status == 422 and "finite numbers" in json.loads(data)["error"]
+    status, first = search(server, {"key": key, "attributes": "colour", "k": "6"})
+    status2, page2 = search(server, {"key": key, "attributes": "colour", "k": "3", "offset": "3"})
+    assert status == status2 == 200 and page2["offset"] == 3
+    assert [(h["key"], h["rank"]) for h in page2["hits"]] == [(h["key"], h["rank"]) for h in first["hits"][3:6]]
+    status, got = search(server, {"key": key, "attributes": "colour", "offset": "-1"})
+    assert status == 400 and "offset" in got["error"]
+
+
+def test_openapi_documents_every_endpoint_with_schemas(server):
+    spec = json.loads(request(server + "/openapi.json")[2])
+    post = spec["paths"]["/search"]["post"]
+    body = post["requestBody"]["content"]
+    assert {"key", "vector", "attributes", "k", "offset", "where"} <= set(body["application/json"]["schema"]["properties"])
+    assert "image" in body["multipart/form-data"]["schema"]["properties"]
+    reply = post["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
+    hit = spec["components"]["schemas"]["SearchHit"]["properties"]
+    assert reply == "SearchReply" and {"rank", "key", "score", "scores", "values", "image"} <= set(hit)
+    for path in ("/health", "/attributes", "/items"):
+        ok = spec["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+        assert "$ref" in ok, path
+    assert "400" in post["responses"] and "ErrorReply" in json.dumps(post["responses"]["400"])
+
+
+def test_metrics_are_scraped_and_parsed_with_the_prometheus_parser(server, catalogue):
+    from prometheus_client.parser import text_string_to_metric_families
+    _, image, key = catalogue
+    assert search(server, {"key": key, "attributes": "colour", "k": "3"})[0] == 200
+    assert search(server, {"attributes": "colour", "k": "3"}, {"image": ("q.jpg", image.read_bytes())})[0] == 200
+    request(server + "/items/no_such_thing")
+    status, headers, data = request(server + "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(data.decode())}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    ok = samples[("mclfir_requests_total", (("method", "POST"), ("route", "/search"), ("status", "200")))]
+    assert ok >= 2
+    assert samples[("mclfir_requests_total", (("method", "GET"), ("route", "/items/{rest:path}"), ("status", "404")))] >= 1
+    assert samples[("mclfir_request_seconds_count", (("route", "/search"),))] >= 2
+    assert samples[("mclfir_embed_batch_size_count", ())] >= 1 and samples[("mclfir_embed_seconds_count", ())] >= 1
+    assert ("mclfir_embed_queue_depth", ()) in samples and samples[("mclfir_searches_total", (("query", "image"),))] >= 1
+    assert samples[("mclfir_catalogue_items", ())] == json.loads(request(server + "/health")[2])["items"]
+
+
+def test_the_access_log_writes_one_documented_line_per_request(run, catalogue, tmp_path):
+    import re
+    index, _, key = catalogue
+    log = tmp_path / "access.log"
+    proc, url = start_server(None, index, "--access-log", str(log))
+    try:
+        request(url + f"/items/{key}")
+        search(url, {"key": key, "attributes": "colour", "k": "2"})
+    finally:
+        stop_server(proc)
+    lines = log.read_text().splitlines()
+    pattern = r'\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ 127\.0\.0\.1 "(GET|POST) \S+" \d{3} \d+ [\d.]+ route=\S+'
+    assert all(re.fullmatch(pattern, line) for line in lines), lines
+    assert any(f'"GET /items/{key}" 200' in line and "route=/items/{rest:path}" in line for line in lines)
+    assert any('"POST /search" 200' in line for line in lines)
+    from mclfir_dist.serve.metrics import ACCESS_FORMAT
+    assert ACCESS_FORMAT in (ROOT / "docs/serve.md").read_text()   # the format is documented as written

@@ -55,9 +55,10 @@ def jpeg_size(data: bytes) -> Tuple[int, int]:
     raise ImageRejected("JPEG without a frame header (truncated or corrupt)")
 
 
-def check_pixels(height: int, width: int, max_pixels: int) -> None:
+def check_pixels(height: int, width: int, max_pixels: int, limit: str = "data.max_image_pixels") -> None:
+    """`limit` names the setting the user can change where this runs (a config key, or a service flag)."""
     if max_pixels and height * width > max_pixels:
-        raise ImageRejected(f"{width}x{height} = {height * width:,} pixels, over data.max_image_pixels={max_pixels:,}")
+        raise ImageRejected(f"{width}x{height} = {height * width:,} pixels, over {limit}={max_pixels:,}")
 
 
 def check_jpeg_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Tuple[int, int]:
@@ -67,7 +68,7 @@ def check_jpeg_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Tupl
     return height, width
 
 
-def decode_any(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+def decode_any(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, limit: str = "data.max_image_pixels") -> torch.Tensor:
     """A file of any format torchvision decodes (catalogue and query images), RGB uint8 C x H x W; the size
     is read from the header (PIL) and checked before any pixel is decoded."""
     import io
@@ -75,17 +76,21 @@ def decode_any(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tenso
     try:
         with Image.open(io.BytesIO(data)) as im:
             width, height = im.size
-            check_pixels(height, width, max_pixels)
+            check_pixels(height, width, max_pixels, limit)
             if getattr(im, "is_animated", False):   # torchvision would decode every frame: PIL decodes the first
                 return _first_frame(im)
     except ImageRejected:
         raise
     except Image.DecompressionBombError as e:
         raise ImageRejected(f"over the pixel limit ({e})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+    except UnidentifiedImageError:   # its text names PIL's buffer object ("<_io.BytesIO object at 0x...>")
+        raise ImageRejected("not an image (no format PIL reads: JPEG, PNG, GIF, WebP, BMP, TIFF...)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageRejected(f"not an image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     try:
-        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        # EXIF orientation applied: a phone photo saved sideways is embedded upright, as a browser shows it
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                             apply_exif_orientation=True)
     except RuntimeError as e:
         raise ImageRejected(f"image does not decode ({_reason(e)})") from None
     return image[0] if image.dim() == 4 else image
@@ -94,8 +99,10 @@ def decode_any(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tenso
 def _first_frame(im) -> torch.Tensor:
     """Frame 0 of an animation (GIF, APNG, WebP) as RGB uint8 C x H x W; no other frame is decoded."""
     import numpy as np
+    from PIL import ImageOps
     im.seek(0)
-    return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
+    frame = ImageOps.exif_transpose(im.convert("RGB") if im.mode != "RGB" else im.copy())
+    return torch.from_numpy(np.asarray(frame.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
 
 
 def decode(jpeg: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:

@@ -62,11 +62,18 @@ def _check_jpeg(data: bytes, where: str, max_pixels: int = 0) -> Tuple[int, int]
         raise BadInputError(f"{where}: image cannot be decoded ({e})") from None
 
 
+EXIF_ORIENTATION = 0x0112
+
+
 def _to_jpeg(data: bytes, resize_to: int) -> bytes:
+    from PIL import ImageOps
     with Image.open(io.BytesIO(data)) as im:
-        if im.format == "JPEG" and resize_to <= 0 and im.mode == "RGB":
+        upright = im.getexif().get(EXIF_ORIENTATION, 1) in (0, 1)
+        if im.format == "JPEG" and resize_to <= 0 and im.mode == "RGB" and upright:
             return data
-        im = im.convert("RGB")
+        # a phone photo stored sideways with an Orientation tag: turned upright here, so every loader (torch,
+        # DALI) trains on what a viewer shows; queries and catalogue images are turned the same way (decode_any)
+        im = ImageOps.exif_transpose(im).convert("RGB")
         if resize_to > 0 and min(im.size) != resize_to:
             w, h = im.size
             r = resize_to / min(w, h)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..data.images import DEFAULT_MAX_PIXELS, ImageRejected
-from ..errors import BadInputError, ConfigError
+from ..errors import BadInputError, ConfigError, OtherModelWarning
 from ..model.preprocess import eval_transform, preprocess
 from .embed import decode_file_bytes, model_identity
 from .images import check_image_file
@@ -35,12 +35,14 @@ FIRST_FETCH = 64   # a filtered single-attribute search fetches max(4k, this) an
 @dataclass(frozen=True)
 class Hit:
     """One result: its rank (1 = best), catalogue key, score (the weighted sum of cosine similarities), the
-    catalogue's label values for that item, and where its image is."""
+    catalogue's label values for that item, where its image is, and each attribute's cosine similarity
+    (`scores`: why a hit of a combined query ranks where it does)."""
     rank: int
     key: str
     score: float
     values: Dict[str, Optional[str]] = field(default_factory=dict)
     location: str = ""
+    scores: Dict[str, float] = field(default_factory=dict)
 
 
 class Retriever:
@@ -51,6 +53,7 @@ class Retriever:
         self._embed_fn, self._transform, self._identity = embed_fn, transform, identity
         self.attributes, self.max_pixels, self.index, self.source = attributes, max_pixels, index, source
         self.allow_other_model = allow_other_model
+        self.max_pixels_name = "Retriever.max_pixels"   # what an over-size message names: the service says its flag
         self._checked: Dict[str, bool] = {}
 
     @classmethod
@@ -133,7 +136,7 @@ class Retriever:
         else:
             raise ConfigError(f"an image is a path, bytes or a uint8 tensor, not {type(image).__name__}")
         try:
-            return decode_file_bytes(data, self.max_pixels)
+            return decode_file_bytes(data, self.max_pixels, self.max_pixels_name)
         except ImageRejected as e:
             raise BadInputError(f"{name}: {e}") from None
 
@@ -152,7 +155,9 @@ class Retriever:
         keep = _row_filter(cat, where)
         vectors, exclude = self._query_vectors(cat, query, list(weights))
         ranked = _rank(cat, vectors, weights, k, keep, exclude)
-        hits = [Hit(i + 1, cat.keys[row], score, {c: cat.label(c, row) for c in cat.labels}, cat.locations[row])
+        parts = _breakdown(cat, vectors, [row for row, _ in ranked])
+        hits = [Hit(i + 1, cat.keys[row], score, {c: cat.label(c, row) for c in cat.labels}, cat.locations[row],
+                    {a: float(v[i]) for a, v in parts.items()})
                 for i, (row, score) in enumerate(ranked)]
         return _frame(hits) if as_dataframe else hits
 
@@ -204,7 +209,7 @@ class Retriever:
                                   f"'{attribute}' (weights {indexed or 'unrecorded'} vs {current}): re-embed and "
                                   "re-index, or search it anyway (allow_other_model=True, --allow-other-model)")
             warnings.warn(f"'{attribute}': the index's vectors may come from another model than {self.source}'s",
-                          stacklevel=3)
+                          OtherModelWarning, stacklevel=3)
         self._checked[attribute] = True
 
 
@@ -224,8 +229,17 @@ def _weights(attributes: Attributes, known: List[str], where: str) -> Dict[str, 
     unknown = [a for a in weights if a not in known]
     if unknown:
         raise ConfigError(f"unknown attribute {unknown[0]!r}: {where} has {', '.join(known)}")
+    return check_weights(weights)
+
+
+def check_weights(weights: Dict[str, float]) -> Dict[str, float]:
+    """Finite weights, at least one above 0: a ranking by only zero or negative weights would return the
+    least similar items (or ties at 0). Zero and negative weights beside a positive one are scored exactly."""
     if any(not np.isfinite(w) for w in weights.values()):
         raise ConfigError(f"attribute weights must be finite numbers, got {weights}")
+    if not any(w > 0 for w in weights.values()):
+        raise ConfigError(f"at least one attribute weight must be above 0, got {weights} (a weight of 0 or below "
+                          "only lowers the score of items similar in that attribute)")
     return weights
 
 
@@ -261,7 +275,7 @@ def _rank(cat: CatalogueIndex, vectors: Dict[str, np.ndarray], weights: Dict[str
           keep: Optional[np.ndarray], exclude: int) -> List[Tuple[int, float]]:
     """One attribute: the index's search, post-filtered with over-fetch (max(4k, 64), doubled until k rows pass
     the filter or the catalogue is exhausted). Combined: every item scored exactly from the index's vectors."""
-    if len(weights) > 1:
+    if len(weights) > 1:   # a weight <= 0 is only ever one of several (check_weights): scored exactly here
         return _rank_all(cat, vectors, weights, k, keep, exclude)
     (a, w), = weights.items()
     total = len(cat._row)
@@ -291,10 +305,15 @@ def _rank_all(cat: CatalogueIndex, vectors: Dict[str, np.ndarray], weights: Dict
     return sorted(((int(r), float(scores[r])) for r in rows), key=lambda t: (-t[1], t[0]))
 
 
+def _breakdown(cat: CatalogueIndex, vectors: Dict[str, np.ndarray], rows: List[int]) -> Dict[str, np.ndarray]:
+    """Each attribute's cosine similarity of the query to the ranked rows (from the index's own vectors)."""
+    return {a: cat.matrix(a)[rows] @ v.astype(np.float32) for a, v in vectors.items()}
+
+
 def _frame(hits: List[Hit]):
     try:
         import pandas as pd
     except ImportError:
         raise ConfigError("as_dataframe=True needs pandas (pip install pandas)") from None
-    rows = [{**{c: v for c, v in asdict(h).items() if c != "values"}, **h.values} for h in hits]
+    rows = [{**{c: v for c, v in asdict(h).items() if c not in ("values", "scores")}, **h.values} for h in hits]
     return pd.DataFrame(rows, columns=["rank", "key", "score", "location"] + (list(hits[0].values) if hits else []))

@@ -25,6 +25,8 @@ def parse_weights(spec: str) -> Dict[str, float]:
     weights: Dict[str, float] = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, w = part.partition(":")
+        if name in weights:   # 'colour:1,colour:2' kept the last one, silently
+            raise ConfigError(f"--attributes {spec!r}: {name!r} is given twice")
         try:
             weights[name] = float(w) if w else 1.0
         except ValueError:
@@ -73,9 +75,14 @@ def read_queries(source: str | Path) -> List[Tuple[str, object]]:
 
 
 def search_many(retriever: Retriever, queries: List[Tuple[str, object]], weights: Dict[str, float], k: int,
-                where: Optional[dict]) -> List[Tuple[str, List[Hit]]]:
-    """Image queries are embedded BATCH at a time with the model loaded once; keys use the index's vectors."""
+                where: Optional[dict], skip_bad: bool = False) -> Tuple[List[Tuple[str, List[Hit]]], List[dict]]:
+    """(results, skipped). Image queries are embedded BATCH at a time with the model loaded once; keys use the
+    index's vectors. A query that cannot be used (an unknown key, an image that does not decode) stops the
+    batch before any search, naming it, or with `skip_bad` is left out and listed."""
     names = list(weights)
+    cat = retriever.catalogue
+    skipped = [{"query": n, "error": f"{n!r} is neither a catalogue key nor an image file"}
+               for n, q in queries if not isinstance(q, Path) and q not in cat._row]
     images = [i for i, (_, q) in enumerate(queries) if isinstance(q, Path)]
     vectors: Dict[int, dict] = {}
     if images:
@@ -83,17 +90,42 @@ def search_many(retriever: Retriever, queries: List[Tuple[str, object]], weights
             retriever.check_model(a)
     for start in range(0, len(images), BATCH):
         chunk = images[start:start + BATCH]
+        for i, v in _embed_chunk(retriever, queries, chunk, names, skipped).items():
+            vectors[i] = v
+    if skipped and not skip_bad:
+        raise BadInputError(f"--queries: {len(skipped)} unusable quer{'y' if len(skipped) == 1 else 'ies'}, first "
+                            f"{skipped[0]['error']} (--skip-bad-queries searches the others and lists these)")
+    bad = {s["query"] for s in skipped}
+    results = [(name, retriever.search(vectors.get(i, q), weights, k, where)) for i, (name, q) in enumerate(queries)
+               if name not in bad]
+    return results, skipped
+
+
+def _embed_chunk(retriever: Retriever, queries, chunk: List[int], names: List[str], skipped: List[dict]) -> dict:
+    """{query position: {attribute: vector}}; an image that cannot be used goes to `skipped` (one at a time
+    only when the whole chunk failed, so the common case stays one batch)."""
+    try:
         embedded = retriever.embed([queries[i][1] for i in chunk], names, batch_size=BATCH)
-        for j, i in enumerate(chunk):
-            vectors[i] = {a: embedded[a][j] for a in names}
-    return [(name, retriever.search(vectors.get(i, q), weights, k, where)) for i, (name, q) in enumerate(queries)]
+        return {i: {a: embedded[a][j] for a in names} for j, i in enumerate(chunk)}
+    except (BadInputError, FileNotFoundError):
+        pass
+    out = {}
+    for i in chunk:
+        try:
+            one = retriever.embed([queries[i][1]], names)
+            out[i] = {a: one[a][0] for a in names}
+        except (BadInputError, FileNotFoundError) as e:
+            skipped.append({"query": queries[i][0], "error": str(e)})
+    return out
 
 
-def write_hits(out: str | Path, results: Sequence[Tuple[str, List[Hit]]]) -> None:
-    """hits.jsonl: one line per query ({query, hits: [...]}); hits.csv: one row per hit."""
+def write_hits(out: str | Path, results: Sequence[Tuple[str, List[Hit]]], skipped: Sequence[dict] = ()) -> None:
+    """hits.jsonl: one line per query ({query, hits: [...]}, and {query, skipped: why} per skipped one);
+    hits.csv: one row per hit."""
     out = Path(out)
     if out.suffix == ".jsonl":
         text = "".join(json.dumps({"query": q, "hits": [h.__dict__ for h in hits]}) + "\n" for q, hits in results)
+        text += "".join(json.dumps({"query": s["query"], "skipped": s["error"]}) + "\n" for s in skipped)
     elif out.suffix == ".csv":
         columns = sorted({c for _, hits in results for h in hits for c in h.values})
         buf = io.StringIO()
@@ -109,7 +141,7 @@ def write_hits(out: str | Path, results: Sequence[Tuple[str, List[Hit]]]) -> Non
 
 
 def batch_search(run: Optional[str], index: str, queries_from: str, out: str, weights: Dict[str, float], k: int,
-                 where: Optional[dict], allow_other_model: bool) -> Tuple[int, float]:
+                 where: Optional[dict], allow_other_model: bool, skip_bad: bool = False) -> Tuple[int, float]:
     if Path(out).suffix not in (".jsonl", ".csv"):
         raise ConfigError(f"--out {out}: write .jsonl or .csv")
     queries = read_queries(queries_from)
@@ -117,13 +149,16 @@ def batch_search(run: Optional[str], index: str, queries_from: str, out: str, we
         raise ConfigError("image queries need --run RUN (the model that embeds them)")
     retriever = Retriever.from_run(run, index, allow_other_model) if run else Retriever.from_index(index)
     t0 = time.time()
-    results = search_many(retriever, queries, weights, k, where)
+    results, skipped = search_many(retriever, queries, weights, k, where, skip_bad)
     seconds = time.time() - t0
-    write_hits(out, results)
-    print(f"{len(queries)} queries in {seconds:.2f} s ({len(queries) / max(seconds, 1e-9):.1f} queries/s; model "
-          f"loaded once, images embedded {BATCH} at a time) -> {out}", file=sys.stderr)
-    return len(queries), seconds
-
+    write_hits(out, results, skipped)
+    for s in skipped:
+        print(f"skipped {s['query']}: {s['error']}", file=sys.stderr)
+    print(f"{len(results)} queries in {seconds:.2f} s ({len(results) / max(seconds, 1e-9):.1f} queries/s; model "
+          f"loaded once, images embedded {BATCH} at a time) -> {out}"
+          + (f"; {len(skipped)} skipped (listed above{' and in ' + out if out.endswith('.jsonl') else ''})"
+             if skipped else ""), file=sys.stderr)
+    return len(results), seconds
 
 
 def print_hits(run: Optional[str], index: str, image: Optional[str], key: Optional[str], weights: Dict[str, float],

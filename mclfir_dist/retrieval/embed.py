@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
-def decode_file_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-    return decode_any(data, max_pixels)
+def decode_file_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+                      limit: str = "data.max_image_pixels") -> torch.Tensor:
+    return decode_any(data, max_pixels, limit)
 
 
 def _line_safe(key: str) -> Optional[str]:
@@ -101,7 +102,7 @@ def rows_from_images(folder: str | Path) -> List[dict]:
 
 
 def label_columns(path: Path, header: Sequence[str], attributes: Sequence[str],
-                  label_map: Optional[Dict[str, str]]) -> Dict[str, str]:
+                  label_map: Optional[Dict[str, str]], extra: Sequence[str] = ()) -> Dict[str, str]:
     """head -> the CSV column holding its labels: the head's own name, or `--label-map COLUMN=HEAD`. A head
     with neither is named in the log (its hits show no value), never dropped in silence."""
     columns = {a: a for a in attributes if a in header}
@@ -112,6 +113,10 @@ def label_columns(path: Path, header: Sequence[str], attributes: Sequence[str],
         if head not in attributes:
             raise ConfigError(f"--label-map {column}={head}: no head '{head}' is embedded ({', '.join(attributes)})")
         columns[head] = column
+    for column in extra:   # --label-columns: kept to filter on and to show, with or without a head
+        if column not in header:
+            raise BadInputError(f"--label-columns {column}: {path} has no such column (columns: {', '.join(header)})")
+        columns.setdefault(column, column)
     unlabelled = [a for a in attributes if a not in columns]
     if unlabelled:
         log.warning("%s: no label column for %s: their hits show no value (map one with --label-map COLUMN=HEAD)",
@@ -120,7 +125,8 @@ def label_columns(path: Path, header: Sequence[str], attributes: Sequence[str],
 
 
 def rows_from_csv(path: str | Path, image_column: str, key_column: str, image_root: Optional[str],
-                  attributes: Sequence[str], label_map: Optional[Dict[str, str]] = None) -> List[dict]:
+                  attributes: Sequence[str], label_map: Optional[Dict[str, str]] = None,
+                  label_extra: Sequence[str] = ()) -> List[dict]:
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
@@ -129,7 +135,7 @@ def rows_from_csv(path: str | Path, image_column: str, key_column: str, image_ro
         if image_column not in header or (key_column and key_column not in header):
             missing = image_column if image_column not in header else key_column
             raise BadInputError(f"{path}: unknown column '{missing}' (columns: {', '.join(header)})")
-        columns = label_columns(path, header, attributes, label_map)
+        columns = label_columns(path, header, attributes, label_map, label_extra)
         rows = []
         for row in reader:
             rel = (row.get(image_column) or "").strip()
@@ -162,7 +168,8 @@ def embed_catalogue(run: str, out: str, images: Optional[str] = None, csv_path: 
                     shards: Optional[str] = None, attributes: Sequence[str] = (), batch: int = 64, workers: int = 2,
                     splits: Sequence[str] = ("train", "val", "test"), image_column: str = "filename",
                     key_column: str = "", image_root: Optional[str] = None, progress: bool = True,
-                    dry_run: bool = False, label_map: Optional[Dict[str, str]] = None) -> dict:
+                    dry_run: bool = False, label_map: Optional[Dict[str, str]] = None,
+                    label_extra: Sequence[str] = ()) -> dict:
     model, cfg, ckpt = load_run_model(run)
     attrs = list(attributes) or model.attributes
     unknown = [a for a in attrs if a not in model.heads]
@@ -177,10 +184,12 @@ def embed_catalogue(run: str, out: str, images: Optional[str] = None, csv_path: 
         dataset = _ShardItems(manifest, splits, transform)
         total = sum(manifest.count(s) for s in splits)
         source = {"shards": str(Path(shards).resolve()), "splits": list(splits)}
+        label_names = [a["name"] for a in manifest.data["attributes"]]   # every one, headed or not: filters
     else:
         rows = rows_from_images(images) if images else rows_from_csv(csv_path, image_column, key_column, image_root,
-                                                                       attrs, label_map)
+                                                                       attrs, label_map, label_extra)
         dataset, total = _Items(rows, transform), len(rows)
+        label_names = list(dict.fromkeys(k for r in rows[:1] for k in r["labels"])) or list(attrs)
         source = {"images": str(Path(images).resolve())} if images else {"csv": str(Path(csv_path).resolve())}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
@@ -189,7 +198,8 @@ def embed_catalogue(run: str, out: str, images: Optional[str] = None, csv_path: 
     if dry_run:
         return _estimate(model, loader, attrs, device, total, batch, source)
     started = time.time()
-    result = _embed(model, loader, attrs, device, tqdm(total=total, unit="img", desc="embedding", disable=not progress))
+    result = _embed(model, loader, attrs, label_names, device,
+                    tqdm(total=total, unit="img", desc="embedding", disable=not progress))
     seconds = time.time() - started
     keys, bad = result["keys"], result["bad"]
     if not keys:   # an empty embedding set would become an index that no search can use
@@ -238,11 +248,11 @@ def _estimate(model, loader, attrs: Sequence[str], device: torch.device, total: 
 
 
 @torch.no_grad()
-def _embed(model, loader, attrs: Sequence[str], device: torch.device, bar) -> dict:
-    """Every readable image's embedding under each head, with its key, location and labels; unreadable
-    images are listed, never fatal."""
+def _embed(model, loader, attrs: Sequence[str], label_names: Sequence[str], device: torch.device, bar) -> dict:
+    """Every readable image's embedding under each head, with its key, location and labels (every label column
+    of the source, headed or not); unreadable images are listed, never fatal."""
     keys, locations, bad = [], [], []
-    labels: Dict[str, List[Optional[str]]] = {a: [] for a in attrs}
+    labels: Dict[str, List[Optional[str]]] = {a: [] for a in label_names}
     chunks: Dict[str, List[np.ndarray]] = {a: [] for a in attrs}
     for b in loader:
         bad += [{"key": x["key"], "location": x["location"], "error": x["error"]} for x in b["bad"]]
@@ -255,7 +265,7 @@ def _embed(model, loader, attrs: Sequence[str], device: torch.device, bar) -> di
             for x in b["good"]:
                 keys.append(x["key"])
                 locations.append(x["location"])
-                for a in attrs:
+                for a in label_names:
                     labels[a].append(x["labels"].get(a))
         bar.update(len(b["good"]) + len(b["bad"]))
     bar.close()

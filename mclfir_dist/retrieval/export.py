@@ -2,6 +2,7 @@
 optionally a `torch.export` program with a dynamic batch size. Load it with `portable.load_exported`."""
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
@@ -37,7 +38,9 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: Optional[str] =
     atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     if torch_export:
         program = export_program(out)
-        atomic_write(out / "model.pt2", lambda f: torch.export.save(program, f))
+        buffer = io.BytesIO()   # torch.export.save warns about any file object but a buffer or a .pt2 path
+        torch.export.save(program, buffer)
+        atomic_write(out / "model.pt2", lambda f: f.write(buffer.getvalue()))
     log.info("exported %s (%s) to %s", path, ", ".join(model.attributes), out)
     return out
 

@@ -106,7 +106,7 @@ def index_catalogue(embeddings: str | Path, out: str | Path, kind: str = "flat",
         _write_faiss(index, out / f"{attribute}.faiss")
         built[attribute] = {"vectors": int(index.ntotal), "build_seconds": round(seconds, 4),
                             "vectors_per_second": round(index.ntotal / max(seconds, 1e-9), 1)}
-        log.info("%s: %s index of %d vectors in %.2f s", attribute, kind, index.ntotal, seconds)
+        log.debug("%s: %s index of %d vectors in %.2f s", attribute, kind, index.ntotal, seconds)   # cli prints it
     for name in ("keys.txt", "locations.txt", "labels.json"):
         if (Path(embeddings) / name).is_file() and not keep:
             data = (Path(embeddings) / name).read_bytes()

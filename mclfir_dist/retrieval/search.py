@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..config import ConfigError
+from ..errors import OtherModelWarning
 from ..data.images import ImageRejected
 from .api import Retriever
 from .embed import decode_file_bytes
@@ -45,9 +46,12 @@ def search_catalogue(run: Optional[str], index_dir: str, attribute: str, image: 
     retriever = Retriever.from_run(run, index_dir, allow_other_model) if run else Retriever.from_index(index_dir)
     catalogue = retriever.catalogue
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+        warnings.simplefilter("always", OtherModelWarning)
         found = retriever.search(Path(image) if image is not None else key, attribute, k)
-    if caught:
+    for w in caught:
+        if not issubclass(w.category, OtherModelWarning):   # e.g. a library's DeprecationWarning: shown as such
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    if any(issubclass(w.category, OtherModelWarning) for w in caught):
         print(f"warning: another model: {compatibility_note(run, attribute)}", file=sys.stderr)
     exclude = catalogue.row(key) if key is not None else None   # the query itself is not a result
     hits = [{"rank": h.rank, "key": h.key, "score": h.score, "row": catalogue.row(h.key),

@@ -15,8 +15,9 @@ EmbedFn = Callable[[torch.Tensor, Sequence[str]], Dict[str, np.ndarray]]
 
 
 class EmbedBatcher:
-    def __init__(self, embed_fn: EmbedFn, attributes: Sequence[str], max_batch: int = 32, wait_ms: float = 0.0):
-        self.embed_fn, self.attributes = embed_fn, list(attributes)
+    def __init__(self, embed_fn: EmbedFn, attributes: Sequence[str], max_batch: int = 32, wait_ms: float = 0.0,
+                 report: Optional[Callable[[int, float, int], None]] = None):
+        self.embed_fn, self.attributes, self.report = embed_fn, list(attributes), report   # report: /metrics
         self.max_batch, self.wait = max_batch, wait_ms / 1000.0
         self.queue: Optional[asyncio.Queue] = None
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
@@ -62,7 +63,10 @@ class EmbedBatcher:
             items = await self._take()
             try:
                 x = torch.stack([x for x, _ in items])
+                started = loop.time()
                 out = await loop.run_in_executor(self.pool, self.embed_fn, x, self.attributes)
+                if self.report:
+                    self.report(len(items), loop.time() - started, self.queue.qsize())
             except Exception as e:   # the model failed: every waiting request gets the error, the worker lives on
                 for _, f in items:
                     if not f.done():

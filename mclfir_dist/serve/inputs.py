@@ -11,6 +11,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from ..errors import ConfigError
+from ..retrieval.api import check_weights
 from ..retrieval.batch import parse_weights, parse_where
 from ..retrieval.index import CatalogueIndex
 from ..retrieval.images import media_type
@@ -30,6 +31,7 @@ class Limits:
     max_pixels: int = 40_000_000
     max_k: int = 100
     max_fields: int = 16
+    max_offset: int = 1000   # paging: hits past offset + k are never ranked
 
     @property
     def max_body_bytes(self) -> int:   # the upload plus the form's other fields and boundaries
@@ -43,22 +45,26 @@ class SearchRequest:
     where: Dict[str, List[str]] = field(default_factory=dict)
     key: Optional[str] = None
     image: Optional[bytes] = None
+    vector: Optional[Dict[str, List[float]]] = None
+    offset: int = 0
 
 
 class BodyLimit:
     """ASGI middleware: a declared Content-Length over the limit is answered 413 at once; an undeclared
     (chunked) body is counted as it arrives and stopped at the limit."""
 
-    def __init__(self, app, limit: int):
+    def __init__(self, app, limit: int, upload_limit: int = 0):
         self.app, self.limit = app, limit
+        # the message states the upload limit /attributes publishes (the body may hold 64 KiB of form more)
+        self.message = (f"the upload is over the {upload_limit:,}-byte limit (mclfir serve --max-upload-mb)"
+                        if upload_limit else f"the request body is over the {limit:,}-byte limit")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            return await _send_error(send, 413, f"the request body is over the {self.limit:,}-byte limit"
-                                     if declared.isdigit() else "Content-Length is not a number")
+            return await _send_error(send, 413, self.message if declared.isdigit() else "Content-Length is not a number")
         seen = 0
 
         async def counted():
@@ -66,7 +72,7 @@ class BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise HTTPError(413, f"the request body is over the {self.limit:,}-byte limit")
+                raise HTTPError(413, self.message)
             return message
 
         return await self.app(scope, counted, send)
@@ -135,7 +141,8 @@ def check_key(catalogue: CatalogueIndex, key) -> str:
 
 def check_image(data: bytes, limits: Limits) -> bytes:
     if len(data) > limits.max_upload_bytes:
-        raise HTTPError(413, f"the upload is over the {limits.max_upload_bytes:,}-byte limit")
+        raise HTTPError(413, f"the upload is over the {limits.max_upload_bytes:,}-byte limit (mclfir serve "
+                             "--max-upload-mb)")
     if not data:
         raise HTTPError(400, "image: the upload is empty")
     if media_type(data) is None:
@@ -161,15 +168,31 @@ async def read_search(request: Request, limits: Limits, catalogue: CatalogueInde
         raise HTTPError(400, f"where: unknown label column {bad[0]!r} (the catalogue has: "
                              f"{', '.join(catalogue.labels) or 'none'})")
     k = _k(fields.get("k", 10), limits)
-    key, image = fields.get("key") or None, fields.get("image")
-    if (key is None) == (image is None):
-        raise HTTPError(400, "give exactly one of key (a catalogue item) or image (an upload)")
+    offset = _offset(fields.get("offset", 0), limits)
+    key, image, vector = fields.get("key") or None, fields.get("image"), fields.get("vector")
+    if sum(x is not None for x in (key, image, vector)) != 1:
+        raise HTTPError(400, "give exactly one of key (a catalogue item), image (an upload) or vector "
+                             "({attribute: embedding}, JSON only)")
+    if vector is not None:
+        return SearchRequest(weights, k, where, vector=_vectors(vector, weights), offset=offset)
     if image is not None:
         data = await image.read(limits.max_upload_bytes + 1) if isinstance(image, UploadFile) else None
         if data is None:
             raise HTTPError(400, "image: send the file as a multipart upload")
-        return SearchRequest(weights, k, where, image=check_image(data, limits))
-    return SearchRequest(weights, k, where, key=check_key(catalogue, key))
+        return SearchRequest(weights, k, where, image=check_image(data, limits), offset=offset)
+    return SearchRequest(weights, k, where, key=check_key(catalogue, key), offset=offset)
+
+
+def _vectors(spec, weights: Dict[str, float]) -> Dict[str, List[float]]:
+    """{attribute: [numbers]} with one vector per ranked attribute (sizes are checked against the index)."""
+    if not isinstance(spec, dict) or not all(isinstance(v, list) for v in spec.values()):
+        raise HTTPError(400, "vector: give {attribute: [numbers]}, one per attribute ranked by")
+    missing = [a for a in weights if a not in spec]
+    if missing:
+        raise HTTPError(400, f"vector: no vector for {missing[0]!r} (ranked by {', '.join(weights)})")
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for a in weights for x in spec[a]):
+        raise HTTPError(400, "vector: every entry must be a number")
+    return {a: [float(x) for x in spec[a]] for a in weights}
 
 
 async def _fields(request: Request, limits: Limits) -> dict:
@@ -209,7 +232,10 @@ def _weights(spec) -> Dict[str, float]:
         raise HTTPError(400, "attributes: give at least one, e.g. colour or colour:1,pattern:0.5")
     if any(w != w or abs(w) == float("inf") for w in weights.values()):
         raise HTTPError(400, "attributes: weights must be finite numbers")
-    return weights
+    try:
+        return check_weights(weights)
+    except ConfigError as e:
+        raise HTTPError(400, f"attributes: {e}") from None
 
 
 def _where(spec) -> Dict[str, List[str]]:
@@ -220,6 +246,18 @@ def _where(spec) -> Dict[str, List[str]]:
     if not isinstance(spec, str):
         raise HTTPError(400, "where: COLUMN=VALUE,... or {column: value}")
     return parse_where(spec)
+
+
+def _offset(value, limits: Limits) -> int:
+    try:
+        offset = int(value)
+        if isinstance(value, (float, bool)):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise HTTPError(400, f"offset must be a whole number, got {str(value)[:40]!r}") from None
+    if not 0 <= offset <= limits.max_offset:
+        raise HTTPError(400, f"offset must be between 0 and {limits.max_offset}, got {offset}")
+    return offset
 
 
 def _k(value, limits: Limits) -> int:
