@@ -29,7 +29,7 @@ class FORMATTER(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _add_shards(sub):
+def _add_shards(sub, converters: bool = True):
     d = ShardBuildConfig()   # the defaults are the config's, stated once
     p = sub.add_parser("shards", help="build or inspect WebDataset shard sets")
     ssub = p.add_subparsers(dest="shards_cmd", required=True)
@@ -62,6 +62,9 @@ def _add_shards(sub):
     b.add_argument("--seed", type=int, default=d.seed, help="seed of the generator and of the split assignment")
     i = ssub.add_parser("info", help="print a shard set's manifest summary")
     i.add_argument("shards", help="shard directory (holds manifest.json)")
+    if not converters:   # listing them imports the shard writer (torch, webdataset): 1 s of `mclfir --help`
+        ssub.add_parser("convert", help="a published dataset split -> shards (`mclfir shards convert -h` lists them)")
+        return
     from .data.converters import CONVERTERS
     c = ssub.add_parser("convert", help="a published dataset split -> shards (" + ", ".join(CONVERTERS.names()) + ")",
                         formatter_class=FORMATTER,
@@ -443,7 +446,8 @@ def cmd_export(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """Every subcommand's parser; with `command` given, only that one lists the converters (the slow part)."""
     formatter = FORMATTER
     p = argparse.ArgumentParser(prog="mclfir", description="MCL-FIR: continual attribute-specific fashion retrieval")
     p.add_argument("--version", action="version", version=f"mclfir_dist {__version__}")
@@ -454,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-run-plugins", action="store_true",
                    help="import the plug-ins a run's saved config lists (runs their code: only for runs you trust)")
     sub = p.add_subparsers(dest="cmd", required=True)
-    _add_shards(sub)
+    _add_shards(sub, converters=command in (None, "shards"))
     t = sub.add_parser("train", formatter_class=formatter,
                        help="train over the config's increments (also: accelerate launch -m mclfir_dist.train)",
                        description="Train MCL-FIR and write RUN_DIR/results.json, checkpoints and TensorBoard events.")
@@ -477,6 +481,15 @@ def _plugin_option(argv: List[str]) -> List[str]:
     return [n.strip() for n in names if n.strip()]
 
 
+def _command(argv: List[str]) -> str:
+    """The subcommand named in argv ('' when none: `mclfir --help`), skipping the values of global options."""
+    values = {"--plugins"}
+    for i, arg in enumerate(argv):
+        if not arg.startswith("-") and (i == 0 or argv[i - 1] not in values):
+            return arg
+    return ""
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -485,7 +498,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except USER_ERRORS as e:
         print(f"mclfir: error: {e}", file=sys.stderr)
         return 2
-    args = build_parser().parse_args(argv)
+    args = build_parser(_command(argv)).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("faiss").setLevel(logging.WARNING)   # it logs which SIMD build it loaded
     handlers = {"shards": cmd_shards, "train": cmd_train, "eval": cmd_eval, "report": cmd_report,

@@ -107,6 +107,7 @@ def test_an_animated_gif_decodes_its_first_frame_only(tmp_path):
 import re, sys
 sys.path.insert(0, {str(ROOT)!r})
 from mclfir_dist.data.images import decode_any
+import torch, torchvision.io   # loaded on the first decode: not the decode's memory
 data = open({str(tmp_path / 'anim.gif')!r}, "rb").read()
 kb = lambda key: int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
 open("/proc/self/clear_refs", "w").write("5")

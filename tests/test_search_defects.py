@@ -143,3 +143,16 @@ def test_index_prints_each_line_once_and_export_prints_no_stray_warning(run, cat
                           timeout=600)
     assert done.returncode == 0 and (tmp_path / "exp" / "model.pt2").is_file(), done.stderr[-2000:]
     assert "Expect archive" not in done.stderr and not [x for x in done.stderr.splitlines() if x.startswith("W")]
+
+
+def test_help_and_a_key_search_never_import_torch(catalogue):
+    """`mclfir --help` took 1.5-2 s and `mclfir search --key` 3-4 s, nearly all imports (docs/results/start_time)."""
+    index, _, key = catalogue
+    probe = ("import sys, contextlib, io\nfrom mclfir_dist.cli import main\n"
+             "with contextlib.redirect_stdout(io.StringIO()):\n"
+             "    try:\n        main(['--help'])\n    except SystemExit:\n        pass\n"
+             "    assert 'torch' not in sys.modules, 'help'\n"
+             f"    assert main(['search', '--index', {str(index)!r}, '--key', {key!r}, '--attribute', 'colour']) == 0\n"
+             "assert 'torch' not in sys.modules, 'key search'\nprint('ok')")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

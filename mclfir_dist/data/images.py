@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import Tuple
 
-import torch
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:   # torch loads on the first decode: key searches and `mclfir --help` never need it
+    import torch
 
 DEFAULT_MAX_PIXELS = 40_000_000   # 6,300 x 6,300: above any catalogue photo; a 20,000^2 JPEG decodes to 1.2 GB
 
@@ -87,6 +89,8 @@ def decode_any(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, limit: str = "
         raise ImageRejected("not an image (no format PIL reads: JPEG, PNG, GIF, WebP, BMP, TIFF...)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageRejected(f"not an image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    import torch
+    from torchvision.io import ImageReadMode, decode_image
     try:
         # EXIF orientation applied: a phone photo saved sideways is embedded upright, as a browser shows it
         image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
@@ -99,6 +103,7 @@ def decode_any(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, limit: str = "
 def _first_frame(im) -> torch.Tensor:
     """Frame 0 of an animation (GIF, APNG, WebP) as RGB uint8 C x H x W; no other frame is decoded."""
     import numpy as np
+    import torch
     from PIL import ImageOps
     im.seek(0)
     frame = ImageOps.exif_transpose(im.convert("RGB") if im.mode != "RGB" else im.copy())
@@ -107,6 +112,8 @@ def _first_frame(im) -> torch.Tensor:
 
 def decode(jpeg: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """RGB uint8 C x H x W. The header is checked before any pixel is decoded."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
     check_jpeg_header(jpeg, max_pixels)
     try:
         return decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)

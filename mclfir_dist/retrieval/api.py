@@ -12,22 +12,23 @@ CheckpointError (no usable checkpoint), FileNotFoundError. docs/api.md documents
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import torch
 
-from ..data.images import DEFAULT_MAX_PIXELS, ImageRejected
+from ..data.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_any
 from ..errors import BadInputError, ConfigError, OtherModelWarning
-from ..model.preprocess import eval_transform, preprocess
-from .embed import decode_file_bytes, model_identity
 from .images import check_image_file
 from .index import CatalogueIndex
 
-Query = Union[str, Path, bytes, np.ndarray, torch.Tensor, Mapping[str, np.ndarray]]
+if TYPE_CHECKING:   # torch loads with a model (from_run, from_export): key and vector searches never import it
+    import torch
+
+Query = Union[str, Path, bytes, np.ndarray, "torch.Tensor", Mapping[str, np.ndarray]]
 Attributes = Union[str, Sequence[str], Mapping[str, float]]
 FIRST_FETCH = 64   # a filtered single-attribute search fetches max(4k, this) and doubles until k hits pass
 
@@ -60,7 +61,10 @@ class Retriever:
     def from_run(cls, run: str | Path, index: str | Path | None = None, allow_other_model: bool = False,
                  device: str | torch.device = "cpu") -> "Retriever":
         """The run's newest good checkpoint; `index` is an `mclfir index` folder (optional)."""
+        import torch
+        from ..model.preprocess import eval_transform
         from ..training.checkpoint import load_run_model
+        from .embed import model_identity
         model, cfg, _ = load_run_model(run)
         model.to(device)
         transform = eval_transform(cfg.data.image_size, int(round(cfg.data.image_size * cfg.data.resize_ratio)))
@@ -78,6 +82,7 @@ class Retriever:
                     device: str | torch.device = "cpu") -> "Retriever":
         """An `mclfir export` folder (torch + torchvision + safetensors only). Its weights carry no identity an
         index can check, so image queries against an index are searched as given (a warning says so)."""
+        from ..model.preprocess import preprocess
         from .portable import load_exported
         try:
             model = load_exported(directory, device)
@@ -108,6 +113,7 @@ class Retriever:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
         chunks: Dict[str, List[np.ndarray]] = {a: [] for a in names}
         for start in range(0, len(images), batch_size):
+            import torch
             x = torch.stack([self.prepare(img) for img in images[start:start + batch_size]])
             for a, v in self.embed_tensors(x, names).items():
                 chunks[a].append(v)
@@ -124,8 +130,8 @@ class Retriever:
         return self._embed_fn(x, list(attributes))
 
     def _decode(self, image) -> torch.Tensor:
-        if isinstance(image, torch.Tensor):
-            if image.dtype != torch.uint8 or image.dim() != 3:
+        if _is_tensor(image):
+            if str(image.dtype) != "torch.uint8" or image.dim() != 3:
                 raise BadInputError(f"an image tensor must be uint8 C x H x W, got {image.dtype} {tuple(image.shape)}")
             return image
         if isinstance(image, (str, Path)):
@@ -136,7 +142,7 @@ class Retriever:
         else:
             raise ConfigError(f"an image is a path, bytes or a uint8 tensor, not {type(image).__name__}")
         try:
-            return decode_file_bytes(data, self.max_pixels, self.max_pixels_name)
+            return decode_any(data, self.max_pixels, self.max_pixels_name)
         except ImageRejected as e:
             raise BadInputError(f"{name}: {e}") from None
 
@@ -176,7 +182,7 @@ class Retriever:
             if missing:
                 raise ConfigError(f"the query gives vectors for {sorted(query)}, not for {missing}")
             return {a: _vector(query[a], cat, a) for a in names}, -1
-        if isinstance(query, np.ndarray) or isinstance(query, torch.Tensor) and query.is_floating_point():
+        if isinstance(query, np.ndarray) or _is_tensor(query) and query.is_floating_point():
             if len(names) != 1:
                 raise ConfigError("a vector lives in one attribute's space: pass {attribute: vector} to combine")
             return {names[0]: _vector(query, cat, names[0])}, -1
@@ -213,6 +219,12 @@ class Retriever:
         self._checked[attribute] = True
 
 
+def _is_tensor(x) -> bool:
+    """A torch tensor, without importing torch: if torch was never imported, nothing can be one."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
 def _open(index) -> Optional[CatalogueIndex]:
     return CatalogueIndex(index) if index is not None else None
 
@@ -244,7 +256,7 @@ def check_weights(weights: Dict[str, float]) -> Dict[str, float]:
 
 
 def _vector(v, cat: CatalogueIndex, attribute: str) -> np.ndarray:
-    v = np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v, dtype=np.float32).reshape(-1)
+    v = np.asarray(v.detach().cpu() if _is_tensor(v) else v, dtype=np.float32).reshape(-1)
     dim = cat.index(attribute).d
     if v.shape[0] != dim or not np.isfinite(v).all():
         raise BadInputError(f"a query vector for '{attribute}' must hold {dim} finite numbers, got {v.shape[0]}")

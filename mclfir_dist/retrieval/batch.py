@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from ..errors import BadInputError, ConfigError
 from ..utils.io import atomic_write_text
 from .api import Hit, Retriever
-from .embed import IMAGE_SUFFIXES
+from .embeddings import IMAGE_SUFFIXES
 from .images import check_image_file
 
 BATCH = 64   # image queries embedded at once

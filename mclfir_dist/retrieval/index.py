@@ -25,7 +25,7 @@ from ..errors import BadInputError
 from ..utils.io import atomic_write, atomic_write_json, atomic_write_text
 from ..utils.names import check_attribute
 from ..utils.jsonfile import read_json
-from .embed import load_embeddings, read_keys
+from .embeddings import load_embeddings, read_keys
 
 log = logging.getLogger(__name__)
 KINDS = ("flat", "ivf", "hnsw")

@@ -11,9 +11,7 @@ from typing import Dict, List, Optional
 
 from ..config import ConfigError
 from ..errors import OtherModelWarning
-from ..data.images import ImageRejected
 from .api import Retriever
-from .embed import decode_file_bytes
 from .images import CatalogueImages, check_image_file
 from .index import CatalogueIndex
 
@@ -88,6 +86,7 @@ def draw_sheet(path: str, query: bytes, query_title: str, query_value: Optional[
                tile: int = 160) -> None:
     """Query (blue frame) then its top-k, each captioned with key, score and value; green frame = same value."""
     from PIL import Image, ImageDraw
+    from ..data.images import ImageRejected, decode_any as decode_file_bytes
     caption = 34
     cols = 1 + len(results)
     sheet = Image.new("RGB", (cols * (tile + 8) + 8, tile + caption + 16), "white")

@@ -157,6 +157,12 @@ def _routes(app: FastAPI, retriever: Retriever, images: CatalogueImages, batcher
             return Response(data, media_type=kind,
                             headers={"cache-control": "max-age=3600", "x-content-type-options": "nosniff"})
         return _item(cat, check_key(cat, rest))
+    _search_route(app, retriever, batcher, limits, metrics)
+
+
+def _search_route(app: FastAPI, retriever: Retriever, batcher: Optional[EmbedBatcher], limits: Limits,
+                  metrics: ServiceMetrics) -> None:
+    cat = retriever.catalogue
 
     @app.post("/search", response_model=SearchReply, responses=ERRORS, openapi_extra=search_body())
     async def search(request: Request):
