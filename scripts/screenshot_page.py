@@ -16,6 +16,7 @@ def main() -> None:
     p.add_argument("--key", help="the query item (default: the first one the page offers)")
     p.add_argument("--k", default="12")
     p.add_argument("--attribute", default="", help="rank by this attribute instead of the first")
+    p.add_argument("--query", default="", help="a page URL's query instead (key=K&attributes=a:1,b:0.5&where=c=v&k=8)")
     args = p.parse_args()
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
@@ -23,16 +24,19 @@ def main() -> None:
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
         tab = browser.new_page(viewport={"width": 1366, "height": 800})
-        tab.goto(args.url)
+        tab.goto(args.url + ("/?" + args.query if args.query else ""))
         tab.wait_for_selector("#picker img")
-        if args.key:
+        if args.query:
+            tab.wait_for_selector("#results .hit")
+        elif args.key:
             tab.fill("#key", args.key)
         if args.attribute:
             tab.eval_on_selector_all("#attrs input[type=checkbox]", "bs => bs.forEach(b => b.checked = false)")
             tab.check(f"#use-{args.attribute}")
-        tab.fill("#k", args.k)
-        tab.click("#go")
-        tab.wait_for_function(f"document.querySelectorAll('#results .hit').length === {int(args.k)}")
+        if not args.query:
+            tab.fill("#k", args.k)
+            tab.click("#go")
+            tab.wait_for_function(f"document.querySelectorAll('#results .hit').length === {int(args.k)}")
         tab.wait_for_function("[...document.images].every(i => i.complete)")
         tab.evaluate("document.querySelector('aside').scrollTop = 0")
         tab.screenshot(path=args.out)

@@ -26,7 +26,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 # Pinned dependencies that a machine may lack: the lent GPU machine has no DALI (its 424 MB wheel cannot
 # travel), DeepSpeed or faiss. Here and in CI a test that needs one runs, and fails loudly if it does not
 # import; a machine without them opts out by naming them (MCLFIR_TESTS_WITHOUT=dali,deepspeed,faiss).
-_PACKAGES = {"dali": "nvidia.dali", "deepspeed": "deepspeed", "faiss": "faiss"}
+_PACKAGES = {"dali": "nvidia.dali", "deepspeed": "deepspeed", "faiss": "faiss", "mkdocs": "mkdocs"}
 
 
 def needs(name: str):
