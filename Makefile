@@ -1,11 +1,14 @@
 # `make demo` and `make test` work on a fresh machine: both set up .venv first.
-.PHONY: setup setup-browser setup-cluster demo serve test test-main test-cluster clean
+.PHONY: setup setup-browser setup-postgres setup-cluster demo serve test test-main test-cluster clean
 
 setup:
 	bash scripts/setup.sh
 
 setup-browser:
 	bash scripts/setup_browser.sh
+
+setup-postgres:
+	bash scripts/setup_postgres.sh
 
 setup-cluster:
 	bash scripts/setup_cluster.sh
@@ -23,7 +26,7 @@ test: test-main test-cluster
 # the main suite on 2 xdist workers (one thread each; a file's tests stay on one worker, so its shared runs are
 # built once; 3 workers measured slower: 497 s vs 455 s); TEST_WORKERS=0 runs it in one process (664 s)
 TEST_WORKERS ?= 2
-test-main: setup setup-browser
+test-main: setup setup-browser setup-postgres
 	.venv/bin/python -m pytest -q -m "not cluster" $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) tests
 
 test-cluster: setup setup-cluster

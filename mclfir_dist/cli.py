@@ -408,6 +408,55 @@ def cmd_search(args) -> int:
     return 0
 
 
+def _add_tune(sub, formatter):
+    t = sub.add_parser("tune", formatter_class=formatter, help="hyperparameter search on Optuna over training runs",
+                       description="Trials are ordinary runs in OUT/trials/NNNN, on the validation split; several "
+                                   "workers (processes, machines, a SLURM array) share one study through --storage "
+                                   "and stop together at --trials finished ones. docs/tuning.md.")
+    t.add_argument("--config", help="experiment YAML; it must evaluate on eval.split=val (needed unless --report)")
+    t.add_argument("--space", help="search space YAML (default: the method's own tune_space)")
+    t.add_argument("--trials", type=int, default=20, help="finished trials (complete or pruned) of the study")
+    t.add_argument("--study", default="mclfir", help="study name in the storage")
+    t.add_argument("--storage", help="Optuna RDB URL (default: sqlite:///OUT/study.db); a PostgreSQL URL for "
+                                     "workers on many machines")
+    t.add_argument("--out", default="runs/tune", help="folder of the trials' runs and the report")
+    t.add_argument("--sampler", choices=["tpe", "random", "grid"], default="tpe", help="grid: choices only")
+    t.add_argument("--pruner", choices=["median", "none"], default="median",
+                   help="stop a trial whose validation curve falls below the median of earlier trials")
+    t.add_argument("--metric", default="final.average_map", help="the results.json field ranked by")
+    t.add_argument("--seed", type=int, default=0, help="the sampler's seed")
+    t.add_argument("--resume-study", action="store_true", help="go on with a study stored with other settings")
+    t.add_argument("--report", action="store_true",
+                   help="run nothing: write OUT/report/REPORT.md (table, knobs interior or at an end) and plots")
+    t.add_argument("overrides", nargs="*", help="dotted.key=value overrides for every trial")
+
+
+def cmd_tune(args) -> int:
+    from .tune import report, space as spaces, study as studies
+    out = Path(args.out)
+    storage = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    if args.report:
+        job = studies.TuneJob(args.config, args.overrides, {}, args.trials, args.study, storage, out)
+        found = studies.open_study_readonly(job)
+        print(report.write_report(found, found.user_attrs["settings"], out / "report", studies.redact(storage)))
+        print(f"wrote {out / 'report' / 'REPORT.md'}")
+        return 0
+    if not args.config:
+        raise ConfigError("tune needs --config C (the experiment every trial runs)")
+    from .configure import load_config
+    method = load_config(args.config, args.overrides).train.method
+    job = studies.TuneJob(args.config, args.overrides, spaces.load_space(args.space, method), args.trials,
+                          args.study, storage, out, args.sampler, args.pruner, args.metric, args.seed,
+                          args.resume_study)
+    studies.check_job(job)
+    if storage.startswith("sqlite:///") and not args.storage:
+        out.mkdir(parents=True, exist_ok=True)   # only now: a refused job writes nothing
+    ran = studies.run_worker(job)
+    print(f"tune: this worker ran {ran} trials; study {args.study!r} in {studies.redact(storage)}; "
+          f"`mclfir tune --report --out {out} --config {args.config}` writes the table and plots")
+    return 0
+
+
 def _add_serve(sub, formatter):
     v = sub.add_parser("serve", formatter_class=formatter, help="an HTTP service and search page over an index",
                        description="GET / is the search page; GET /health, GET /attributes, GET /items, "
@@ -467,6 +516,7 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     _add_report(sub)
     _add_use(sub, formatter)
     _add_serve(sub, formatter)
+    _add_tune(sub, formatter)
     return p
 
 
@@ -503,7 +553,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.getLogger("faiss").setLevel(logging.WARNING)   # it logs which SIMD build it loaded
     handlers = {"shards": cmd_shards, "train": cmd_train, "eval": cmd_eval, "report": cmd_report,
                 "embed": cmd_embed, "index": cmd_index, "search": cmd_search, "export": cmd_export,
-                "serve": cmd_serve}
+                "serve": cmd_serve, "tune": cmd_tune}
     try:
         return handlers[args.cmd](args)
     except USER_ERRORS as e:

@@ -242,6 +242,17 @@ class EvalConfig:
 
 
 @dataclass
+class TuneConfig:
+    study: str = _f("", "Set by `mclfir tune` on a trial's run: the Optuna study it belongs to ('' = not a trial). "
+                        "The storage URL comes from the environment (MCLFIR_TUNE_STORAGE), never from this file.")
+    trial: int = _f(-1, "Set by `mclfir tune`: the trial's number in its study.")
+    params: List[str] = _f([], "Set by `mclfir tune`: the config keys its sampler chose for this trial (their values "
+                               "are this config's); results.json records them with the trial.")
+    prune: bool = _f(True, "A trial reports each validation (eval.every_steps, every increment's end) to its study and "
+                           "stops early when the study's pruner says so (results.json: tune.pruned).")
+
+
+@dataclass
 class RunConfig:
     name: str = _f("run", "Run name.")
     plugins: List[str] = _f([], "Python modules imported on every process before the config is validated (they "
@@ -254,6 +265,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 CHOICES = {
@@ -476,6 +488,14 @@ def _non_finite(cfg: Any, prefix: str = "") -> Optional[str]:
 
 def to_dict(cfg: RunConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def flat_keys(d: dict, prefix: str = "") -> dict:
+    """{'optim.lr': 1e-3, ...} from a nested config dict (lists stay values)."""
+    out: dict = {}
+    for k, v in d.items():
+        out.update(flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def peek_plugins(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> List[str]:

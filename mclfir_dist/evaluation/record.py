@@ -134,6 +134,12 @@ class RunRecord:
         self.data["skipped_shards"] = skipped_shards
         self.data["batch_scaling"] = batch_scaling
 
+    def set_trial(self, study: str, number: int, params: Dict[str, object], pruned: bool = False,
+                  pruned_at_step: Optional[int] = None) -> None:
+        """A `mclfir tune` trial: its study, number, the values its sampler chose, and whether it was pruned."""
+        self.data["tune"] = {"study": study, "trial": number, "params": dict(params), "pruned": pruned,
+                             "pruned_at_step": pruned_at_step}
+
     def set_baselines(self, random_map: Dict[str, float], frozen_trunk_map: Dict[str, float]) -> None:
         self.data["random_map"].update(random_map)
         self.data["frozen_trunk_map"].update(frozen_trunk_map)

@@ -79,6 +79,10 @@ class Method:
     # The static baseline that `mclfir report` puts every run's training cost against (static-final: its
     # last retraining; static-cumulative: all of them).
     static_reference = False
+    # `mclfir tune`'s default search space for this method ({config key: {log|uniform|int: [lo, hi]} or
+    # {choices: [...]}}); a plug-in method declares its own the same way
+    tune_space = {"optim.lr": {"log": [1e-4, 4e-3]}, "optim.first_encoder_lr_scale": {"log": [0.02, 1.0]},
+                  "optim.encoder_lr_scale": {"log": [0.02, 1.0]}}
 
     def __init__(self, cfg: RunConfig, runtime: "Runtime"):
         self.cfg, self.runtime = cfg, runtime

@@ -6,6 +6,7 @@ from .base import METHODS, IncrementPlan, Method
 
 @METHODS.register("frozen", label="Frozen trunk")
 class Frozen(Method):
+    tune_space = {"optim.lr": {"log": [1e-4, 4e-3]}}   # the trunk never trains: no encoder scale to tune
 
     def plan(self, index: int, name: str, new_attributes: Sequence[str], old_attributes: Sequence[str]
              ) -> IncrementPlan:

@@ -10,6 +10,7 @@ from .base import METHODS, IncrementContext, LossTerm, Method, StepOutput, disti
 
 @METHODS.register("lwf", label="LwF")
 class LwF(Method):
+    tune_space = {**Method.tune_space, "loss.kd_weight": {"log": [0.1, 100.0]}}
 
     def setup(self, model) -> None:
         self.snapshot = None

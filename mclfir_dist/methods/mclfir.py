@@ -9,6 +9,8 @@ from .base import METHODS, IncrementContext, LossTerm, Method, StepOutput, disti
 
 @METHODS.register("mclfir", label="MCL-FIR")
 class MCLFIR(Method):
+    tune_space = {**Method.tune_space, "loss.kd_weight": {"log": [0.1, 100.0]},
+                  "teacher.decay": {"choices": [0.9, 0.95, 0.98, 0.99, 0.995, 0.999]}}
 
     def setup(self, model) -> None:
         self.teacher = EMATeacher(model.trunk, self.cfg.teacher.decay, self.cfg.teacher.warmup_steps)

@@ -12,6 +12,7 @@ from .base import METHODS, IncrementPlan, Method
 
 @METHODS.register("static_joint", label="Static (joint retraining)")
 class StaticJoint(Method):
+    tune_space = {"optim.lr": {"log": [1e-4, 4e-3]}, "optim.first_encoder_lr_scale": {"log": [0.02, 1.0]}}
     static_reference = True   # reports put every run's cost against this one's
 
     def setup(self, model) -> None:

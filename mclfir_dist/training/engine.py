@@ -19,7 +19,7 @@ from typing import Iterator, List, Optional, Sequence
 
 import torch
 
-from ..config import ConfigError, RunConfig, to_dict, to_yaml
+from ..config import ConfigError, RunConfig, flat_keys, to_dict, to_yaml
 from ..data import build_train_loader
 from ..data.pairing import positive_index, task_quotas
 from ..data.streams import epoch_seed
@@ -42,6 +42,7 @@ from .runtime import Runtime, rng_state, seed_everything, set_rng_state
 from .selection import Selection, selected_prefixes
 from .signals import RunStopped, SignalStop
 from .state import Progress, RunParts, RunState
+from .trial import TrialPruned, TrialReporter
 
 log = logging.getLogger("mclfir")
 
@@ -87,6 +88,7 @@ class Trainer:
         # the previous increment's eval embeddings (main process): the deployed index, for compatibility
         self.deployed = load_snapshot(self.run_dir, self.progress.next_increment - 1) if runtime.is_main else None
         self.metrics = MetricsProcessor(runtime.acc, cfg.name, cfg.train.log_every, self.images_per_step, self.plans)
+        self.trial = TrialReporter.of(cfg, runtime.is_main, runtime.world)   # a `mclfir tune` trial: reports
         self.stop = SignalStop()
         self.stop.install(runtime.world)   # from here on a signal saves and stops instead of killing
         self.state.start_writing()
@@ -254,6 +256,8 @@ class Trainer:
         score = sum(row.values()) / len(row)
         self.selection.seconds += time.time() - started
         self.metrics.log_validation(plan.index, self.progress.global_step, row, score)
+        if self.trial:
+            self.trial.report(self.progress.global_step, score)
         return self.selection.observe(steps_done, score, model,
                                       selected_prefixes(plan.train_heads, plan.train_encoder))
 
@@ -271,6 +275,12 @@ class Trainer:
     def run(self) -> dict:
         try:
             return self._run()
+        except TrialPruned as e:   # the study's pruner: results.json says so, and the run ends normally
+            log.info("tune: trial %d %s", self.cfg.tune.trial, e)
+            self._record_trial(pruned_at_step=e.step)
+            self.record.save(self.run_dir)
+            self.metrics.close()
+            return self.record.data
         except RunStopped:
             if self.runtime.is_main:
                 requeued = self.stop.requeue()   # SIGUSR1 under SLURM
@@ -281,8 +291,15 @@ class Trainer:
         finally:
             self.stop.uninstall()
 
+    def _record_trial(self, pruned_at_step: Optional[int] = None) -> None:
+        if self.cfg.tune.study:
+            flat = {k: v for k, v in flat_keys(to_dict(self.cfg)).items() if k in self.cfg.tune.params}
+            self.record.set_trial(self.cfg.tune.study, self.cfg.tune.trial, flat, pruned_at_step is not None,
+                                  pruned_at_step)
+
     def _run(self) -> dict:
         rt = self.runtime
+        self._record_trial()
         run_start, wall_before = time.time(), self.record.wall_seconds
         if self.resumed and rt.is_main:   # heals a results.json that a kill left behind its checkpoint
             self.record.save(self.run_dir)
@@ -357,6 +374,9 @@ class Trainer:
                                precision_reason=self.runtime.acc.precision_reason,
                                channels_last=self.runtime.channels_last)
         self.metrics.log_increment(plan.index, self.progress.global_step, row, metrics, cost)
+        if self.trial:   # after results.json has this increment's row (saved by the caller either way)
+            self.record.save(self.run_dir)
+            self.trial.report(self.progress.global_step, metrics["average_map"])
         if self.runtime.is_main:
             self._measure_compatibility(plan.index, groups)
             for manifest, embeddings in groups:

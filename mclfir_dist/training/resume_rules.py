@@ -8,14 +8,15 @@ import hashlib
 import json
 from typing import Dict, List, Optional
 
-from ..config import RunConfig, to_dict
+from ..config import RunConfig, flat_keys, to_dict
 from ..errors import ConfigError
 
 # may differ on resume: how the run executes, never its maths
 OPERATIONAL = ("name", "plugins", "data.build.", "data.loader", "data.num_workers", "data.eval_batch_size",
                "data.dali_threads", "data.skip_bad_shards", "model.channels_last", "optim.implementation",
                "train.checkpoint_every", "train.resume_other_world", "train.trackers", "train.log_every", "train.compile", "train.deterministic",
-               "train.num_threads", "train.dist_", "eval.query_chunk", "eval.grid_", "eval.frozen_baseline")
+               "train.num_threads", "train.dist_", "eval.query_chunk", "eval.grid_", "eval.frozen_baseline",
+               "tune.")
 # derived from the global batch by train.reference_batch_doublets: they follow a change of world size
 BATCH_SCALED = ("train.steps_per_increment", "optim.step_size", "optim.warmup_steps", "teacher.warmup_steps",
                 "optim.lr", "teacher.decay", "train.reference_batch_doublets")
@@ -23,16 +24,6 @@ BATCH_SCALED = ("train.steps_per_increment", "optim.step_size", "optim.warmup_st
 
 def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _flat(d: dict, prefix: str = "") -> Dict[str, object]:
-    out: Dict[str, object] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _increment(inc: dict) -> dict:
@@ -58,7 +49,7 @@ def check_resume(saved: dict, cfg: RunConfig, where: str, scaled: bool = True) -
     batch-scaled keys too: a new train.reference_batch_doublets cannot carry a new lr past the check)."""
     new = to_dict(cfg)
     first_new = check_increments(saved["train"]["increments"], new["train"]["increments"], where)
-    old_flat, new_flat = _flat(saved), _flat(new)
+    old_flat, new_flat = flat_keys(saved), flat_keys(new)
     rescaled = scaled and cfg.train.reference_batch_doublets > 0 and \
         old_flat.get("train.reference_batch_doublets") != new_flat.get("train.reference_batch_doublets")
     differ = []
