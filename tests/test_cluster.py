@@ -280,3 +280,31 @@ def test_a_smaller_world_is_refused_inside_an_increment(reference, tmp_path):
                        timeout=300)
     assert p.returncode == 0 and "not bit-exact" in p.stdout + p.stderr, p.stderr[-3000:]
     assert json.loads((run / "results.json").read_text())["complete"]
+
+
+def test_a_slurm_array_of_tune_workers_shares_one_study(slurm, tmp_path):
+    """launch/slurm_tune.sbatch: two array tasks, one study (SQLite on the shared folder), 4 finished trials."""
+    import sqlite3
+    from test_tune import SPACE, TINY
+    shards, out = tmp_path / "shards", tmp_path / "tune"
+    built = subprocess.run([sys.executable, "-m", "mclfir_dist.cli", "shards", "build", "--out", str(shards),
+                            "--num-images", "240", "--image-size", "32", "--samples-per-shard", "60",
+                            "--min-value-count", "4"], cwd=ROOT, env=env(), capture_output=True, text=True,
+                           timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    (tmp_path / "space.yaml").write_text(SPACE)
+    p = subprocess.run(["sbatch", "--parsable", "--array=0-1", "--cpus-per-task=1",
+                        f"--output={tmp_path}/tune-%a.out", str(ROOT / "launch/slurm_tune.sbatch"),
+                        "--space", str(tmp_path / "space.yaml"), *TINY, f"data.shards={shards}"],
+                       cwd=ROOT, env=dict(slurm, CONFIG=str(ROOT / "configs/debug_cpu.yaml"), OUT=str(out),
+                                          TRIALS="4"), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    array = p.stdout.strip().split(";")[0]
+    for task in (0, 1):
+        info = wait_for(slurm, f"{array}_{task}", {"COMPLETED", "FAILED", "CANCELLED"}, timeout=600)
+        assert info["JobState"] == "COMPLETED", (tmp_path / f"tune-{task}.out").read_text()[-3000:]
+    with sqlite3.connect(out / "study.db") as c:
+        states = [s for (s,) in c.execute("select state from trials")]
+    ran = [int((tmp_path / f"tune-{t}.out").read_text().split("this worker ran ")[1].split()[0]) for t in (0, 1)]
+    # one study: the two tasks' trials add up to 4, not 4 each
+    assert sum(s in ("COMPLETE", "PRUNED") for s in states) == 4 == sum(ran), (states, ran)

@@ -60,6 +60,8 @@ def report_text(study, settings: dict) -> str:
     for r in rows:
         cells = [_fmt(r["params"].get(k)) for k in keys]
         value = "" if r["value"] is None else f"{r['value']:.4f}"
+        if r["state"] == "PRUNED" and value:   # Optuna keeps the last reported point: not the final metric
+            value = f"({value} at the stop)"
         if best is not None and r["number"] == best.number:
             value = f"**{value}**"
         lines.append(f"| {r['number']} | " + " | ".join(cells) + f" | {value} | {r['state'].lower()} | "

@@ -119,16 +119,16 @@ def open_study(job: TuneJob, storage):
                 raise ConfigError(f"study {job.study!r} in {redact(job.storage)}: "
                                   f"{str(e).splitlines()[0][:200]}") from None
             time.sleep(1 + attempt)
-    saved = study.user_attrs.get("settings")
+    saved, mine = study.user_attrs.get("settings"), json.loads(json.dumps(job.settings))
     if saved is None:
-        study.set_user_attr("settings", json.loads(json.dumps(job.settings)))
-    elif saved != json.loads(json.dumps(job.settings)) and not job.resume_study:
-        changed = sorted(k for k in job.settings if saved.get(k) != json.loads(json.dumps(job.settings))[k])
+        study.set_user_attr("settings", mine)
+        return study
+    # the sampler's seed is each worker's own (a SLURM array gives every task another); the rest must agree
+    changed = sorted(k for k in mine if k != "seed" and saved.get(k) != mine[k])
+    if changed and not job.resume_study:
         raise ConfigError(f"study {job.study!r} exists with another {', '.join(changed)} (a new --study name, or "
                           "--resume-study to go on with the stored settings)")
-    elif saved is not None:
-        job.settings = saved
-        job.space = saved["space"]
+    job.settings, job.space = {**saved, "seed": job.seed}, saved["space"]
     return study
 
 
