@@ -1,5 +1,5 @@
 # `make demo` and `make test` work on a fresh machine: both set up .venv first.
-.PHONY: setup setup-browser setup-postgres setup-cluster demo serve test test-main test-cluster clean
+.PHONY: setup setup-browser setup-postgres setup-nginx setup-cluster demo serve test test-main test-cluster clean
 
 setup:
 	bash scripts/setup.sh
@@ -9,6 +9,9 @@ setup-browser:
 
 setup-postgres:
 	bash scripts/setup_postgres.sh
+
+setup-nginx:
+	bash scripts/setup_nginx.sh
 
 setup-cluster:
 	bash scripts/setup_cluster.sh
@@ -26,7 +29,7 @@ test: test-main test-cluster
 # the main suite on 2 xdist workers (one thread each; a file's tests stay on one worker, so its shared runs are
 # built once; 3 workers measured slower: 497 s vs 455 s); TEST_WORKERS=0 runs it in one process (664 s)
 TEST_WORKERS ?= 2
-test-main: setup setup-browser setup-postgres
+test-main: setup setup-browser setup-postgres setup-nginx
 	.venv/bin/python -m pytest -q -m "not cluster" $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) tests
 
 test-cluster: setup setup-cluster

@@ -95,6 +95,12 @@ class DataConfig:
     dali_threads: int = _f(2, "DALI CPU threads per pipeline.")
     max_image_pixels: int = _f(40_000_000, "A sample whose JPEG header gives more pixels (width x height) is "
                                            "skipped and counted, like a JPEG that does not decode. 0 = no limit.")
+    cache_dir: str = _f("", "Where shards of a remote set (data.shards = http(s):// or an fsspec URL) are kept, "
+                            "verified against the manifest ('' = ~/.cache/mclfir/shards).")
+    cache_max_gb: float = _f(0.0, "Above this many GB the cache deletes the least recently used files of other "
+                                  "shard sets (0 = no limit).")
+    remote_retries: int = _f(8, "Retries of a transient fault (connection, timeout, HTTP 5xx/429) per file of a "
+                                "remote set, with exponential backoff; counted in results.json (remote_shards).")
     skip_bad_shards: bool = _f(False, "Leave out shards whose size or sample count differs from the manifest "
                                       "(listed in results.json) instead of stopping with an error naming them.")
 

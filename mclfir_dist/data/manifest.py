@@ -127,9 +127,16 @@ class Manifest:
     data: dict
     excluded: Set[str] = field(default_factory=set)
     query_draw: int = 0   # eval.query_draw: 0 = the draw stored in eval_sets; N > 0 = redrawn with seed N
+    remote: str = ""      # the URL of a remote set (data/remote.py): root is then its verified local cache
+    fetched: Set[str] = field(default_factory=set)
 
     @classmethod
     def load(cls, root: str | Path) -> "Manifest":
+        from . import remote
+        if remote.is_url(root):   # the manifest from the URL; shards are fetched into the cache as they are needed
+            manifest = cls.load(remote.fetch_manifest(str(root)))
+            manifest.remote = remote.check_url(str(root))
+            return manifest
         root = Path(root)
         path = root / MANIFEST_NAME
         if not path.is_file():
@@ -162,10 +169,23 @@ class Manifest:
     def _shards(self, split: str) -> List[dict]:
         return [s for s in self.data["splits"][split]["shards"] if s["file"] not in self.excluded]
 
+    def fetch(self, split: str) -> None:
+        """A remote set: every shard and index file of `split` in the local cache (kept ones are not fetched)."""
+        if not self.remote or split in self.fetched:
+            return
+        from . import remote
+        for s in self.data["splits"][split]["shards"]:
+            remote.fetch_file(self.remote, s["file"], s.get("bytes"))
+            if s.get("index"):
+                remote.fetch_file(self.remote, s["index"], None)
+        self.fetched.add(split)
+
     def shard_files(self, split: str) -> List[Path]:
+        self.fetch(split)
         return [self.root / s["file"] for s in self._shards(split)]
 
     def index_files(self, split: str) -> List[Path]:
+        self.fetch(split)
         return [self.root / s["index"] for s in self._shards(split)]
 
     def shard_counts(self, split: str) -> List[int]:
@@ -174,6 +194,7 @@ class Manifest:
     def verify(self, split: str) -> List[Tuple[str, str]]:
         """(shard file, problem) for every shard of `split` whose size or sample count is not the manifest's.
         Reads tar headers only (no image data)."""
+        self.fetch(split)
         problems = []
         for s in self.data["splits"][split]["shards"]:
             path = self.root / s["file"]

@@ -8,6 +8,7 @@ from typing import Dict, List, Sequence, Tuple
 from ..config import RunConfig
 from ..errors import ShardError
 from .manifest import Manifest
+from .remote import redact
 
 log = logging.getLogger("mclfir")
 
@@ -39,7 +40,8 @@ def check_shard_sets(manifests: Sequence[Manifest], splits: Sequence[str], skip_
             if not skip_bad:
                 file, problem = problems[0]
                 more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-                raise ShardError(f"{Path(manifest.root) / file}: {problem}{more}. Rebuild the shards, or set "
+                named = f"{redact(manifest.remote)}{file}" if manifest.remote else Path(manifest.root) / file
+                raise ShardError(f"{named}: {problem}{more}. Rebuild the shards, or set "
                                  f"data.skip_bad_shards=true to leave bad shards out")
             manifest.exclude([file for file, _ in problems])
             if not manifest.shard_files(split):

@@ -438,6 +438,9 @@ def build_from_config(cfg: ShardBuildConfig, out: str | Path) -> Manifest:
 
 def ensure_shards(shards_dir: str | Path, cfg: ShardBuildConfig) -> Manifest:
     """Load the manifest, building the shard set first if it does not exist yet."""
+    from . import remote
+    if remote.is_url(shards_dir):   # never built here: a URL is not a folder (it once became ./http:/host/...)
+        return Manifest.load(shards_dir)
     shards_dir = Path(shards_dir)
     if (shards_dir / MANIFEST_NAME).is_file():
         return Manifest.load(shards_dir)

@@ -134,6 +134,11 @@ class RunRecord:
         self.data["skipped_shards"] = skipped_shards
         self.data["batch_scaling"] = batch_scaling
 
+    def set_remote_shards(self, stats: Dict[str, dict]) -> None:
+        """Remote shard sets: each URL's manifest digest (exactly which data the run saw), cache, bytes, retries."""
+        if stats:
+            self.data["remote_shards"] = stats
+
     def set_trial(self, study: str, number: int, params: Dict[str, object], pruned: bool = False,
                   pruned_at_step: Optional[int] = None) -> None:
         """A `mclfir tune` trial: its study, number, the values its sampler chose, and whether it was pruned."""

@@ -21,6 +21,7 @@ import torch
 
 from ..config import ConfigError, RunConfig, flat_keys, to_dict, to_yaml
 from ..data import build_train_loader
+from ..data.remote import stats_for_results as remote_stats
 from ..data.pairing import positive_index, task_quotas
 from ..data.streams import epoch_seed
 from ..evaluation.compatibility import compatibility, load_snapshot, save_snapshot, snapshot
@@ -80,6 +81,7 @@ class Trainer:
         self.record = RunRecord.new(to_dict(cfg), str(cfg.data.shards))
         self.record.set_sources({a: str(m.root) for a, m in data.attribute_manifest.items()}, data.skipped_shards,
                                 batch_scaling)
+        self.record.set_remote_shards(remote_stats())
         self.state = RunState(self.run_dir, runtime, cfg.train.checkpoint_every)
         self.progress = Progress(0, 0)
         if resume:

@@ -27,6 +27,8 @@ class PreparedData:
 
 
 def prepare_data(cfg: RunConfig, runtime: Runtime) -> PreparedData:
+    from ..data import remote
+    remote.configure(cfg.data.cache_dir, cfg.data.remote_retries, cfg.data.cache_max_gb)
     if runtime.is_main:
         ensure_shards(cfg.data.shards, cfg.data.build)
     runtime.barrier()   # the other ranks read the manifest once it is written

@@ -13,7 +13,7 @@ from ..errors import ConfigError
 
 # may differ on resume: how the run executes, never its maths
 OPERATIONAL = ("name", "plugins", "data.build.", "data.loader", "data.num_workers", "data.eval_batch_size",
-               "data.dali_threads", "data.skip_bad_shards", "model.channels_last", "optim.implementation",
+               "data.dali_threads", "data.skip_bad_shards", "data.cache_", "data.remote_retries", "model.channels_last", "optim.implementation",
                "train.checkpoint_every", "train.resume_other_world", "train.trackers", "train.log_every", "train.compile", "train.deterministic",
                "train.num_threads", "train.dist_", "eval.query_chunk", "eval.grid_", "eval.frozen_baseline",
                "tune.")

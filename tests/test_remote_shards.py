@@ -1,0 +1,164 @@
+"""Shard sets served over HTTP by a real nginx (Debian's, started here on a free port): a run reads the
+manifest and shards from the URL, verified into a local cache, and ends bit-identical to the same run on the
+local folder; the second run reads the cache; the server stopped mid-shard and started again costs retries,
+not the run; a 404 or 403 is one line naming the URL; a changed shard is named; a URL with a password is
+refused and nothing secret is written."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, SELF_BUILDING_TINY, free_port
+
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+if NGINX is None and os.environ.get("CI"):
+    raise RuntimeError("CI must run the remote-shard tests: make test installs Debian's nginx")
+pytestmark = pytest.mark.skipif(NGINX is None, reason="no nginx (apt-get install nginx); CI installs it")
+TINY = [*SELF_BUILDING_TINY, "train.steps_per_increment=8", "train.num_threads=1"]
+
+
+class Nginx:
+    """nginx serving `root` on 127.0.0.1:port, its own config, access log and pid file; stop() and start()."""
+
+    def __init__(self, root: Path, work: Path, rate: str = "0"):
+        self.port, self.work = free_port(), work
+        work.mkdir(parents=True, exist_ok=True)
+        user = "user root;" if os.geteuid() == 0 else ""   # the workers must read pytest's root-only folders
+        temps = "".join(f"{k}_temp_path {work}/{k};\n" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        (work / "nginx.conf").write_text(f"""{user}
+daemon off; worker_processes 1; pid {work}/nginx.pid; error_log {work}/error.log;
+events {{ worker_connections 64; }}
+http {{
+  access_log {work}/access.log; {temps}
+  server {{ listen 127.0.0.1:{self.port};
+    location /forbidden/ {{ return 403; }}
+    location / {{ root {root}; limit_rate {rate}; }} }}
+}}""")
+        self.proc = None
+        self.start()
+
+    def start(self):
+        self.proc = subprocess.Popen([NGINX, "-c", str(self.work / "nginx.conf"), "-p", str(self.work)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        import socket
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", int(self.port)), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"nginx did not start: {self.proc.stderr.read()}")
+
+    def stop(self):
+        self.proc.terminate()   # nginx's fast shutdown: open connections are cut
+        self.proc.wait(timeout=30)
+
+    def requests(self):
+        path = self.work / "access.log"
+        return path.read_text().splitlines() if path.is_file() else []
+
+    def url(self, path="shards/"):
+        return f"http://127.0.0.1:{self.port}/{path}"
+
+
+def env():
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+
+def train(out: Path, shards: str, cache: Path, *extra, check=True):
+    p = subprocess.run([sys.executable, "-m", "mclfir_dist.cli", "train", "--config", str(ROOT / "configs/debug_cpu.yaml"),
+                        "--out", str(out), *TINY, f"data.shards={shards}", f"data.cache_dir={cache}", *extra],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    if check:
+        assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    sa, sb = (torch.load(r / "checkpoints" / "increment_01.pt", weights_only=True)["model"] for r in (a, b))
+    return all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(the web root holding shards/, the local reference run) built once."""
+    work = tmp_path_factory.mktemp("remote")
+    train(work / "reference", str(work / "www" / "shards"), work / "unused")   # builds the shards, then trains
+    return work
+
+
+def test_a_url_set_trains_like_the_local_one_and_the_second_run_reads_the_cache(served, tmp_path):
+    server = Nginx(served / "www", tmp_path / "nginx")
+    try:
+        cache = tmp_path / "cache"
+        train(tmp_path / "a", server.url(), cache)
+        assert same_weights(tmp_path / "a", served / "reference")
+        res = json.loads((tmp_path / "a" / "results.json").read_text())
+        stats = res["remote_shards"][server.url()]
+        manifest = (served / "www" / "shards" / "manifest.json").read_bytes()
+        assert stats["manifest_sha256"] == hashlib.sha256(manifest).hexdigest() and stats["downloaded_bytes"] > 0
+        assert res["config"]["data"]["shards"] == server.url()
+        before = len(server.requests())
+        train(tmp_path / "b", server.url(), cache)
+        again = json.loads((tmp_path / "b" / "results.json").read_text())["remote_shards"][server.url()]
+        assert again["downloaded_bytes"] == 0 and again["from_cache"] > 0
+        assert [r for r in server.requests()[before:] if ".tar" in r] == []   # only the manifest was asked for
+    finally:
+        server.stop()
+
+
+def test_the_server_stopped_mid_shard_and_started_again_costs_retries_not_the_run(served, tmp_path):
+    server = Nginx(served / "www", tmp_path / "nginx", rate="150k")   # a shard takes a second or two
+    cache = tmp_path / "cache"
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(p=train(tmp_path / "run", server.url(), cache,
+                                                                   check=False)))
+    runner.start()
+    try:
+        deadline = time.time() + 120
+        while not list(cache.glob("*/.*.part")) and time.time() < deadline:
+            time.sleep(0.02)
+        assert list(cache.glob("*/.*.part")), "no download was seen in progress"
+        server.stop()
+        time.sleep(2.0)
+        server.start()
+        runner.join(timeout=600)
+    finally:
+        server.stop()
+    p = result["p"]
+    assert p.returncode == 0, p.stderr[-3000:]
+    stats = json.loads((tmp_path / "run" / "results.json").read_text())["remote_shards"][server.url()]
+    assert stats["retries"] >= 1 and "retry" in p.stdout + p.stderr
+    assert same_weights(tmp_path / "run", served / "reference")   # exactly the samples of an undisturbed run
+
+
+def test_permanent_errors_a_changed_shard_and_a_password_are_one_line(served, tmp_path):
+    www = tmp_path / "www"
+    shutil.copytree(served / "www", www)
+    server = Nginx(www, tmp_path / "nginx")
+    try:
+        for url, words in [(server.url("missing/"), "HTTP 404"), (server.url("forbidden/shards/"), "HTTP 403")]:
+            p = train(tmp_path / "x", url, tmp_path / "cache", check=False)
+            lines = [x for x in p.stderr.splitlines() if "error" in x]
+            assert p.returncode == 2 and len(lines) == 1 and words in lines[0] and url in lines[0], p.stderr[-2000:]
+            assert "Traceback" not in p.stderr and not list((tmp_path / "x").glob("checkpoints/*.pt"))
+        shard = sorted((www / "shards").glob("train-*.tar"))[1]
+        with open(shard, "ab") as f:
+            f.write(b"\0" * 512)   # changed on the server after the manifest was written
+        p = train(tmp_path / "y", server.url(), tmp_path / "cache2", check=False)
+        assert p.returncode == 2 and f"{server.url()}{shard.name}" in p.stderr and "manifest says" in p.stderr
+        secret = server.url().replace("://", "://mclfir:hunter2@")
+        p = train(tmp_path / "z", secret, tmp_path / "cache3", check=False)
+        assert p.returncode == 2 and "password" in p.stderr and "hunter2" not in p.stderr
+        assert not (tmp_path / "z").exists() or "hunter2" not in "".join(
+            f.read_text(errors="replace") for f in (tmp_path / "z").rglob("*") if f.is_file())
+    finally:
+        server.stop()
