@@ -96,7 +96,8 @@ def cmd_shards(args) -> int:
         min_count = args.min_value_count if args.min_value_count is not None else converter.default_min_value_count
         cfg = ShardBuildConfig(resize_to=args.resize_to, samples_per_shard=args.samples_per_shard,
                                min_value_count=min_count)
-        _print_manifest(converter.convert(args.root, args.out, args.image_root, cfg, args.attribute_prefix))
+        with _built_at(args.out) as local:
+            _print_manifest(converter.convert(args.root, str(local), args.image_root, cfg, args.attribute_prefix))
         return 0
     cfg = ShardBuildConfig(source=args.source, min_value_count=args.min_value_count, val_fraction=args.val_fraction,
                            test_fraction=args.test_fraction, query_fraction=args.query_fraction,
@@ -111,9 +112,30 @@ def cmd_shards(args) -> int:
         cfg.csv.image_column, cfg.csv.key_column = args.image_column, args.key_column
         cfg.csv.attributes = [a.strip() for a in args.attributes.split(",") if a.strip()]
         cfg.csv.skip_bad_rows = args.skip_bad_rows
-    m = build_from_config(cfg, args.out)
-    _print_manifest(m)
+    with _built_at(args.out) as local:
+        _print_manifest(build_from_config(cfg, local))
     return 0
+
+
+def _built_at(out: str):
+    """A local folder to build in: `out` itself, or for a URL a temporary one uploaded there when the build
+    succeeded (manifest last: a half-uploaded set is never read as complete)."""
+    import contextlib
+    import tempfile
+    from .data import remote
+
+    @contextlib.contextmanager
+    def build():
+        if not remote.is_url(out):
+            yield Path(out)
+            return
+        remote.check_url(out)
+        with tempfile.TemporaryDirectory(prefix="mclfir-shards-") as tmp:
+            yield Path(tmp) / "set"
+            sent = remote.upload(Path(tmp) / "set", out)
+            print(f"uploaded {len(sent)} files ({sum(sent.values()):,} bytes) to {remote.redact(out)}, "
+                  "manifest.json last")
+    return build()
 
 
 def _print_manifest(m) -> None:

@@ -28,16 +28,16 @@ def train_args(run: Path, shards: Path, *extra):
             f"data.shards={shards}", *EVERY_STEP, *extra]
 
 
-def node_command(rank: int, port: str, run: Path, shards: Path, prefix=()):
+def node_command(rank: int, port: str, run: Path, shards: Path, prefix=(), extra=()):
     return [*prefix, *MULTINODE, "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
             "--main_process_ip", "127.0.0.1", "--main_process_port", port, "-m", "mclfir_dist.train",
-            *train_args(run, shards)]
+            *train_args(run, shards, *extra)]
 
 
-def two_nodes(run: Path, shards: Path, prefix_node1=()):
+def two_nodes(run: Path, shards, prefix_node1=(), extra=()):
     """Two launches, one process each, as two nodes would run them; (exit codes, outputs)."""
     port = free_port()
-    procs = [subprocess.Popen(node_command(r, port, run, shards, prefix_node1 if r else ()), cwd=ROOT, env=env(),
+    procs = [subprocess.Popen(node_command(r, port, run, shards, prefix_node1 if r else (), extra), cwd=ROOT, env=env(),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     return [p.returncode for p in procs], outs
@@ -98,6 +98,33 @@ def test_a_node_that_does_not_see_the_shared_folders_is_refused(reference, tmp_p
     assert not (run / "results.json").exists() and not (run / "checkpoints").exists()
 
 
+@pytest.fixture
+def served_shards(reference, tmp_path):
+    """The reference shard set served over HTTP by nginx (tests/test_remote_shards.py), and its URL."""
+    from test_remote_shards import NGINX, Nginx
+    if NGINX is None:
+        pytest.fail("nginx is not installed: run `bash scripts/setup_nginx.sh` as root (make test does)")
+    server = Nginx(reference, tmp_path / "nginx")
+    yield server.url("shards/")
+    server.stop()
+
+
+def test_two_nodes_without_the_shard_folder_read_it_over_http(reference, tmp_path, served_shards):
+    """Node 1 has neither the shard folder nor node 0's cache (tmpfs over both in its own mount namespace):
+    each rank fetches the set from the URL into its own cache; the run equals the one-node run bit for bit."""
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.fail("this test needs root and util-linux's unshare (CI runs as root)")
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    cache.mkdir()
+    prefix = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+              f'mount -t tmpfs none "{reference / "shards"}" && mount -t tmpfs none "{cache}" && exec "$@"', "node1"]
+    codes, outs = two_nodes(run, served_shards, prefix, [f"data.cache_dir={cache}"])
+    assert codes == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert same_end(run, reference / "reference")
+    result = json.loads((run / "results.json").read_text())
+    assert result["remote_shards"][served_shards]["downloaded_bytes"] > 0 and result["nodes"] == 2
+
+
 # ---------------------------------------------------------------- SLURM on this machine
 
 @pytest.fixture(scope="module")
@@ -112,8 +139,8 @@ def slurm(tmp_path_factory):
     subprocess.run(["bash", str(ROOT / "scripts/slurm_local.sh"), "stop", str(state)], timeout=60)
 
 
-def submit(slurm_env, run: Path, shards: Path, log: Path) -> str:
-    extra = [a for a in EVERY_STEP] + [f"data.shards={shards}"]
+def submit(slurm_env, run: Path, shards, log: Path, *more) -> str:
+    extra = [a for a in EVERY_STEP] + [f"data.shards={shards}", *more]
     p = subprocess.run(["sbatch", "--parsable", f"--output={log}", str(ROOT / "launch/slurm_cpu.sbatch"), *extra],
                        cwd=ROOT, env=dict(slurm_env, OUT=str(run)), capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
@@ -154,6 +181,15 @@ def test_sbatch_runs_two_nodes_to_the_end(slurm, reference, tmp_path):
     assert info["JobState"] == "COMPLETED", log.read_text()[-3000:]
     result = json.loads((run / "results.json").read_text())
     assert (result["world_size"], result["nodes"]) == (2, 2)
+    assert same_end(run, reference / "reference")
+
+
+def test_sbatch_reads_the_shards_over_http(slurm, reference, tmp_path, served_shards):
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    job_id = submit(slurm, run, served_shards, log, f"data.cache_dir={tmp_path / 'cache'}")
+    info = wait_for(slurm, job_id, {"COMPLETED", "FAILED", "CANCELLED"})
+    assert info["JobState"] == "COMPLETED", log.read_text()[-3000:]
+    assert json.loads((run / "results.json").read_text())["remote_shards"][served_shards]["manifest_sha256"]
     assert same_end(run, reference / "reference")
 
 

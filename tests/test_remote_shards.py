@@ -40,6 +40,7 @@ http {{
   access_log {work}/access.log; {temps}
   server {{ listen 127.0.0.1:{self.port};
     location /forbidden/ {{ return 403; }}
+    location /upload/ {{ root {root}; dav_methods PUT DELETE; create_full_put_path on; client_max_body_size 0; }}
     location / {{ root {root}; limit_rate {rate}; }} }}
 }}""")
         self.proc = None
@@ -160,5 +161,28 @@ def test_permanent_errors_a_changed_shard_and_a_password_are_one_line(served, tm
         assert p.returncode == 2 and "password" in p.stderr and "hunter2" not in p.stderr
         assert not (tmp_path / "z").exists() or "hunter2" not in "".join(
             f.read_text(errors="replace") for f in (tmp_path / "z").rglob("*") if f.is_file())
+    finally:
+        server.stop()
+
+
+def test_shards_built_to_a_url_upload_with_the_manifest_last_and_train_from_there(served, tmp_path):
+    www = tmp_path / "www"
+    www.mkdir()
+    server = Nginx(www, tmp_path / "nginx")
+    try:
+        url = server.url("upload/set/")
+        build = subprocess.run([sys.executable, "-m", "mclfir_dist.cli", "shards", "build", "--out", url,
+                                "--num-images", "240", "--image-size", "32", "--samples-per-shard", "60",
+                                "--min-value-count", "4"], cwd=ROOT, env=env(), capture_output=True, text=True,
+                               timeout=300)
+        assert build.returncode == 0, build.stderr[-2000:]
+        puts = [r.split('"')[1].split()[1].rsplit("/", 1)[1] for r in server.requests() if '"PUT ' in r]
+        assert puts[-1] == "manifest.json" and len(puts) > 5   # the manifest is the last file written
+        assert "manifest.json" not in puts[:-1]
+        reference = served / "www" / "shards"
+        for f in sorted(reference.iterdir()):   # byte for byte the set built locally with the same settings
+            assert (www / "upload" / "set" / f.name).read_bytes() == f.read_bytes(), f.name
+        train(tmp_path / "run", url, tmp_path / "cache")
+        assert same_weights(tmp_path / "run", served / "reference")
     finally:
         server.stop()

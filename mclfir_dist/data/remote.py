@@ -83,7 +83,7 @@ def fetch_manifest(url: str) -> Path:
     local.mkdir(parents=True, exist_ok=True)
     (local / "SOURCE").write_text(redact(url) + "\n")
     data = _read_all(url + "manifest.json", url)
-    tmp = local / ".manifest.json.tmp"
+    tmp = local / f".manifest.json.{os.getpid()}.tmp"
     tmp.write_bytes(data)
     os.replace(tmp, local / "manifest.json")
     STATS.setdefault(url, {"downloaded_bytes": 0, "retries": 0, "from_cache": 0})
@@ -100,7 +100,7 @@ def fetch_file(url: str, name: str, size: Optional[int]) -> Path:
         stats["from_cache"] += 1
         os.utime(local)   # recently used: the last to be evicted
         return local
-    tmp = local.with_name(f".{local.name}.part")
+    tmp = local.with_name(f".{local.name}.{os.getpid()}.part")   # per process: ranks may share one cache
     _download(url + name, tmp, url)
     got = tmp.stat().st_size
     if size is not None and got != size:   # kept: the manifest check names it (or skip_bad_shards leaves it out)
@@ -209,3 +209,68 @@ def evict(keep: Path) -> None:
 
 def stats_for_results() -> Dict[str, dict]:
     return json.loads(json.dumps({redact(u): s for u, s in STATS.items()}))
+
+
+def upload(local: Path, url: str) -> Dict[str, int]:
+    """A built shard set to a URL: any old manifest removed first, every shard and index file, then the
+    manifest last, so a reader never takes a half-written set for a complete one. HTTP needs a server that
+    takes PUT and DELETE (nginx's dav_methods); other schemes go through fsspec. Returns {file: bytes}."""
+    url = check_url(url)
+    names = sorted(p.name for p in Path(local).iterdir() if p.is_file() and p.name != "manifest.json"
+                   and not p.name.startswith("."))
+    _with_retries(url + "manifest.json", url, lambda _: _delete(url + "manifest.json"), lambda: 0)
+    sent = {}
+    for name in [*names, "manifest.json"]:
+        data = (Path(local) / name).read_bytes() if name == "manifest.json" else None
+        _with_retries(url + name, url, lambda _, n=name, d=data: _put(url + n, Path(local) / n, d), lambda: 0)
+        sent[name] = (Path(local) / name).stat().st_size
+        log.info("uploaded %s%s (%d bytes)", redact(url), name, sent[name])
+    return sent
+
+
+def _put(target: str, path: Path, data: Optional[bytes]) -> None:
+    if not target.startswith(("http://", "https://")):
+        import fsspec
+        try:
+            fs, _, (where,) = fsspec.get_fs_token_paths(target)
+            fs.put_file(str(path), where)
+        except PermissionError as e:
+            raise PermanentError(f"access denied ({e})") from None
+        except OSError as e:
+            raise TransientError(f"{type(e).__name__}: {e}") from None
+        return
+    import urllib.error
+    import urllib.request
+    with open(path, "rb") as f:   # streamed from the file: bounded memory
+        request = urllib.request.Request(target, data=f, method="PUT",
+                                         headers={"Content-Length": str(path.stat().st_size)})
+        _http(request)
+
+
+def _delete(target: str) -> None:
+    if not target.startswith(("http://", "https://")):
+        import fsspec
+        fs, _, (where,) = fsspec.get_fs_token_paths(target)
+        if fs.exists(where):
+            fs.rm(where)
+        return
+    import urllib.request
+    try:
+        _http(urllib.request.Request(target, method="DELETE"))
+    except PermanentError as e:
+        if "404" not in str(e):   # nothing to remove
+            raise
+
+
+def _http(request) -> None:
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            r.read()
+    except urllib.error.HTTPError as e:
+        if e.code in TRANSIENT_HTTP:
+            raise TransientError(f"HTTP {e.code} {e.reason}") from None
+        raise PermanentError(f"HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
+        raise TransientError(f"{type(getattr(e, 'reason', e)).__name__}: {getattr(e, 'reason', e)}") from None

@@ -62,8 +62,7 @@ def _lock_token(run_dir: Path) -> str:
 def _manifest_digest(root: str) -> str:
     from ..data import remote
     if remote.is_url(root):   # every rank reads the URL itself: no shared folder, the same manifest
-        return remote.STATS.get(remote.check_url(root), {}).get("manifest_sha256") or \
-            hashlib.sha256((remote.fetch_manifest(root) / "manifest.json").read_bytes()).hexdigest()[:16]
+        return hashlib.sha256((remote.fetch_manifest(root) / "manifest.json").read_bytes()).hexdigest()[:16]
     try:
         return hashlib.sha256((Path(root) / "manifest.json").read_bytes()).hexdigest()[:16]
     except OSError:
