@@ -186,3 +186,40 @@ def test_shards_built_to_a_url_upload_with_the_manifest_last_and_train_from_ther
         assert same_weights(tmp_path / "run", served / "reference")
     finally:
         server.stop()
+
+
+def test_an_s3_shard_set_is_written_read_and_its_secret_stays_out_of_the_run(served, tmp_path):
+    """s3:// through s3fs against moto's S3 server: `shards build --out s3://...` (manifest last), then a run from
+    there equals the local one; the credentials come from the environment and appear in no file of the run."""
+    import socket
+    port = free_port()
+    moto = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", port],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    secret = "mclfir-test-secret-key-9f2c"
+    s3 = dict(env(), AWS_ACCESS_KEY_ID="mclfirtest", AWS_SECRET_ACCESS_KEY=secret, AWS_DEFAULT_REGION="us-east-1",
+              FSSPEC_S3_ENDPOINT_URL=f"http://127.0.0.1:{port}")
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", int(port)), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        run = lambda *cmd: subprocess.run([sys.executable, *cmd], cwd=ROOT, env=s3, capture_output=True, text=True,
+                                          timeout=600)
+        made = run("-c", "import fsspec; fsspec.filesystem('s3').mkdir('shards')")
+        assert made.returncode == 0, made.stderr[-2000:]
+        built = run("-m", "mclfir_dist.cli", "shards", "build", "--out", "s3://shards/tiny/", "--num-images", "240",
+                    "--image-size", "32", "--samples-per-shard", "60", "--min-value-count", "4")
+        assert built.returncode == 0 and "manifest.json last" in built.stdout, built.stderr[-2000:]
+        trained = run("-m", "mclfir_dist.cli", "train", "--config", str(ROOT / "configs/debug_cpu.yaml"), "--out",
+                      str(tmp_path / "run"), *TINY, "data.shards=s3://shards/tiny/",
+                      f"data.cache_dir={tmp_path / 'cache'}")
+        assert trained.returncode == 0, trained.stderr[-3000:]
+        assert same_weights(tmp_path / "run", served / "reference")
+        files = [f for f in (tmp_path / "run").rglob("*") if f.is_file()]
+        assert files and not [f for f in files if secret.encode() in f.read_bytes()]
+        assert secret not in trained.stdout + trained.stderr
+    finally:
+        moto.terminate()
+        moto.wait(timeout=30)
