@@ -220,3 +220,21 @@ def test_published_splits_with_a_query_that_is_also_a_candidate_are_refused():
         check_splits(splits, eval_sets, {})
     with pytest.raises(BadInputError, match="both the train and the test split"):
         check_splits({"train": ["a"], "test": ["a"]}, {}, {})
+
+
+def test_the_remote_cache_evicts_the_least_recently_used_files_of_other_sets(tmp_path, monkeypatch):
+    import os
+    from mclfir_dist.data import remote
+    monkeypatch.setattr(remote, "SETTINGS", remote.Settings(cache_dir=str(tmp_path), cache_max_gb=2.5e-6))  # 2.5 kB
+    current, other = tmp_path / "current", tmp_path / "other"
+    for folder in (current, other):
+        folder.mkdir()
+    for i, folder in enumerate([other, other, other, current]):
+        f = folder / f"s{i}.tar"
+        f.write_bytes(b"x" * 1000)
+        os.utime(f, (1000 + i, 1000 + i))   # s0 oldest
+    (other / "manifest.json").write_text("{}")
+    remote.evict(keep=current)
+    left = sorted(p.name for p in tmp_path.glob("*/*"))
+    assert left == ["manifest.json", "s2.tar", "s3.tar"]   # the two oldest of the other set went; manifests stay
+    assert remote.is_url("s3://b/p/") and remote.is_url("https://h/x/") and not remote.is_url("shards/x")
