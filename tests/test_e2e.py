@@ -52,9 +52,19 @@ def test_tensorboard_has_losses_map_cost_and_grids(tiny_run):
     acc.Reload()
     tags = acc.Tags()
     for t in ("loss/nce", "loss/kd", "loss/total", "lr/heads", "lr/encoder", "throughput/images_per_s",
-              "map/colour", "map/garment_length", "cost/train_seconds", "cost/eval_seconds"):
+              "map/colour", "map/garment_length", "cost/train_seconds", "cost/eval_seconds",
+              "perf/data_wait_fraction", "perf/peak_memory_mb"):
         assert t in tags["scalars"], t
     assert "retrieval/colour" in tags["images"]
+    waits = [e.value for e in acc.Scalars("perf/data_wait_fraction")]
+    assert waits and all(0 <= w <= 1 for w in waits)
+
+
+def test_each_increment_records_its_data_wait_and_peak_memory(tiny_run):
+    _, results = tiny_run
+    for row in results["cost"]:
+        assert 0 <= row["data_wait_seconds"] <= row["train_seconds"], row
+        assert row["peak_memory_mb"] > 50, row   # the process's peak RSS on CPU: torch alone is more
 
 
 def test_resume_matches_uninterrupted_run(tiny_run, tmp_path):

@@ -87,6 +87,8 @@ class CostRecord:
     note: str = ""
     val_seconds: float = 0.0        # validation inside the increment (eval.every_steps), not in train_seconds
     selection: dict = dataclasses.field(default_factory=dict)   # eval.every_steps: the val curve and the pick
+    data_wait_seconds: float = 0.0  # of train_seconds, the main process blocked on the loader for its next batch
+    peak_memory_mb: float = 0.0     # the device's peak allocation (CUDA), or the process's peak RSS (CPU)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -36,7 +36,7 @@ from .cluster import check_run_dir, nodes_of
 from .batch_scaling import scale_to_global_batch
 from .distributed import gather_objects
 from .losses import DoubletInfoNCE
-from .metrics import MetricsProcessor
+from .metrics import MetricsProcessor, peak_memory_mb
 from .optim import build_optimizer, build_scheduler
 from .prepare import PreparedData, prepare_data
 from .runtime import Runtime, rng_state, seed_everything, set_rng_state
@@ -187,7 +187,9 @@ class Trainer:
                           eval_seconds=0.0, world_size=rt.world, device_seconds=seconds * rt.world,
                           backend=rt.backend, global_batch=self.images_per_step,
                           per_rank_batch=2 * self.cfg.data.batch_doublets,
-                          rank_max_diff=rt.rank_max_diff([self.model] + self.method.modules()))
+                          rank_max_diff=rt.rank_max_diff([self.model] + self.method.modules()),
+                          data_wait_seconds=round(self.metrics.wait_increment, 3),
+                          peak_memory_mb=round(peak_memory_mb(rt.device), 1))
 
     def train_steps(self, session: IncrementSession, batches: Iterator[dict]) -> float:
         """The optimizer steps of a session; returns the increment's training seconds."""
@@ -202,7 +204,7 @@ class Trainer:
         self.skipped_train: List[str] = []
         model.train()
         t0 = time.time()
-        self.metrics.start_window()
+        self.metrics.start_increment()
         nonfinite = torch.zeros((), dtype=torch.bool, device=rt.device)
         # compiled with CUDA graphs: each step replays them anew (outputs of the last step may be overwritten)
         cuda_graphs = cfg.train.compile and rt.device.type == "cuda" and \
@@ -212,7 +214,7 @@ class Trainer:
                 torch.compiler.cudagraph_mark_step_begin()
             if fault == (rt.rank, step):
                 raise RuntimeError(f"injected fault on rank {rt.rank} at step {step} (MCLFIR_FAULT_RANK/STEP)")
-            batch = next(batches)
+            batch = self.metrics.next_batch(batches)
             self.skipped_train += batch.get("skipped", [])
             with acc.autocast():
                 loss, nce, terms, stats = step_loss(batch, model, unwrapped, self.method, session.ctx, loss_fn,

@@ -19,10 +19,24 @@ class MetricsProcessor:
         self.acc.init_trackers(run_name)
         self.log_every, self.images_per_step, self.plans = log_every, images_per_step, list(plans)
         self.window_start, self.window_steps = time.time(), 0
+        self.wait_window = self.wait_increment = 0.0
 
     # -- cadence and throughput ---------------------------------------------------------------
     def start_window(self) -> None:
-        self.window_start, self.window_steps = time.time(), 0
+        self.window_start, self.window_steps, self.wait_window = time.time(), 0, 0.0
+
+    def start_increment(self) -> None:
+        self.start_window()
+        self.wait_increment = 0.0
+
+    def next_batch(self, batches):
+        """The loader's next batch, timing how long the step loop was blocked on it (data-bound when large)."""
+        started = time.perf_counter()
+        batch = next(batches)
+        waited = time.perf_counter() - started
+        self.wait_window += waited
+        self.wait_increment += waited
+        return batch
 
     def step_done(self, step: int, steps: int) -> bool:
         """Count a finished step (0-based `step` of `steps`); True when this one logs."""
@@ -39,6 +53,8 @@ class MetricsProcessor:
         values = {"loss/total": loss.item(), "loss/nce": nce.item(),
                   **{f"loss/{t.name}": t.value.item() for t in terms},
                   "throughput/images_per_s": ips, "train/negative_pool": float(stats["negative_pool"]),
+                  "perf/data_wait_fraction": self.wait_window / max(seconds, 1e-9),
+                  "perf/peak_memory_mb": peak_memory_mb(loss.device),
                   **{f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(optimizer.param_groups)}}
         values.setdefault("loss/kd", 0.0)
         values.update(extra)
@@ -46,6 +62,8 @@ class MetricsProcessor:
                   f"inc {plan.index} step {step + 1}/{plan.steps}  loss {values['loss/total']:.4f}  "
                   f"nce {values['loss/nce']:.4f}  kd {values['loss/kd']:.5f}  {ips:.1f} img/s  "
                   f"pool {values['train/negative_pool']:.0f}  {1000 * per_step:.0f} ms/step  "
+                  f"data-wait {100 * values['perf/data_wait_fraction']:.0f}%  "
+                  f"mem {values['perf/peak_memory_mb']:.0f} MB  "
                   f"ETA increment {duration(left_here * per_step)}, run {duration(left_run * per_step)} "
                   f"(+ evaluation)")
         self.start_window()
@@ -96,6 +114,14 @@ class MetricsProcessor:
 
     def close(self) -> None:
         self.acc.end_training()
+
+
+def peak_memory_mb(device) -> float:
+    """CUDA: the peak allocated by torch on the device; CPU: the process's peak resident memory (Linux)."""
+    if getattr(device, "type", "cpu") == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
 
 
 def duration(seconds: float) -> str:
