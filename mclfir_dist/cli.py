@@ -565,7 +565,8 @@ def _command(argv: List[str]) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        import_plugins(_plugin_option(argv))
+        if _command(argv):   # --version and --help run no plug-in: a broken installed one cannot stop them
+            import_plugins(_plugin_option(argv))
         trust_saved_plugins("--trust-run-plugins" in argv)
     except USER_ERRORS as e:
         print(f"mclfir: error: {e}", file=sys.stderr)

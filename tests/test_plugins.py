@@ -198,3 +198,22 @@ def test_a_downloaded_run_imports_nothing_it_names(run, tiny_shards, tmp_path):
     assert "EVIL" not in p.stdout and not (tmp_path / "EVIL_RAN").exists()
     p = cli("--trust-run-plugins", "eval", "--run", str(dl), "--shards", str(tiny_shards))
     assert p.returncode == 0 and (tmp_path / "EVIL_RAN").exists(), p.stderr[-2000:]   # the user's explicit choice
+
+
+def test_a_broken_installed_plugin_stops_commands_in_one_line_but_not_version_or_help(tmp_path):
+    """An installed entry point whose module is gone: `mclfir --version` and `--help` still answer."""
+    import subprocess
+    import sys
+    dist = tmp_path / "site" / "brokenplug-0.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: brokenplug\nVersion: 0.0\n")
+    (dist / "entry_points.txt").write_text("[mclfir_dist.plugins]\nbroken = no_such_module_xyz\n")
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path / 'site'}{os.pathsep}{ROOT}")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "mclfir_dist.cli", *a], cwd=tmp_path, env=env,
+                                    capture_output=True, text=True, timeout=120)
+    version = run("--version")
+    assert version.returncode == 0 and "mclfir_dist" in version.stdout, version.stderr
+    assert run("--help").returncode == 0
+    refused = run("train", "--help-config")
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1 and "no_such_module_xyz" in lines[0], refused.stderr
