@@ -495,6 +495,8 @@ def _add_serve(sub, formatter):
     v.add_argument("--access-log", nargs="?", const="-", metavar="FILE",
                    help="one line per request to FILE (appended), or to stderr without FILE: time, client, "
                         "\"method path\", status, bytes, milliseconds, route (docs/serve.md)")
+    v.add_argument("--images-root", metavar="DIR",
+                   help="serve only images under DIR (links resolved): a locations.txt line elsewhere is a 404")
     v.add_argument("--allowed-hosts", default="", metavar="NAMES",
                    help="comma-separated host names the service answers besides the bound address (requests "
                         "naming another Host are refused: DNS rebinding)")
@@ -507,7 +509,7 @@ def cmd_serve(args) -> int:
         raise ConfigError("--port is 1-65535; --max-k, --max-upload-mb and --max-pixels must be positive")
     serve(args.run, args.index, args.host, args.port,
           Limits(int(args.max_upload_mb * 1024 * 1024), args.max_pixels, args.max_k), args.allow_other_model,
-          args.access_log, args.allowed_hosts.split(","))
+          args.access_log, args.allowed_hosts.split(","), args.images_root)
     return 0
 
 

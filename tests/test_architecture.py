@@ -127,3 +127,20 @@ def test_no_method_name_is_compared_outside_methods():
                 if hit and "method" in ast.unparse(node):   # trunk_bn == "frozen" is not a method
                     found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} compares with {hit[0]!r}")
     assert not found, "; ".join(found)
+
+
+def test_importing_the_search_api_and_the_service_loads_no_training_stack():
+    """`import mclfir_dist.retrieval.api` used to load 40 package modules (every method, webdataset) in 2.6 s;
+    key and vector searches need numpy and FAISS only. (Loading a run's model still reads its config through
+    the registries: that part is not yet free of the training package.)"""
+    import subprocess
+    import sys
+    probe = ("import sys, mclfir_dist.retrieval.api, mclfir_dist.retrieval.search, mclfir_dist.retrieval.batch, "
+             "mclfir_dist.serve.app\n"
+             "heavy = ('mclfir_dist.methods', 'mclfir_dist.training', 'webdataset', 'nvidia.dali', 'deepspeed', "
+             "'torch', 'accelerate')\n"
+             "print(sorted({m for m in sys.modules if m.startswith(heavy)}))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]", done.stdout

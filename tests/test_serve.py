@@ -385,6 +385,34 @@ def test_only_image_bytes_leave_the_service_whatever_locations_txt_names(catalog
     assert "Traceback" not in out
 
 
+def test_images_root_confines_what_locations_txt_can_name(catalogue, tmp_path):
+    """--images-root: a real image outside the root, or a link inside it that leads out, is a 404; an image
+    under the root is served."""
+    import shutil
+    index, query_jpg, _ = catalogue
+    confined = tmp_path / "idx"
+    shutil.copytree(index, confined)
+    meta = json.loads((confined / "index.json").read_text())
+    meta["embed"]["source"] = {}
+    (confined / "index.json").write_text(json.dumps(meta))
+    root = tmp_path / "photos"
+    root.mkdir()
+    shutil.copy(query_jpg, root / "inside.jpg")
+    (root / "link.jpg").symlink_to(query_jpg)   # an image, but outside the root once resolved
+    keys = (confined / "keys.txt").read_text().splitlines()
+    rows = [str(root / "inside.jpg"), str(query_jpg), str(root / "link.jpg")] + [""] * (len(keys) - 3)
+    (confined / "locations.txt").write_text("".join(r + "\n" for r in rows))
+    proc, url = start_server(None, confined, "--images-root", str(root))
+    try:
+        assert request(f"{url}/items/{keys[0]}/image")[0] == 200
+        for key in keys[1:3]:
+            status, _, body = request(f"{url}/items/{key}/image")
+            assert status == 404 and str(tmp_path).encode() not in body, body
+    finally:
+        out = stop_server(proc)
+    assert "Traceback" not in out and "outside --images-root" in out
+
+
 def test_limits_and_messages_name_what_a_client_can_change(server):
     """The 413 states the upload limit /attributes publishes (it said the body limit, 64 KiB more); an image over
     the pixel limit names the service's flag, not a training key; a file PIL cannot identify is not described by

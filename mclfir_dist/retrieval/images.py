@@ -57,8 +57,12 @@ def image_type(data: bytes) -> Optional[str]:
 
 
 class CatalogueImages:
-    def __init__(self, catalogue: CatalogueIndex):
+    """An item's image by key, through the index's locations.txt (a file, or a member of a shard). With `root`,
+    only files under that folder are read, after resolving links (mclfir serve --images-root)."""
+
+    def __init__(self, catalogue: CatalogueIndex, root: Optional[str | Path] = None):
         self.catalogue = catalogue
+        self.root = Path(root).resolve() if root else None
         source = catalogue.meta.get("embed", {}).get("source", {})
         self.shards = Path(source["shards"]) if isinstance(source, dict) and source.get("shards") else None
         self._members: Dict[str, Dict[str, Tuple[int, int]]] = {}   # shard name -> {member: (offset, size)}
@@ -74,11 +78,15 @@ class CatalogueImages:
         path = Path(location)
         if not path.is_file():
             raise FileNotFoundError(f"the image of {key!r} is gone from {path}")
+        if self.root is not None and not path.resolve().is_relative_to(self.root):
+            raise FileNotFoundError(f"the image of {key!r} ({path}) is outside --images-root {self.root}: not read")
         return path.read_bytes()
 
     def _from_shard(self, shard: str, key: str) -> bytes:
         check_file_name(shard, f"{self.catalogue.folder / 'locations.txt'}", BadInputError)
         path = inside(self.shards, shard, f"{self.catalogue.folder / 'locations.txt'}", BadInputError)
+        if self.root is not None and not path.resolve().is_relative_to(self.root):
+            raise FileNotFoundError(f"the shard of {key!r} ({path}) is outside --images-root {self.root}: not read")
         with self._lock:
             if shard not in self._members:
                 if not path.is_file():

@@ -30,13 +30,13 @@ MAX_LABEL_VALUES = 500   # per column in GET /attributes: enough for any filter 
 
 
 def build_app(retriever: Retriever, limits: Limits = Limits(), hosts: Optional[frozenset] = None,
-              access_log: Optional[str] = None) -> FastAPI:
+              access_log: Optional[str] = None, images_root: Optional[str] = None) -> FastAPI:
     """The service over a Retriever that has an index (and a model, for uploads); with `hosts`, only requests
     whose Host header names one of them are answered."""
     cat = retriever.catalogue
     retriever.max_pixels = min(retriever.max_pixels or limits.max_pixels, limits.max_pixels)
     retriever.max_pixels_name = "mclfir serve --max-pixels"
-    images = CatalogueImages(cat)
+    images = CatalogueImages(cat, images_root)
     metrics = ServiceMetrics()
     metrics.items.set(len(cat._row))
     batcher = EmbedBatcher(retriever.embed_tensors, retriever.attributes, report=metrics.batch) \
@@ -239,7 +239,8 @@ def _one_thread_search(retriever: Retriever, *args):
 
 
 def serve(run: Optional[str], index: str, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits(),
-          allow_other_model: bool = False, access_log: Optional[str] = None, extra_hosts=()) -> None:
+          allow_other_model: bool = False, access_log: Optional[str] = None, extra_hosts=(),
+          images_root: Optional[str] = None) -> None:
     """`mclfir serve`: load once, then answer until SIGINT/SIGTERM."""
     import socket
     import uvicorn
@@ -252,7 +253,9 @@ def serve(run: Optional[str], index: str, host: str = "127.0.0.1", port: int = 8
                 from None
     retriever = Retriever.from_run(run, index, allow_other_model) if run else Retriever.from_index(index)
     hosts = allowed_hosts(host, extra_hosts)
-    app = build_app(retriever, limits, hosts, access_log)
+    if images_root and not Path(images_root).is_dir():
+        raise ConfigError(f"--images-root {images_root}: not a folder")
+    app = build_app(retriever, limits, hosts, access_log, images_root)
     if host not in LOOPBACK:
         log.warning("listening on %s: reachable from other machines, and the service has no authentication", host)
     if hosts is None:

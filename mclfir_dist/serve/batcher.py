@@ -9,9 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
-EmbedFn = Callable[[torch.Tensor, Sequence[str]], Dict[str, np.ndarray]]
+EmbedFn = Callable[["torch.Tensor", Sequence[str]], Dict[str, np.ndarray]]   # torch: loaded with the model
 
 
 class EmbedBatcher:
@@ -62,6 +61,7 @@ class EmbedBatcher:
         while True:
             items = await self._take()
             try:
+                import torch
                 x = torch.stack([x for x, _ in items])
                 started = loop.time()
                 out = await loop.run_in_executor(self.pool, self.embed_fn, x, self.attributes)
