@@ -411,8 +411,10 @@ def _drop_inert_retired(node) -> None:
             del parent[key]
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> RunConfig:
-    """YAML file + dotted `key=value` overrides -> validated RunConfig."""
+def _load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> RunConfig:
+    """YAML file + dotted `key=value` overrides -> RunConfig, checked against the registries as filled so far.
+    Private: `configure.load_config` fills them first (built-ins, plug-ins); called alone, `train.method=nosuch`
+    passed."""
     where = ""
     try:
         cfg = OmegaConf.structured(run_config_class())

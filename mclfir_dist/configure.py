@@ -29,7 +29,7 @@ __all__ = ["config_from_dict", "import_plugins", "load_config"]
 def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> RunConfig:
     """YAML file + dotted `key=value` overrides -> validated RunConfig, plug-ins imported first."""
     import_plugins(schema.peek_plugins(path, overrides))
-    return schema.load_config(path, overrides)
+    return schema._load_config(path, overrides)
 
 
 def config_from_dict(d: dict, where: str = "a saved config") -> RunConfig:

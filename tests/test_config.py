@@ -160,3 +160,15 @@ def test_two_increments_of_one_name_are_refused():
     with pytest.raises(ConfigError, match=r"'train.increments\[1\].name': 'a' already names increment 0"):
         load_config(ROOT / "configs/debug_cpu.yaml",
                     ["train.increments=[{name: a, attributes: [colour]},{name: a, attributes: [pattern]}]"])
+
+
+def test_the_public_load_config_checks_the_registries():
+    """config.load_config skipped every registry check (train.method=nosuch passed); the public loader is
+    configure.load_config, which fills the registries first."""
+    import mclfir_dist.config as schema
+    from conftest import ROOT
+    from mclfir_dist.configure import load_config
+    from mclfir_dist.errors import ConfigError
+    assert not hasattr(schema, "load_config")
+    with pytest.raises(ConfigError, match="nosuch"):
+        load_config(ROOT / "configs/debug_cpu.yaml", ["train.method=nosuch"])
