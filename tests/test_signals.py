@@ -210,3 +210,20 @@ def test_a_run_killed_with_kill_9_resumes_at_once_though_its_loader_worker_lives
         assert json.loads((run / "results.json").read_text())["complete"]
     finally:
         os.killpg(first.pid, signal.SIGKILL)
+
+
+def test_a_trainer_installs_its_signal_handlers_only_while_it_runs(tiny_shards, tmp_path):
+    """The constructor used to install them and only run() removed them: bench.step, which drives the steps
+    itself, left SIGTERM/SIGINT saving a checkpoint nobody would write."""
+    from mclfir_dist.configure import load_config
+    from mclfir_dist.training.engine import Trainer
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    cfg = load_config(ROOT / "configs/debug_cpu.yaml", [*TINY, f"data.shards={tiny_shards}"])
+    trainer = Trainer.create(cfg, tmp_path / "run")
+    assert {s: signal.getsignal(s) for s in before} == before   # built, not running: the process's own
+    seen = {}
+    original = trainer._run
+    trainer._run = lambda: (seen.update({s: signal.getsignal(s) for s in before}), original())[1]
+    trainer.run()
+    assert all(h not in (before[s],) for s, h in seen.items())   # while it runs: ours
+    assert {s: signal.getsignal(s) for s in before} == before      # after: the process's own again

@@ -91,8 +91,7 @@ class Trainer:
         self.deployed = load_snapshot(self.run_dir, self.progress.next_increment - 1) if runtime.is_main else None
         self.metrics = MetricsProcessor(runtime.acc, cfg.name, cfg.train.log_every, self.images_per_step, self.plans)
         self.trial = TrialReporter.of(cfg, runtime.is_main, runtime.world)   # a `mclfir tune` trial: reports
-        self.stop = SignalStop()
-        self.stop.install(runtime.world)   # from here on a signal saves and stops instead of killing
+        self.stop = SignalStop()   # installed by run(): from then on a signal saves and stops instead of killing
         self.state.start_writing()
         if runtime.is_main:
             header = f"# effective config; {describe_scaling(batch_scaling)}\n" if batch_scaling else ""
@@ -277,6 +276,10 @@ class Trainer:
     # ---------------------------------------------------------------- the run
 
     def run(self) -> dict:
+        with self.stop.installed(self.runtime.world):
+            return self._run_handled()
+
+    def _run_handled(self) -> dict:
         try:
             return self._run()
         except TrialPruned as e:   # the study's pruner: results.json says so, and the run ends normally
@@ -292,8 +295,6 @@ class Trainer:
                     log.info("%s", requeued)
             self.metrics.close()
             raise
-        finally:
-            self.stop.uninstall()
 
     def _record_trial(self, pruned_at_step: Optional[int] = None) -> None:
         if self.cfg.tune.study:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import contextlib
 import signal
 import subprocess
 import threading
@@ -44,6 +45,16 @@ class SignalStop:
             return   # Python delivers signals to the main thread only; a run started elsewhere keeps the defaults
         for s in STOP_SIGNALS:
             self._previous[s] = signal.signal(s, self._handle)
+
+    @contextlib.contextmanager
+    def installed(self, world: int):
+        """The handlers for the span of a run (Trainer.run): a Trainer used step by step (bench.step) leaves the
+        process's own handlers alone."""
+        self.install(world)
+        try:
+            yield self
+        finally:
+            self.uninstall()
 
     def uninstall(self) -> None:
         for s, handler in self._previous.items():
