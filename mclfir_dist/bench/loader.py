@@ -114,6 +114,40 @@ def make_large_shards(n: int, out: Path) -> Manifest:
     return build_shards(samples, list(synthetic.ATTRIBUTES), out, cfg, source={"type": "synthetic-large", "n": n})
 
 
+def bench_sources(local: str, urls, size: int, batch: int, workers: int, n_batches: int) -> list:
+    """The same shard set read from its folder and from each URL (http(s), s3, ...), in one run: the first
+    read (the manifest and every train shard into a fresh cache, MB/s) and the torch loader's images/s after
+    it (every loader reads the verified cache, so this is the local figure again, measured)."""
+    from ..data import remote
+    rows = []
+    for source in [local, *urls]:
+        with tempfile.TemporaryDirectory(prefix="mclfir-bench-cache-") as cache:
+            remote.configure(cache, 8, 0.0)
+            t0 = time.perf_counter()
+            m = Manifest.load(source)
+            m.fetch("train")
+            fetch = time.perf_counter() - t0
+            size_mb = sum(p.stat().st_size for p in m.shard_files("train")) / 1e6
+            cfg = DataConfig(image_size=size, batch_doublets=batch // 2, num_workers=workers, shuffle_buffer=256)
+            loader = build_train_loader(cfg, m, [m.attributes[0]], 0, 1, seed=0, loader="torch")
+            ips = _time(loader, n_batches, lambda b: b["images"].shape[0], max(3, batches_held_ahead(cfg)))
+            rows.append({"source": remote.redact(source) if remote.is_url(source) else f"{source} (local)",
+                         "train_mb": size_mb, "first_read_s": fetch,
+                         "mb_per_s": size_mb / fetch if remote.is_url(source) else None, "images_per_s": ips})
+            del loader
+    return rows
+
+
+def report_sources(rows: list) -> None:
+    print("
+| source | train split MB | first read s | MB/s fetched | torch loader images/s | vs local |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        mbs = f"{r['mb_per_s']:.1f}" if r["mb_per_s"] is not None else "- (no fetch)"
+        print(f"| {r['source']} | {r['train_mb']:.1f} | {r['first_read_s']:.2f} | {mbs} | "
+              f"{r['images_per_s']:.1f} | {r['images_per_s'] / rows[0]['images_per_s']:.2f} |")
+
+
 def report(name: str, r: dict) -> None:
     print(f"\n[{name}]")
     for k, v in r.items():
@@ -137,10 +171,16 @@ def main(argv=None) -> int:
                    help="cuda: DALI nvJPEG mixed decode, images/s per GPU")
     p.add_argument("--teacher-view", choices=["same", "perspective"], default="same",
                    help="perspective: also the teacher's warped view (not in the pil row)")
+    p.add_argument("--remote", nargs="+", metavar="URL", default=[],
+                   help="the same shard set at these URLs (http(s)://, s3://): first read and torch loader "
+                        "images/s against the local folder, in one run (the only comparison made then)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     print(f"cores: {os.cpu_count()}  workers/threads: {args.workers}  batch: {args.batch}  crop: {args.size}  "
           f"device: {args.device}  teacher view: {args.teacher_view}")
+    if args.remote:
+        report_sources(bench_sources(args.shards, args.remote, args.size, args.batch, args.workers, args.batches))
+        return 0
     try:
         m = Manifest.load(args.shards)
     except ShardError as e:

@@ -81,11 +81,11 @@ class Trainer:
         self.record = RunRecord.new(to_dict(cfg), str(cfg.data.shards))
         self.record.set_sources({a: str(m.root) for a, m in data.attribute_manifest.items()}, data.skipped_shards,
                                 batch_scaling)
-        self.record.set_remote_shards(remote_stats())
         self.state = RunState(self.run_dir, runtime, cfg.train.checkpoint_every)
         self.progress = Progress(0, 0)
         if resume:
             self.progress = self.state.restore(self.parts())
+        self.record.set_remote_shards(remote_stats())   # what this start read: a resume's comes from the cache
         self.resumed = resume
         # the previous increment's eval embeddings (main process): the deployed index, for compatibility
         self.deployed = load_snapshot(self.run_dir, self.progress.next_increment - 1) if runtime.is_main else None
