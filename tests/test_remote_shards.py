@@ -251,3 +251,17 @@ def test_a_run_from_a_url_stopped_mid_increment_while_the_server_is_down_resumes
         assert res["complete"] and res["remote_shards"][server.url()]["from_cache"] > 0
     finally:
         server.stop()
+
+
+def test_the_loader_benchmark_reads_local_and_http_in_one_run(served, tmp_path):
+    server = Nginx(served / "www", tmp_path / "nginx")
+    try:
+        done = subprocess.run([sys.executable, "-m", "mclfir_dist.bench.loader", "--shards",
+                               str(served / "www" / "shards"), "--size", "32", "--batches", "3", "--workers", "1",
+                               "--remote", server.url()], cwd=ROOT, env=env(), capture_output=True, text=True,
+                              timeout=300)
+    finally:
+        server.stop()
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "source" not in line]
+    assert len(rows) == 2 and "(local)" in rows[0] and server.url() in rows[1], done.stdout

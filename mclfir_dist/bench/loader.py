@@ -139,8 +139,7 @@ def bench_sources(local: str, urls, size: int, batch: int, workers: int, n_batch
 
 
 def report_sources(rows: list) -> None:
-    print("
-| source | train split MB | first read s | MB/s fetched | torch loader images/s | vs local |")
+    print("\n| source | train split MB | first read s | MB/s fetched | torch loader images/s | vs local |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         mbs = f"{r['mb_per_s']:.1f}" if r["mb_per_s"] is not None else "- (no fetch)"
