@@ -265,3 +265,17 @@ def test_the_loader_benchmark_reads_local_and_http_in_one_run(served, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "source" not in line]
     assert len(rows) == 2 and "(local)" in rows[0] and server.url() in rows[1], done.stdout
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("nvidia.dali") is None, reason="DALI is not installed")
+def test_the_dali_loader_reads_a_url_set_through_the_cache(served, tmp_path):
+    """DALI needs local tar and index files: it gets the cache's, and trains exactly as from the folder."""
+    server = Nginx(served / "www", tmp_path / "nginx")
+    try:
+        train(tmp_path / "url", server.url(), tmp_path / "cache", "data.loader=dali")
+    finally:
+        server.stop()
+    train(tmp_path / "local", str(served / "www" / "shards"), tmp_path / "unused", "data.loader=dali")
+    assert same_weights(tmp_path / "url", tmp_path / "local")
+    res = json.loads((tmp_path / "url" / "results.json").read_text())
+    assert res["loader"] == "dali" and res["remote_shards"][server.url()]["downloaded_bytes"] > 0
