@@ -264,7 +264,7 @@ def _add_eval(sub):
 
 
 def cmd_eval(args) -> int:
-    from .evaluation.offline import evaluate_run
+    from .training.offline import evaluate_run
     evaluate_run(args.run, args.shards, args.split, args.export, args.json, args.skip_bad_shards)
     return 0
 

@@ -20,7 +20,7 @@ from .config import RunConfig
 from .data import LOADERS, converters  # noqa: F401  torch, torch_gpu, dali; fashionai, deepfashion, darn, zappos
 from .model import trunks  # noqa: F401  resnet18..101, efficientnet_lite0
 from .plugins import import_plugins, require_saved
-from .training import losses, optim  # noqa: F401  distillation types; lr schedules
+from .methods import losses, optim  # noqa: F401  distillation types; lr schedules
 
 
 __all__ = ["config_from_dict", "import_plugins", "load_config"]

@@ -144,3 +144,45 @@ def test_importing_the_search_api_and_the_service_loads_no_training_stack():
                           env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]", done.stdout
+
+
+# Folders (and top-level modules) by layer, bottom up: a module imports its own layer or lower, never higher.
+LAYERS = [
+    {"errors", "version", "utils"},
+    {"config", "registry", "plugins"},
+    {"model", "data"},
+    {"methods"},                      # with their losses, optimizer and schedules
+    {"configure"},                    # the registries filled: every family below, then the plug-ins
+    {"evaluation"},
+    {"training"},
+    {"retrieval", "serve", "mclfir_dist"},
+    {"bench", "study", "tune"},
+    {"cli", "train"},                 # the entry points: `mclfir`, `python -m mclfir_dist.train`
+]
+
+
+def folder_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def layer_of(module: str) -> int:
+    folder = folder_of(module)
+    found = [i for i, names in enumerate(LAYERS) if folder in names]
+    assert found, f"{module}: its folder {folder!r} has no layer in tests/test_architecture.py LAYERS"
+    return found[0]
+
+
+def test_folders_import_one_way_from_the_bottom_up():
+    """training <-> evaluation, training <-> methods (the losses) and training <-> configure imported each other
+    as folders, which the module-level cycle check could not see."""
+    upward = sorted(f"{a} -> {b}" for a, targets in import_graph().items() for b in targets
+                    if layer_of(b) > layer_of(a))
+    assert not upward, "imports that go up a layer: " + "; ".join(upward)
+    folders: Dict[str, Set[str]] = {}
+    for a, targets in import_graph().items():
+        folders.setdefault(folder_of(a), set()).update(folder_of(b) for b in targets if folder_of(b) != folder_of(a))
+    for f in {t for ts in folders.values() for t in ts}:
+        folders.setdefault(f, set())
+    cycle = find_cycle(folders)
+    assert not cycle, "folders import each other: " + " -> ".join(cycle)

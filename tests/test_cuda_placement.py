@@ -20,10 +20,10 @@ from mclfir_dist.data.loader_device import AugmentationDraws, apply_augmentation
 from mclfir_dist.data.loader_torch import TransformSpec, eval_transform, train_transforms
 from mclfir_dist.training import engine
 from mclfir_dist.training.engine import step_loss
-from mclfir_dist.training.losses import DoubletInfoNCE
+from mclfir_dist.methods.losses import DoubletInfoNCE
 from mclfir_dist.methods import IncrementContext, build_method
 from mclfir_dist.model.mclfir import build_model
-from mclfir_dist.training.optim import build_optimizer
+from mclfir_dist.methods.optim import build_optimizer
 
 CUDA = torch.device("cuda", 0)
 SIDE = 32

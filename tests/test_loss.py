@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mclfir_dist.training.losses import DoubletInfoNCE, feature_distillation
+from mclfir_dist.methods.losses import DoubletInfoNCE, feature_distillation
 from mclfir_dist.data.pairing import positive_index
 
 

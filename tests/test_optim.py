@@ -7,7 +7,7 @@ import torch
 from conftest import ROOT
 from mclfir_dist.config import ConfigError
 from mclfir_dist.configure import load_config
-from mclfir_dist.training.optim import build_optimizer, kernel_options
+from mclfir_dist.methods.optim import build_optimizer, kernel_options
 
 
 def _param(device: str, floating: bool = True):

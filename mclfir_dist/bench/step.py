@@ -42,7 +42,7 @@ from ..data import batches_held_ahead
 from ..errors import USER_ERRORS
 from ..methods import IncrementContext
 from ..training.engine import Trainer, rows_per_task
-from ..training.optim import kernel_options
+from ..methods.optim import kernel_options
 from ..utils.io import atomic_write_text
 from ..utils.ops import OpCounter
 

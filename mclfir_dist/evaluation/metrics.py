@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..data.manifest import Manifest
-from ..training.distributed import gather_objects
+from ..utils.distributed import gather_objects
 
 log = logging.getLogger(__name__)
 

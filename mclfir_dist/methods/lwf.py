@@ -4,7 +4,7 @@ from typing import Dict, List
 
 import torch
 
-from ..training.losses import old_head_distillation
+from .losses import old_head_distillation
 from .base import METHODS, IncrementContext, LossTerm, Method, StepOutput, distil_rows, frozen_copy
 
 

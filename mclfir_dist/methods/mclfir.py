@@ -2,7 +2,7 @@
 term (`loss.kd_type`, registered in losses.DISTILLATIONS) that pulls the student towards it."""
 from typing import Dict, List
 
-from ..training.losses import DISTILLATIONS
+from .losses import DISTILLATIONS
 from .teacher import EMATeacher
 from .base import METHODS, IncrementContext, LossTerm, Method, StepOutput, distil_rows
 

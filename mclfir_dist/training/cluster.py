@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List
 
 from ..errors import ConfigError
-from .distributed import gather_objects
+from ..utils.distributed import gather_objects
 
 SHARED_FS = ("every node must see it at the same path: put it on a shared filesystem"
              " (or, for shards, copy the same shard set to that path on every node)")

@@ -34,10 +34,10 @@ from ..utils.io import atomic_write_text, ensure_writable_dir
 from .batch_scaling import describe as describe_scaling
 from .cluster import check_run_dir, nodes_of
 from .batch_scaling import scale_to_global_batch
-from .distributed import gather_objects
-from .losses import DoubletInfoNCE
+from ..utils.distributed import gather_objects
+from ..methods.losses import DoubletInfoNCE
 from .metrics import MetricsProcessor, peak_memory_mb
-from .optim import build_optimizer, build_scheduler
+from ..methods.optim import build_optimizer, build_scheduler
 from .prepare import PreparedData, prepare_data
 from .runtime import Runtime, rng_state, seed_everything, set_rng_state
 from .selection import Selection, selected_prefixes

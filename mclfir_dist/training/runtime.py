@@ -19,9 +19,9 @@ from torch import nn
 
 from ..config import ConfigError, RunConfig
 from ..utils.cpu import bf16_units
-from .distributed import backend as process_group_backend
+from ..utils.distributed import backend as process_group_backend
 from .cluster import check_launcher, init_restarted_group, my_view
-from .distributed import broadcast_buffers, gather_objects
+from ..utils.distributed import broadcast_buffers, gather_objects
 
 log = logging.getLogger("mclfir")
 

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from mclfir_dist.data.pairing import positive_index  # noqa: E402
-from mclfir_dist.training.losses import DoubletInfoNCE  # noqa: E402
+from mclfir_dist.methods.losses import DoubletInfoNCE  # noqa: E402
 
 out_path, shards = sys.argv[1], sys.argv[2]
 dist.init_process_group("gloo")
@@ -145,7 +145,7 @@ report["teacher_rank_diff"] = max((gathered[0] - t).abs().max().item() for t in 
 report["teacher_updates"] = int(teacher.num_updates)
 
 # ---- BatchNorm statistics diverge across ranks (each sees its own batches); broadcast_buffers aligns them
-from mclfir_dist.training.distributed import broadcast_buffers  # noqa: E402
+from mclfir_dist.utils.distributed import broadcast_buffers  # noqa: E402
 bn = nn.BatchNorm2d(3)
 bn.train()(torch.randn(8, 3, 4, 4) + rank)
 

@@ -11,7 +11,7 @@ from mclfir_dist.data import LOADERS, Loader, build_eval_loader, build_train_loa
 from mclfir_dist.data.converters import CONVERTERS, Converter
 from mclfir_dist.data.shards import build_shards, read_csv_samples
 from mclfir_dist.model.trunks import register_trunk
-from mclfir_dist.training.optim import SCHEDULES
+from mclfir_dist.methods.optim import SCHEDULES
 
 
 class TinyTrunk(nn.Module):

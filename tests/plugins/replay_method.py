@@ -9,7 +9,7 @@ from typing import Dict, List
 import torch
 
 from mclfir_dist.data.pairing import positive_index
-from mclfir_dist.training.losses import DoubletInfoNCE
+from mclfir_dist.methods.losses import DoubletInfoNCE
 from mclfir_dist.methods import METHODS, IncrementContext, LossTerm, Method, StepOutput
 from mclfir_dist.registry import CONFIG_SECTIONS
 

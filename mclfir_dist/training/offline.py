@@ -13,9 +13,9 @@ from ..data import build_eval_loader
 from ..data.manifest import Manifest
 from ..data.shard_sets import check_shard_sets
 from ..errors import ShardError
-from ..training.checkpoint import load_run_model
+from .checkpoint import load_run_model
 from ..utils.io import atomic_write, atomic_write_json
-from .metrics import attribute_leakage, attribute_map, dataset_maps, embed_split, query_candidate_rows
+from ..evaluation.metrics import attribute_leakage, attribute_map, dataset_maps, embed_split, query_candidate_rows
 
 log = logging.getLogger(__name__)
 
