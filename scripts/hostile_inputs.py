@@ -528,7 +528,78 @@ def cases() -> List[Case]:
     case("env-interpolation", "21", "${oc.env:SECRET} in an override", lambda w, b: [
         "train", "--config", DEBUG, "--out", w / "run", *train_overrides(b.shards), "name=${oc.env:HOME}"],
          check=lambda w, r: "" if not (w / "run").exists() else "a run folder was written")
+    trust_cases(case)
     return out
+
+
+def trust_cases(case) -> None:
+    """The trust-boundary issue's reproductions (items 40.N): a downloaded run, planted links, a bypassed resume
+    check, duplicate keys, a raising plug-in, a huge export config, a FIFO query, a reused increment name."""
+    def run_plugin(w, b):
+        run = copy(b.run, w, "run")
+        (w / "evil_plugin.py").write_text(f"open({str(w / 'outside' / 'RAN')!r}, 'w').write('ran')\n")
+        os.chdir(w)   # a plug-in file in the working directory, as in the report
+        damage_checkpoints(run, lambda s: s["config"].update(plugins=["evil_plugin"]))
+        return ["eval", "--run", run, "--shards", b.shards]
+    case("trust-run-plugin", "40.1", "a checkpoint naming a plug-in in the working directory runs no code",
+         run_plugin, check=lambda w, r: "" if "--trust-run-plugins" in r["stderr"]
+         else "the refusal does not name --trust-run-plugins")
+
+    def lock_link(w, b):
+        run = copy(b.run, w, "run")
+        (w / "user_notes.txt").write_text("a user's file\n")
+        (run / ".lock").symlink_to(w / "user_notes.txt")
+        return ["train", "--resume", run, "train.trackers=[]"]
+    case("trust-lock-symlink", "40.2", "RUN/.lock planted as a link to a user's file", lock_link, expect=-1,
+         may_write=["run"])
+
+    def index_tmp_link(w, b):
+        index = copy(b.index, w, "idx")
+        (w / "user_notes.txt").write_text("a user's file\n")
+        (index / ".colour.faiss.tmp").symlink_to(w / "user_notes.txt")
+        key = (index / "keys.txt").read_text().split()[0]
+        return ["index", "update", "--index", index, "--remove", key]
+    case("trust-index-tmp-symlink", "40.3", "a link planted at an index's old temp name is not written through",
+         index_tmp_link, expect=0, may_write=["idx"],
+         check=lambda w, r: "" if (w / "user_notes.txt").read_text() == "a user's file\n" else "written through")
+
+    case("trust-resume-bypass", "40.6", "--resume with optim.lr changed behind a new reference batch", lambda w, b: [
+        "train", "--resume", copy(b.run, w, "run"), "optim.lr=5", "train.reference_batch_doublets=32"],
+         may_write=["run"], check=lambda w, r: "" if "optim.lr" in r["stderr"] else "optim.lr not named")
+
+    def duplicate_keys(w, b):
+        emb = copy(b.emb, w, "emb")
+        keys = (emb / "keys.txt").read_text().split()
+        (emb / "keys.txt").write_text("".join(k + "\n" for k in [keys[1]] + keys[1:]))
+        return ["index", "--embeddings", emb, "--out", w / "idx"]
+    case("trust-duplicate-keys", "40.7", "an embeddings folder whose keys.txt repeats a key", duplicate_keys)
+
+    def raising_plugin(w, b):
+        (w / "raising_plugin.py").write_text("raise RuntimeError('this plug-in is broken')\n")
+        os.chdir(w)
+        return ["--plugins", "raising_plugin", "train", "--config", DEBUG, "--out", w / "run"]
+    case("trust-plugin-raises", "40.10", "a plug-in that raises something other than ImportError", raising_plugin,
+         check=lambda w, r: "" if "raising_plugin" in r["stderr"] else "the plug-in not named")
+
+    def huge_export(w, b):
+        export = copy(b.export, w, "export")
+        edit = json.loads((export / "config.json").read_text())
+        edit["embed_dim"] = 200000
+        (export / "config.json").write_text(json.dumps(edit))
+        from mclfir_dist import Retriever
+        return lambda: Retriever.from_export(export)
+    case("trust-export-config", "40.10", "an export whose config.json asks for embed_dim 200000", huge_export)
+
+    def fifo_query(w, b):
+        os.mkfifo(w / "q.jpg")
+        return ["search", "--run", b.run, "--index", b.index, "--attribute", "colour", "--image", w / "q.jpg"]
+    case("trust-fifo-image", "40.10", "a FIFO as the query image", fifo_query,
+         check=lambda w, r: "" if "FIFO" in r["stderr"] else "not named a FIFO")
+
+    case("trust-increment-name-reused", "40.10", "a new increment named like an old one", lambda w, b: [
+        "train", "--config", DEBUG, "--out", w / "run", *train_overrides(b.shards),
+        "train.increments=[{name: a, attributes: [colour]},{name: a, attributes: [garment_length]}]"],
+         check=lambda w, r: "" if "'a'" in r["stderr"] or " a " in r["stderr"] else "the name not given")
 
 
 # ---------------------------------------------------------------- the table
@@ -555,6 +626,7 @@ def run_case(case: Case, base: Base, root: Path) -> dict:
     skip = [w / d for d in case.may_write]
     before = snapshot(w, skip)
     result = run_call(prepared) if callable(prepared) else run_cli(prepared)
+    os.chdir(ROOT)   # cases that run from their own folder (plug-ins beside them) do not leak it to the next
     problems = []
     if result["traceback"]:
         problems.append("a traceback")

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT, needs
 
-ITEMS = {str(i) for i in range(1, 22)}   # every numbered item of the issue has a case
+ITEMS = {str(i) for i in range(1, 22)} | {"40.1", "40.2", "40.3", "40.6", "40.7", "40.10"}   # every item has a case
 
 
 def test_every_hostile_case_holds(tmp_path):
