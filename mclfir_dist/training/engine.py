@@ -66,6 +66,16 @@ class IncrementSession:
                                    seconds_before=0.0)
 
 
+@dataclass
+class StepsDone:
+    """What `Trainer.train_steps` returns: the session's training seconds (validation excluded), the steps done
+    (train.patience may end an increment early), its validation curve and pick, and the keys of skipped images."""
+    seconds: float
+    steps: int
+    selection: Selection
+    skipped: List[str]
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | Path, runtime: Runtime, data: PreparedData,
                  batch_scaling: Optional[dict] = None, resume: bool = False, requested: Optional[RunConfig] = None):
@@ -171,11 +181,11 @@ class Trainer:
         self.progress.partial = None
         session = self.open_increment(plan, ctx, partial)
         loader = self.train_loader(plan, session.start_step)
-        seconds = self.train_steps(session, iter(loader))
-        steps, selection = self.steps_done, self.selection
+        done = self.train_steps(session, iter(loader))
+        seconds, steps, selection = done.seconds, done.steps, done.selection
         del loader
         self.record.add_skipped(f"train/increment_{plan.index:02d}",
-                                sorted(k for keys in gather_objects(self.skipped_train) for k in keys))
+                                sorted(k for keys in gather_objects(done.skipped) for k in keys))
         rt.release_prepared()
         self.method.end_increment(ctx, self.model)
         rt.sync_buffers([self.model] + self.method.modules())
@@ -190,17 +200,16 @@ class Trainer:
                           data_wait_seconds=round(self.metrics.wait_increment, 3),
                           peak_memory_mb=round(peak_memory_mb(rt.device), 1))
 
-    def train_steps(self, session: IncrementSession, batches: Iterator[dict]) -> float:
-        """The optimizer steps of a session; returns the increment's training seconds."""
+    def train_steps(self, session: IncrementSession, batches: Iterator[dict]) -> StepsDone:
+        """The optimizer steps of a session: its seconds, steps, validation and skipped images (StepsDone)."""
         cfg, rt, acc, plan = self.cfg, self.runtime, self.runtime.acc, session.plan
         loss_fn = DoubletInfoNCE(cfg.loss.temperature, cfg.loss.mask_same_value, cfg.loss.multi_positive,
                                  cfg.loss.gather, rt.rank, rt.world)
         model, unwrapped = session.model, acc.unwrap_model(session.model)
-        self.selection = Selection(cfg.eval.every_steps, cfg.train.select, cfg.train.patience)
-        self.selection.load_state_dict(session.selection_state)
-        self.steps_done = session.start_step
+        done = StepsDone(0.0, session.start_step, Selection(cfg.eval.every_steps, cfg.train.select,
+                                                            cfg.train.patience), [])
+        done.selection.load_state_dict(session.selection_state)
         fault = _fault_injection()
-        self.skipped_train: List[str] = []
         model.train()
         t0 = time.time()
         self.metrics.start_increment()
@@ -214,7 +223,7 @@ class Trainer:
             if fault == (rt.rank, step):
                 raise RuntimeError(f"injected fault on rank {rt.rank} at step {step} (MCLFIR_FAULT_RANK/STEP)")
             batch = self.metrics.next_batch(batches)
-            self.skipped_train += batch.get("skipped", [])
+            done.skipped += batch.get("skipped", [])
             with acc.autocast():
                 loss, nce, terms, stats = step_loss(batch, model, unwrapped, self.method, session.ctx, loss_fn,
                                                     plan.train_heads, rt.device, rt.channels_last)
@@ -230,10 +239,10 @@ class Trainer:
             if logging_now:
                 self.metrics.log_step(plan, step, self.progress.global_step, session.optimizer, loss, nce, terms,
                                       stats, self.method.log_values())
-            self.steps_done = step + 1
-            if self.selection.due(step + 1, plan.steps):
+            done.steps = step + 1
+            if done.selection.due(step + 1, plan.steps):
                 started = time.time()
-                early = self._validate(plan, unwrapped, step + 1)
+                early = self._validate(plan, unwrapped, step + 1, done.selection)
                 t0 += time.time() - started   # validation is not training time
                 if early:
                     log.info("train.patience: no better val mAP in %d evaluations: increment %d ends at step %d/%d",
@@ -242,26 +251,27 @@ class Trainer:
             stopping = self.stop.agreed() and step + 1 < plan.steps   # the increment's end saves by itself
             if saving_now or stopping:
                 self.state.save_partial(plan.index, step + 1, self.parts(), session.optimizer, session.scheduler,
-                                        session.seconds_before + time.time() - t0, self.selection.state_dict())
+                                        session.seconds_before + time.time() - t0, done.selection.state_dict())
             if stopping:
                 raise RunStopped(self.stop.signum, f"saved {self.state.files.partial_path} at increment "
                                                    f"{plan.index}, step {step + 1}/{plan.steps}")
-        self.selection.finish(unwrapped, self.steps_done)
+        done.selection.finish(unwrapped, done.steps)
         rt.barrier()
-        return session.seconds_before + time.time() - t0
+        done.seconds = session.seconds_before + time.time() - t0
+        return done
 
-    def _validate(self, plan: IncrementPlan, model, steps_done: int) -> bool:
+    def _validate(self, plan: IncrementPlan, model, steps_done: int, selection: Selection) -> bool:
         """Score the trained heads on the validation split (RNG untouched, so training continues exactly);
         True when train.patience says the increment should end."""
         saved, started = rng_state(), time.time()
         row, _, _, _ = self.evaluator.evaluate(model, plan.train_heads, split="val")
         set_rng_state(saved)
         score = sum(row.values()) / len(row)
-        self.selection.seconds += time.time() - started
+        selection.seconds += time.time() - started
         self.metrics.log_validation(plan.index, self.progress.global_step, row, score)
         if self.trial:
             self.trial.report(self.progress.global_step, score)
-        return self.selection.observe(steps_done, score, model,
+        return selection.observe(steps_done, score, model,
                                       selected_prefixes(plan.train_heads, plan.train_encoder))
 
     def _optimizer_step(self, session: IncrementSession, loss: torch.Tensor) -> None:
