@@ -249,24 +249,21 @@ def _where(spec) -> Dict[str, List[str]]:
 
 
 def _offset(value, limits: Limits) -> int:
-    try:
-        offset = int(value)
-        if isinstance(value, (float, bool)):
-            raise ValueError
-    except (TypeError, ValueError):
-        raise HTTPError(400, f"offset must be a whole number, got {str(value)[:40]!r}") from None
-    if not 0 <= offset <= limits.max_offset:
-        raise HTTPError(400, f"offset must be between 0 and {limits.max_offset}, got {offset}")
-    return offset
+    return _whole("offset", value, 0, limits.max_offset)
 
 
 def _k(value, limits: Limits) -> int:
+    return _whole("k", value, 1, limits.max_k)
+
+
+def _whole(name: str, value, low: int, high: int) -> int:
+    """A whole number in [low, high] from a form or JSON field (1.5, true and "ten" are refused)."""
     try:
-        k = int(value)
-        if isinstance(value, float) or isinstance(value, bool):
+        n = int(value)
+        if isinstance(value, (float, bool)):
             raise ValueError
     except (TypeError, ValueError):
-        raise HTTPError(400, f"k must be a whole number, got {str(value)[:40]!r}") from None
-    if not 1 <= k <= limits.max_k:
-        raise HTTPError(400, f"k must be between 1 and {limits.max_k}, got {k}")
-    return k
+        raise HTTPError(400, f"{name} must be a whole number, got {str(value)[:40]!r}") from None
+    if not low <= n <= high:
+        raise HTTPError(400, f"{name} must be between {low} and {high}, got {n}")
+    return n
