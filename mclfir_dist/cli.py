@@ -447,6 +447,10 @@ def _add_tune(sub, formatter):
                    help="stop a trial whose validation curve falls below the median of earlier trials")
     t.add_argument("--metric", default="final.average_map", help="the results.json field ranked by")
     t.add_argument("--seed", type=int, default=0, help="the sampler's seed")
+    t.add_argument("--startup-trials", type=int, default=10,
+                   help="tpe: random trials before the model takes over (with few trials, fewer)")
+    t.add_argument("--start-at-config", action="store_true",
+                   help="trial 0 runs the config's own values of the space's keys (a known-good start)")
     t.add_argument("--resume-study", action="store_true", help="go on with a study stored with other settings")
     t.add_argument("--report", action="store_true",
                    help="run nothing: write OUT/report/REPORT.md (table, knobs interior or at an end) and plots")
@@ -469,7 +473,7 @@ def cmd_tune(args) -> int:
     method = load_config(args.config, args.overrides).train.method
     job = studies.TuneJob(args.config, args.overrides, spaces.load_space(args.space, method), args.trials,
                           args.study, storage, out, args.sampler, args.pruner, args.metric, args.seed,
-                          args.resume_study)
+                          args.resume_study, args.startup_trials, args.start_at_config)
     studies.check_job(job)
     if storage.startswith("sqlite:///") and not args.storage:
         out.mkdir(parents=True, exist_ok=True)   # only now: a refused job writes nothing

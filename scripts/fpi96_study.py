@@ -13,11 +13,12 @@ gate  Before any study, on the validation split, paired over seeds (train.seed =
       encoder is ahead by at least GATE_POINTS on average and finetune forgets at least FORGET_POINTS.
       Writes OUT/GATE.md and a copy of every run's results.json, whether it passes or not.
 
-tune  Every method (METHODS) gets the same number of validation trials (--trials) of a compass search over its
-      own knobs (KNOBS: the lr, the first-increment and the later encoder lr scale for all that train the
-      encoder; the KD weight for mclfir and lwf; the teacher decay for mclfir), seed 0, on the first
-      TUNE_INCREMENTS increments (every method alike). Trials go round the methods, so a stop leaves equal
-      counts. Every trial and whether each chosen value is interior go to OUT/tuning.json and OUT/TUNING.md.
+tune  Every method (METHODS) gets its own `mclfir tune` study with the same sampler, seed and trial count
+      (--trials; mclfir_dist/study/tuning.py: trial 0 the config's point, then TPE, median pruning) over its own
+      knobs (KNOBS: the lr, the first-increment and the later encoder lr scale for all that train the encoder;
+      the KD weight for mclfir and lwf; the teacher decay for mclfir), seed 0, on the first TUNE_INCREMENTS
+      increments (every method alike). Trials go round the methods, so a stop leaves equal counts. The
+      record: OUT/tuning.json, OUT/TUNING.md and OUT/tune/METHOD/REPORT.md with Optuna's plots.
 
 Runs whose results.json is complete with the same settings are kept, so the script can be stopped (Ctrl-C)
 and started again. Misuse (a wrong config key, a missing CSV) is one line and exit 2.
@@ -30,7 +31,7 @@ import sys
 from pathlib import Path
 
 from mclfir_dist.evaluation.stats import holm, p_text, paired, tost_paired
-from mclfir_dist.study import runner, search
+from mclfir_dist.study import runner, tuning
 from mclfir_dist.utils.io import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,11 +56,12 @@ METHODS = {
     "static_train": ["train.method=static_joint"],                                      # the paper's static
     "static_frozen": ["train.method=static_joint", "optim.first_encoder_lr_scale=0"],  # the cheapest strong one
 }
-LR = ("optim.lr", [1.25e-4, 2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3])
-FIRST = ("optim.first_encoder_lr_scale", [0.05, 0.1, 0.2, 0.4, 0.8, 1.0])
-LATER = ("optim.encoder_lr_scale", [0.025, 0.05, 0.1, 0.2, 0.4, 0.8])
-KD = ("loss.kd_weight", [0.3, 1.0, 3.0, 10.0, 30.0, 100.0])
-DECAY = ("teacher.decay", [0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999])
+# each method's search space (mclfir tune's YAML form): the old ladders' ranges, the decay a ladder of choices
+LR = ("optim.lr", {"log": [1.25e-4, 8e-3]})
+FIRST = ("optim.first_encoder_lr_scale", {"log": [0.05, 1.0]})
+LATER = ("optim.encoder_lr_scale", {"log": [0.025, 0.8]})
+KD = ("loss.kd_weight", {"log": [0.3, 100.0]})
+DECAY = ("teacher.decay", {"choices": [0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999]})
 KNOBS = {"mclfir": [LR, FIRST, LATER, KD, DECAY], "lwf": [LR, FIRST, LATER, KD], "finetune": [LR, FIRST, LATER],
          "static_train": [LR, FIRST], "static_frozen": [LR]}
 TUNE_INCREMENTS = 3   # the cost ratio needs 6 increments, tuning does not (the issue: the first 3, for all alike)
@@ -194,65 +196,18 @@ def tune_overrides(config: Path, extra) -> list:
     return [f"train.increments=[{listed}]", *seed_overrides(0)]
 
 
-def start_point(config: Path, method: str, extra) -> dict:
-    """The config's value of each of the method's knobs (after its own settings), snapped to the knob's ladder."""
-    import math
-    from mclfir_dist.configure import load_config
-    cfg = load_config(config, [*METHODS[method], *extra])
-    point = {}
-    for key, ladder in KNOBS[method]:
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        point[key] = min(ladder, key=lambda v: abs(math.log(v) - math.log(max(value, 1e-9))))
-    return point
-
-
 def tune(args) -> dict:
-    """Round-robin trials until every method has args.trials (or has tried every one-knob move); the record."""
-    tdir = args.runs / "tune"
-    tdir.mkdir(parents=True, exist_ok=True)
+    """Every method's own `mclfir tune` study (study.tuning: the config's point first, TPE, median pruning) on the
+    first TUNE_INCREMENTS increments, round the methods until each has args.trials finished."""
     base = tune_overrides(args.config, args.set)
-    record = {"trials_per_method": args.trials, "increments": TUNE_INCREMENTS, "methods": {}}
-    trials = {m: [] for m in args.methods}
-    starts = {m: start_point(args.config, m, args.set) for m in args.methods}
-    for _ in range(args.trials):
-        for method in args.methods:
-            point = search.next_trial(KNOBS[method], starts[method], trials[method])
-            if point is None:
-                continue
-            name = f"{method}_t{len(trials[method]):02d}"
-            overrides = [*METHODS[method], *base, *(f"{k}={v}" for k, v in point.items()), *args.set]
-            if method.startswith("static"):
-                overrides.append("train.static_final_only=true")
-            res = runner.run_train(args.config, tdir / name, overrides, tdir / f"{name}.log", prog=PROG)
-            trials[method].append({"run": name, "point": point, "score": res["final"]["average_map"],
-                                   "seconds": res["wall_seconds"], "train_seconds": train_seconds(res)})
-            record["methods"][method] = tuning_entry(method, starts[method], trials[method])
-            write_tuning(args.out, record)
-    return record
-
-
-def tuning_entry(method: str, start: dict, trials: list) -> dict:
-    best = max(trials, key=lambda t: t["score"])
-    knobs = KNOBS[method]
-    return {"start": start, "trials": trials, "chosen": best["point"], "chosen_val_map": best["score"],
-            "settled": search.settled(knobs, trials), "interior": search.interior(knobs, trials),
-            "bracketed": search.bracketed(knobs, trials)}
-
-
-def write_tuning(out: Path, record: dict) -> None:
-    import json
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "tuning.json", json.dumps(record, indent=1))
-    lines = ["# Validation search (the same number of trials for every method)", "",
-             f"Up to {record['trials_per_method']} trials per method, validation split, seed 0, the first "
-             f"{record['increments']} increments (static: one retraining over them). A compass search over each "
-             "method's own knobs from the config's values (scripts/fpi96_study.py KNOBS); validation average mAP "
-             "per trial, the chosen one in bold. A chosen value is interior when both its neighbours on the "
-             "knob's ladder were tried with the other knobs at their chosen values.", ""]
-    for method, r in record["methods"].items():
-        lines += search.trial_table(method, r, "train_seconds", lambda k, r=r: r["interior"][k])
-    atomic_write_text(out / "TUNING.md", "\n".join(lines))
+    methods = [tuning.MethodTune(m, dict(KNOBS[m]), [*METHODS[m], *base, *(
+        ["train.static_final_only=true", "eval.every_steps=100"] if m.startswith("static") else []), *args.set])
+        for m in args.methods]
+    tdir = args.runs / "tune_optuna"
+    task = (f"the first {TUNE_INCREMENTS} increments (static: one retraining over them, validated every 100 steps "
+            "for the pruner)")
+    return tuning.run(args.config, methods, args.trials, tdir, PROG, "fpi96",
+                      lambda rec: tuning.write(args.out, rec, tdir, "fpi96", task))
 
 
 # ---------------------------------------------------------------- seeds, budget, orders, noise (test split)

@@ -2,6 +2,7 @@
 import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -73,34 +74,33 @@ def test_misuse_is_one_line_and_exit_2(tmp_path, args, message):
     assert not (tmp_path / "r").exists()
 
 
-def test_tune_gives_every_method_the_same_trials_on_the_first_three_increments(tmp_path, monkeypatch):
-    asked = []
-
-    def fake_run(config, out, overrides, log, prog):
-        asked.append((out.name, list(overrides)))
-        point = dict(o.split("=", 1) for o in overrides if o.split("=")[0] in
-                     {k for knobs in study.KNOBS.values() for k, _ in knobs})
-        lr = float(point["optim.lr"])
-        score = 0.5 - abs(lr - 1e-3) + (0.01 if out.name.startswith("static_train") else 0.0)
-        return {"final": {"average_map": score}, "wall_seconds": 3.0, "cost": [{"train_seconds": 2.0}]}
-
-    monkeypatch.setattr(study.runner, "run_train", fake_run)
-    args = study.parse_args(["--phase", "tune", "--trials", "3", "--runs", str(tmp_path / "r"),
-                             "--out", str(tmp_path / "o")])
-    record = study.tune(args)
-    assert {m: len(r["trials"]) for m, r in record["methods"].items()} == {m: 3 for m in study.METHODS}
-    assert [name for name, _ in asked[:5]] == [f"{m}_t00" for m in study.METHODS]   # round robin
-    for name, overrides in asked:
-        incs = next(o for o in overrides if o.startswith("train.increments="))
-        assert incs.count("name:") == 3 and "articleType" in incs and "usage" not in incs
-        assert "eval.split=val" in overrides and "train.seed=0" in overrides
-        assert ("train.static_final_only=true" in overrides) == name.startswith("static")
-    frozen = [o for n, o in asked if n.startswith("static_frozen")]
-    assert all("optim.first_encoder_lr_scale=0" in o for o in frozen)
-    assert record["methods"]["mclfir"]["chosen"]["optim.lr"] == 1e-3            # the best trial's point
-    assert set(record["methods"]["mclfir"]["chosen"]) == {k for k, _ in study.KNOBS["mclfir"]}
+def test_tune_runs_every_method_through_mclfir_tune_round_robin_from_the_configs_point(tmp_path):
+    """Two methods, two trials each, of real tiny `mclfir tune` studies (the synthetic set, 2 increments)."""
+    import json
+    from conftest import SELF_BUILDING_TINY
+    tiny = [*SELF_BUILDING_TINY, "train.steps_per_increment=4", "model.pretrained=false",
+            f"data.shards={tmp_path / 's'}", "optim.lr=0.0007", "train.num_threads=1"]
+    p = subprocess.run([sys.executable, str(ROOT / "scripts/fpi96_study.py"), "--phase", "tune", "--trials", "2",
+                        "--methods", "finetune", "static_frozen", "--config", str(ROOT / "configs/debug_cpu.yaml"),
+                        "--runs", str(tmp_path / "r"), "--out", str(tmp_path / "o"), "--set", *tiny],
+                       capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    order = [ln.strip() for ln in p.stdout.splitlines() if ln.strip().endswith("trials")]
+    assert order == ["finetune: 1 trials", "static_frozen: 1 trials", "finetune: 2 trials",
+                     "static_frozen: 2 trials"]   # round robin: a stop leaves equal counts
+    record = json.loads((tmp_path / "o" / "tuning.json").read_text())
+    for method in ("finetune", "static_frozen"):
+        trials = record["methods"][method]["trials"]
+        assert len(trials) == 2 and trials[0]["params"]["optim.lr"] == 0.0007   # trial 0: the config's point
+        assert set(trials[1]["params"]) == {k for k, _ in study.KNOBS[method]}
+        res = json.loads((Path(trials[0]["run"]) / "results.json").read_text())
+        cfg = res["config"]
+        assert cfg["eval"]["split"] == "val" and cfg["train"]["seed"] == 0
+        assert cfg["train"]["static_final_only"] == method.startswith("static")
+        assert (cfg["optim"]["first_encoder_lr_scale"] == 0) == (method == "static_frozen")
+        assert (tmp_path / "o" / "tune" / method / "REPORT.md").is_file()
     text = (tmp_path / "o" / "TUNING.md").read_text()
-    assert "## static_frozen" in text and "**" in text
+    assert "| finetune | 2 |" in text and "| static_frozen | 2 |" in text
 
 
 def _full(avg, forgetting=0.01, seconds=(10.0,) * 6, estimated=False):

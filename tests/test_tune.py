@@ -103,6 +103,8 @@ MISUSE = [   # name, space file, flags, overrides, words the one line must hold
     ("test split", SPACE, [], ["eval.split=test"], "validation split"),
     ("storage cannot be opened", SPACE, ["--storage", "sqlite:////no/such/folder/x.db"], [], "cannot be opened"),
     ("grid over a range", SPACE, ["--sampler", "grid"], [], "needs choices"),
+    ("config outside the space", "optim.lr: {log: [0.5, 0.9]}\n", ["--start-at-config"], [], "outside its space"),
+    ("negative startup trials", SPACE, ["--startup-trials", "-1"], [], "--startup-trials"),
 ]
 
 
@@ -133,6 +135,20 @@ def test_a_study_stored_with_another_space_is_refused_unless_resumed(shards, tmp
     args = ["tune", "--config", str(ROOT / "configs/debug_cpu.yaml"), "--space", str(tmp_path / "space.yaml"),
             "--study", "s", "--out", str(out), "--trials", "1", *TINY]
     assert main(args) == 2 and "another space" in capsys.readouterr().err
+
+
+def test_start_at_config_runs_the_configs_own_values_first(shards, tmp_path):
+    from mclfir_dist.configure import load_config
+    out = tmp_path / "study"
+    done = subprocess.run(tune_cmd(out, shards, 1, "--start-at-config", "--startup-trials", "1",
+                                   "loss.kd_weight=1.0", "optim.lr=0.0007"),
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    res = json.loads((out / "trials" / "0000" / "results.json").read_text())
+    assert res["tune"]["params"] == {"optim.lr": 0.0007, "loss.kd_weight": 1.0}
+    import optuna
+    study = optuna.load_study(study_name="mclfir", storage=f"sqlite:///{out / 'study.db'}")
+    assert study.user_attrs["settings"]["startup_trials"] == 1 and study.trials[0].params == res["tune"]["params"]
 
 
 def _postgres_bin():

@@ -84,7 +84,9 @@ def write_plots(study, out: Path) -> Dict[str, str]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import optuna
     import optuna.visualization.matplotlib as ovm
+    optuna.logging.set_verbosity(optuna.logging.ERROR)   # "unique value length is less than 2": not news here
     skipped = {}
     for name in PLOTS:
         try:
@@ -93,7 +95,9 @@ def write_plots(study, out: Path) -> Dict[str, str]:
                 ax = getattr(ovm, f"plot_{name}")(study)
             figure = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
             figure.set_size_inches(8, 5)
-            figure.tight_layout()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")   # the slice plot's colour bar is not tight_layout's kind
+                figure.tight_layout()
             figure.savefig(out / f"{name}.png", dpi=100)
             plt.close(figure)
         except Exception as e:   # too few trials, one parameter for a contour...: said, not fatal

@@ -78,6 +78,22 @@ def check_against_config(space: Dict[str, dict], config: str, overrides: List[st
                 raise ConfigError(f"search space {key}: {e}") from None
 
 
+def config_point(space: Dict[str, dict], cfg) -> dict:
+    """The config's own value of every key (for --start-at-config); ConfigError when one is outside its range."""
+    from ..config import to_dict
+    flat, point = to_dict(cfg), {}
+    for key in space:
+        node = flat
+        for part in key.split("."):
+            node = node[part]
+        (kind, value), = space[key].items()
+        inside = node in value if kind == "choices" else value[0] <= node <= value[1]
+        if not inside:
+            raise ConfigError(f"--start-at-config: the config's {key}={node} is outside its space {space[key]}")
+        point[key] = node
+    return point
+
+
 def distributions(space: Dict[str, dict]) -> dict:
     """Optuna's distribution for each key (the same for every worker: a study refuses another space)."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution

@@ -43,6 +43,8 @@ class TuneJob:
     metric: str = "final.average_map"
     seed: int = 0
     resume_study: bool = False
+    startup_trials: int = 10   # the model-based samplers' random trials first (Optuna's default)
+    start_at_config: bool = False   # trial 0: the config's own values of the space's keys
     settings: dict = field(default_factory=dict)   # what a study must agree on: space, sampler, pruner, metric
 
 
@@ -59,6 +61,9 @@ def check_job(job: TuneJob) -> None:
     if job.trials < 1:
         raise ConfigError(f"--trials must be at least 1, got {job.trials}")
     spaces.check_against_config(job.space, job.config, job.overrides)
+    if job.startup_trials < 0:
+        raise ConfigError(f"--startup-trials must be 0 or more, got {job.startup_trials}")
+    start = spaces.config_point(job.space, cfg) if job.start_at_config else None
     if job.sampler == "grid":
         size = 1
         for values in spaces.grid(job.space).values():
@@ -67,7 +72,7 @@ def check_job(job: TuneJob) -> None:
             log.info("--sampler grid: %d points, so %d trials, not %d", size, size, job.trials)
             job.trials = size
     job.settings = {"space": job.space, "sampler": job.sampler, "pruner": job.pruner, "metric": job.metric,
-                    "seed": job.seed}
+                    "seed": job.seed, "startup_trials": job.startup_trials, "start": start}
 
 
 def open_storage(url: str):
@@ -102,7 +107,7 @@ def _sampler(job: TuneJob):
         return optuna.samplers.GridSampler(spaces.grid(job.space), seed=job.seed)
     if job.sampler == "random":
         return optuna.samplers.RandomSampler(seed=job.seed)
-    return optuna.samplers.TPESampler(seed=job.seed)
+    return optuna.samplers.TPESampler(seed=job.seed, n_startup_trials=job.settings.get("startup_trials", 10))
 
 
 def open_study(job: TuneJob, storage):
@@ -122,9 +127,12 @@ def open_study(job: TuneJob, storage):
     saved, mine = study.user_attrs.get("settings"), json.loads(json.dumps(job.settings))
     if saved is None:
         study.set_user_attr("settings", mine)
+        if mine.get("start"):   # only the worker that made the study: trial 0 is the config's own point
+            study.enqueue_trial(mine["start"])
         return study
     # the sampler's seed is each worker's own (a SLURM array gives every task another); the rest must agree
-    changed = sorted(k for k in mine if k != "seed" and saved.get(k) != mine[k])
+    older = {"startup_trials": 10, "start": None}   # a study stored before these settings existed ran so
+    changed = sorted(k for k in mine if k != "seed" and saved.get(k, older.get(k)) != mine[k])
     if changed and not job.resume_study:
         raise ConfigError(f"study {job.study!r} exists with another {', '.join(changed)} (a new --study name, or "
                           "--resume-study to go on with the stored settings)")
