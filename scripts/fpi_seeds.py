@@ -3,15 +3,13 @@
     python scripts/fpi_seeds.py [--csv labels.csv --image-root DIR] [--shards DIR] [--runs DIR] [--out DIR]
     (bash scripts/fpi_seeds.sh: the defaults; its budget is 150 minutes on 2 CPU cores)
 
-1. tune   every method gets the same number of trials (at least --trials, at most --max-trials, enough that
-          every chosen value is interior) on the validation split of the full task
-          (every increment; static_joint: its final retraining), seed 0. A compass search over the method's
-          own knobs (KNOBS: lr and encoder lr scale for all; KD weight for mclfir and lwf; the teacher decay
-          for mclfir): it starts from an earlier search's choices (START; --start config: the config's values)
-          and tries the untried neighbours of the best point
-          found so far, nearest first, the least-tried knob first, so every knob moves once before any moves
-          twice, and a best value at the edge of what was tried is extended next. Every trial and whether each
-          chosen value is interior go to tuning.json and TUNING.md. The test split is never looked at here.
+1. tune   every method gets its own `mclfir tune` study with the same sampler, seed and trial count
+          (--trials; mclfir_dist/study/tuning.py: trial 0 at an earlier search's choices, START, or with
+          --start config the config's values; then TPE; median pruning) over its own knobs (KNOBS, the old
+          ladders as choices: lr and encoder lr scale for all; KD weight for mclfir and lwf; the teacher decay
+          for mclfir), on the validation split of the full task (every increment; static_joint: its final
+          retraining), seed 0. The record: tuning.json, TUNING.md, tune/METHOD/REPORT.md. The test split is
+          never looked at here. (The committed 48 px TUNING.md came from the compass search this replaced.)
 2. seeds  every method with its chosen values for --seeds on the test split; seed N also redraws which
           images are queries (eval.query_draw=N), so the spread covers the query draw too. static_joint runs
           every retraining for the first seed (static-cumulative measured end to end) and only the last for
@@ -34,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from mclfir_dist.evaluation.stats import p_text
-from mclfir_dist.study import runner, search
+from mclfir_dist.study import runner, tuning
 
 ROOT = Path(__file__).resolve().parents[1]
 # name in the report -> (train.method, settings that define it)
@@ -52,7 +50,7 @@ VARIANTS = {
 METHODS = list(VARIANTS)
 DEFAULT_METHODS = [m for m in METHODS if m != "finetune"]   # finetune (the lower bound) would not fit the budget
 LABELS = {"mclfir_released": "mclfir (released loss)"}
-# knob -> its ladder of values (the search moves along it; the config's value is where it starts)
+# knob -> its ladder of values, searched as choices by `mclfir tune` (the config's value, or START's, first)
 LR = ("optim.lr", [1.25e-4, 2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2])
 ENCODER = ("optim.encoder_lr_scale", [0.0, 0.05, 0.1, 0.2, 0.4, 0.8])
 FIRST_ENCODER = ("optim.first_encoder_lr_scale", [0.0, 0.05, 0.1, 0.2, 0.4, 0.8])
@@ -84,102 +82,29 @@ def run_train(config: Path, out: Path, overrides, log: Path) -> dict:
 
 # ---------------------------------------------------------------- tuning
 
-def start_point(config: Path, method: str, overrides, earlier: bool = True) -> dict:
-    """Where the method's search starts: START's values (when `earlier`), else the config's value of each of
-    the method's knobs (after the method's own settings and overrides), snapped to the knob's ladder."""
-    from mclfir_dist.configure import load_config
-    cfg = load_config(config, [*VARIANTS[method][1], *overrides])
-    point = {}
-    for key, ladder in KNOBS[method]:
-        section, name = key.split(".")
-        value = START.get(method, {}).get(key) if earlier else None
-        value = getattr(getattr(cfg, section), name) if value is None else value
-        point[key] = min(ladder, key=lambda v: abs(math.log(v + 1e-9) - math.log(value + 1e-9)))
-    return point
-
-
-def next_trial(method: str, start: dict, trials: list):
-    """The method's next trial (search.next_trial over KNOBS[method])."""
-    return search.next_trial(KNOBS[method], start, trials)
-
-
-def interior(method: str, trials: list) -> dict:
-    return search.interior(KNOBS[method], trials)
-
-
-def settled(method: str, trials: list) -> bool:
-    return search.settled(KNOBS[method], trials)
-
-
-def bracketed(method: str, trials: list) -> dict:
-    return search.bracketed(KNOBS[method], trials)
+def tune_methods(args, data) -> list:
+    """Each method's `mclfir tune` study: its ladders as choices, trial 0 at START's values (--start earlier) or
+    the config's, every increment of the task on validation, seed 0 (static_joint: its final retraining)."""
+    out = []
+    for method in args.methods:
+        train_method, settings = VARIANTS[method]
+        start = [f"{k}={v}" for k, v in START.get(method, {}).items()] if args.start == "earlier" else []
+        extra = ["train.static_final_only=true"] if method == "static_joint" else []
+        out.append(tuning.MethodTune(method, {k: {"choices": ladder} for k, ladder in KNOBS[method]},
+                                     [*data, f"train.method={train_method}", *settings, *start, "eval.split=val",
+                                      "train.seed=0", "eval.frozen_baseline=false", "eval.grid_queries=0", *extra]))
+    return out
 
 
 def tune(args, data) -> dict:
-    """Every method searches until its best point is settled (every chosen value interior) and it has as many
-    trials as any other method: passes over the methods repeat until one adds no trial. A method stops short
-    only at --max-trials or when every one-knob move from its best was tried."""
-    print(f"== tune: at least {args.trials} trials per method, until every choice is interior and every method "
-          f"has as many as any other (at most {args.max_trials}); validation split, seed 0, every increment",
+    """The same `mclfir tune` study for every method (study/tuning.py), round robin to --trials each."""
+    print(f"== tune: {args.trials} trials per method (mclfir tune); validation split, seed 0, every increment",
           flush=True)
-    (args.runs / "tune").mkdir(parents=True, exist_ok=True)
-    record = {"split": "val", "seed": 0, "trials_per_method": args.trials, "max_trials": args.max_trials,
-              "knobs": {m: {k: ladder for k, ladder in KNOBS[m]} for m in args.methods}, "methods": {}}
-    starts = {m: start_point(args.config, m, data, earlier=args.start == "earlier") for m in args.methods}
-    trials = {m: [] for m in args.methods}
-    target, added = args.trials, True
-    while added:
-        added = False
-        for method in args.methods:
-            added |= _search(args, data, method, starts[method], trials[method], target)
-            best = max(trials[method], key=lambda t: t["score"])
-            record["methods"][method] = {"start": starts[method], "trials": trials[method], "chosen": best["point"],
-                                         "chosen_val_map": best["score"], "settled": settled(method, trials[method]),
-                                         "interior": interior(method, trials[method]),
-                                         "bracketed": bracketed(method, trials[method])}
-            _write_tuning(args.out, record)
-        target = max(len(t) for t in trials.values())
+    tdir = args.runs / "tune_optuna"
+    task = "every increment of the task (static_joint: its final retraining over all attributes)"
+    record = tuning.run(args.config, tune_methods(args, data), args.trials, tdir, "fpi_seeds", "fpi48",
+                        lambda rec: tuning.write(args.out, rec, tdir, "fpi48", task))
     return {m: r["chosen"] for m, r in record["methods"].items()}
-
-
-def _search(args, data, method: str, start: dict, trials: list, target: int) -> bool:
-    """Extend one method's trials (in place) until it has `target` and is settled; whether any was added."""
-    train_method, settings = VARIANTS[method]
-    extra = ["train.static_final_only=true"] if method == "static_joint" else []
-    added = False
-    while len(trials) < args.max_trials and not (len(trials) >= target and settled(method, trials)):
-        point = next_trial(method, start, trials)
-        if point is None:   # every one-knob move from the best point was tried
-            break
-        name = f"{method}_t{len(trials):02d}"
-        res = run_train(args.config, args.runs / "tune" / name,
-                        data + [f"train.method={train_method}", *settings, "eval.split=val", "train.seed=0",
-                                "eval.frozen_baseline=false", "eval.grid_queries=0", *extra,
-                                *(f"{k}={v}" for k, v in point.items())], args.runs / "tune" / f"{name}.log")
-        trials.append({"run": name, "point": point, "score": res["final"]["average_map"],
-                       "seconds": res["wall_seconds"]})
-        added = True
-    return added
-
-
-def _write_tuning(out: Path, record: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tuning.json").write_text(json.dumps(record, indent=1))
-    lines = ["# Validation search (the same number of trials for every method)", "",
-             f"Trials per method: {trial_counts(record)}. Validation split, seed 0, every increment of the task "
-             "(static_joint: its final retraining over all attributes). A compass search over each method's own "
-             "knobs (scripts/fpi_seeds.py), from the values an earlier 4-trial search of the same kind chose "
-             "(START; the first trial of each table). Each method went on until every chosen value was interior "
-             f"and it had as many trials as any other method (at least {record['trials_per_method']}, at most "
-             f"{record.get('max_trials', record['trials_per_method'])}; a method with every one-knob move from its "
-             "best tried stops there). Validation average mAP per trial; the chosen trial in bold. A chosen value "
-             "is interior when both its neighbours on the knob's ladder were tried, with the other knobs at their "
-             "chosen values, and neither scored higher; bracketed (weaker) when a lower and a higher value were "
-             "tried, whatever the other knobs were.", ""]
-    for method, r in record["methods"].items():
-        lines += search.trial_table(label(method), r, "seconds",
-                                    lambda k, r=r: f"{r['interior'][k]}; {r['bracketed'][k]}")
-    (out / "TUNING.md").write_text("\n".join(lines) + "\n")
 
 
 def seeds(args, data, chosen: dict) -> None:
@@ -254,33 +179,25 @@ def static_lines(runs) -> list:
 
 
 def load_tuning(out: Path) -> dict:
-    """tuning.json's record ({} when there is none), each method's knob verdicts recomputed from its trials, so
-    that a report keeps up with these rules."""
+    """tuning.json's record ({} when there is none): mclfir tune's, or the compass search's of the committed
+    48 px study (its knob verdicts stored with it)."""
     path = out / "tuning.json"
-    record = json.loads(path.read_text()) if path.is_file() else {}
-    for method, r in record.get("methods", {}).items():
-        r["interior"], r["bracketed"] = interior(method, r["trials"]), bracketed(method, r["trials"])
-        r["settled"] = settled(method, r["trials"])
-    return record
-
-
-def trial_counts(record: dict) -> str:
-    """'18 each' or '18 each, frozen 8 (every one-knob move from its best tried)'."""
-    most = max(len(r["trials"]) for r in record["methods"].values())
-    fewer = [f"{label(m)} {len(r['trials'])} ("
-             + ("every one-knob move from its best tried" if next_trial(m, {}, r["trials"]) is None else "stopped")
-             + ")" for m, r in record["methods"].items() if len(r["trials"]) < most]
-    return ", ".join([f"{most} each", *fewer])
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def tuning_lines(out: Path) -> list:
     record = load_tuning(out)
     if not record.get("methods"):
         return []
-    lines = [f"Chosen on validation (trials per method: {trial_counts(record)}; TUNING.md lists every trial):", ""]
+    counts = sorted({len(r["trials"]) for r in record["methods"].values()})
+    where = "tune/METHOD/REPORT.md says whether each value is interior" if record.get("tuner") else \
+        "a compass search; per value: interior or not; bracketed or not"
+    lines = [f"Chosen on validation (trials per method: {'/'.join(map(str, counts))}; TUNING.md lists every "
+             f"trial; {where}):", ""]
     for method, r in record["methods"].items():
-        lines.append(f"- {label(method)}: " + ", ".join(f"{k}={v:g} ({r['interior'][k]}; {r['bracketed'][k]})"
-                                                      for k, v in r["chosen"].items())
+        verdict = (lambda k: "") if record.get("tuner") else \
+            (lambda k, r=r: f" ({r['interior'][k]}; {r['bracketed'][k]})")
+        lines.append(f"- {label(method)}: " + ", ".join(f"{k}={v:g}{verdict(k)}" for k, v in r["chosen"].items())
                      + f"; val {100 * r['chosen_val_map']:.2f}")
     return lines + [""]
 
@@ -289,7 +206,7 @@ def budget_line(args) -> str:
     walls = [json.loads(p.read_text()) for p in args.runs.glob("*/*/wall_seconds.json")]
     if not walls:
         return ""
-    tune_s = sum(json.loads(p.read_text()) for p in args.runs.glob("tune/*/wall_seconds.json"))
+    tune_s = sum(json.loads(p.read_text()) for p in args.runs.glob("tune/*/wall_seconds.json"))   # compass runs
     return (f"Wall time of every run (one at a time, this machine): {sum(walls) / 60:.0f} min "
             f"(tuning {tune_s / 60:.0f}, seeds {(sum(walls) - tune_s) / 60:.0f}); the budget is 150 min.")
 
@@ -452,13 +369,10 @@ def main() -> int:
     ap.add_argument("--runs", type=Path, default=ROOT / "runs/fpi_seeds", help="where the runs go")
     ap.add_argument("--out", type=Path, default=ROOT / "docs/results/fpi_seeds", help="where the report goes")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--trials", type=int, default=9,
-                    help="validation trials per method at least (9 = the start and both neighbours of each of "
-                         "mclfir's 4 knobs); more until every choice is interior, the same count for all")
-    ap.add_argument("--max-trials", type=int, default=18,
-                    help="validation trials per method at most (the 150-minute budget)")
+    ap.add_argument("--trials", type=int, default=9, help="validation trials per method (mclfir tune; the same "
+                                                           "sampler, seed and count for every method)")
     ap.add_argument("--start", choices=["earlier", "config"], default="earlier",
-                    help="where each search starts: an earlier search's choices (START) or the config's values")
+                    help="each study's trial 0: an earlier search's choices (START) or the config's values")
     ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=METHODS)
     ap.add_argument("--phase", choices=["all", "tune", "seeds", "report"], default="all")
     ap.add_argument("overrides", nargs="*", help="config overrides for every run (key=value)")
@@ -479,8 +393,6 @@ def main() -> int:
             usage_error(f"{flag} {path}: no such {noun}")
     if args.trials < 1:
         usage_error(f"--trials must be at least 1, got {args.trials}")
-    if args.max_trials < args.trials:
-        usage_error(f"--max-trials must be at least --trials ({args.trials}), got {args.max_trials}")
     from mclfir_dist.configure import load_config
     from mclfir_dist.errors import ConfigError
     try:   # a wrong key or value is named here, before any run or folder is made
@@ -494,8 +406,6 @@ def main() -> int:
         chosen = tune(args, data)
     else:
         record = load_tuning(args.out)
-        if record.get("methods"):
-            _write_tuning(args.out, record)
         chosen = {m: r["chosen"] for m, r in record.get("methods", {}).items()}
     if args.phase in ("all", "seeds"):
         missing = [m for m in args.methods if m not in chosen]
