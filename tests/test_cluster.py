@@ -109,6 +109,22 @@ def served_shards(reference, tmp_path):
     server.stop()
 
 
+def test_two_nodes_without_the_shard_folder_read_it_over_http(reference, tmp_path, served_shards):
+    """Node 1 has neither the shard folder nor node 0's cache (tmpfs over both in its own mount namespace):
+    each rank fetches the set from the URL into its own cache; the run equals the one-node run bit for bit."""
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.fail("this test needs root and util-linux's unshare (CI runs as root)")
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    cache.mkdir()
+    prefix = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+              f'mount -t tmpfs none "{reference / "shards"}" && mount -t tmpfs none "{cache}" && exec "$@"', "node1"]
+    codes, outs = two_nodes(run, served_shards, prefix, [f"data.cache_dir={cache}"])
+    assert codes == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert same_end(run, reference / "reference")
+    result = json.loads((run / "results.json").read_text())
+    assert result["remote_shards"][served_shards]["downloaded_bytes"] > 0 and result["nodes"] == 2
+
+
 # ---------------------------------------------------------------- SLURM on this machine
 
 @pytest.fixture(scope="module")
