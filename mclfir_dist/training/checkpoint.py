@@ -186,8 +186,8 @@ class Checkpointer:
         atomic_torch_save(path, {"format": RANK_STATE_FORMAT, "version": __version__, "rank": rank, **state})
         return path
 
-    def load_rank_state(self, partial: dict, rank: int) -> dict:
-        return load_checkpoint(self.rank_state_path(partial["increment"], partial["step"], rank), (RANK_STATE_FORMAT,))
+    def load_rank_state(self, index: int, step: int, rank: int) -> dict:
+        return load_checkpoint(self.rank_state_path(index, step, rank), (RANK_STATE_FORMAT,))
 
     def remove_rank_files(self, keep: Optional[Tuple[int, int]] = None) -> None:
         """Per-rank files (ZeRO shards, rank states) of older partials (all of them when `keep` is None); main
@@ -200,9 +200,8 @@ class Checkpointer:
                 if keep_prefix is None or not p.name.startswith(keep_prefix):
                     p.unlink(missing_ok=True)
 
-    def load_zero_shard(self, partial: dict, rank: int) -> dict:
-        return load_checkpoint(self.zero_shard_path(partial["increment"], partial["step"], rank),
-                               (ZERO_SHARD_FORMAT,))
+    def load_zero_shard(self, index: int, step: int, rank: int) -> dict:
+        return load_checkpoint(self.zero_shard_path(index, step, rank), (ZERO_SHARD_FORMAT,))
 
     def _check_rank_files(self, partial: dict) -> None:
         files = [(self.zero_shard_path, "ZeRO optimizer shard", partial.get("zero_world", 0)),

@@ -42,7 +42,7 @@ from .prepare import PreparedData, prepare_data
 from .runtime import Runtime, rng_state, seed_everything, set_rng_state
 from .selection import Selection, selected_prefixes
 from .signals import RunStopped, SignalStop
-from .state import Progress, RunParts, RunState
+from .state import Partial, Progress, RunParts, RunState
 from .trial import TrialPruned, TrialReporter
 
 log = logging.getLogger("mclfir")
@@ -150,7 +150,7 @@ class Trainer:
         self.model.configure(plan.train_heads, plan.frozen_heads, plan.train_encoder)
 
     def open_increment(self, plan: IncrementPlan, ctx: IncrementContext,
-                       partial: Optional[dict] = None) -> IncrementSession:
+                       partial: Optional[Partial] = None) -> IncrementSession:
         """Model, optimizer and schedule of an increment, prepared by Accelerate (state from `partial` if given)."""
         cfg, rt = self.cfg, self.runtime
         self._prepare_model(plan, ctx, resuming=partial is not None)
@@ -164,8 +164,8 @@ class Trainer:
         if partial is None:
             return IncrementSession(plan, ctx, model, optimizer, scheduler)
         self.state.load_zero_partition(partial, optimizer)
-        return IncrementSession(plan, ctx, model, optimizer, scheduler, partial["step"],
-                                partial["elapsed_train_seconds"], partial.get("selection"))
+        return IncrementSession(plan, ctx, model, optimizer, scheduler, partial.step, partial.elapsed_train_seconds,
+                                partial.selection)
 
     def train_loader(self, plan: IncrementPlan, start_batch: int = 0):
         """The increment's doublet batches from `start_batch` on (a resume replays the stream up to it)."""
@@ -176,7 +176,7 @@ class Trainer:
 
     def _train_increment(self, plan: IncrementPlan, ctx: IncrementContext) -> CostRecord:
         rt, partial = self.runtime, self.progress.partial
-        if partial is not None and partial["increment"] != plan.index:
+        if partial is not None and partial.increment != plan.index:
             partial = None
         self.progress.partial = None
         session = self.open_increment(plan, ctx, partial)

@@ -35,12 +35,31 @@ class RunParts:
     requested: Optional[RunConfig] = None   # the user's config before batch scaling (what a resume compares)
 
 
+@dataclass(frozen=True)
+class Partial:
+    """A run stopped inside an increment (partial.pt, typed): where, and what continues it exactly."""
+    increment: int
+    step: int
+    elapsed_train_seconds: float
+    scheduler: dict
+    optimizer: Optional[dict] = None   # None under ZeRO: each rank's partition is a file of its own
+    selection: Optional[dict] = None   # eval.every_steps' curve and best state so far
+    zero_world: int = 0                # DeepSpeed ranks that wrote optimizer partitions (0: none)
+    rank_world: int = 0                # processes that wrote their own method state and RNG (0: one process)
+
+    @classmethod
+    def of(cls, state: dict) -> "Partial":
+        return cls(state["increment"], state["step"], state["elapsed_train_seconds"], state["scheduler"],
+                   state.get("optimizer"), state.get("selection"), state.get("zero_world", 0),
+                   state.get("rank_world", 0))
+
+
 @dataclass
 class Progress:
     """Where a resumed run continues."""
     next_increment: int
     global_step: int
-    partial: Optional[dict] = None   # the mid-increment state, if the run stopped inside an increment
+    partial: Optional[Partial] = None   # set when the run stopped inside an increment
     extended_at: Optional[int] = None   # the first increment the config adds to the run's (an extension)
 
 
@@ -140,7 +159,8 @@ class RunState:
         where = f"step {state['step']} of increment {state['increment']}" if point.partial else \
             f"increment {point.next_increment}"
         log.info("resumed from %s: continuing at %s", point.path, where)
-        return Progress(point.next_increment, state["global_step"], state if point.partial else None, first_new)
+        return Progress(point.next_increment, state["global_step"], Partial.of(state) if point.partial else None,
+                        first_new)
 
     def _rank_state(self, partial: dict, other_world_ok: bool) -> Optional[dict]:
         """This rank's own method state and RNG from a partial of several processes; None where the partial
@@ -158,25 +178,26 @@ class RunState:
                         "method state and RNG (not bit-exact)", self.files.partial_path, saved, rt.world)
         if not saved or saved != rt.world:
             return None
-        return self.files.load_rank_state(partial, rt.rank)
+        return self.files.load_rank_state(partial["increment"], partial["step"], rt.rank)
 
     @staticmethod
-    def load_into_optimizer(partial: dict, optimizer, scheduler) -> None:
+    def load_into_optimizer(partial: Partial, optimizer, scheduler) -> None:
         """Before Accelerate's prepare(): the optimizer (without ZeRO) and the schedule."""
-        if partial["optimizer"] is not None:
-            optimizer.load_state_dict(partial["optimizer"])
-        scheduler.load_state_dict(partial["scheduler"])
+        if partial.optimizer is not None:
+            optimizer.load_state_dict(partial.optimizer)
+        scheduler.load_state_dict(partial.scheduler)
 
-    def load_zero_partition(self, partial: dict, optimizer) -> None:
+    def load_zero_partition(self, partial: Partial, optimizer) -> None:
         """After prepare() has partitioned the optimizer: under ZeRO each rank restores its own partition."""
-        if not partial.get("zero_world"):
+        if not partial.zero_world:
             return
         rt = self.runtime
-        if partial["zero_world"] != rt.world:
-            raise CheckpointError(f"{self.files.partial_path}: saved by {partial['zero_world']} DeepSpeed "
+        if partial.zero_world != rt.world:
+            raise CheckpointError(f"{self.files.partial_path}: saved by {partial.zero_world} DeepSpeed "
                                   f"ranks, resumed with {rt.world}; resume with the same number of processes "
                                   f"(or from the last increment checkpoint: delete partial.pt)")
         zero = optimizer.optimizer   # Accelerate's wrapper around DeepSpeed's ZeRO optimizer
         ranks = range(rt.world) if getattr(zero, "elastic_checkpoint", False) else [rt.rank]
-        load_zero_optimizer_state(zero, {r: self.files.load_zero_shard(partial, r) for r in ranks},
+        load_zero_optimizer_state(zero, {r: self.files.load_zero_shard(partial.increment, partial.step, r)
+                                         for r in ranks},
                                   rt.rank, rt.world)
