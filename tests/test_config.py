@@ -172,3 +172,28 @@ def test_the_public_load_config_checks_the_registries():
     assert not hasattr(schema, "load_config")
     with pytest.raises(ConfigError, match="nosuch"):
         load_config(ROOT / "configs/debug_cpu.yaml", ["train.method=nosuch"])
+
+
+def _bad_values(meta: dict) -> list:
+    """Values just outside what a field's own constraint allows."""
+    from mclfir_dist.config import NON_NEGATIVE, POSITIVE, UNIT_INTERVAL
+    bad = {POSITIVE: [0, -1], NON_NEGATIVE: [-1], UNIT_INTERVAL: [-0.5, 1.5]}.get(meta.get("check"), [])
+    if "most" in meta:
+        bad.append(meta["most"] + 1)
+    if "choices" in meta:
+        bad.append("not_a_choice")
+    return bad
+
+
+def test_every_constraint_sits_on_its_field_and_refuses_values_outside_it():
+    """The constraints are field metadata (config.constrained); each one refuses, naming its key, and says so in
+    --help-config."""
+    from mclfir_dist.config import RunConfig, constrained
+    fields = constrained(RunConfig)
+    assert len(fields) >= 55 and {"data.image_size", "teacher.decay", "eval.split"} <= set(fields)
+    helps = {line.split(" ")[0]: line for line in describe()}
+    for key, meta in fields.items():
+        for value in _bad_values(meta):
+            with pytest.raises(ConfigError, match=f"config key '{key}'"):
+                load_config("configs/debug_cpu.yaml", [f"{key}={value}"])
+        assert ("Values:" in helps[key]) == bool({"check", "most"} & set(meta)), helps[key]
