@@ -17,6 +17,7 @@ from . import __version__
 from .config import ShardBuildConfig, describe, peek_plugins
 from .errors import USER_ERRORS, ConfigError
 from .plugins import import_plugins, require_saved, trust_saved_plugins
+from .runfolder.layout import RunFolder
 
 # ---------------------------------------------------------------- shards
 
@@ -171,13 +172,6 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.steps_per_increment=50")
 
 
-RUN_FILES = ("checkpoints", "results.json", "summary.md", "tensorboard", "grids", "config.yaml")   # not .lock
-
-
-def holds_run(run_dir: Path) -> bool:
-    return any((run_dir / name).exists() for name in ("checkpoints", "results.json"))
-
-
 def resolve_run_dir(args) -> tuple:
     """(run directory, resume?, replace?) from --out / --resume / --overwrite; refuses to mix two runs in one
     folder. Nothing is deleted here: `replace_run` does that once the config is known to be valid."""
@@ -194,18 +188,17 @@ def resolve_run_dir(args) -> tuple:
         from .training.checkpoint import Checkpointer  # torch: imported only when it is needed
         has_state = bool(Checkpointer(run_dir).increments()) or Checkpointer(run_dir).partial_path.is_file()
         return run_dir, has_state, False
-    if holds_run(run_dir) and not args.overwrite:
+    if RunFolder(run_dir).is_run() and not args.overwrite:
         raise ConfigError(f"{run_dir} already holds a run (checkpoints or results.json): pass --resume {run_dir} "
                           f"to continue it, --overwrite to replace it, or another --out")
-    return run_dir, False, holds_run(run_dir)
+    return run_dir, False, RunFolder(run_dir).is_run()
 
 
 def replace_run(run_dir: Path) -> None:
     """--overwrite: the old run's files go (only those a run writes; anything else in the folder stays)."""
     if int(os.environ.get("RANK", "0")) != 0:   # under a launcher every rank parses the same flags
         return
-    for name in RUN_FILES:
-        target = run_dir / name
+    for target in RunFolder(run_dir).existing():
         if target.is_dir():
             shutil.rmtree(target, ignore_errors=True)
         else:
@@ -223,7 +216,7 @@ def cmd_train(args) -> int:
         trust_saved_plugins()
     config = args.config
     if resume and not config:   # the run's own file: its plug-ins are the run's, not the user's
-        config = str(run_dir / "config.yaml")
+        config = str(RunFolder(run_dir).config)
         require_saved(peek_plugins(config, []), config)
     if not config:
         raise ConfigError("give --config FILE")

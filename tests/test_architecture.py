@@ -149,6 +149,7 @@ def test_importing_the_search_api_and_the_service_loads_no_training_stack():
 # Folders (and top-level modules) by layer, bottom up: a module imports its own layer or lower, never higher.
 LAYERS = [
     {"errors", "version", "utils"},
+    {"runfolder"},                    # a run's layout and results.json: what training writes and the rest read
     {"config", "registry", "plugins"},
     {"model", "data"},
     {"methods"},                      # with their losses, optimizer and schedules
@@ -186,3 +187,19 @@ def test_folders_import_one_way_from_the_bottom_up():
         folders.setdefault(f, set())
     cycle = find_cycle(folders)
     assert not cycle, "folders import each other: " + " -> ".join(cycle)
+
+
+def test_only_the_runfolder_package_spells_a_run_folders_file_names():
+    """Training writes and evaluation, retrieval, the CLI and the studies read a run through
+    mclfir_dist/runfolder (RunFolder): no other module spells results.json, config.yaml, checkpoints..."""
+    import ast
+    from mclfir_dist.runfolder import layout
+    names = {layout.RESULTS, layout.CONFIG, layout.SUMMARY, layout.CHECKPOINTS, layout.GRIDS, layout.LOCK}
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.parent.name == "runfolder":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in names:
+                found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.value!r}")
+    assert not found, "run-folder names spelled outside mclfir_dist/runfolder: " + "; ".join(found)

@@ -31,6 +31,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 from ..retrieval.index import INDEX_FORMAT, build_index
+from ..runfolder.layout import RunFolder
 from ..utils.io import atomic_write_json, atomic_write_text
 
 
@@ -225,7 +226,7 @@ def main() -> None:
     ap.add_argument("--out", default="", help="write bench.json and bench.md here")
     args = ap.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
-    if not Path(args.run, "results.json").is_file() and not Path(args.run, "checkpoints").is_dir():
+    if not RunFolder(args.run).is_run():
         raise SystemExit(f"{args.run}: no trained run here (make demo, or --run RUN)")
     info = model_info(args.run)
     rows = []

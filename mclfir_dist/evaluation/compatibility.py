@@ -15,6 +15,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
+from ..runfolder.layout import RunFolder
 from ..utils.io import atomic_torch_save
 from .metrics import SplitEmbeddings, mean_average_precision
 
@@ -29,7 +30,7 @@ def snapshot(groups: Sequence[Tuple[object, SplitEmbeddings]]) -> Dict[str, dict
 
 
 def snapshot_path(run_dir: str | Path, index: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"eval_embeddings_{index:02d}.pt"
+    return RunFolder(run_dir).eval_embeddings(index)
 
 
 def save_snapshot(run_dir: str | Path, index: int, snap: Dict[str, dict]) -> None:

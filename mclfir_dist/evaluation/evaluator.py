@@ -15,6 +15,7 @@ from ..config import RunConfig
 from ..data import build_eval_loader
 from ..data.manifest import Manifest
 from ..model.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from ..runfolder.layout import RunFolder
 from .metrics import (SplitEmbeddings, embed_split, evaluate_heads, pooled_feature_map, query_candidate_rows,
                       random_embedding_map)
 from .record import retrieval_grid
@@ -106,7 +107,7 @@ class Evaluator:
                                   query_values=[value(int(v)) for v in embeddings.labels[queries, column]],
                                   cand_values=[[value(int(v)) for v in row] for row in embeddings.labels[top, column]])
             sink.image(f"retrieval/{attribute}", grid, index)
-            out = self.run_dir / "grids" / f"increment_{index:02d}_{attribute}.png"
+            out = RunFolder(self.run_dir).grids / f"increment_{index:02d}_{attribute}.png"
             out.parent.mkdir(parents=True, exist_ok=True)
             write_png(grid, str(out))
 

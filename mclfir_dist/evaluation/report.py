@@ -1,7 +1,6 @@
 """`mclfir report RUN_DIR...`: per-run tables and cross-run comparison, markdown + PNG plots."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -9,14 +8,12 @@ import numpy as np
 
 from ..methods import METHODS
 from ..utils.io import atomic_write_text
-from .record import RESULTS_NAME, fmt, markdown_table, mean_excess_leakage, summary_text
+from ..runfolder.layout import RunFolder
+from .record import fmt, markdown_table, mean_excess_leakage, summary_text
 
 
 def load_results(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / RESULTS_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no {RESULTS_NAME} in {run_dir}")
-    return json.loads(path.read_text())
+    return RunFolder(run_dir).read_results()
 
 
 def has_estimates(res: dict) -> bool:

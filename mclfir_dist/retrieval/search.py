@@ -2,7 +2,6 @@
 attribute's head, printed as rank, key, score and value, and optionally drawn as a contact sheet."""
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import warnings
@@ -11,6 +10,7 @@ from typing import Dict, List, Optional
 
 from ..config import ConfigError
 from ..errors import OtherModelWarning
+from ..runfolder.layout import RunFolder
 from .api import Retriever
 from .images import CatalogueImages, check_image_file
 from .index import CatalogueIndex
@@ -20,8 +20,8 @@ SHEET_MAX = 50   # tiles on one contact sheet: past that it is no longer an imag
 
 
 def compatibility_note(run: str, attribute: str) -> str:
-    path = Path(run) / "results.json"
-    rows = json.loads(path.read_text()).get("compatibility", []) if path.is_file() else []
+    path = RunFolder(run).results
+    rows = RunFolder(run).read_results().get("compatibility", []) if path.is_file() else []
     found = [(e["increment"], e["attributes"][attribute]) for e in rows if attribute in e["attributes"]]
     if not found:
         return f"no compatibility figure for '{attribute}' in {path}"

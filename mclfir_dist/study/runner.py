@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..runfolder.layout import RunFolder
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -43,7 +45,7 @@ def same_settings(config: Path, overrides, res: dict) -> bool:
 def run_train(config: Path, out: Path, overrides, log: Path, prog: str = "study") -> dict:
     """One `mclfir train`, skipped when its results.json is already complete with the same settings; the
     results with `wall_seconds`, the run's own clock from start to exit."""
-    results, wall = out / "results.json", out / "wall_seconds.json"
+    results, wall = RunFolder(out).results, out / "wall_seconds.json"   # the second is the study's own
     if results.is_file() and json.loads(results.read_text()).get("complete"):
         res = json.loads(results.read_text())
         if same_settings(config, overrides, res):

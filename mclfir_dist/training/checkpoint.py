@@ -30,12 +30,12 @@ from ..version import __version__
 from ..configure import config_from_dict
 from ..errors import CheckpointError, ConfigError, PluginError, UnsafeCheckpointError
 from ..model.mclfir import build_model
+from ..runfolder.layout import RunFolder
 from ..utils.io import atomic_torch_save
 from ..utils.names import check_attribute
 
 log = logging.getLogger("mclfir")
 
-CKPT_DIR = "checkpoints"
 PARTIAL_NAME = "partial.pt"
 INCREMENT_FORMAT = "mclfir-ckpt/2"
 PARTIAL_FORMAT = "mclfir-partial/2"
@@ -142,7 +142,7 @@ class ResumePoint:
 class Checkpointer:
     def __init__(self, run_dir: str | Path, is_main: bool = True):
         self.run_dir = Path(run_dir)
-        self.dir = self.run_dir / CKPT_DIR
+        self.dir = RunFolder(self.run_dir).checkpoints
         self.is_main = is_main
 
     def increment_path(self, index: int) -> Path:
@@ -301,7 +301,7 @@ def load_run_model(run_dir: str | Path, checkpoint: Optional[str | Path] = None)
         found = files.latest_increment()
         if found is None:
             why = f": every one is damaged; the newest: {files.problems[0]}" if files.problems else ""
-            raise CheckpointError(f"no usable checkpoint under {Path(run_dir) / CKPT_DIR}{why}")
+            raise CheckpointError(f"no usable checkpoint under {RunFolder(run_dir).checkpoints}{why}")
         path, state = found
     cfg = config_from_dict(state["config"], str(path))
     cfg.model.pretrained, cfg.model.weights = False, ""   # weights come from the checkpoint

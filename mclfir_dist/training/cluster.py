@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List
 
 from ..errors import ConfigError
+from ..runfolder.layout import RunFolder
 from ..utils.distributed import gather_objects
 
 SHARED_FS = ("every node must see it at the same path: put it on a shared filesystem"
@@ -54,7 +55,7 @@ def my_view() -> Dict[str, Any]:
 
 def _lock_token(run_dir: Path) -> str:
     try:
-        return (run_dir / ".lock").read_text(errors="replace").strip() or "an empty lock file"
+        return RunFolder(run_dir).lock.read_text(errors="replace").strip() or "an empty lock file"
     except OSError:
         return "no lock file"
 

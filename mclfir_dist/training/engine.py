@@ -27,7 +27,9 @@ from ..data.streams import epoch_seed
 from ..evaluation.compatibility import compatibility, load_snapshot, save_snapshot, snapshot
 from ..evaluation.evaluator import Evaluator
 from ..evaluation.metrics import continual_metrics, dataset_maps
-from ..evaluation.record import CostRecord, RunRecord, summary_text, verdict
+from ..evaluation.record import summary_text, verdict
+from ..runfolder.layout import RunFolder
+from ..runfolder.record import CostRecord, RunRecord
 from ..methods import IncrementContext, IncrementPlan, StepOutput, build_method
 from ..model.mclfir import MCLFIRModel, build_model
 from ..utils.io import atomic_write_text, ensure_writable_dir
@@ -105,7 +107,7 @@ class Trainer:
         self.state.start_writing()
         if runtime.is_main:
             header = f"# effective config; {describe_scaling(batch_scaling)}\n" if batch_scaling else ""
-            atomic_write_text(self.run_dir / "config.yaml", header + to_yaml(cfg))
+            atomic_write_text(RunFolder(self.run_dir).config, header + to_yaml(cfg))
 
     @classmethod
     def create(cls, cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> "Trainer":
@@ -334,7 +336,7 @@ class Trainer:
                                                    f"increment {plan.index}")
         if rt.is_main:
             text = summary_text(self.record.data)
-            atomic_write_text(self.run_dir / "summary.md", text + "\n")
+            atomic_write_text(RunFolder(self.run_dir).summary, text + "\n")
             print("\n" + text + "\n", flush=True)
             self.metrics.text("summary", text, last + 1)
         rt.barrier()

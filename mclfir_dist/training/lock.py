@@ -15,9 +15,9 @@ import socket
 from pathlib import Path
 
 from ..errors import OutputError, RunLockedError
+from ..runfolder.layout import RunFolder
 from ..utils.io import ensure_writable_dir
 
-LOCK_NAME = ".lock"
 _HELD: "set[RunLock]" = set()   # held until released, even by a caller that dropped the object
 
 
@@ -40,7 +40,7 @@ os.register_at_fork(after_in_child=_drop_in_child)
 class RunLock:
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK_NAME
+        self.path = RunFolder(self.run_dir).lock
         self.fd = -1
 
     def acquire(self) -> "RunLock":

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import ConfigError, RunConfig
+from ..runfolder.layout import TENSORBOARD
 from ..utils.cpu import bf16_units
 from ..utils.distributed import backend as process_group_backend
 from .cluster import check_launcher, init_restarted_group, my_view
@@ -93,7 +94,7 @@ def build_trackers(cfg: RunConfig, run_dir) -> list:
         available = getattr(imports, f"is_{name}_available", None)
         if available is not None and not available():
             raise ConfigError(f"config key 'train.trackers': {name} is not installed (pip install {name})")
-        trackers.append(TensorBoardTracker("tensorboard", str(run_dir)) if name == "tensorboard" else name)
+        trackers.append(TensorBoardTracker(TENSORBOARD, str(run_dir)) if name == "tensorboard" else name)
     return trackers
 
 

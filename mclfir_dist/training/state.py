@@ -16,7 +16,7 @@ from typing import Optional
 
 from ..config import RunConfig, to_dict
 from ..errors import CheckpointError, ConfigError
-from ..evaluation.record import RunRecord
+from ..runfolder.record import RunRecord
 from .checkpoint import Checkpointer, ResumePoint, load_zero_optimizer_state, restore_model, zero_optimizer_state
 from .resume_rules import check_resume, config_hash
 from .runtime import Runtime, rng_state, set_rng_state

@@ -18,10 +18,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from ..errors import ConfigError
-from ..training.trial import PRUNE_METRIC, STORAGE_ENV, pruner_of
+from ..runfolder.layout import RunFolder
+from ..training.trial import STORAGE_ENV, pruner_of
 from . import space as spaces
 
 log = logging.getLogger(__name__)
@@ -233,7 +234,7 @@ def tell_outcome(job: TuneJob, study, trial, out: Path, rc: int) -> None:
             raise ConfigError(f"trial {trial.number}: {last}")
         log.warning("trial %d failed (exit %d): %s", trial.number, rc, last)
         return
-    res = json.loads((out / "results.json").read_text())
+    res = RunFolder(out).read_results()
     if (res.get("tune") or {}).get("pruned"):
         study.tell(trial, state=TrialState.PRUNED)
         log.info("trial %d: pruned at step %s", trial.number, res["tune"]["pruned_at_step"])
