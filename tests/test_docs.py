@@ -116,3 +116,27 @@ def test_the_reference_pages_are_what_the_code_generates():
     assert "`optim.lr`" in config and "`data.loader`" in config
     cli = (ROOT / "docs/reference/cli.md").read_text()
     assert "## `mclfir serve`" in cli and "--skip-bad-queries" in cli
+
+
+def test_the_code_map_names_every_module_under_its_folder():
+    """docs/layout.md's map: every folder of the package, and every module under its folder's entry."""
+    text = (ROOT / "docs/layout.md").read_text()
+    block = text[text.index("mclfir_dist/\n"):text.index("\nlaunch/")]
+    folders = {}   # folder -> the map's lines from its entry to the next folder's
+    current = ""
+    for line in block.splitlines()[1:]:
+        name = line[2:].split(" ")[0] if line.startswith("  ") and not line.startswith("   ") else ""
+        if name.endswith("/"):
+            current = name[:-1]
+        elif name:
+            current = ""
+        folders.setdefault(current, []).append(line)
+    missing = []
+    for path in sorted((ROOT / "mclfir_dist").rglob("*.py")):
+        rel = path.relative_to(ROOT / "mclfir_dist")
+        if path.name == "__init__.py" and len(rel.parts) > 1:
+            continue
+        folder = rel.parts[0] if len(rel.parts) > 1 else ""
+        if path.name not in "\n".join(folders.get(folder, [])) and path.name != "__init__.py":
+            missing.append(str(rel))
+    assert not missing, f"docs/layout.md's map does not name: {', '.join(missing)}"
