@@ -216,3 +216,22 @@ def test_a_query_path_that_is_not_a_regular_file_is_named_for_what_it_is(tmp_pat
         check_image_file(tmp_path / "gone.jpg", "--image")
     (tmp_path / "a.jpg").write_bytes(b"x")
     assert check_image_file(tmp_path / "a.jpg", "--image") == tmp_path / "a.jpg"
+
+
+def test_loading_a_runs_model_to_search_imports_no_training_stack(run, catalogue):
+    """Retriever.from_run and an image search read the run as data (model/saved.py): no method, no training
+    module, no webdataset, DALI, DeepSpeed or Accelerate is imported (the trunks are: they build the model)."""
+    import os
+    import subprocess
+    import sys
+    index, image, _ = catalogue
+    probe = (f"import sys\nfrom mclfir_dist.retrieval.api import Retriever\n"
+             f"r = Retriever.from_run({str(run)!r}, index={str(index)!r})\n"
+             f"hits = r.search({str(image)!r}, 'colour', k=3)\n"
+             "heavy = ('mclfir_dist.methods', 'mclfir_dist.training', 'mclfir_dist.configure', 'webdataset', "
+             "'nvidia.dali', 'deepspeed', 'accelerate')\n"
+             "print(len(hits), sorted({m for m in sys.modules if m.startswith(heavy)}))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "3 []", done.stdout

@@ -131,8 +131,8 @@ def test_no_method_name_is_compared_outside_methods():
 
 def test_importing_the_search_api_and_the_service_loads_no_training_stack():
     """`import mclfir_dist.retrieval.api` used to load 40 package modules (every method, webdataset) in 2.6 s;
-    key and vector searches need numpy and FAISS only. (Loading a run's model still reads its config through
-    the registries: that part is not yet free of the training package.)"""
+    key and vector searches need numpy and FAISS only. (Loading a run's model imports no training either:
+    tests/test_api.py.)"""
     import subprocess
     import sys
     probe = ("import sys, mclfir_dist.retrieval.api, mclfir_dist.retrieval.search, mclfir_dist.retrieval.batch, "

@@ -171,3 +171,4 @@ def test_an_export_config_is_checked_before_anything_is_built(run, tmp_path, key
     (exp / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=re.escape(message)):
         load_exported(exp)
+

@@ -186,8 +186,8 @@ def bench_size(args, n: int, work: Path, model_info: dict) -> dict:
 
 
 def model_info(run: str) -> dict:
-    from ..retrieval.embed import model_identity
-    from ..training.checkpoint import load_run_model
+    from ..model.saved import model_identity
+    from ..model.saved import load_run_model
     model, cfg, _ = load_run_model(run)
     return {"attributes": list(model.attributes), "dim": cfg.model.embed_dim, "image_size": cfg.data.image_size,
             "hashes": {a: model_identity(model, a) for a in model.attributes}}

@@ -63,8 +63,7 @@ class Retriever:
         """The run's newest good checkpoint; `index` is an `mclfir index` folder (optional)."""
         import torch
         from ..model.preprocess import eval_transform
-        from ..training.checkpoint import load_run_model
-        from .embed import model_identity
+        from ..model.saved import load_run_model, model_identity
         model, cfg, _ = load_run_model(run)
         model.to(device)
         transform = eval_transform(cfg.data.image_size, int(round(cfg.data.image_size * cfg.data.resize_ratio)))

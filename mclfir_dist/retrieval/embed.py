@@ -11,7 +11,6 @@ Output folder:
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 import re
 import time
@@ -28,7 +27,7 @@ from ..data.streams import decode_labels, iter_shard
 from ..data.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_any
 from ..errors import BadInputError, ConfigError
 from ..model.preprocess import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from ..training.checkpoint import load_run_model
+from ..model.saved import load_run_model, model_identity
 from .embeddings import IMAGE_SUFFIXES, load_embeddings, read_keys, write_embeddings   # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -148,17 +147,6 @@ def _collate(items: List[dict]) -> dict:
     good = [x for x in items if "image" in x]
     return {"images": torch.stack([x["image"] for x in good]) if good else None, "good": good,
             "bad": [x for x in items if "error" in x]}
-
-
-def model_identity(model, attribute: str) -> str:
-    """A hash of the weights that make `attribute`'s embeddings (trunk and that head): two embeddings are
-    comparable only when it matches."""
-    h = hashlib.sha256()
-    for part in (model.trunk, model.heads[attribute]):
-        for name, tensor in sorted(part.state_dict().items()):
-            h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def embed_catalogue(run: str, out: str, images: Optional[str] = None, csv_path: Optional[str] = None,

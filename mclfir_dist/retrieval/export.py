@@ -13,7 +13,7 @@ import torch
 from ..version import __version__
 from ..model.backbones import export_state
 from ..model.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from ..training.checkpoint import load_run_model
+from ..model.saved import load_run_model
 from ..utils.io import atomic_write, atomic_write_text
 from .portable import EXPORT_FORMAT, load_exported
 
