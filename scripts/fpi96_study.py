@@ -20,6 +20,9 @@ tune  Every method (METHODS) gets its own `mclfir tune` study with the same samp
       increments (every method alike). Trials go round the methods, so a stop leaves equal counts. The
       record: OUT/tuning.json, OUT/TUNING.md and OUT/tune/METHOD/REPORT.md with Optuna's plots.
 
+pruning  Every trial the tune phase pruned, run again to its end as a plain run with the same settings: the
+      seconds pruning saved and whether a pruned trial would have beaten the chosen one (OUT/PRUNING.md).
+
 Runs whose results.json is complete with the same settings are kept, so the script can be stopped (Ctrl-C)
 and started again. Misuse (a wrong config key, a missing CSV) is one line and exit 2.
 """
@@ -196,18 +199,37 @@ def tune_overrides(config: Path, extra) -> list:
     return [f"train.increments=[{listed}]", *seed_overrides(0)]
 
 
-def tune(args) -> dict:
-    """Every method's own `mclfir tune` study (study.tuning: the config's point first, TPE, median pruning) on the
-    first TUNE_INCREMENTS increments, round the methods until each has args.trials finished."""
+def tune_methods(args) -> list:
+    """Each method's tuning task: its own settings on the first TUNE_INCREMENTS increments, validation, seed 0
+    (static: its one retraining, validated every 100 steps so the pruner has a curve)."""
     base = tune_overrides(args.config, args.set)
-    methods = [tuning.MethodTune(m, dict(KNOBS[m]), [*METHODS[m], *base, *(
-        ["train.static_final_only=true", "eval.every_steps=100"] if m.startswith("static") else []), *args.set])
-        for m in args.methods]
+    static = ["train.static_final_only=true", "eval.every_steps=100"]
+    return [tuning.MethodTune(m, dict(KNOBS[m]), [*METHODS[m], *base, *(static if m.startswith("static") else []),
+                                                  *args.set]) for m in args.methods]
+
+
+def tune(args) -> dict:
+    """Every method's own `mclfir tune` study (study/tuning.py: the config's point first, TPE, median pruning),
+    round the methods until each has args.trials finished."""
     tdir = args.runs / "tune_optuna"
     task = (f"the first {TUNE_INCREMENTS} increments (static: one retraining over them, validated every 100 steps "
             "for the pruner)")
-    return tuning.run(args.config, methods, args.trials, tdir, PROG, "fpi96",
+    return tuning.run(args.config, tune_methods(args), args.trials, tdir, PROG, "fpi96",
                       lambda rec: tuning.write(args.out, rec, tdir, "fpi96", task))
+
+
+def pruning_phase(args, chosen: dict) -> None:
+    """Every pruned tune trial run to its end (RUNS/pruning): what pruning saved, and whether it changed a
+    choice (OUT/PRUNING.md)."""
+    import json
+    record = json.loads((args.out / "tuning.json").read_text())
+    summary = tuning.run_out_pruned(args.config, tune_methods(args), record, args.runs / "pruning", PROG)
+    note = ("Each pruned trial of the tune phase run again to its end, with the same settings, as a plain run; "
+            "seconds are each run's wall time on this machine (tune trials and these runs may have shared the "
+            "cores with other work: compare the totals, not single runs). The choice compares the chosen trial's "
+            "validation mAP with each pruned trial's final one; TPE's later picks would have seen those finals "
+            "too, which no rerun can replay.")
+    print(tuning.write_pruning(args.out, summary, note))
 
 
 # ---------------------------------------------------------------- seeds, budget, orders, noise (test split)
@@ -501,7 +523,8 @@ def report_phase(args) -> str:
     return text
 
 
-PHASES = {"seeds": seeds_phase, "budget": budget_phase, "orders": orders_phase, "noise": noise_phase}
+PHASES = {"pruning": pruning_phase, "seeds": seeds_phase, "budget": budget_phase, "orders": orders_phase,
+          "noise": noise_phase}
 
 
 # ---------------------------------------------------------------- command line

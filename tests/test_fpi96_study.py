@@ -103,6 +103,36 @@ def test_tune_runs_every_method_through_mclfir_tune_round_robin_from_the_configs
     assert "| finetune | 2 |" in text and "| static_frozen | 2 |" in text
 
 
+def test_the_pruning_phase_runs_out_each_pruned_trial_and_says_what_it_saved(tmp_path, monkeypatch):
+    import json
+    asked = []
+
+    def fake_run(config, out, overrides, log, prog):
+        asked.append((out.name, list(overrides)))
+        return {"final": {"average_map": 0.61 if out.name == "lwf_t02" else 0.50}, "wall_seconds": 300.0}
+
+    monkeypatch.setattr(study.runner, "run_train", fake_run)
+    trial = lambda n, state, value, seconds: {"number": n, "params": {"optim.lr": 0.001 * (n + 1)}, "state": state,
+                                              "value": value, "seconds": seconds, "last_step": 100}
+    record = {"methods": {"lwf": {"chosen_val_map": 0.60, "trials": [trial(0, "COMPLETE", 0.60, 300.0),
+                                                                    trial(1, "COMPLETE", 0.55, 300.0),
+                                                                    trial(2, "PRUNED", 0.40, 100.0)]},
+                          "finetune": {"chosen_val_map": 0.58, "trials": [trial(0, "COMPLETE", 0.58, 200.0),
+                                                                         trial(1, "PRUNED", 0.30, 50.0)]}}}
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "tuning.json").write_text(json.dumps(record))
+    args = study.parse_args(["--phase", "pruning", "--methods", "lwf", "finetune", "--runs", str(tmp_path / "r"),
+                             "--out", str(out)])
+    study.pruning_phase(args, {})
+    assert [name for name, _ in asked] == ["lwf_t02", "finetune_t01"]
+    assert "optim.lr=0.003" in asked[0][1] and "train.method=lwf" in asked[0][1]
+    text = (out / "PRUNING.md").read_text()
+    assert "| lwf | 3 | 1 | 700 | 900 | 22% | yes: trial 2 61.00 (chosen 60.00) |" in text
+    assert "| finetune | 2 | 1 | 250 | 500 | 50% | no (chosen 58.00) |" in text
+    assert "950 s with pruning against 1400 s" in text and "a choice changes for 1 of 2 methods" in text
+
+
 def _full(avg, forgetting=0.01, seconds=(10.0,) * 6, estimated=False):
     cost = [{"train_seconds": s, "estimated": estimated and i < len(seconds) - 1} for i, s in enumerate(seconds)]
     return {"complete": True, "final": {"average_map": avg}, "metrics": [{"average_forgetting": forgetting}],

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List
 
-from ..utils.io import atomic_write_text
+from ..utils.io import atomic_write_json, atomic_write_text
 from . import runner
 
 SAMPLER = ["--sampler", "tpe", "--seed", "0", "--startup-trials", "3", "--start-at-config", "--pruner", "median"]
@@ -101,3 +101,54 @@ def write(out: Path, rec: dict, tdir: Path, prefix: str, task: str) -> None:
         report.write_report(study, study.user_attrs["settings"], out / "tune" / method,
                             f"{storage_of(tdir)} (study {prefix}_{method})")
     atomic_write_text(out / "TUNING.md", "\n".join(lines) + "\n")
+
+
+def run_out_pruned(config: Path, methods: List[MethodTune], rec: dict, rdir: Path, prog: str) -> dict:
+    """Every pruned trial run to its end as a plain run with the same settings (under RDIR, kept when done):
+    per method, the seconds the study took with pruning, what it would have taken without, and whether a
+    pruned trial would have beaten the chosen one."""
+    out = {}
+    for m in methods:
+        r = rec["methods"].get(m.name)
+        if r is None:
+            continue
+        ran_out = []
+        for t in (t for t in r["trials"] if t["state"] == "PRUNED"):
+            name = f"{m.name}_t{t['number']:02d}"
+            values = [f"{k}={v!r}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items()]
+            res = runner.run_train(config, rdir / name, [*m.overrides, *values], rdir / f"{name}.log", prog=prog)
+            ran_out.append({"number": t["number"], "pruned_seconds": t["seconds"], "full_seconds": res["wall_seconds"],
+                            "value": res["final"]["average_map"], "pruned_at_step": t["last_step"]})
+        complete = sum(t["seconds"] or 0 for t in r["trials"] if t["state"] == "COMPLETE")
+        best = max([r["chosen_val_map"], *(x["value"] for x in ran_out)])
+        out[m.name] = {"trials": len(r["trials"]), "pruned": ran_out, "chosen_val_map": r["chosen_val_map"],
+                       "with_pruning_s": complete + sum(x["pruned_seconds"] or 0 for x in ran_out),
+                       "without_pruning_s": complete + sum(x["full_seconds"] or 0 for x in ran_out),
+                       "choice_changes": best > r["chosen_val_map"]}
+    return out
+
+
+def write_pruning(out: Path, summary: dict, note: str) -> str:
+    """PRUNING.md: the measured saving per method and in all, and whether pruning changed a choice."""
+    lines = ["# What pruning saved", "", note, "",
+             "| method | trials | pruned | seconds with pruning | seconds if run to the end | saved | a pruned trial "
+             "beats the chosen one |", "|---|---|---|---|---|---|---|"]
+    for method, s in summary.items():
+        saved = 1 - s["with_pruning_s"] / s["without_pruning_s"] if s["without_pruning_s"] else 0.0
+        beaten = [f"trial {x['number']} {100 * x['value']:.2f}" for x in s["pruned"]
+                  if x["value"] > s["chosen_val_map"]]
+        lines.append(f"| {method} | {s['trials']} | {len(s['pruned'])} | {s['with_pruning_s']:.0f} | "
+                     f"{s['without_pruning_s']:.0f} | {100 * saved:.0f}% | "
+                     f"{'yes: ' + ', '.join(beaten) if beaten else 'no'} (chosen {100 * s['chosen_val_map']:.2f}) |")
+    w, wo = (sum(s[k] for s in summary.values()) for k in ("with_pruning_s", "without_pruning_s"))
+    lines += ["", f"In all: {w:.0f} s with pruning against {wo:.0f} s with every trial run to its end "
+                  f"({100 * (1 - w / wo) if wo else 0:.0f}% saved); a choice changes for "
+                  f"{sum(s['choice_changes'] for s in summary.values())} of {len(summary)} methods.", ""]
+    for method, s in summary.items():
+        for x in s["pruned"]:
+            lines.append(f"- {method} trial {x['number']}: pruned at step {x['pruned_at_step']} after "
+                         f"{x['pruned_seconds']:.0f} s; run to the end: {100 * x['value']:.2f} in {x['full_seconds']:.0f} s")
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(out / "PRUNING.md", text)
+    atomic_write_json(out / "pruning.json", summary)
+    return text
