@@ -1,7 +1,7 @@
 """Start-up cost of the commands people type most, against another checkout side by side (same machine, same
 session, alternating runs so load drifts hit both):
 
-    python scripts/start_time.py --index IDX --key KEY [--baseline /path/to/old/checkout] [--repeats 7]
+    python scripts/start_time.py --index IDX --key KEY [--run RUN --image IMG] [--baseline /old/checkout]
 
 Prints the median and range of wall seconds per command and the ratio baseline / this tree."""
 from __future__ import annotations
@@ -31,11 +31,16 @@ def main() -> int:
     ap.add_argument("--key", required=True)
     ap.add_argument("--attribute", default="colour")
     ap.add_argument("--baseline", type=Path, help="another checkout of mclfir_dist (e.g. a git worktree)")
+    ap.add_argument("--run", help="with --image: also time an image query through the run's model")
+    ap.add_argument("--image")
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
     commands = {"mclfir --help": ["--help"],
                 "mclfir search --key": ["search", "--index", args.index, "--key", args.key, "--attribute",
                                         args.attribute, "--k", "10"]}
+    if args.run and args.image:
+        commands["mclfir search --run --image"] = ["search", "--run", args.run, "--index", args.index, "--image",
+                                                   args.image, "--attribute", args.attribute, "--k", "10"]
     trees = {"this tree": ROOT, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
     print(f"python {sys.version.split()[0]}, {args.repeats} runs each, alternating; seconds (median [min, max])")
     for name, cmd in commands.items():
