@@ -434,11 +434,12 @@ def budget_rows(runs: dict, seeds) -> list:
                 d.p, sign=d.mean)]
 
 
-def claims_table(rows: list) -> list:
-    """The rows with Holm's correction over every tested p (equivalence and differences together)."""
+def verdicts(rows: list) -> list:
+    """(row, Holm-adjusted p or None, verdict word) per row: Holm's correction over every tested p
+    (equivalence and differences together)."""
     tested = [i for i, r in enumerate(rows) if r["p"] is not None]
     adjusted = dict(zip(tested, holm([rows[i]["p"] for i in tested])))
-    lines = ["| claim | test | effect [interval] | p | p (Holm) | verdict |", "|---|---|---|---|---|---|"]
+    out = []
     for i, r in enumerate(rows):
         ph = adjusted.get(i)
         if r["kind"] == "equivalence":
@@ -447,9 +448,33 @@ def claims_table(rows: list) -> list:
             word = "not distinguishable" if ph >= 0.05 else ("above" if r["sign"] > 0 else "below")
         else:
             word = r["verdict"]
+        out.append((r, ph, word))
+    return out
+
+
+def claims_table(rows: list) -> list:
+    lines = ["| claim | test | effect [interval] | p | p (Holm) | verdict |", "|---|---|---|---|---|---|"]
+    for r, ph, word in verdicts(rows):
         lines.append(f"| {r['claim']} | {r['test']} | {r['effect']} | {'-' if r['p'] is None else p_text(r['p'])} "
                      f"| {'-' if ph is None else p_text(ph)} | {word} |")
     return lines
+
+
+README_START, README_END = "<!-- fpi96 results: scripts/fpi96_study.py --phase report writes this -->", \
+    "<!-- /fpi96 results -->"
+
+
+def write_readme_results(readme: Path, rows: list, seeds) -> None:
+    """The repository README's 96 px bullet, regenerated from the claims (between its two markers)."""
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        runner.usage_error(PROG, f"{readme}: no '{README_START}' ... '{README_END}' markers to write between")
+    claims = "; ".join(f"{r['claim']}: **{word}** ({r['effect']})" for r, _, word in verdicts(rows))
+    bullet = (f"- **Real photos at 96 px, where the encoder must adapt** (EfficientNet-Lite0, 6 increments, test "
+              f"split, {len(seeds)} seeds paired, every method tuned alike on validation, Holm-corrected; "
+              f"`docs/results/fpi96/README.md`): {claims}.")
+    head, rest = text.split(README_START, 1)
+    atomic_write_text(readme, head + README_START + "\n" + bullet + "\n" + README_END + rest.split(README_END, 1)[1])
 
 
 def mean_std(values) -> str:
@@ -512,7 +537,7 @@ def report_phase(args) -> str:
              f"`{args.config.name}`, test split, seeds {', '.join(map(str, args.seeds))} (each seed also draws the "
              "queries), paired by seed. The gate: GATE.md; the search: TUNING.md. Each claim's verdict follows its "
              "test; p values are corrected with Holm's method over every tested claim.", "",
-             *main_table(runs, args.seeds), "", *claims_table(claim_rows(runs, args.seeds)), "",
+             *main_table(runs, args.seeds), "", *claims_table(rows := claim_rows(runs, args.seeds)), "",
              "![accuracy against cost](accuracy_cost.png)", ""]
     for phase, found in runs.items():
         (args.out / "runs" / phase).mkdir(parents=True, exist_ok=True)
@@ -520,6 +545,8 @@ def report_phase(args) -> str:
             shutil.copyfile(args.runs / phase / name / "results.json", args.out / "runs" / phase / f"{name}.json")
     text = "\n".join(lines)
     atomic_write_text(args.out / "README.md", text)
+    if rows:
+        write_readme_results(args.readme, rows, args.seeds)
     return text
 
 
@@ -541,6 +568,8 @@ def parse_args(argv=None):
     ap.add_argument("--runs", type=Path, default=ROOT / "runs/fpi96")
     ap.add_argument("--out", type=Path, default=ROOT / "docs/results/fpi96")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run")
+    ap.add_argument("--readme", type=Path, default=ROOT / "README.md",
+                    help="report: the README whose 96 px results bullet is regenerated (between its markers)")
     args = ap.parse_args(argv)
     args.runs, args.out, args.config = (Path.cwd() / p if not p.is_absolute() else p
                                         for p in (args.runs, args.out, args.config))

@@ -163,8 +163,14 @@ def test_the_report_tests_each_claim_with_holm_from_the_runs(tmp_path):
     for o, j in zip(study.ORDERS, (0.004, -0.006)):
         for m, base in (("mclfir", 0.560), ("lwf", 0.556), ("finetune", 0.528), ("static_train", 0.56)):
             put("orders", f"{m}_{o}_s0", _full(base + j))
-    args = study.parse_args(["--phase", "report", "--runs", str(runs), "--out", str(tmp_path / "out")])
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{study.README_START}\n- old bullet\n{study.README_END}\n- next\n")
+    args = study.parse_args(["--phase", "report", "--runs", str(runs), "--out", str(tmp_path / "out"),
+                             "--readme", str(readme)])
     text = study.report_phase(args)
+    bullet = readme.read_text()   # the README's results bullet, regenerated from the same verdicts
+    assert "old bullet" not in bullet and bullet.endswith(f"{study.README_END}\n- next\n")
+    assert "Comparable to static retraining (trainable encoder): **equivalent**" in bullet
     claims = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
     comparable = claims["Comparable to static retraining (trainable encoder)"]
     assert "TOST" in comparable and comparable.endswith("| equivalent |")     # -0.1 to -0.3 points, tight
