@@ -23,7 +23,8 @@ tune  Every method (METHODS) gets its own `mclfir tune` study with the same samp
 pruning  Every trial the tune phase pruned, run again to its end as a plain run with the same settings: the
       seconds pruning saved and whether a pruned trial would have beaten the chosen one (OUT/PRUNING.md).
 
-Runs whose results.json is complete with the same settings are kept, so the script can be stopped (Ctrl-C)
+`--phase all` runs gate, tune, pruning, seeds, budget, orders, noise and report in order, one command for the
+whole study. Runs whose results.json is complete with the same settings are kept, so the script can be stopped (Ctrl-C)
 and started again. Misuse (a wrong config key, a missing CSV) is one line and exit 2.
 """
 from __future__ import annotations
@@ -558,7 +559,8 @@ PHASES = {"pruning": pruning_phase, "seeds": seeds_phase, "budget": budget_phase
 
 def parse_args(argv=None):
     ap = runner.Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--phase", choices=["gate", "tune", *PHASES, "report"], required=True)
+    ap.add_argument("--phase", choices=["all", "gate", "tune", *PHASES, "report"], required=True,
+                    help="all: every phase in order (each resumes; stops if the gate fails)")
     ap.add_argument("--trials", type=int, default=8, help="tune: validation trials per method")
     ap.add_argument("--probe", nargs="+", choices=list(GATE_RUNS), metavar="RUN",
                     help="gate: only these runs, on the first seed (a regime's first look; no GATE.md)")
@@ -588,9 +590,26 @@ def parse_args(argv=None):
     return args
 
 
+def run_all(args) -> int:
+    """Every phase in order, each resuming what it finished before; stops after the gate when it fails (a
+    regime that cannot show the claim is never studied)."""
+    runs = gate_runs(args)
+    print(write_gate(args, runs))
+    if not gate_verdict(runs, args.seeds)["passes"]:
+        print(f"{PROG}: the gate does not pass (GATE.md): no study in this regime", file=sys.stderr)
+        return 1
+    tune(args)
+    for phase in PHASES.values():
+        phase(args, load_chosen(args.out, args.methods))
+    print(report_phase(args))
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if args.phase == "all":
+            return run_all(args)
         if args.phase == "gate" and args.probe:
             runs = gate_runs(args)
             print("\n".join(f"{name} seed {seed}: val {final_map(r):.2f}" for (name, seed), r in runs.items()))

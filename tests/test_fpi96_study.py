@@ -219,3 +219,21 @@ def test_a_probe_runs_only_the_named_runs_on_the_first_seed(tmp_path, monkeypatc
     study.gate_runs(args)
     assert [n for n, _ in started] == ["static_train_lr0.0005_s0", "static_frozen_lr0.001_s0"]
     assert all("data.image_size=128" in o for _, o in started)
+
+
+@pytest.mark.parametrize("passes", [True, False])
+def test_phase_all_runs_every_phase_in_order_and_stops_at_a_failed_gate(tmp_path, monkeypatch, passes):
+    done = []
+    monkeypatch.setattr(study, "gate_runs", lambda args: done.append("gate") or {})
+    monkeypatch.setattr(study, "write_gate", lambda args, runs: "GATE")
+    monkeypatch.setattr(study, "gate_verdict", lambda runs, seeds: {"passes": passes})
+    monkeypatch.setattr(study, "tune", lambda args: done.append("tune"))
+    monkeypatch.setattr(study, "load_chosen", lambda out, methods: {})
+    monkeypatch.setattr(study, "PHASES", {name: (lambda n: lambda args, chosen: done.append(n))(name)
+                                          for name in study.PHASES})
+    monkeypatch.setattr(study, "report_phase", lambda args: done.append("report") or "REPORT")
+    rc = study.main(["--phase", "all", "--runs", str(tmp_path / "r"), "--out", str(tmp_path / "o")])
+    if passes:
+        assert rc == 0 and done == ["gate", "tune", "pruning", "seeds", "budget", "orders", "noise", "report"]
+    else:
+        assert rc == 1 and done == ["gate"]
