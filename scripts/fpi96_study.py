@@ -326,6 +326,27 @@ def collect(args) -> dict:
     return found
 
 
+def study_cost(args, runs: dict) -> list:
+    """What the study cost on this machine: wall minutes per phase (each run's own clock, kept runs included;
+    tune: its trials' seconds) and the CPU that ran it."""
+    import json
+    minutes = {}
+    for path in sorted(args.runs.glob("*/*/wall_seconds.json")):
+        phase = path.parent.parent.name
+        minutes[phase] = minutes.get(phase, 0.0) + json.loads(path.read_text()) / 60
+    tuned = args.out / "tuning.json"
+    if tuned.is_file():
+        trials = [t for r in json.loads(tuned.read_text())["methods"].values() for t in r["trials"]]
+        minutes["tune"] = sum(t["seconds"] or 0 for t in trials) / 60
+    machine = next((r["machine"] for found in runs.values() for r in found.values() if r.get("machine")), {})
+    rows = [f"| {phase} | {m:.0f} |" for phase, m in minutes.items() if phase not in ("tune_optuna", "tune")]
+    rows.insert(0, f"| tune | {minutes.get('tune', 0):.0f} |")
+    return ["## What the study cost", "", f"Wall minutes of its runs, one at a time on {machine.get('cpu_count', '?')} "
+            f"cores of {machine.get('cpu_model') or machine.get('cpu', '?')} (torch {machine.get('torch', '?')}); "
+            "phases that shared the cores with other work ran slower than alone.", "", "| phase | minutes |",
+            "|---|---|", *rows, f"| total | {sum(v for k, v in minutes.items() if k != 'tune_optuna'):.0f} |", ""]
+
+
 def total_cost(res: dict) -> float:
     """Training seconds of every increment, estimated ones included (static_final_only)."""
     return sum(c["train_seconds"] for c in res["cost"])
@@ -539,7 +560,7 @@ def report_phase(args) -> str:
              "queries), paired by seed. The gate: GATE.md; the search: TUNING.md. Each claim's verdict follows its "
              "test; p values are corrected with Holm's method over every tested claim.", "",
              *main_table(runs, args.seeds), "", *claims_table(rows := claim_rows(runs, args.seeds)), "",
-             "![accuracy against cost](accuracy_cost.png)", ""]
+             "![accuracy against cost](accuracy_cost.png)", "", *study_cost(args, runs)]
     for phase, found in runs.items():
         (args.out / "runs" / phase).mkdir(parents=True, exist_ok=True)
         for name in found:

@@ -178,6 +178,7 @@ def test_the_report_tests_each_claim_with_holm_from_the_runs(tmp_path):
     assert "28.6-28.6%" in cost and cost.endswith("| holds |")                # 60 s of 210 s for every seed
     assert claims["MCL-FIR against finetune"].endswith("| above |")
     assert "Holm" in text and text.count("| p (Holm) |") == 1
+    assert "## What the study cost" in text and "| total |" in text
     assert any(k.startswith("Accuracy against cost") for k in claims)
     assert any(k.startswith("Messy data") for k in claims) and any(k.startswith("Order:") for k in claims)
     mclfir_row = next(line for line in text.splitlines() if line.startswith("| mclfir | 3 |"))
