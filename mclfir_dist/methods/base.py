@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Protocol, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -26,7 +26,14 @@ from ..registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..model.mclfir import MCLFIRModel
-    from ..training.runtime import Runtime
+
+
+class MethodRuntime(Protocol):
+    """What a method may use of the run it trains in (training's Runtime is one): methods sit below training
+    and never import it."""
+    device: torch.device   # where batches and the model live
+    rank: int
+    world: int
 
 
 @dataclass
@@ -84,7 +91,7 @@ class Method:
     tune_space = {"optim.lr": {"log": [1e-4, 4e-3]}, "optim.first_encoder_lr_scale": {"log": [0.02, 1.0]},
                   "optim.encoder_lr_scale": {"log": [0.02, 1.0]}}
 
-    def __init__(self, cfg: RunConfig, runtime: "Runtime"):
+    def __init__(self, cfg: RunConfig, runtime: MethodRuntime):
         self.cfg, self.runtime = cfg, runtime
 
     # -- the plan ---------------------------------------------------------------------------
@@ -136,7 +143,7 @@ class Method:
 METHODS: Registry[type] = Registry("training method", "train.method")
 
 
-def build_method(cfg: RunConfig, runtime: "Runtime") -> Method:
+def build_method(cfg: RunConfig, runtime: MethodRuntime) -> Method:
     return METHODS.get(cfg.train.method)(cfg, runtime)
 
 
