@@ -29,6 +29,11 @@ def storage_of(tdir: Path) -> str:
     return f"sqlite:///{tdir / 'study.db'}"
 
 
+def _shown(path: Path) -> Path:
+    """A path as a reader of the committed report can use it: relative to the repository when inside it."""
+    return path.relative_to(runner.ROOT) if path.is_relative_to(runner.ROOT) else path
+
+
 def run(config: Path, methods: List[MethodTune], trials: int, tdir: Path, prog: str, prefix: str, write) -> dict:
     """Round robin until every method has `trials` finished (study PREFIX_METHOD); `write(record)` after every
     round."""
@@ -99,7 +104,7 @@ def write(out: Path, rec: dict, tdir: Path, prefix: str, task: str) -> None:
                      f"{chosen} | {100 * r['chosen_val_map']:.2f} | {sum(t['seconds'] or 0 for t in r['trials']):.0f} |")
         study = optuna.load_study(study_name=f"{prefix}_{method}", storage=storage_of(tdir))
         report.write_report(study, study.user_attrs["settings"], out / "tune" / method,
-                            f"{storage_of(tdir)} (study {prefix}_{method})")
+                            f"{storage_of(_shown(tdir))} (study {prefix}_{method})")
     atomic_write_text(out / "TUNING.md", "\n".join(lines) + "\n")
 
 
