@@ -108,6 +108,7 @@ def test_the_pruning_phase_runs_out_each_pruned_trial_and_says_what_it_saved(tmp
     asked = []
 
     def fake_run(config, out, overrides, log, prog):
+        log.write_text("")   # as the real one does: the phase made the folder
         asked.append((out.name, list(overrides)))
         return {"final": {"average_map": 0.61 if out.name == "lwf_t02" else 0.50}, "wall_seconds": 300.0}
 

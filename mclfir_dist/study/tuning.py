@@ -113,6 +113,7 @@ def run_out_pruned(config: Path, methods: List[MethodTune], rec: dict, rdir: Pat
     per method, the seconds the study took with pruning, what it would have taken without, and whether a
     pruned trial would have beaten the chosen one."""
     out = {}
+    rdir.mkdir(parents=True, exist_ok=True)
     for m in methods:
         r = rec["methods"].get(m.name)
         if r is None:
