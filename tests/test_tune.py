@@ -197,3 +197,28 @@ def test_two_workers_against_a_real_postgresql_server(shards, tmp_path, postgres
     assert len(finished) == 4 and sum(ran) >= 4 and all(r >= 1 for r in ran), (ran, outputs)
     assert all((out / "trials" / f"{t.number:04d}" / "results.json").is_file() for t in finished)
     assert all("postgres@" not in (out / "trials" / f"{t.number:04d}" / "config.yaml").read_text() for t in finished)
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_a_fresh_worker_per_trial_draws_a_new_point_every_time(tmp_path, sampler):
+    """The studies start one `mclfir tune` process per trial: a seeded sampler made anew in each drew the same
+    'random' point again and again (the 96 px study's trials 1 and 2 were the same run). The seed moves on with
+    the study's trial count, so each fresh worker draws a new point, and the same one again on a rerun."""
+    from mclfir_dist.tune import study as studies
+    space = {"optim.lr": {"log": [1e-4, 1e-2]}, "loss.kd_weight": {"choices": [0.1, 1.0, 10.0]}}
+
+    def draws(url):
+        points = []
+        for _ in range(4):   # each a fresh worker: new job, new study object, new sampler
+            job = studies.TuneJob("x", [], space, 4, "s", url, tmp_path, sampler=sampler)
+            job.settings = {"space": space, "sampler": sampler, "pruner": "none", "metric": "final.average_map",
+                            "seed": 0, "startup_trials": 3, "start": None}
+            found = studies.open_study(job, studies.open_storage(url))
+            trial = studies.ask(found, job, studies.spaces.distributions(space))
+            found.tell(trial, 0.5)
+            points.append(tuple(sorted(trial.params.items())))
+        return points
+
+    first = draws(f"sqlite:///{tmp_path / 'a.db'}")
+    assert len(set(first)) == 4, first
+    assert draws(f"sqlite:///{tmp_path / 'b.db'}") == first   # deterministic

@@ -102,13 +102,22 @@ def redact(url: str) -> str:
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
 
 
-def _sampler(job: TuneJob):
+def _sampler(job: TuneJob, offset: int = 0):
     import optuna
+    seed = job.seed + offset
     if job.sampler == "grid":
-        return optuna.samplers.GridSampler(spaces.grid(job.space), seed=job.seed)
+        return optuna.samplers.GridSampler(spaces.grid(job.space), seed=seed)
     if job.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=job.seed)
-    return optuna.samplers.TPESampler(seed=job.seed, n_startup_trials=job.settings.get("startup_trials", 10))
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=job.settings.get("startup_trials", 10))
+
+
+def ask(study, job: TuneJob, dists: dict):
+    """The next trial. A worker is often a fresh process for each trial (the studies start one per trial), and
+    a seeded sampler made anew draws the same "random" point every time: the seed moves on with the number of
+    trials the study holds, so every draw differs and a rerun still draws the same."""
+    study.sampler = _sampler(job, len(study.get_trials(deepcopy=False)))
+    return study.ask(dists)
 
 
 def open_study(job: TuneJob, storage):
@@ -182,7 +191,7 @@ def run_worker(job: TuneJob) -> int:
         fail_dead_trials(study)
         if len(counted(study)) >= job.trials:
             break
-        trial = study.ask(dists)
+        trial = ask(study, job, dists)
         if counted(study).index(trial.number) >= job.trials:   # another worker asked at the same moment
             trial.set_user_attr("surplus", True)
             study.tell(trial, state=TrialState.FAIL)
