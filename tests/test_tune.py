@@ -75,6 +75,12 @@ def test_two_workers_share_a_study_one_is_killed_and_it_still_ends_at_n(shards, 
     final = states(db)
     finished = [n for n, s in final.items() if s in ("COMPLETE", "PRUNED")]
     assert len(finished) == 6 and "FAIL" in final.values(), final   # the killed worker's trial, failed
+    import optuna
+    trials = optuna.load_study(study_name="mclfir", storage=f"sqlite:///{db}").trials
+    for t in trials:   # the killed worker's point is tried again by a later trial
+        if t.state.name == "FAIL" and not t.user_attrs.get("surplus"):
+            assert any(u.params == t.params and u.number > t.number and u.user_attrs.get("retries") == 1
+                       for u in trials), [(u.number, u.state.name, u.params) for u in trials]
     assert "PRUNED" in final.values(), final   # the median pruner stopped at least one from its curve
     for n in finished:   # every finished trial is an ordinary run that records its number and parameters
         res = json.loads((out / "trials" / f"{n:04d}" / "results.json").read_text())
@@ -222,3 +228,22 @@ def test_a_fresh_worker_per_trial_draws_a_new_point_every_time(tmp_path, sampler
     first = draws(f"sqlite:///{tmp_path / 'a.db'}")
     assert len(set(first)) == 4, first
     assert draws(f"sqlite:///{tmp_path / 'b.db'}") == first   # deterministic
+
+
+def test_a_trial_stopped_by_a_signal_is_failed_and_its_point_queued_again(tmp_path):
+    from mclfir_dist.tune import study as studies
+    space = {"optim.lr": {"log": [1e-4, 1e-2]}}
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    job = studies.TuneJob("x", [], space, 3, "s", url, tmp_path)
+    job.settings = {"space": space, "sampler": "tpe", "pruner": "none", "metric": "final.average_map", "seed": 0,
+                    "startup_trials": 3, "start": None}
+    found = studies.open_study(job, studies.open_storage(url))
+    (tmp_path / "trials").mkdir()
+    for rc, queued in ((130, True), (1, False)):   # SIGINT: stopped, tried again; a crash: not
+        trial = studies.ask(found, job, studies.spaces.distributions(space))
+        (tmp_path / "trials" / f"{trial.number:04d}.log").write_text("stopped\n")
+        studies.tell_outcome(job, found, trial, tmp_path / "run", rc)
+        waiting = [t for t in found.get_trials() if t.state.name == "WAITING"]
+        assert bool(waiting) == queued and all(t.system_attrs["fixed_params"] == trial.params for t in waiting)
+        for t in waiting:   # take it off the queue for the next case
+            found.tell(found.ask().number, 0.5)

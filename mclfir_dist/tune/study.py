@@ -3,8 +3,9 @@ of workers (processes, machines, a SLURM array) share one study through its stor
 Optuna RDB URL), and together they stop at N finished trials (complete or pruned).
 
 A worker killed with `kill -9`: its running trial is marked FAIL (at once by the next worker on the same host,
-which sees the PID is gone; by Optuna's heartbeat after GRACE_S elsewhere) and a new trial takes its place; its
-`mclfir train` child gets SIGTERM (parent-death signal), saves and exits. Trials are not resumed."""
+which sees the PID is gone; by Optuna's heartbeat after GRACE_S elsewhere) and its point is queued again (up to
+MAX_RETRIES times), so the study tries the same point next; its `mclfir train` child gets SIGTERM (parent-death
+signal), saves and exits. A trial's run is not resumed: the point starts over."""
 from __future__ import annotations
 
 import json
@@ -26,7 +27,7 @@ from ..training.trial import STORAGE_ENV, pruner_of
 from . import space as spaces
 
 log = logging.getLogger(__name__)
-HEARTBEAT_S, GRACE_S = 5, 30
+HEARTBEAT_S, GRACE_S, MAX_RETRIES = 5, 30, 2
 METRICS = {"final.average_map": "maximize", "final.average_forgetting": "minimize", "final.bwt": "maximize"}
 
 
@@ -87,8 +88,9 @@ def open_storage(url: str):
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     for attempt in range(3):   # workers starting together race to create the tables: the loser tries again
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
-                                              grace_period=GRACE_S)
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRIES))
         except Exception as e:   # SQLAlchemy's many errors: a bad URL, no server, no driver, a missing folder
             if attempt == 2 or isinstance(e, (ValueError, ImportError)):
                 raise ConfigError(f"--storage {redact(url)}: cannot be opened ({str(e).splitlines()[0][:200]})") \
@@ -159,8 +161,20 @@ def fail_dead_trials(study) -> None:
         worker = t.user_attrs.get("worker") or {}
         if worker.get("host") == host and not _alive(worker.get("pid", -1)):
             study.tell(t.number, state=TrialState.FAIL)
-            log.warning("trial %d: its worker (pid %s) is gone: marked failed", t.number, worker.get("pid"))
-    optuna.storages.fail_stale_trials(study)
+            log.warning("trial %d: its worker (pid %s) is gone: marked failed%s", t.number, worker.get("pid"),
+                        requeue(study, t))
+    optuna.storages.fail_stale_trials(study)   # elsewhere: RetryFailedTrialCallback queues them again
+
+
+def requeue(study, trial) -> str:
+    """A trial stopped from outside (its worker killed, the run signalled) is tried again with the same point,
+    up to MAX_RETRIES times: a stop must not change what the study tries (trial 0, the config's own point,
+    above all)."""
+    retries = trial.user_attrs.get("retries", 0)
+    if retries >= MAX_RETRIES:
+        return f" (its point was tried {retries + 1} times: not queued again)"
+    study.enqueue_trial(dict(trial.params), user_attrs={"retries": retries + 1})
+    return "; its point is queued again"
 
 
 def _alive(pid: int) -> bool:
@@ -241,7 +255,8 @@ def tell_outcome(job: TuneJob, study, trial, out: Path, rc: int) -> None:
         last = lines[-1] if lines else f"exit {rc}"
         if rc == 2:   # the run refused a setting: every trial would; stop with its line
             raise ConfigError(f"trial {trial.number}: {last}")
-        log.warning("trial %d failed (exit %d): %s", trial.number, rc, last)
+        again = requeue(study, study.trials[trial.number]) if rc in (130, 143) else ""   # stopped, not broken
+        log.warning("trial %d failed (exit %d): %s%s", trial.number, rc, last, again)
         return
     res = RunFolder(out).read_results()
     if (res.get("tune") or {}).get("pruned"):
