@@ -90,7 +90,7 @@ def open_storage(url: str):
         try:
             return optuna.storages.RDBStorage(
                 url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRIES))
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES))
         except Exception as e:   # SQLAlchemy's many errors: a bad URL, no server, no driver, a missing folder
             if attempt == 2 or isinstance(e, (ValueError, ImportError)):
                 raise ConfigError(f"--storage {redact(url)}: cannot be opened ({str(e).splitlines()[0][:200]})") \
@@ -163,7 +163,7 @@ def fail_dead_trials(study) -> None:
             study.tell(t.number, state=TrialState.FAIL)
             log.warning("trial %d: its worker (pid %s) is gone: marked failed%s", t.number, worker.get("pid"),
                         requeue(study, t))
-    optuna.storages.fail_stale_trials(study)   # elsewhere: RetryFailedTrialCallback queues them again
+    optuna.storages.fail_stale_trials(study)   # elsewhere: RetryHeartbeatStaleTrialCallback queues them again
 
 
 def requeue(study, trial) -> str:
