@@ -101,7 +101,8 @@ def write(out: Path, rec: dict, tdir: Path, prefix: str, task: str) -> None:
     for method, r in rec["methods"].items():
         chosen = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["chosen"].items())
         lines.append(f"| {method} | {len(r['trials'])} | {sum(t['state'] == 'PRUNED' for t in r['trials'])} | "
-                     f"{chosen} | {100 * r['chosen_val_map']:.2f} | {sum(t['seconds'] or 0 for t in r['trials']):.0f} |")
+                     f"{chosen} | {100 * r['chosen_val_map']:.2f} | "
+                     f"{sum(t['seconds'] or 0 for t in r['trials']):.0f} |")
         study = optuna.load_study(study_name=f"{prefix}_{method}", storage=storage_of(tdir))
         report.write_report(study, study.user_attrs["settings"], out / "tune" / method,
                             f"{storage_of(_shown(tdir))} (study {prefix}_{method})")
@@ -153,7 +154,8 @@ def write_pruning(out: Path, summary: dict, note: str) -> str:
     for method, s in summary.items():
         for x in s["pruned"]:
             lines.append(f"- {method} trial {x['number']}: pruned at step {x['pruned_at_step']} after "
-                         f"{x['pruned_seconds']:.0f} s; run to the end: {100 * x['value']:.2f} in {x['full_seconds']:.0f} s")
+                         f"{x['pruned_seconds']:.0f} s; run to the end: {100 * x['value']:.2f} in "
+                         f"{x['full_seconds']:.0f} s")
     text = "\n".join(lines) + "\n"
     atomic_write_text(out / "PRUNING.md", text)
     atomic_write_json(out / "pruning.json", summary)
