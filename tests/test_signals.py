@@ -179,13 +179,44 @@ def test_requeue_reports_scontrols_answer_though_slurm_signals_it(tmp_path, monk
     monkeypatch.setenv("SLURM_JOB_ID", "41")
     stop = signals.SignalStop()
     stop.signum = signal.SIGTERM
-    assert stop.requeue() is None          # only SIGUSR1 (the warning before a time limit) asks for a requeue
+    assert stop.requeue(True) is None          # only SIGUSR1 (the warning before a time limit) asks for a requeue
     stop.signum = signal.SIGUSR1
     expected = ("scontrol requeue 41: done" if answer == "accepted" else
                 "scontrol requeue 41: failed: Requested operation not supported on this job")
-    assert stop.requeue() == expected
+    assert stop.requeue(True) == expected
     assert (tmp_path / "args").read_text().split() == ["requeue", "41"]
     assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN   # ignored in scontrol only, not here
+
+
+REQUEUE_RANK = """
+import os, signal, sys, time
+import torch.distributed as dist
+from mclfir_dist.training import signals
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=rank, world_size=2)
+stop = signals.SignalStop()
+stop.install(2)
+stop.signum = signal.SIGUSR1
+said = stop.requeue(rank == 0)
+print(said, time.time())
+"""
+
+
+def test_no_rank_leaves_before_rank_0_has_asked_for_the_requeue(tmp_path):
+    """A rank that left first ended the step (srun --kill-on-bad-exit) and killed rank 0 before it asked: the
+    job failed instead of coming back (a CI run hit it). Rank 1 must return only after rank 0's scontrol."""
+    fake = tmp_path / "scontrol"
+    fake.write_text(f'#!/bin/sh\nsleep 2\ndate +%s.%N > "{tmp_path}/asked"\n')
+    fake.chmod(0o755)
+    run_env = dict(env(), PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="41")
+    port = str(free_port())
+    ranks = [subprocess.Popen([sys.executable, "-c", REQUEUE_RANK, str(r), port], cwd=ROOT, env=run_env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=120)[0] for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], outs
+    said, left = zip(*(o.strip().splitlines()[-1].rsplit(" ", 1) for o in outs))
+    assert said == ("scontrol requeue 41: done", "None"), outs
+    assert float(left[1]) >= float((tmp_path / "asked").read_text()), outs
 
 
 def test_a_run_killed_with_kill_9_resumes_at_once_though_its_loader_worker_lives_on(reference, tmp_path):

@@ -301,10 +301,9 @@ class Trainer:
             self.metrics.close()
             return self.record.data
         except RunStopped:
-            if self.runtime.is_main:
-                requeued = self.stop.requeue()   # SIGUSR1 under SLURM
-                if requeued:
-                    log.info("%s", requeued)
+            requeued = self.stop.requeue(self.runtime.is_main)   # SIGUSR1 under SLURM
+            if requeued:
+                log.info("%s", requeued)
             self.metrics.close()
             raise
 

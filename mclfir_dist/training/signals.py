@@ -77,20 +77,31 @@ class SignalStop:
         self.signum = int(flag)
         return self.signum
 
-    def requeue(self) -> Optional[str]:
-        """After SIGUSR1 under SLURM: ask for the job to be requeued (the script allows it with --requeue)."""
+    def requeue(self, is_main: bool) -> Optional[str]:
+        """After SIGUSR1 under SLURM: rank 0 asks for the job to be requeued (the script allows it with --requeue),
+        and every rank waits for the answer. A rank that left first would end the step (srun --kill-on-bad-exit)
+        and could kill rank 0 before it asked: the job would fail instead of coming back."""
         job = os.environ.get("SLURM_JOB_ID")
-        if self.signum != signal.SIGUSR1 or not job or shutil.which("scontrol") is None:
+        if self.signum != signal.SIGUSR1 or not job:
             return None
-        log.info("scontrol requeue %s: asking", job)
-        # The requeue makes SLURM send SIGTERM to every process of the step, scontrol included: ignoring it
-        # (inherited through exec) lets scontrol report its answer instead of dying before it.
-        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True,
-                              preexec_fn=_ignore_sigterm)
-        if done.returncode == 0:
-            return f"scontrol requeue {job}: done"
-        why = done.stderr.strip() or f"exit {done.returncode}"
-        return f"scontrol requeue {job}: failed: {why}"
+        said = _ask_requeue(job) if is_main else None
+        if self._group is not None:
+            dist.barrier(group=self._group)
+        return said
+
+
+def _ask_requeue(job: str) -> Optional[str]:
+    if shutil.which("scontrol") is None:
+        return None
+    log.info("scontrol requeue %s: asking", job)
+    # The requeue makes SLURM send SIGTERM to every process of the step, scontrol included: ignoring it
+    # (inherited through exec) lets scontrol report its answer instead of dying before it.
+    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True,
+                          preexec_fn=_ignore_sigterm)
+    if done.returncode == 0:
+        return f"scontrol requeue {job}: done"
+    why = done.stderr.strip() or f"exit {done.returncode}"
+    return f"scontrol requeue {job}: failed: {why}"
 
 
 def _ignore_sigterm() -> None:
