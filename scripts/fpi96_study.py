@@ -251,7 +251,9 @@ def load_chosen(out: Path, methods) -> dict:
     missing = [m for m in methods if m not in record["methods"]]
     if missing:
         runner.usage_error(PROG, f"no tuned values for {', '.join(missing)} in {path}: run --phase tune first")
-    return {m: record["methods"][m]["chosen"] for m in methods}
+    ran_out = out / "pruning.json"   # a pruned trial that ends above the kept one is taken (PRUNING.md)
+    chosen = tuning.best_finished(record, json.loads(ran_out.read_text()) if ran_out.is_file() else {})
+    return {m: chosen[m] for m in methods}
 
 
 def study_run(args, phase: str, name: str, method: str, chosen: dict, extra) -> dict:

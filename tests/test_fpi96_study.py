@@ -239,3 +239,21 @@ def test_phase_all_runs_every_phase_in_order_and_stops_at_a_failed_gate(tmp_path
         assert rc == 0 and done == ["gate", "tune", "pruning", "seeds", "budget", "orders", "noise", "report"]
     else:
         assert rc == 1 and done == ["gate"]
+
+
+def test_the_study_goes_on_with_a_pruned_trial_that_ran_out_above_the_kept_one(tmp_path):
+    """PRUNING.md found a static trial pruned at step 100 that ends at 60.61 against the kept 58.93: the seeds
+    phase takes it; a run-out trial below the kept one changes nothing; without pruning.json the kept one stays."""
+    import json
+    trials = [{"number": 0, "params": {"optim.lr": 0.0005}}, {"number": 7, "params": {"optim.lr": 0.002}},
+              {"number": 3, "params": {"optim.lr": 0.01}}]
+    rec = {"methods": {m: {"trials": trials, "chosen": {"optim.lr": 0.0005}, "chosen_val_map": 0.5893}
+                       for m in ("static_train", "lwf")}}
+    (tmp_path / "tuning.json").write_text(json.dumps(rec))
+    assert study.load_chosen(tmp_path, ["static_train", "lwf"]) == {"static_train": {"optim.lr": 0.0005},
+                                                                    "lwf": {"optim.lr": 0.0005}}
+    ran_out = {"static_train": {"pruned": [{"number": 3, "value": 0.2644}, {"number": 7, "value": 0.6061}]},
+               "lwf": {"pruned": [{"number": 3, "value": 0.5587}]}}
+    (tmp_path / "pruning.json").write_text(json.dumps(ran_out))
+    assert study.load_chosen(tmp_path, ["static_train", "lwf"]) == {"static_train": {"optim.lr": 0.002},
+                                                                    "lwf": {"optim.lr": 0.0005}}

@@ -135,6 +135,21 @@ def run_out_pruned(config: Path, methods: List[MethodTune], rec: dict, rdir: Pat
     return out
 
 
+def best_finished(rec: dict, ran_out: dict) -> dict:
+    """Each method's values to carry on with: the best complete trial, or a pruned trial whose run to its end
+    (RAN_OUT, run_out_pruned's summary; {} when none) scored higher. Every method's pruned trials are run out
+    alike, so this keeps equal footing; it only undoes what a wrong prune cost."""
+    chosen = {}
+    for method, r in rec["methods"].items():
+        params = {t["number"]: t["params"] for t in r["trials"]}
+        value, best = r["chosen_val_map"], r["chosen"]
+        for x in (ran_out.get(method) or {}).get("pruned", []):
+            if x["value"] > value:
+                value, best = x["value"], params[x["number"]]
+        chosen[method] = best
+    return chosen
+
+
 def write_pruning(out: Path, summary: dict, note: str) -> str:
     """PRUNING.md: the measured saving per method and in all, and whether pruning changed a choice."""
     lines = ["# What pruning saved", "", note, "",
