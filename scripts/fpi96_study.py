@@ -246,13 +246,17 @@ CONTINUAL = ("mclfir", "lwf", "finetune")
 
 def load_chosen(out: Path, methods) -> dict:
     import json
-    path = out / "tuning.json"
-    record = json.loads(path.read_text()) if path.is_file() else {"methods": {}}
-    missing = [m for m in methods if m not in record["methods"]]
-    if missing:
-        runner.usage_error(PROG, f"no tuned values for {', '.join(missing)} in {path}: run --phase tune first")
-    ran_out = out / "pruning.json"   # a pruned trial that ends above the kept one is taken (PRUNING.md)
-    chosen = tuning.best_finished(record, json.loads(ran_out.read_text()) if ran_out.is_file() else {})
+    path, ran_out = out / "tuning.json", out / "pruning.json"   # pruning.json: PRUNING.md's runs to the end
+    try:
+        record = json.loads(path.read_text()) if path.is_file() else {"methods": {}}
+        missing = [m for m in methods if m not in record["methods"]]
+        if missing:
+            runner.usage_error(PROG, f"no tuned values for {', '.join(missing)} in {path}: run --phase tune first")
+        # a pruned trial that ends above the kept one is taken, for every method alike
+        chosen = tuning.best_finished(record, json.loads(ran_out.read_text()) if ran_out.is_file() else {})
+    except (ValueError, KeyError, TypeError, AttributeError) as e:   # a file cut short or edited by hand
+        runner.usage_error(PROG, f"{path} or {ran_out} is not the tune and pruning phases' record "
+                                 f"({type(e).__name__}: {e}): run those phases again")
     return {m: chosen[m] for m in methods}
 
 

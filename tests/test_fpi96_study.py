@@ -257,3 +257,9 @@ def test_the_study_goes_on_with_a_pruned_trial_that_ran_out_above_the_kept_one(t
     (tmp_path / "pruning.json").write_text(json.dumps(ran_out))
     assert study.load_chosen(tmp_path, ["static_train", "lwf"]) == {"static_train": {"optim.lr": 0.002},
                                                                     "lwf": {"optim.lr": 0.0005}}
+    (tmp_path / "pruning.json").write_text(json.dumps({"lwf": {"pruned": [{"number": 9, "value": 0.7}]}}))
+    with pytest.raises(study.runner.UsageError):   # a trial the record does not hold: one line, exit 2
+        study.load_chosen(tmp_path, ["lwf"])
+    (tmp_path / "pruning.json").write_text("{")
+    with pytest.raises(study.runner.UsageError):
+        study.load_chosen(tmp_path, ["lwf"])
