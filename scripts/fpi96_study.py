@@ -260,12 +260,40 @@ def load_chosen(out: Path, methods) -> dict:
     return {m: chosen[m] for m in methods}
 
 
+def read_record(path: Path) -> dict:
+    """A results.json or its committed copy; one cut short or edited by hand is one line and exit 2."""
+    import json
+    try:
+        res = json.loads(path.read_text())
+        if not isinstance(res, dict):
+            raise ValueError("not a JSON object")
+        return res
+    except ValueError as e:
+        runner.usage_error(PROG, f"{path}: not a run's results ({e}): delete it to run that run again")
+
+
+def copy_path(args, phase: str, name: str) -> Path:
+    """Where a run's results are committed: run folders stay on the machine that ran them."""
+    return args.out / "runs" / phase / f"{name}.json"
+
+
 def study_run(args, phase: str, name: str, method: str, chosen: dict, extra) -> dict:
-    """One test-split run of `method` with its chosen values, under RUNS/phase/name."""
-    d = args.runs / phase
-    d.mkdir(parents=True, exist_ok=True)
+    """One test-split run of `method` with its chosen values, under RUNS/phase/name. Its results (with the
+    run's own wall clock) are copied to OUT/runs/phase/name.json as it ends; a complete copy made with the same
+    settings counts as done, so a phase resumes in a fresh checkout too."""
+    import json
+    d, copy = args.runs / phase, copy_path(args, phase, name)
     overrides = [*METHODS[method], *(f"{k}={v}" for k, v in chosen[method].items()), *extra, *args.set]
-    return runner.run_train(args.config, d / name, overrides, d / f"{name}.log", prog=PROG)
+    if copy.is_file() and not (d / name / "results.json").is_file():
+        res = read_record(copy)
+        if res.get("complete") and runner.same_settings(args.config, overrides, res):
+            print(f"  {name}: done before, kept ({copy})", flush=True)
+            return res
+    d.mkdir(parents=True, exist_ok=True)
+    res = runner.run_train(args.config, d / name, overrides, d / f"{name}.log", prog=PROG)
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(copy, json.dumps(res, indent=1))
+    return res
 
 
 def seeds_phase(args, chosen: dict) -> None:
@@ -322,35 +350,42 @@ COST_CLAIM = 0.35   # "about 30%": at most 35% of static-cumulative's training s
 
 
 def collect(args) -> dict:
-    """{phase: {run name: results}} of every complete run of the study."""
+    """{phase: {run name: results}} of every complete run of the study: the committed copies
+    (OUT/runs/phase/name.json), and the run folders under RUNS, which win (with the study's clock)."""
     import json
     found = {}
-    for path in sorted(args.runs.glob("*/*/results.json")):
-        res = json.loads(path.read_text())
+    for path in sorted((args.out / "runs").glob("*/*.json")):
+        res = read_record(path)
         if res.get("complete"):
+            found.setdefault(path.parent.name, {})[path.stem] = res
+    for path in sorted(args.runs.glob("*/*/results.json")):
+        res, wall = read_record(path), path.parent / "wall_seconds.json"
+        if res.get("complete") and path.parent.parent.name in PHASES:
+            res["wall_seconds"] = json.loads(wall.read_text()) if wall.is_file() else res.get("wall_seconds")
             found.setdefault(path.parent.parent.name, {})[path.parent.name] = res
     return found
 
 
 def study_cost(args, runs: dict) -> list:
-    """What the study cost on this machine: wall minutes per phase (each run's own clock, kept runs included;
-    tune: its trials' seconds) and the CPU that ran it."""
+    """What the study cost on this machine: wall minutes per phase (each run's own clock; gate: its committed
+    runs; tune: its trials' seconds; pruning: its runs to the end) and the CPU that ran it."""
     import json
-    minutes = {}
-    for path in sorted(args.runs.glob("*/*/wall_seconds.json")):
-        phase = path.parent.parent.name
-        minutes[phase] = minutes.get(phase, 0.0) + json.loads(path.read_text()) / 60
-    tuned = args.out / "tuning.json"
-    if tuned.is_file():
-        trials = [t for r in json.loads(tuned.read_text())["methods"].values() for t in r["trials"]]
-        minutes["tune"] = sum(t["seconds"] or 0 for t in trials) / 60
+    minutes = {"gate": sum(read_record(p).get("wall_seconds") or 0 for p in (args.out / "gate_runs").glob("*.json"))}
+    for name, key in (("tuning.json", "tune"), ("pruning.json", "pruning")):
+        if (args.out / name).is_file():
+            record = json.loads((args.out / name).read_text())
+            minutes[key] = (sum(t["seconds"] or 0 for r in record["methods"].values() for t in r["trials"])
+                            if key == "tune" else sum(x["full_seconds"] or 0 for r in record.values()
+                                                      for x in r["pruned"]))
+    for phase, found in runs.items():
+        minutes[phase] = sum(r.get("wall_seconds") or 0 for r in found.values())
+    minutes = {k: v / 60 for k, v in minutes.items()}
     machine = next((r["machine"] for found in runs.values() for r in found.values() if r.get("machine")), {})
-    rows = [f"| {phase} | {m:.0f} |" for phase, m in minutes.items() if phase not in ("tune_optuna", "tune")]
-    rows.insert(0, f"| tune | {minutes.get('tune', 0):.0f} |")
+    rows = [f"| {phase} | {m:.0f} |" for phase, m in minutes.items()]
     return ["## What the study cost", "", f"Wall minutes of its runs, one at a time on {machine.get('cpu_count', '?')} "
             f"cores of {machine.get('cpu_model') or machine.get('cpu', '?')} (torch {machine.get('torch', '?')}); "
             "phases that shared the cores with other work ran slower than alone.", "", "| phase | minutes |",
-            "|---|---|", *rows, f"| total | {sum(v for k, v in minutes.items() if k != 'tune_optuna'):.0f} |", ""]
+            "|---|---|", *rows, f"| total | {sum(minutes.values()):.0f} |", ""]
 
 
 def total_cost(res: dict) -> float:
@@ -440,11 +475,15 @@ def interpolate(points, x: float) -> float:
 
 
 def budget_curve(runs: dict, seed: int) -> list:
-    """static_train's (training seconds of its final retraining, mAP) at each budget, for one seed."""
-    found = [runs.get("seeds", {}).get(f"static_train_s{seed}")]
-    found += [runs.get("budget", {}).get(f"static_train_x{f:g}_s{seed}") for f in BUDGETS]
-    return [(train_seconds(r) if i else r["cost"][-1]["train_seconds"], final_map(r))
-            for i, r in enumerate(found) if r is not None]
+    """static_train's (cost of its final retraining, mAP) at each budget, for one seed. The cost is the run's
+    steps x the seconds per step of the seeds phase's retraining, so the budget runs may run in another session
+    (or share the cores) without moving the curve against MCL-FIR's seconds, measured beside that run."""
+    base = runs.get("seeds", {}).get(f"static_train_s{seed}")
+    if base is None:
+        return []
+    per_step = base["cost"][-1]["train_seconds"] / base["cost"][-1]["steps"]
+    found = [base] + [runs.get("budget", {}).get(f"static_train_x{f:g}_s{seed}") for f in BUDGETS]
+    return [(r["cost"][-1]["steps"] * per_step, final_map(r)) for r in found if r is not None]
 
 
 def budget_rows(runs: dict, seeds) -> list:
@@ -555,22 +594,45 @@ def plot_curve(runs: dict, seeds, path: Path) -> None:
     plt.close(fig)
 
 
+def planned(args) -> dict:
+    """{phase: the run names it makes}, for the progress table."""
+    names = {"seeds": [f"{m}_s{s}" for s in args.seeds for m in args.methods],
+             "budget": [f"static_train_x{f:g}_s{s}" for s in args.seeds for f in BUDGETS],
+             "orders": [f"{m}_{o}_s{args.seeds[0]}" for o in ORDERS for m in args.methods
+                        if m in (*CONTINUAL, "static_train")],
+             "noise": [f"{m}_noisy_s{s}" for s in args.seeds for m in args.methods if m in (*CONTINUAL, "static_train")]}
+    return names
+
+
+def progress(args, runs: dict) -> list:
+    """Which phases are done: a claim whose runs are missing has no row yet."""
+    lines = ["| phase | runs done | runs left |", "|---|---|---|"]
+    for phase, names in planned(args).items():
+        left = [n for n in names if n not in runs.get(phase, {})]
+        lines.append(f"| {phase} | {len(names) - len(left)} of {len(names)} | {', '.join(left) or '-'} |")
+    return lines
+
+
 def report_phase(args) -> str:
+    import json
     runs = collect(args)
     if not runs.get("seeds"):
         runner.usage_error(PROG, f"no complete runs under {args.runs / 'seeds'}: run --phase seeds first")
     args.out.mkdir(parents=True, exist_ok=True)
+    for phase, found in runs.items():   # every run's results committed beside the report
+        for name, res in found.items():
+            copy_path(args, phase, name).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(copy_path(args, phase, name), json.dumps(res, indent=1))
     plot_curve(runs, args.seeds, args.out / "accuracy_cost.png")
     lines = ["# MCL-FIR where the encoder must adapt: the paper's claims, tested", "",
              f"`{args.config.name}`, test split, seeds {', '.join(map(str, args.seeds))} (each seed also draws the "
-             "queries), paired by seed. The gate: GATE.md; the search: TUNING.md. Each claim's verdict follows its "
-             "test; p values are corrected with Holm's method over every tested claim.", "",
-             *main_table(runs, args.seeds), "", *claims_table(rows := claim_rows(runs, args.seeds)), "",
-             "![accuracy against cost](accuracy_cost.png)", "", *study_cost(args, runs)]
-    for phase, found in runs.items():
-        (args.out / "runs" / phase).mkdir(parents=True, exist_ok=True)
-        for name in found:
-            shutil.copyfile(args.runs / phase / name / "results.json", args.out / "runs" / phase / f"{name}.json")
+             "queries), paired by seed. The regime, its measured cost per run and the budget: REGIME.md; the gate: "
+             "GATE.md; the search: TUNING.md and PRUNING.md. Each claim's verdict follows its test; p values are "
+             "corrected with Holm's method over every claim tested so far. Every number comes from a results.json "
+             "in `runs/PHASE/`. Written by `python scripts/fpi96_study.py --phase report`.", "",
+             "## Progress", "", *progress(args, runs), "", "## The methods (test split)", "",
+             *main_table(runs, args.seeds), "", "## The claims", "", *claims_table(rows := claim_rows(runs, args.seeds)),
+             "", "![accuracy against cost](accuracy_cost.png)", "", *study_cost(args, runs)]
     text = "\n".join(lines)
     atomic_write_text(args.out / "README.md", text)
     if rows:

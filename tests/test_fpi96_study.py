@@ -134,8 +134,9 @@ def test_the_pruning_phase_runs_out_each_pruned_trial_and_says_what_it_saved(tmp
     assert "950 s with pruning against 1400 s" in text and "a choice changes for 1 of 2 methods" in text
 
 
-def _full(avg, forgetting=0.01, seconds=(10.0,) * 6, estimated=False):
-    cost = [{"train_seconds": s, "estimated": estimated and i < len(seconds) - 1} for i, s in enumerate(seconds)]
+def _full(avg, forgetting=0.01, seconds=(10.0,) * 6, estimated=False, per_step=0.1):
+    cost = [{"train_seconds": s, "steps": round(s / per_step), "estimated": estimated and i < len(seconds) - 1}
+            for i, s in enumerate(seconds)]
     return {"complete": True, "final": {"average_map": avg}, "metrics": [{"average_forgetting": forgetting}],
             "cost": cost}
 
@@ -186,6 +187,55 @@ def test_the_report_tests_each_claim_with_holm_from_the_runs(tmp_path):
     assert "56.03 ± 0.25" in mclfir_row
     assert (tmp_path / "out" / "accuracy_cost.png").stat().st_size > 1000
     assert (tmp_path / "out" / "runs" / "noise" / "mclfir_noisy_s1.json").is_file()
+    assert "| seeds | 15 of 15 | - |" in text and "| orders | 8 of 8 | - |" in text
+    # a fresh checkout has no run folders: the committed copies give the same report
+    import shutil
+    shutil.rmtree(runs)
+    assert study.report_phase(args) == text
+    # a phase cut short is said, and its claim waits for it
+    (tmp_path / "out" / "runs" / "noise" / "lwf_noisy_s2.json").unlink()
+    (tmp_path / "out" / "runs" / "budget" / "static_train_x2_s2.json").unlink()
+    again = study.report_phase(args)
+    assert "| noise | 11 of 12 | lwf_noisy_s2 |" in again and "| budget | 8 of 9 | static_train_x2_s2 |" in again
+    assert any(ln.startswith("| Messy data") for ln in again.splitlines())   # lwf's drop is not in its test
+
+
+def test_the_budget_curve_prices_steps_at_the_seeds_phase_seconds_per_step():
+    """The budget runs may run in another session or share the cores: their cost is their steps at the seconds
+    per step of the seeds phase's retraining, measured beside MCL-FIR's runs."""
+    runs = {"seeds": {"static_train_s0": _full(0.56, seconds=(60.0,), per_step=0.1)},
+            "budget": {f"static_train_x{f:g}_s0": _full(0.5 + 0.01 * f, seconds=(600.0 * f,), per_step=1.0)
+                       for f in study.BUDGETS}}
+    curve = [x for point in study.budget_curve(runs, 0) for x in point]
+    assert curve == pytest.approx([60.0, 56.0, *(x for f in study.BUDGETS for x in (60.0 * f, 50.0 + f))])
+    assert study.budget_curve(runs, 1) == []
+
+
+def test_a_phase_resumes_from_its_committed_copies_in_a_fresh_checkout(tmp_path, monkeypatch):
+    """A run's results are copied beside the report as it ends; with the run folder gone (a new machine), the
+    copy made with the same settings is kept, one with other settings runs again, one cut short is exit 2."""
+    from mclfir_dist.config import to_dict
+    from mclfir_dist.configure import load_config
+    ran = []
+
+    def fake_run(config, out, overrides, log, prog):
+        ran.append(out.name)
+        return {"complete": True, "config": to_dict(load_config(config, list(overrides))), "wall_seconds": 12.0,
+                "final": {"average_map": 0.5}}
+
+    monkeypatch.setattr(study.runner, "run_train", fake_run)
+    args = study.parse_args(["--phase", "seeds", "--runs", str(tmp_path / "r"), "--out", str(tmp_path / "o")])
+    chosen = {"lwf": {"optim.lr": 0.001}}
+    study.study_run(args, "seeds", "lwf_s0", "lwf", chosen, study.seed_overrides(0, "test"))
+    copy = tmp_path / "o" / "runs" / "seeds" / "lwf_s0.json"
+    assert ran == ["lwf_s0"] and copy.is_file()
+    assert study.study_run(args, "seeds", "lwf_s0", "lwf", chosen, study.seed_overrides(0, "test"))["wall_seconds"] == 12.0
+    assert ran == ["lwf_s0"]
+    study.study_run(args, "seeds", "lwf_s0", "lwf", {"lwf": {"optim.lr": 0.002}}, study.seed_overrides(0, "test"))
+    assert ran == ["lwf_s0"] * 2
+    copy.write_text('{"complete": tr')
+    with pytest.raises(study.runner.UsageError):
+        study.study_run(args, "seeds", "lwf_s0", "lwf", chosen, study.seed_overrides(0, "test"))
 
 
 def test_interpolation_on_the_cost_curve_is_linear_in_log_cost():
