@@ -501,6 +501,56 @@ def budget_rows(runs: dict, seeds) -> list:
                 d.p, sign=d.mean)]
 
 
+def curve_table(runs: dict, seeds) -> list:
+    """Where each method sits against static's accuracy-cost curve: its mAP against the curve's at its own
+    training seconds, per seed then averaged (descriptive; MCL-FIR's is tested among the claims)."""
+    got = runs.get("seeds", {})
+    curves = {s: c for s in seeds if len(c := budget_curve(runs, s)) == len(BUDGETS) + 1}
+    lines = ["| method | training s | final mAP | static's curve at that cost | difference |", "|---|---|---|---|---|"]
+    for m in [m for m in METHODS if m != "static_train"]:   # static_train is the curve
+        rs = {s: got[f"{m}_s{s}"] for s in curves if f"{m}_s{s}" in got}
+        if not rs:
+            continue
+        cost = [total_cost(r) for r in rs.values()]
+        at = [interpolate(curves[s], total_cost(r)) for s, r in rs.items()]
+        own = [final_map(r) for r in rs.values()]
+        lines.append(f"| {m} | {mean_std(cost)} | {mean_std(own)} | {mean_std(at)} | "
+                     f"{mean_std([a - b for a, b in zip(own, at)])} |")
+    return lines if len(lines) > 2 else []
+
+
+def orders_table(runs: dict, seeds) -> list:
+    """Each order's final mAP per method (first seed) and MCL-FIR's cost against static-cumulative's there."""
+    seed, lines = seeds[0], ["| order | " + " | ".join((*CONTINUAL, "static_train")) + " | mclfir / static-cumulative |",
+                             "|---|---|---|---|---|---|"]
+    for order in ("default", *ORDERS):
+        found = {m: (runs.get("seeds", {}).get(f"{m}_s{seed}") if order == "default"
+                     else runs.get("orders", {}).get(f"{m}_{order}_s{seed}")) for m in (*CONTINUAL, "static_train")}
+        if not any(found.values()):
+            continue
+        share = (f"{100 * total_cost(found['mclfir']) / total_cost(found['static_train']):.1f}%"
+                 if found["mclfir"] and found["static_train"] else "-")
+        lines.append(f"| {order} | " + " | ".join(f"{final_map(r):.2f}" if r else "-" for r in found.values())
+                     + f" | {share} |")
+    return lines if len(lines) > 3 else []
+
+
+def noise_table(runs: dict, seeds) -> list:
+    """Each method's final mAP clean and with noisy training labels, and the drop, over the seeds both have."""
+    clean, noisy = runs.get("seeds", {}), runs.get("noise", {})
+    lines = ["| method | seeds | clean | noisy labels | drop |", "|---|---|---|---|---|"]
+    for m in (*CONTINUAL, "static_train"):
+        ss = [s for s in seeds if f"{m}_s{s}" in clean and f"{m}_noisy_s{s}" in noisy]
+        if ss:
+            c, n = [final_map(clean[f"{m}_s{s}"]) for s in ss], [final_map(noisy[f"{m}_noisy_s{s}"]) for s in ss]
+            lines.append(f"| {m} | {len(ss)} | {mean_std(c)} | {mean_std(n)} | {mean_std([a - b for a, b in zip(c, n)])} |")
+    return lines if len(lines) > 2 else []
+
+
+def section(title: str, lines: list) -> list:
+    return [f"## {title}", "", *lines, ""] if lines else []
+
+
 def verdicts(rows: list) -> list:
     """(row, Holm-adjusted p or None, verdict word) per row: Holm's correction over every tested p
     (equivalence and differences together)."""
@@ -632,7 +682,12 @@ def report_phase(args) -> str:
              "in `runs/PHASE/`. Written by `python scripts/fpi96_study.py --phase report`.", "",
              "## Progress", "", *progress(args, runs), "", "## The methods (test split)", "",
              *main_table(runs, args.seeds), "", "## The claims", "", *claims_table(rows := claim_rows(runs, args.seeds)),
-             "", "![accuracy against cost](accuracy_cost.png)", "", *study_cost(args, runs)]
+             "", "![accuracy against cost](accuracy_cost.png)", "",
+             *section("Against static's accuracy-cost curve (training seconds; static: its final retraining at "
+                      "0.25x-2x its steps)", curve_table(runs, args.seeds)),
+             *section(f"Attribute orders (seed {args.seeds[0]})", orders_table(runs, args.seeds)),
+             *section(f"Noisy labels ({int(100 * NOISE)}% of training labels wrong, evaluation clean)",
+                      noise_table(runs, args.seeds)), *study_cost(args, runs)]
     text = "\n".join(lines)
     atomic_write_text(args.out / "README.md", text)
     if rows:

@@ -164,7 +164,8 @@ def test_the_report_tests_each_claim_with_holm_from_the_runs(tmp_path):
             put("noise", f"{m}_noisy_s{s}", _full(base + j - drop))
     for o, j in zip(study.ORDERS, (0.004, -0.006)):
         for m, base in (("mclfir", 0.560), ("lwf", 0.556), ("finetune", 0.528), ("static_train", 0.56)):
-            put("orders", f"{m}_{o}_s0", _full(base + j))
+            put("orders", f"{m}_{o}_s0", _full(base + j) if m != "static_train" else
+                _full(base + j, 0.0, tuple(10.0 * (i + 1) for i in range(6)), estimated=True))
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{study.README_START}\n- old bullet\n{study.README_END}\n- next\n")
     args = study.parse_args(["--phase", "report", "--runs", str(runs), "--out", str(tmp_path / "out"),
@@ -188,6 +189,11 @@ def test_the_report_tests_each_claim_with_holm_from_the_runs(tmp_path):
     assert (tmp_path / "out" / "accuracy_cost.png").stat().st_size > 1000
     assert (tmp_path / "out" / "runs" / "noise" / "mclfir_noisy_s1.json").is_file()
     assert "| seeds | 15 of 15 | - |" in text and "| orders | 8 of 8 | - |" in text
+    assert "| reversed | 56.40 | 56.00 | 53.20 | 56.40 | 28.6% |" in text   # seed 0 in the reversed order
+    assert "| mclfir | 3 | 56.03 ± 0.25 | 55.03 ± 0.25 | 1.00 ± 0.00 |" in text   # clean, noisy, drop
+    # mclfir's 60 s sit at static's 1x point on each seed's curve (0.1 s a step x 600 steps)
+    assert "| mclfir | 60.00 ± 0.00 | 56.03 ± 0.25 | 56.18 ± 0.23 | -0.15 ± 0.10 |" in text
+    assert "| static_frozen | 30.00 ± 0.00 |" in text and "| static_train | 210" not in text
     # a fresh checkout has no run folders: the committed copies give the same report
     import shutil
     shutil.rmtree(runs)
