@@ -581,8 +581,9 @@ README_START, README_END = "<!-- fpi96 results: scripts/fpi96_study.py --phase r
     "<!-- /fpi96 results -->"
 
 
-def write_readme_results(readme: Path, rows: list, seeds) -> None:
-    """The repository README's 96 px bullet, regenerated from the claims (between its two markers)."""
+def write_readme_results(readme: Path, rows: list, seeds, left: dict) -> None:
+    """The repository README's 96 px bullet, regenerated from the claims (between its two markers); LEFT:
+    {phase: runs still to run}, said so that a partial study reads as one."""
     text = readme.read_text()
     if README_START not in text or README_END not in text:
         runner.usage_error(PROG, f"{readme}: no '{README_START}' ... '{README_END}' markers to write between")
@@ -590,6 +591,9 @@ def write_readme_results(readme: Path, rows: list, seeds) -> None:
     bullet = (f"- **Real photos at 96 px, where the encoder must adapt** (EfficientNet-Lite0, 6 increments, test "
               f"split, {len(seeds)} seeds paired, every method tuned alike on validation, Holm-corrected; "
               f"`docs/results/fpi96/README.md`): {claims}.")
+    todo = [f"{phase} ({n} run{'s' * (n > 1)})" for phase, n in left.items() if n]
+    if todo:
+        bullet += f" **Still to run: {', '.join(todo)}**; the claims that need them have no verdict yet."
     head, rest = text.split(README_START, 1)
     atomic_write_text(readme, head + README_START + "\n" + bullet + "\n" + README_END + rest.split(README_END, 1)[1])
 
@@ -654,12 +658,17 @@ def planned(args) -> dict:
     return names
 
 
+def runs_left(args, runs: dict) -> dict:
+    """{phase: the planned runs it has not done}."""
+    return {phase: [n for n in names if n not in runs.get(phase, {})] for phase, names in planned(args).items()}
+
+
 def progress(args, runs: dict) -> list:
     """Which phases are done: a claim whose runs are missing has no row yet."""
     lines = ["| phase | runs done | runs left |", "|---|---|---|"]
-    for phase, names in planned(args).items():
-        left = [n for n in names if n not in runs.get(phase, {})]
-        lines.append(f"| {phase} | {len(names) - len(left)} of {len(names)} | {', '.join(left) or '-'} |")
+    for phase, left in runs_left(args, runs).items():
+        done = len(planned(args)[phase]) - len(left)
+        lines.append(f"| {phase} | {done} of {len(planned(args)[phase])} | {', '.join(left) or '-'} |")
     return lines
 
 
@@ -691,7 +700,7 @@ def report_phase(args) -> str:
     text = "\n".join(lines)
     atomic_write_text(args.out / "README.md", text)
     if rows:
-        write_readme_results(args.readme, rows, args.seeds)
+        write_readme_results(args.readme, rows, args.seeds, {k: len(v) for k, v in runs_left(args, runs).items()})
     return text
 
 

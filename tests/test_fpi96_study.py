@@ -204,6 +204,8 @@ def test_the_report_tests_each_claim_with_holm_from_the_runs(tmp_path):
     again = study.report_phase(args)
     assert "| noise | 11 of 12 | lwf_noisy_s2 |" in again and "| budget | 8 of 9 | static_train_x2_s2 |" in again
     assert any(ln.startswith("| Messy data") for ln in again.splitlines())   # lwf's drop is not in its test
+    assert "**Still to run: budget (1 run), noise (1 run)**" in readme.read_text()
+    assert "Still to run" not in bullet
 
 
 def test_the_budget_curve_prices_steps_at_the_seeds_phase_seconds_per_step():
