@@ -23,9 +23,13 @@ tune  Every method (METHODS) gets its own `mclfir tune` study with the same samp
 pruning  Every trial the tune phase pruned, run again to its end as a plain run with the same settings: the
       seconds pruning saved and whether a pruned trial would have beaten the chosen one (OUT/PRUNING.md).
 
-`--phase all` runs gate, tune, pruning, seeds, budget, orders, noise and report in order, one command for the
-whole study. Runs whose results.json is complete with the same settings are kept, so the script can be stopped (Ctrl-C)
-and started again. Misuse (a wrong config key, a missing CSV) is one line and exit 2.
+seeds, budget, orders, noise, sensitivity  The test-split runs (docs/evaluation.md, "The 96 px study");
+      sensitivity: static retrained at the config's own values, not the search's.
+
+`--phase all` runs gate, tune, pruning, seeds, budget, orders, noise, sensitivity and report in order, one command
+for the whole study. Each test-split run's results are copied to OUT/runs/PHASE/NAME.json as it ends; a run whose
+results (run folder or copy) are complete with the same settings is kept, so the script can be stopped (Ctrl-C)
+and started again, in a fresh checkout too. Misuse (a wrong config key, a missing CSV) is one line and exit 2.
 """
 from __future__ import annotations
 
@@ -343,6 +347,26 @@ def noise_phase(args, chosen: dict) -> None:
             study_run(args, "noise", f"{method}_noisy_s{seed}", method, chosen, extra)
 
 
+def config_point(out: Path) -> dict:
+    """static_train's trial 0 in the tune record: the config's own values (the gate's lr for a trainable
+    encoder), which the search ranked below the values the study goes on with."""
+    import json
+    try:
+        return json.loads((out / "tuning.json").read_text())["methods"]["static_train"]["trials"][0]["params"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        runner.usage_error(PROG, f"{out / 'tuning.json'} has no static_train trial 0 ({type(e).__name__}: {e}): "
+                                 "run --phase tune first")
+
+
+def sensitivity_phase(args, chosen: dict) -> None:
+    """Does the result rest on static's tuning? static_train's final retraining at the config's own values
+    (tuned on 3 increments, the search chose others; the gate ran these on all 6), every seed, test split."""
+    values = {"static_train": config_point(args.out)}
+    for seed in args.seeds:
+        study_run(args, "sensitivity", f"static_train_config_s{seed}", "static_train", values,
+                  [*seed_overrides(seed, "test"), "train.static_final_only=true"])
+
+
 # ---------------------------------------------------------------- report
 
 EQUIVALENCE = 1.0   # "comparable": the paired difference's 90% interval inside +-1 point (TOST at 5%)
@@ -394,10 +418,28 @@ def total_cost(res: dict) -> float:
 
 
 def row(claim: str, test: str, effect: str, p=None, kind: str = "difference", sign: float = 0.0,
-        verdict: str = "") -> dict:
-    """One claim's line: kind 'equivalence' (TOST p), 'difference' (paired t p, sign of the effect), or a
-    threshold with its verdict given (no p)."""
-    return {"claim": claim, "test": test, "effect": effect, "p": p, "kind": kind, "sign": sign, "verdict": verdict}
+        verdict: str = "", interval=(0.0, 0.0)) -> dict:
+    """One claim's line: kind 'equivalence' (TOST p; its 90% interval, to say on which side it falls out),
+    'difference' (paired t p, sign of the effect), or a threshold with its verdict given (no p)."""
+    return {"claim": claim, "test": test, "effect": effect, "p": p, "kind": kind, "sign": sign, "verdict": verdict,
+            "interval": interval}
+
+
+def equivalence_row(claim: str, a, b) -> dict:
+    """TOST of a - b (paired, points) inside +-EQUIVALENCE."""
+    eq = tost_paired(a, b, EQUIVALENCE)
+    return row(claim, f"TOST, paired over {len(a)} seeds, margin +-{EQUIVALENCE:g} point",
+               f"{eq.mean:+.2f} points, 90% interval [{eq.low:+.2f}, {eq.high:+.2f}]", eq.p, "equivalence",
+               interval=(eq.low, eq.high))
+
+
+def equivalence_word(r: dict, p_holm: float) -> str:
+    low, high = r["interval"]
+    if p_holm < 0.05:
+        return "equivalent"
+    if low > EQUIVALENCE or high < -EQUIVALENCE:   # the whole interval past the margin: not comparable, and which way
+        return f"not equivalent: {'above' if low > 0 else 'below'}"
+    return "not shown equivalent"
 
 
 def claim_rows(runs: dict, seeds) -> list:
@@ -406,12 +448,9 @@ def claim_rows(runs: dict, seeds) -> list:
     have = [s for s in seeds if f"mclfir_s{s}" in got and f"static_train_s{s}" in got]
     if len(have) < 2:
         return []
-    mc = [final_map(got[f"mclfir_s{s}"]) for s in have]
-    st = [final_map(got[f"static_train_s{s}"]) for s in have]
-    eq = tost_paired(mc, st, EQUIVALENCE)
-    rows = [row("Comparable to static retraining (trainable encoder)",
-                f"TOST, paired over {len(have)} seeds, margin +-{EQUIVALENCE:g} point",
-                f"{eq.mean:+.2f} points, 90% interval [{eq.low:+.2f}, {eq.high:+.2f}]", eq.p, "equivalence")]
+    rows = [equivalence_row("Comparable to static retraining (trainable encoder)",
+                            [final_map(got[f"mclfir_s{s}"]) for s in have],
+                            [final_map(got[f"static_train_s{s}"]) for s in have])]
     ratios = [total_cost(got[f"mclfir_s{s}"]) / total_cost(got[f"static_train_s{s}"]) for s in have]
     rows.append(row(f"At most {100 * COST_CLAIM:.0f}% of static-cumulative's training cost",
                     f"training seconds per seed (seed {have[0]}: every retraining run; the others' earlier "
@@ -425,7 +464,20 @@ def claim_rows(runs: dict, seeds) -> list:
                        [final_map(got[f"{other}_s{s}"]) for s in pairs])
             rows.append(row(f"MCL-FIR against {other}", f"paired t over {d.n} seeds",
                             f"{d.interval_text(1.0)} points (d_z {d.d_z:.2f})", d.p, sign=d.mean))
-    return rows + budget_rows(runs, seeds) + noise_rows(runs, seeds) + order_rows(runs, seeds)
+    return rows + budget_rows(runs, seeds) + noise_rows(runs, seeds) + order_rows(runs, seeds) + \
+        sensitivity_rows(runs, seeds)
+
+
+def sensitivity_rows(runs: dict, seeds) -> list:
+    """MCL-FIR against static retrained at the config's own values: does the comparison rest on static's
+    tuning? An equivalence test, as the first claim."""
+    got, other = runs.get("seeds", {}), runs.get("sensitivity", {})
+    ss = [s for s in seeds if f"mclfir_s{s}" in got and f"static_train_config_s{s}" in other]
+    if len(ss) < 2:
+        return []
+    return [equivalence_row("Sensitivity: comparable to static retrained at the config's own values (not the "
+                            "search's)", [final_map(got[f"mclfir_s{s}"]) for s in ss],
+                            [final_map(other[f"static_train_config_s{s}"]) for s in ss])]
 
 
 def noise_rows(runs: dict, seeds) -> list:
@@ -560,7 +612,7 @@ def verdicts(rows: list) -> list:
     for i, r in enumerate(rows):
         ph = adjusted.get(i)
         if r["kind"] == "equivalence":
-            word = "equivalent" if ph < 0.05 else "not shown equivalent"
+            word = equivalence_word(r, ph)
         elif r["kind"] == "difference":
             word = "not distinguishable" if ph >= 0.05 else ("above" if r["sign"] > 0 else "below")
         else:
@@ -654,7 +706,8 @@ def planned(args) -> dict:
              "budget": [f"static_train_x{f:g}_s{s}" for s in args.seeds for f in BUDGETS],
              "orders": [f"{m}_{o}_s{args.seeds[0]}" for o in ORDERS for m in args.methods
                         if m in (*CONTINUAL, "static_train")],
-             "noise": [f"{m}_noisy_s{s}" for s in args.seeds for m in args.methods if m in (*CONTINUAL, "static_train")]}
+             "noise": [f"{m}_noisy_s{s}" for s in args.seeds for m in args.methods if m in (*CONTINUAL, "static_train")],
+             "sensitivity": [f"static_train_config_s{s}" for s in args.seeds]}
     return names
 
 
@@ -705,7 +758,7 @@ def report_phase(args) -> str:
 
 
 PHASES = {"pruning": pruning_phase, "seeds": seeds_phase, "budget": budget_phase, "orders": orders_phase,
-          "noise": noise_phase}
+          "noise": noise_phase, "sensitivity": sensitivity_phase}
 
 
 # ---------------------------------------------------------------- command line

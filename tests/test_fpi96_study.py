@@ -162,6 +162,7 @@ def test_the_report_tests_each_claim_with_holm_from_the_runs(tmp_path):
         for m, drop in (("mclfir", 0.010), ("lwf", 0.012), ("finetune", 0.02), ("static_train", 0.011 + 0.001 * s)):
             base = {"mclfir": 0.560, "lwf": 0.556, "finetune": 0.530, "static_train": 0.5605 + 0.001 * s}[m]
             put("noise", f"{m}_noisy_s{s}", _full(base + j - drop))
+        put("sensitivity", f"static_train_config_s{s}", _full(0.5905 + j + 0.002 * s))   # ~3 points above mclfir
     for o, j in zip(study.ORDERS, (0.004, -0.006)):
         for m, base in (("mclfir", 0.560), ("lwf", 0.556), ("finetune", 0.528), ("static_train", 0.56)):
             put("orders", f"{m}_{o}_s0", _full(base + j) if m != "static_train" else
@@ -180,6 +181,8 @@ def test_the_report_tests_each_claim_with_holm_from_the_runs(tmp_path):
     cost = claims["At most 35% of static-cumulative's training cost"]
     assert "28.6-28.6%" in cost and cost.endswith("| holds |")                # 60 s of 210 s for every seed
     assert claims["MCL-FIR against finetune"].endswith("| above |")
+    sensitivity = next(v for k, v in claims.items() if k.startswith("Sensitivity"))
+    assert sensitivity.endswith("| not equivalent: below |")   # its whole interval below -1 point
     assert "Holm" in text and text.count("| p (Holm) |") == 1
     assert "## What the study cost" in text and "| total |" in text
     assert any(k.startswith("Accuracy against cost") for k in claims)
@@ -189,6 +192,7 @@ def test_the_report_tests_each_claim_with_holm_from_the_runs(tmp_path):
     assert (tmp_path / "out" / "accuracy_cost.png").stat().st_size > 1000
     assert (tmp_path / "out" / "runs" / "noise" / "mclfir_noisy_s1.json").is_file()
     assert "| seeds | 15 of 15 | - |" in text and "| orders | 8 of 8 | - |" in text
+    assert "| sensitivity | 3 of 3 | - |" in text
     assert "| reversed | 56.40 | 56.00 | 53.20 | 56.40 | 28.6% |" in text   # seed 0 in the reversed order
     assert "| mclfir | 3 | 56.03 ± 0.25 | 55.03 ± 0.25 | 1.00 ± 0.00 |" in text   # clean, noisy, drop
     # mclfir's 60 s sit at static's 1x point on each seed's curve (0.1 s a step x 600 steps)
@@ -294,7 +298,8 @@ def test_phase_all_runs_every_phase_in_order_and_stops_at_a_failed_gate(tmp_path
     monkeypatch.setattr(study, "report_phase", lambda args: done.append("report") or "REPORT")
     rc = study.main(["--phase", "all", "--runs", str(tmp_path / "r"), "--out", str(tmp_path / "o")])
     if passes:
-        assert rc == 0 and done == ["gate", "tune", "pruning", "seeds", "budget", "orders", "noise", "report"]
+        assert rc == 0 and done == ["gate", "tune", "pruning", "seeds", "budget", "orders", "noise", "sensitivity",
+                                    "report"]
     else:
         assert rc == 1 and done == ["gate"]
 
@@ -321,3 +326,26 @@ def test_the_study_goes_on_with_a_pruned_trial_that_ran_out_above_the_kept_one(t
     (tmp_path / "pruning.json").write_text("{")
     with pytest.raises(study.runner.UsageError):
         study.load_chosen(tmp_path, ["lwf"])
+
+
+def test_the_sensitivity_phase_retrains_static_at_the_configs_own_values(tmp_path, monkeypatch):
+    """static_train's trial 0 (the config's point), every seed, test split, final retraining only."""
+    import json
+    asked = []
+    monkeypatch.setattr(study.runner, "run_train",
+                        lambda config, out, overrides, log, prog: asked.append((out.name, overrides)) or {})
+    out = tmp_path / "o"
+    out.mkdir()
+    trials = [{"number": 0, "params": {"optim.lr": 0.0005, "optim.first_encoder_lr_scale": 0.2}},
+              {"number": 7, "params": {"optim.lr": 0.0012, "optim.first_encoder_lr_scale": 0.19}}]
+    (out / "tuning.json").write_text(json.dumps({"methods": {"static_train": {"trials": trials}}}))
+    args = study.parse_args(["--phase", "sensitivity", "--seeds", "0", "1", "--runs", str(tmp_path / "r"),
+                             "--out", str(out)])
+    study.sensitivity_phase(args, {})
+    assert [n for n, _ in asked] == ["static_train_config_s0", "static_train_config_s1"]
+    over = asked[1][1]
+    assert {"optim.lr=0.0005", "optim.first_encoder_lr_scale=0.2", "train.method=static_joint", "eval.split=test",
+            "train.static_final_only=true", "train.seed=1"} <= set(over)
+    (out / "tuning.json").write_text("{}")
+    with pytest.raises(study.runner.UsageError):
+        study.sensitivity_phase(args, {})
