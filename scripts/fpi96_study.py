@@ -599,6 +599,21 @@ def noise_table(runs: dict, seeds) -> list:
     return lines if len(lines) > 2 else []
 
 
+def step_table(runs: dict, seeds) -> list:
+    """Seconds per training step of each seeds-phase run (its measured increments): the host's speed drifts
+    within a session, and this shows how much of a cost ratio is the method and how much the hour it ran in."""
+    got = runs.get("seeds", {})
+    lines = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for m in METHODS:
+        cells = []
+        for s in seeds:
+            measured = [c for c in got[f"{m}_s{s}"]["cost"] if not c.get("estimated")] if f"{m}_s{s}" in got else []
+            steps = sum(c.get("steps", 0) for c in measured)
+            cells.append(f"{sum(c['train_seconds'] for c in measured) / steps:.3f}" if steps else "-")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def section(title: str, lines: list) -> list:
     return [f"## {title}", "", *lines, ""] if lines else []
 
@@ -747,6 +762,8 @@ def report_phase(args) -> str:
              "", "![accuracy against cost](accuracy_cost.png)", "",
              *section("Against static's accuracy-cost curve (training seconds; static: its final retraining at "
                       "0.25x-2x its steps)", curve_table(runs, args.seeds)),
+             *section("Seconds per training step (the seeds phase, in the order the runs ran: seed by seed)",
+                      step_table(runs, args.seeds)),
              *section(f"Attribute orders (seed {args.seeds[0]})", orders_table(runs, args.seeds)),
              *section(f"Noisy labels ({int(100 * NOISE)}% of training labels wrong, evaluation clean)",
                       noise_table(runs, args.seeds)), *study_cost(args, runs)]
