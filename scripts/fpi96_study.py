@@ -707,7 +707,7 @@ def plot_curve(runs: dict, seeds, path: Path) -> None:
         if rs:
             ax.plot(sum(total_cost(r) for r in rs) / len(rs), sum(final_map(r) for r in rs) / len(rs), "s", label=m)
     ax.set_xscale("log")
-    ax.set_xlabel("training seconds (static: its final retraining)")
+    ax.set_xlabel("training seconds (squares: every increment; curve: static's final retraining only)")
     ax.set_ylabel("final average mAP (test)")
     ax.legend(fontsize=7)
     fig.tight_layout()
