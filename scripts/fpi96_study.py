@@ -26,7 +26,10 @@ pruning  Every trial the tune phase pruned, run again to its end as a plain run 
 seeds, budget, orders, noise, sensitivity  The test-split runs (docs/evaluation.md, "The 96 px study");
       sensitivity: static retrained at the config's own values, not the search's.
 
-`--phase all` runs gate, tune, pruning, seeds, budget, orders, noise, sensitivity and report in order, one command
+cost  MCL-FIR's and static's seconds per step measured side by side (mclfir_dist/bench/cost.py), for the cost
+      claim's steps x seconds-per-step measure (OUT/cost_side_by_side.json). Run it with nothing else running.
+
+`--phase all` runs gate, tune, pruning, seeds, budget, orders, noise, sensitivity, cost and report in order, one command
 for the whole study. Each test-split run's results are copied to OUT/runs/PHASE/NAME.json as it ends; a run whose
 results (run folder or copy) are complete with the same settings is kept, so the script can be stopped (Ctrl-C)
 and started again, in a fresh checkout too. Misuse (a wrong config key, a missing CSV) is one line and exit 2.
@@ -281,11 +284,18 @@ def copy_path(args, phase: str, name: str) -> Path:
     return args.out / "runs" / phase / f"{name}.json"
 
 
+def save_copy(args, phase: str, name: str, res: dict) -> None:
+    """Commit-ready copy of a run's results (atomic: a copy is whole or absent)."""
+    import json
+    copy = copy_path(args, phase, name)
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(copy, json.dumps(res, indent=1))
+
+
 def study_run(args, phase: str, name: str, method: str, chosen: dict, extra) -> dict:
     """One test-split run of `method` with its chosen values, under RUNS/phase/name. Its results (with the
     run's own wall clock) are copied to OUT/runs/phase/name.json as it ends; a complete copy made with the same
     settings counts as done, so a phase resumes in a fresh checkout too."""
-    import json
     d, copy = args.runs / phase, copy_path(args, phase, name)
     overrides = [*METHODS[method], *(f"{k}={v}" for k, v in chosen[method].items()), *extra, *args.set]
     if copy.is_file() and not (d / name / "results.json").is_file():
@@ -295,8 +305,7 @@ def study_run(args, phase: str, name: str, method: str, chosen: dict, extra) -> 
             return res
     d.mkdir(parents=True, exist_ok=True)
     res = runner.run_train(args.config, d / name, overrides, d / f"{name}.log", prog=PROG)
-    copy.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(copy, json.dumps(res, indent=1))
+    save_copy(args, phase, name, res)
     return res
 
 
@@ -365,6 +374,39 @@ def sensitivity_phase(args, chosen: dict) -> None:
     for seed in args.seeds:
         study_run(args, "sensitivity", f"static_train_config_s{seed}", "static_train", values,
                   [*seed_overrides(seed, "test"), "train.static_final_only=true"])
+
+
+COST_ROUNDS, COST_STEPS = 5, 10   # bench.cost: turns per arm, timed steps per turn
+
+
+def side_by_side_path(args) -> Path:
+    return args.out / "cost_side_by_side.json"
+
+
+def cost_phase(args, chosen: dict) -> None:
+    """MCL-FIR's and static_train's seconds per step measured side by side (bench.cost: each in its own process,
+    taking turns), so the cost claim's steps x seconds-per-step measure is not decided by the hour each run ran
+    in. MCL-FIR at its first increment (no teacher), its second and its last; static at its first and last."""
+    import subprocess
+    from mclfir_dist.configure import load_config
+    path = side_by_side_path(args)
+    if path.is_file():
+        print(f"  side by side: done before, kept ({path}); delete it to measure again", flush=True)
+        return
+    last = len(load_config(args.config, list(args.set)).train.increments) - 1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arms = [("mclfir", 0), ("mclfir", 1), ("mclfir", last), ("static_train", 0), ("static_train", last)]
+    cmd = [sys.executable, "-m", "mclfir_dist.bench.cost", "--config", str(args.config), "--rounds",
+           str(COST_ROUNDS), "--steps", str(COST_STEPS), "--json", str(path), "--out", str(args.runs / "cost"),
+           *seed_overrides(args.seeds[0], "test"), *args.set]
+    for method, index in arms:
+        cmd += ["--arm", method, str(index), *METHODS[method], *(f"{k}={v}" for k, v in chosen[method].items())]
+    print(f"  side by side: {', '.join(f'{m}@{i}' for m, i in arms)}, {COST_ROUNDS} rounds of {COST_STEPS} steps",
+          flush=True)
+    rc = subprocess.run(cmd).returncode
+    if rc:   # bench.cost said why; its arms' logs stay
+        print(f"{PROG}: bench.cost failed (exit {rc}; logs: {args.runs / 'cost'}); nothing written", file=sys.stderr)
+        raise SystemExit(2 if rc == 2 else 1)
 
 
 # ---------------------------------------------------------------- report
@@ -442,7 +484,37 @@ def equivalence_word(r: dict, p_holm: float) -> str:
     return "not shown equivalent"
 
 
-def claim_rows(runs: dict, seeds) -> list:
+def per_step_at(side: dict, method: str, index: int, turn=None) -> float:
+    """A method's side-by-side seconds per step at increment `index`: linear between its measured increments,
+    held flat past them; `turn`: that round's figure (default: the median over rounds)."""
+    pts = sorted((a["increment"], a["per_step"][turn] if turn is not None else a["median"])
+                 for a in side.values() if a["name"] == method)
+    for (i0, y0), (i1, y1) in zip(pts, pts[1:]):
+        if i0 <= index <= i1:
+            return y0 + (y1 - y0) * (index - i0) / (i1 - i0)
+    return pts[0][1] if index < pts[0][0] else pts[-1][1]
+
+
+def side_by_side_row(runs: dict, seeds, side: dict) -> list:
+    """The cost claim's second measure: each increment's steps (the seeds phase, first seed) x the seconds per
+    step measured side by side; a ratio per round (its arms ran minutes apart), the claim holds if every one does."""
+    got, seed = runs.get("seeds", {}), seeds[0]
+    if not side or f"mclfir_s{seed}" not in got or f"static_train_s{seed}" not in got:
+        return []
+    n = min(len(a["per_step"]) for a in side.values())
+
+    def seconds(method, turn):
+        cost = got[f"{method}_s{seed}"]["cost"]
+        return sum(c["steps"] * per_step_at(side, method, i, turn) for i, c in enumerate(cost))
+    ratios = [seconds("mclfir", r) / seconds("static_train", r) for r in range(n)]
+    med = seconds("mclfir", None) / seconds("static_train", None)
+    return [row(f"At most {100 * COST_CLAIM:.0f}% of static-cumulative's training cost (steps x seconds per step)",
+                f"each increment's steps x seconds per step measured side by side (bench.cost, {n} rounds)",
+                f"{100 * med:.1f}% at the median seconds per step ({100 * min(ratios):.1f}-{100 * max(ratios):.1f}% "
+                "over rounds)", kind="threshold", verdict="holds" if max(ratios) <= COST_CLAIM else "does not hold")]
+
+
+def claim_rows(runs: dict, seeds, side: dict | None = None) -> list:
     """A row for each of the paper's claims the runs can test, and MCL-FIR against each baseline."""
     got = runs.get("seeds", {})
     have = [s for s in seeds if f"mclfir_s{s}" in got and f"static_train_s{s}" in got]
@@ -457,6 +529,7 @@ def claim_rows(runs: dict, seeds) -> list:
                     "retrainings from seconds per step)",
                     f"{100 * min(ratios):.1f}-{100 * max(ratios):.1f}% (mean {100 * sum(ratios) / len(ratios):.1f}%)",
                     kind="threshold", verdict="holds" if max(ratios) <= COST_CLAIM else "does not hold"))
+    rows += side_by_side_row(runs, seeds, side or {})
     for other in ("lwf", "finetune", "static_frozen"):
         pairs = [s for s in have if f"{other}_s{s}" in got]
         if len(pairs) >= 2:
@@ -614,6 +687,14 @@ def step_table(runs: dict, seeds) -> list:
     return lines
 
 
+def side_table(side: dict) -> list:
+    if not side:
+        return []
+    return ["| method | increment | heads trained | s/step (median) | range over rounds |", "|---|---|---|---|---|",
+            *(f"| {a['name']} | {a['increment']} | {len(a['train_heads'])} | {a['median']:.3f} | "
+              f"{min(a['per_step']):.3f}-{max(a['per_step']):.3f} |" for a in side.values())]
+
+
 def section(title: str, lines: list) -> list:
     return [f"## {title}", "", *lines, ""] if lines else []
 
@@ -737,20 +818,20 @@ def progress(args, runs: dict) -> list:
     for phase, left in runs_left(args, runs).items():
         done = len(planned(args)[phase]) - len(left)
         lines.append(f"| {phase} | {done} of {len(planned(args)[phase])} | {', '.join(left) or '-'} |")
-    return lines
+    done = side_by_side_path(args).is_file()
+    return lines + [f"| cost (side by side) | {int(done)} of 1 | {'-' if done else 'the measurement'} |"]
 
 
 def report_phase(args) -> str:
-    import json
     runs = collect(args)
     if not runs.get("seeds"):
         runner.usage_error(PROG, f"no complete runs under {args.runs / 'seeds'}: run --phase seeds first")
     args.out.mkdir(parents=True, exist_ok=True)
     for phase, found in runs.items():   # every run's results committed beside the report
         for name, res in found.items():
-            copy_path(args, phase, name).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(copy_path(args, phase, name), json.dumps(res, indent=1))
+            save_copy(args, phase, name, res)
     plot_curve(runs, args.seeds, args.out / "accuracy_cost.png")
+    side = read_record(side_by_side_path(args)) if side_by_side_path(args).is_file() else {}
     lines = ["# MCL-FIR where the encoder must adapt: the paper's claims, tested", "",
              f"`{args.config.name}`, test split, seeds {', '.join(map(str, args.seeds))} (each seed also draws the "
              "queries), paired by seed. The regime, its measured cost per run and the budget: REGIME.md; the gate: "
@@ -758,24 +839,28 @@ def report_phase(args) -> str:
              "corrected with Holm's method over every claim tested so far. Every number comes from a results.json "
              "in `runs/PHASE/`. Written by `python scripts/fpi96_study.py --phase report`.", "",
              "## Progress", "", *progress(args, runs), "", "## The methods (test split)", "",
-             *main_table(runs, args.seeds), "", "## The claims", "", *claims_table(rows := claim_rows(runs, args.seeds)),
+             *main_table(runs, args.seeds), "", "## The claims", "",
+             *claims_table(rows := claim_rows(runs, args.seeds, side)),
              "", "![accuracy against cost](accuracy_cost.png)", "",
              *section("Against static's accuracy-cost curve (training seconds; static: its final retraining at "
                       "0.25x-2x its steps)", curve_table(runs, args.seeds)),
              *section("Seconds per training step (the seeds phase, in the order the runs ran: seed by seed)",
                       step_table(runs, args.seeds)),
+             *section("Seconds per training step side by side (`--phase cost`: each arm in its own process, the arms "
+                      "taking turns; median and range over rounds)", side_table(side)),
              *section(f"Attribute orders (seed {args.seeds[0]})", orders_table(runs, args.seeds)),
              *section(f"Noisy labels ({int(100 * NOISE)}% of training labels wrong, evaluation clean)",
                       noise_table(runs, args.seeds)), *study_cost(args, runs)]
     text = "\n".join(lines)
     atomic_write_text(args.out / "README.md", text)
     if rows:
-        write_readme_results(args.readme, rows, args.seeds, {k: len(v) for k, v in runs_left(args, runs).items()})
+        left = {k: len(v) for k, v in runs_left(args, runs).items()}
+        write_readme_results(args.readme, rows, args.seeds, {**left, "cost": int(not side)})
     return text
 
 
 PHASES = {"pruning": pruning_phase, "seeds": seeds_phase, "budget": budget_phase, "orders": orders_phase,
-          "noise": noise_phase, "sensitivity": sensitivity_phase}
+          "noise": noise_phase, "sensitivity": sensitivity_phase, "cost": cost_phase}
 
 
 # ---------------------------------------------------------------- command line

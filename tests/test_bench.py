@@ -103,3 +103,29 @@ def test_bench_step_compares_precisions_in_four_processes_and_refuses_a_wrong_ke
     p = subprocess.run([sys.executable, "-m", "mclfir_dist.bench.step", *tiny, "--compare-precision", "optim.lrr=1"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert p.returncode == 2 and "optim.lrr" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_bench_cost_times_each_arm_in_turns_in_its_own_process(tiny_shards, tmp_path, capsys):
+    import json
+    import subprocess
+    import sys
+
+    from mclfir_dist.bench.cost import main
+    tiny = ["--config", str(ROOT / "configs/debug_cpu.yaml"), "--rounds", "2", "--steps", "1", "--warmup", "1",
+            f"data.shards={tiny_shards}", "data.image_size=32", "data.batch_doublets=8", "data.num_workers=0",
+            "model.head_channels=16", "model.embed_dim=8", "eval.frozen_baseline=false"]
+    results = main([*tiny, "--json", str(tmp_path / "cost.json"), "--arm", "mclfir", "0", "train.method=mclfir",
+                    "--arm", "static", "1", "train.method=static_joint"])
+    assert list(results) == ["mclfir@0", "static@1"] == list(json.loads((tmp_path / "cost.json").read_text()))
+    assert results["mclfir@0"]["train_heads"] == ["colour"]
+    assert results["static@1"]["train_heads"] == ["colour", "sleeve_length"]   # static retrains on both
+    assert all(len(r["per_step"]) == 2 and min(r["per_step"]) > 0 and r["images_per_step"] == 16
+               for r in results.values())
+    out = capsys.readouterr().out
+    assert "round 2/2" in out and "static@1" in out and "x first" in out
+    for bad, named in ((["--arm", "m", "9", "train.method=mclfir"], "increment 9"),
+                       (["--arm", "m", "0", "optim.lrr=1"], "optim.lrr"), (["--arm", "m"], "--arm")):
+        p = subprocess.run([sys.executable, "-m", "mclfir_dist.bench.cost", *tiny, *bad], capture_output=True,
+                           text=True, cwd=ROOT, timeout=300)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and named in p.stderr and len(lines) == 1, p.stderr

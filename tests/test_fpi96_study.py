@@ -167,6 +167,14 @@ def test_the_report_tests_each_claim_with_holm_from_the_runs(tmp_path):
         for m, base in (("mclfir", 0.560), ("lwf", 0.556), ("finetune", 0.528), ("static_train", 0.56)):
             put("orders", f"{m}_{o}_s0", _full(base + j) if m != "static_train" else
                 _full(base + j, 0.0, tuple(10.0 * (i + 1) for i in range(6)), estimated=True))
+    # side by side: MCL-FIR 0.1 s/step at its first increment, 0.11 then 0.12 later; static 0.1 throughout
+    (tmp_path / "out").mkdir()
+    arm = {"mclfir@0": ("mclfir", 0, [0.1, 0.1]), "mclfir@1": ("mclfir", 1, [0.11, 0.12]),
+           "mclfir@5": ("mclfir", 5, [0.11, 0.12]),
+           "static_train@0": ("static_train", 0, [0.1, 0.1]), "static_train@5": ("static_train", 5, [0.1, 0.1])}
+    (tmp_path / "out" / "cost_side_by_side.json").write_text(json.dumps(
+        {k: {"name": n, "increment": i, "per_step": v, "median": sum(v) / 2, "train_heads": ["a"] * (i + 1)}
+         for k, (n, i, v) in arm.items()}))
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{study.README_START}\n- old bullet\n{study.README_END}\n- next\n")
     args = study.parse_args(["--phase", "report", "--runs", str(runs), "--out", str(tmp_path / "out"),
@@ -180,6 +188,10 @@ def test_the_report_tests_each_claim_with_holm_from_the_runs(tmp_path):
     assert "TOST" in comparable and comparable.endswith("| equivalent |")     # -0.1 to -0.3 points, tight
     cost = claims["At most 35% of static-cumulative's training cost"]
     assert "28.6-28.6%" in cost and cost.endswith("| holds |")                # 60 s of 210 s for every seed
+    side = claims["At most 35% of static-cumulative's training cost (steps x seconds per step)"]
+    # 100 x 0.1 + 500 x 0.11 (0.12; 0.115) against 2100 x 0.1: 65 (70; 67.5) of 210 s
+    assert "32.1% at the median seconds per step (31.0-33.3% over rounds)" in side and side.endswith("| holds |")
+    assert "| mclfir | 5 | 6 | 0.115 | 0.110-0.120 |" in text and "| cost (side by side) | 1 of 1 | - |" in text
     assert claims["MCL-FIR against finetune"].endswith("| above |")
     sensitivity = next(v for k, v in claims.items() if k.startswith("Sensitivity"))
     assert sensitivity.endswith("| not equivalent: below |")   # its whole interval below -1 point
@@ -300,7 +312,7 @@ def test_phase_all_runs_every_phase_in_order_and_stops_at_a_failed_gate(tmp_path
     rc = study.main(["--phase", "all", "--runs", str(tmp_path / "r"), "--out", str(tmp_path / "o")])
     if passes:
         assert rc == 0 and done == ["gate", "tune", "pruning", "seeds", "budget", "orders", "noise", "sensitivity",
-                                    "report"]
+                                    "cost", "report"]
     else:
         assert rc == 1 and done == ["gate"]
 
@@ -350,3 +362,35 @@ def test_the_sensitivity_phase_retrains_static_at_the_configs_own_values(tmp_pat
     (out / "tuning.json").write_text("{}")
     with pytest.raises(study.runner.UsageError):
         study.sensitivity_phase(args, {})
+
+
+def test_the_cost_phase_times_mclfir_and_static_side_by_side_once(tmp_path, monkeypatch):
+    """bench.cost with MCL-FIR at its first, second and last increment and static at its first and last, each
+    with its chosen values; a measurement on record is kept; a failed bench writes nothing and says so."""
+    import json
+    calls, rc = [], [0]
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        if not rc[0]:
+            Path(cmd[cmd.index("--json") + 1]).write_text(json.dumps({"mclfir@0": {}}))
+        return subprocess.CompletedProcess(cmd, rc[0])
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    args = study.parse_args(["--phase", "cost", "--runs", str(tmp_path / "r"), "--out", str(tmp_path / "o")])
+    chosen = {"mclfir": {"optim.lr": 0.002}, "static_train": {"optim.lr": 0.001}}
+    study.cost_phase(args, chosen)
+    cmd = calls[0]
+    starts = [i for i, a in enumerate(cmd) if a == "--arm"]
+    arms = [cmd[i + 1:j] for i, j in zip(starts, starts[1:] + [len(cmd)])]
+    assert [a[:2] for a in arms] == [["mclfir", "0"], ["mclfir", "1"], ["mclfir", "5"], ["static_train", "0"],
+                                     ["static_train", "5"]]
+    assert arms[0][2:] == ["train.method=mclfir", "optim.lr=0.002"]
+    assert arms[-1][2:] == ["train.method=static_joint", "optim.lr=0.001"]
+    study.cost_phase(args, chosen)
+    assert len(calls) == 1   # on record: kept
+    (tmp_path / "o" / "cost_side_by_side.json").unlink()
+    rc[0] = 1
+    with pytest.raises(SystemExit) as e:
+        study.cost_phase(args, chosen)
+    assert e.value.code == 1 and not (tmp_path / "o" / "cost_side_by_side.json").exists()

@@ -243,6 +243,22 @@ def test_a_run_killed_with_kill_9_resumes_at_once_though_its_loader_worker_lives
         os.killpg(first.pid, signal.SIGKILL)
 
 
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGUSR1, 138)])
+def test_a_signal_to_every_process_of_the_run_leaves_stopping_to_the_main_one(reference, tmp_path, signum, code):
+    """SLURM signals every process of a step (its time limit, --signal=USR1@N), loader workers included. torch's
+    worker dies of SIGTERM, and the main process then failed with a traceback and no checkpoint (exit 1)."""
+    run = tmp_path / "run"
+    cmd = command(run, reference / "shards", False, "data.num_workers=1")
+    rc, out = signal_run(cmd, run, signum, at="inc 0 step 4/")
+    assert rc == code, out[-3000:]
+    assert "Traceback" not in out and "DataLoader worker" not in out, out[-3000:]
+    assert [l for l in out.splitlines() if "stopped by" in l and ".pt" in l], out[-3000:]
+    assert (run / "checkpoints" / "partial.pt").is_file()
+    p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((run / "results.json").read_text())["complete"]
+
+
 def test_a_trainer_installs_its_signal_handlers_only_while_it_runs(tiny_shards, tmp_path):
     """The constructor used to install them and only run() removed them: bench.step, which drives the steps
     itself, left SIGTERM/SIGINT saving a checkpoint nobody would write."""

@@ -33,13 +33,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ..configure import load_config
 from ..data import batches_held_ahead
-from ..errors import USER_ERRORS
+from ..errors import USER_ERRORS, ConfigError
 from ..methods import IncrementContext
 from ..training.engine import Trainer, rows_per_task
 from ..methods.optim import kernel_options
@@ -102,11 +103,13 @@ def profile_steps(run_steps, steps: int, device: torch.device, path: str, header
     return busy
 
 
-def increment_with_distillation(trainer):
-    """(index, plan, context) of the config's second increment (the first if there is one): the earlier
+def increment_with_distillation(trainer, index: Optional[int] = None):
+    """(index, plan, context) of increment `index` (default: the second, the first if there is one): the earlier
     increments' heads are added, so the method's distillation through them runs as in a real run."""
     incs = trainer.cfg.train.increments
-    index = 1 if len(incs) > 1 else 0
+    index = (1 if len(incs) > 1 else 0) if index is None else index
+    if not 0 <= index < len(incs):
+        raise ConfigError(f"increment {index}: the config has increments 0-{len(incs) - 1}")
     old = [a for prev in incs[:index] for a in prev.attributes]
     plan = trainer.method.plan(index, incs[index].name, list(incs[index].attributes), old)
     for a in old:
@@ -135,13 +138,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 class Bench:
     """One increment opened through the trainer's public step API, and each part timed on it."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, index: Optional[int] = None):
         self.args = args
         cfg = load_config(args.config, list(args.overrides) + ["train.checkpoint_every=0", "eval.grid_queries=0",
                                                                f"train.log_every={10 ** 9}"])
         self.trainer = trainer = Trainer.create(cfg, args.out)
         self.cfg, self.rt = trainer.cfg, trainer.runtime   # effective (reference_batch_doublets may scale it)
-        self.index, plan, ctx = increment_with_distillation(trainer)
+        self.index, plan, ctx = increment_with_distillation(trainer, index)
         self.session = trainer.open_increment(plan, ctx)
         self.batches = iter(trainer.train_loader(plan))
         self.images_per_step = trainer.images_per_step

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -214,9 +215,22 @@ def seed_augmentation(seed: int) -> None:
 PREFETCH_FACTOR = 4
 
 
+# what the main process stops on, saving first (training/signals.py)
+WORKER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    """A worker leaves stopping to the main process. SLURM signals every process of a step and Ctrl-C the whole
+    foreground group; torch's worker dies of SIGTERM, and the main process then failed with a traceback and no
+    checkpoint. The loader still stops its workers through their queues as it closes."""
+    for s in WORKER_IGNORED_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 def make_loader(dataset: IterableDataset, num_workers: int, device=None) -> DataLoader:
     """For a CUDA `device` the batches come in pinned memory, so that their copies to the device are
     asynchronous (a copy from pageable memory may wait for the device)."""
     pin = device is not None and torch.device(device).type == "cuda"
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin,
+                      worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
                       persistent_workers=False, prefetch_factor=PREFETCH_FACTOR if num_workers > 0 else None)
