@@ -446,11 +446,13 @@ def study_cost(args, runs: dict) -> list:
     for phase, found in runs.items():
         minutes[phase] = sum(r.get("wall_seconds") or 0 for r in found.values())
     minutes = {k: v / 60 for k, v in minutes.items()}
-    machine = next((r["machine"] for found in runs.values() for r in found.values() if r.get("machine")), {})
+    machines = {cpu_of(r): r["machine"] for found in runs.values() for r in found.values() if r.get("machine")}
+    where = "; ".join(f"{m.get('cpu_count', '?')} cores of {cpu} (torch {m.get('torch', '?')})"
+                      for cpu, m in sorted(machines.items())) or "?"
     rows = [f"| {phase} | {m:.0f} |" for phase, m in minutes.items()]
-    return ["## What the study cost", "", f"Wall minutes of its runs, one at a time on {machine.get('cpu_count', '?')} "
-            f"cores of {machine.get('cpu_model') or machine.get('cpu', '?')} (torch {machine.get('torch', '?')}); "
-            "phases that shared the cores with other work ran slower than alone.", "", "| phase | minutes |",
+    return ["## What the study cost", "", f"Wall minutes of its runs, one at a time, on {where}: each phase's CPU is "
+            "in the progress table. Sessions land on different CPUs, whose speeds differ (compare seconds only within "
+            "one machine); phases that shared the cores with other work ran slower than alone.", "", "| phase | minutes |",
             "|---|---|", *rows, f"| total | {sum(minutes.values()):.0f} |", ""]
 
 
@@ -687,12 +689,15 @@ def step_table(runs: dict, seeds) -> list:
     return lines
 
 
-def side_table(side: dict) -> list:
-    if not side:
+def side_table(record: dict) -> list:
+    if not record:
         return []
-    return ["| method | increment | heads trained | s/step (median) | range over rounds |", "|---|---|---|---|---|",
+    m = record.get("machine") or {}
+    return [f"Measured {record.get('measured_at', '?')} on {m.get('cpu_count', '?')} cores of {cpu_of(record)} (torch "
+            f"{m.get('torch', '?')}), {record.get('rounds', '?')} rounds of {record.get('steps', '?')} steps per arm.",
+            "", "| method | increment | heads trained | s/step (median) | range over rounds |", "|---|---|---|---|---|",
             *(f"| {a['name']} | {a['increment']} | {len(a['train_heads'])} | {a['median']:.3f} | "
-              f"{min(a['per_step']):.3f}-{max(a['per_step']):.3f} |" for a in side.values())]
+              f"{min(a['per_step']):.3f}-{max(a['per_step']):.3f} |" for a in record["arms"].values())]
 
 
 def section(title: str, lines: list) -> list:
@@ -812,14 +817,21 @@ def runs_left(args, runs: dict) -> dict:
     return {phase: [n for n in names if n not in runs.get(phase, {})] for phase, names in planned(args).items()}
 
 
-def progress(args, runs: dict) -> list:
-    """Which phases are done: a claim whose runs are missing has no row yet."""
-    lines = ["| phase | runs done | runs left |", "|---|---|---|"]
+def cpu_of(record: dict) -> str:
+    m = record.get("machine") or {}
+    return m.get("cpu_model") or m.get("cpu") or "-"
+
+
+def progress(args, runs: dict, side: dict) -> list:
+    """Which phases are done (a claim whose runs are missing has no row yet), and on which CPUs they ran: the
+    study spans sessions, and sessions land on different machines."""
+    lines = ["| phase | runs done | runs left | ran on |", "|---|---|---|---|"]
     for phase, left in runs_left(args, runs).items():
         done = len(planned(args)[phase]) - len(left)
-        lines.append(f"| {phase} | {done} of {len(planned(args)[phase])} | {', '.join(left) or '-'} |")
-    done = side_by_side_path(args).is_file()
-    return lines + [f"| cost (side by side) | {int(done)} of 1 | {'-' if done else 'the measurement'} |"]
+        cpus = ", ".join(sorted({cpu_of(r) for r in runs.get(phase, {}).values()} - {"-"})) or "-"
+        lines.append(f"| {phase} | {done} of {len(planned(args)[phase])} | {', '.join(left) or '-'} | {cpus} |")
+    return lines + [f"| cost (side by side) | {int(bool(side))} of 1 | {'-' if side else 'the measurement'} | "
+                    f"{cpu_of(side) if side else '-'} |"]
 
 
 def report_phase(args) -> str:
@@ -831,14 +843,15 @@ def report_phase(args) -> str:
         for name, res in found.items():
             save_copy(args, phase, name, res)
     plot_curve(runs, args.seeds, args.out / "accuracy_cost.png")
-    side = read_record(side_by_side_path(args)) if side_by_side_path(args).is_file() else {}
+    side_record = read_record(side_by_side_path(args)) if side_by_side_path(args).is_file() else {}
+    side = side_record.get("arms", {})
     lines = ["# MCL-FIR where the encoder must adapt: the paper's claims, tested", "",
              f"`{args.config.name}`, test split, seeds {', '.join(map(str, args.seeds))} (each seed also draws the "
              "queries), paired by seed. The regime, its measured cost per run and the budget: REGIME.md; the gate: "
              "GATE.md; the search: TUNING.md and PRUNING.md. Each claim's verdict follows its test; p values are "
              "corrected with Holm's method over every claim tested so far. Every number comes from a results.json "
              "in `runs/PHASE/`. Written by `python scripts/fpi96_study.py --phase report`.", "",
-             "## Progress", "", *progress(args, runs), "", "## The methods (test split)", "",
+             "## Progress", "", *progress(args, runs, side_record), "", "## The methods (test split)", "",
              *main_table(runs, args.seeds), "", "## The claims", "",
              *claims_table(rows := claim_rows(runs, args.seeds, side)),
              "", "![accuracy against cost](accuracy_cost.png)", "",
@@ -847,7 +860,7 @@ def report_phase(args) -> str:
              *section("Seconds per training step (the seeds phase, in the order the runs ran: seed by seed)",
                       step_table(runs, args.seeds)),
              *section("Seconds per training step side by side (`--phase cost`: each arm in its own process, the arms "
-                      "taking turns; median and range over rounds)", side_table(side)),
+                      "taking turns; median and range over rounds)", side_table(side_record)),
              *section(f"Attribute orders (seed {args.seeds[0]})", orders_table(runs, args.seeds)),
              *section(f"Noisy labels ({int(100 * NOISE)}% of training labels wrong, evaluation clean)",
                       noise_table(runs, args.seeds)), *study_cost(args, runs)]

@@ -116,7 +116,9 @@ def test_bench_cost_times_each_arm_in_turns_in_its_own_process(tiny_shards, tmp_
             "model.head_channels=16", "model.embed_dim=8", "eval.frozen_baseline=false"]
     results = main([*tiny, "--json", str(tmp_path / "cost.json"), "--arm", "mclfir", "0", "train.method=mclfir",
                     "--arm", "static", "1", "train.method=static_joint"])
-    assert list(results) == ["mclfir@0", "static@1"] == list(json.loads((tmp_path / "cost.json").read_text()))
+    record = json.loads((tmp_path / "cost.json").read_text())
+    assert list(results) == ["mclfir@0", "static@1"] == list(record["arms"])
+    assert record["machine"]["cpu_count"] and record["rounds"] == 2 and record["steps"] == 1
     assert results["mclfir@0"]["train_heads"] == ["colour"]
     assert results["static@1"]["train_heads"] == ["colour", "sleeve_length"]   # static retrains on both
     assert all(len(r["per_step"]) == 2 and min(r["per_step"]) > 0 and r["images_per_step"] == 16

@@ -162,7 +162,8 @@ def test_the_report_tests_each_claim_with_holm_from_the_runs(tmp_path):
         for m, drop in (("mclfir", 0.010), ("lwf", 0.012), ("finetune", 0.02), ("static_train", 0.011 + 0.001 * s)):
             base = {"mclfir": 0.560, "lwf": 0.556, "finetune": 0.530, "static_train": 0.5605 + 0.001 * s}[m]
             put("noise", f"{m}_noisy_s{s}", _full(base + j - drop))
-        put("sensitivity", f"static_train_config_s{s}", _full(0.5905 + j + 0.002 * s))   # ~3 points above mclfir
+        put("sensitivity", f"static_train_config_s{s}",   # ~3 points above mclfir; two CPUs ran them
+            {**_full(0.5905 + j + 0.002 * s), "machine": {"cpu_model": "AMD EPYC" if s else "Intel Xeon"}})
     for o, j in zip(study.ORDERS, (0.004, -0.006)):
         for m, base in (("mclfir", 0.560), ("lwf", 0.556), ("finetune", 0.528), ("static_train", 0.56)):
             put("orders", f"{m}_{o}_s0", _full(base + j) if m != "static_train" else
@@ -172,9 +173,9 @@ def test_the_report_tests_each_claim_with_holm_from_the_runs(tmp_path):
     arm = {"mclfir@0": ("mclfir", 0, [0.1, 0.1]), "mclfir@1": ("mclfir", 1, [0.11, 0.12]),
            "mclfir@5": ("mclfir", 5, [0.11, 0.12]),
            "static_train@0": ("static_train", 0, [0.1, 0.1]), "static_train@5": ("static_train", 5, [0.1, 0.1])}
-    (tmp_path / "out" / "cost_side_by_side.json").write_text(json.dumps(
-        {k: {"name": n, "increment": i, "per_step": v, "median": sum(v) / 2, "train_heads": ["a"] * (i + 1)}
-         for k, (n, i, v) in arm.items()}))
+    (tmp_path / "out" / "cost_side_by_side.json").write_text(json.dumps({"arms": {
+        k: {"name": n, "increment": i, "per_step": v, "median": sum(v) / 2, "train_heads": ["a"] * (i + 1)}
+        for k, (n, i, v) in arm.items()}}))
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{study.README_START}\n- old bullet\n{study.README_END}\n- next\n")
     args = study.parse_args(["--phase", "report", "--runs", str(runs), "--out", str(tmp_path / "out"),
@@ -191,7 +192,7 @@ def test_the_report_tests_each_claim_with_holm_from_the_runs(tmp_path):
     side = claims["At most 35% of static-cumulative's training cost (steps x seconds per step)"]
     # 100 x 0.1 + 500 x 0.11 (0.12; 0.115) against 2100 x 0.1: 65 (70; 67.5) of 210 s
     assert "32.1% at the median seconds per step (31.0-33.3% over rounds)" in side and side.endswith("| holds |")
-    assert "| mclfir | 5 | 6 | 0.115 | 0.110-0.120 |" in text and "| cost (side by side) | 1 of 1 | - |" in text
+    assert "| mclfir | 5 | 6 | 0.115 | 0.110-0.120 |" in text and "| cost (side by side) | 1 of 1 | - | - |" in text
     assert claims["MCL-FIR against finetune"].endswith("| above |")
     sensitivity = next(v for k, v in claims.items() if k.startswith("Sensitivity"))
     assert sensitivity.endswith("| not equivalent: below |")   # its whole interval below -1 point
@@ -203,8 +204,8 @@ def test_the_report_tests_each_claim_with_holm_from_the_runs(tmp_path):
     assert "56.03 ± 0.25" in mclfir_row
     assert (tmp_path / "out" / "accuracy_cost.png").stat().st_size > 1000
     assert (tmp_path / "out" / "runs" / "noise" / "mclfir_noisy_s1.json").is_file()
-    assert "| seeds | 15 of 15 | - |" in text and "| orders | 8 of 8 | - |" in text
-    assert "| sensitivity | 3 of 3 | - |" in text
+    assert "| seeds | 15 of 15 | - | - |" in text and "| orders | 8 of 8 | - | - |" in text
+    assert "| sensitivity | 3 of 3 | - | AMD EPYC, Intel Xeon |" in text
     assert "| mclfir | 0.100 | 0.100 | 0.100 |" in text   # 10 s per 100 steps, each seed
     assert "| reversed | 56.40 | 56.00 | 53.20 | 56.40 | 28.6% |" in text   # seed 0 in the reversed order
     assert "| mclfir | 3 | 56.03 ± 0.25 | 55.03 ± 0.25 | 1.00 ± 0.00 |" in text   # clean, noisy, drop
@@ -219,7 +220,7 @@ def test_the_report_tests_each_claim_with_holm_from_the_runs(tmp_path):
     (tmp_path / "out" / "runs" / "noise" / "lwf_noisy_s2.json").unlink()
     (tmp_path / "out" / "runs" / "budget" / "static_train_x2_s2.json").unlink()
     again = study.report_phase(args)
-    assert "| noise | 11 of 12 | lwf_noisy_s2 |" in again and "| budget | 8 of 9 | static_train_x2_s2 |" in again
+    assert "| noise | 11 of 12 | lwf_noisy_s2 | - |" in again and "| budget | 8 of 9 | static_train_x2_s2 | - |" in again
     assert any(ln.startswith("| Messy data") for ln in again.splitlines())   # lwf's drop is not in its test
     assert "**Still to run: budget (1 run), noise (1 run)**" in readme.read_text()
     assert "Still to run" not in bullet

@@ -19,10 +19,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Dict, List, Sequence
 
 from ..errors import USER_ERRORS
+from ..runfolder.record import machine_info
 from ..utils.io import atomic_write_text
 
 TAG = "@@cost "   # the protocol's lines on a child's stdout; anything else there is the child's own output
@@ -147,13 +149,16 @@ def main(argv=None) -> dict:
     if args.serve_arm is not None:
         serve_arm(args)
         return {}
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.out or tmp)
         folder.mkdir(parents=True, exist_ok=True)
         results = measure(args, folder)
     report(results)
-    if args.json:
-        atomic_write_text(args.json, json.dumps(results, indent=1))
+    if args.json:   # with where and how it was measured: seconds per step compare only on one machine
+        record = {"arms": results, "machine": machine_info(), "measured_at": started, "rounds": args.rounds,
+                  "steps": args.steps, "warmup": args.warmup, "config": str(args.config), "overrides": args.overrides}
+        atomic_write_text(args.json, json.dumps(record, indent=1))
     return results
 
 
