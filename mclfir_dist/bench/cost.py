@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from ..errors import USER_ERRORS
+from . import run_main
 from ..runfolder.record import machine_info
 from ..utils.io import atomic_write_text
 
@@ -163,8 +163,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except USER_ERRORS as e:   # a wrong key or shard folder: one line, not a traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

@@ -38,9 +38,10 @@ from typing import Optional
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from . import run_main
 from ..configure import load_config
 from ..data import batches_held_ahead
-from ..errors import USER_ERRORS, ConfigError
+from ..errors import ConfigError
 from ..methods import IncrementContext
 from ..training.engine import Trainer, rows_per_task
 from ..methods.optim import kernel_options
@@ -313,8 +314,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except USER_ERRORS as e:   # a wrong key or shard folder: one line, not a traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)
