@@ -13,3 +13,6 @@ def run_main(main: Callable) -> None:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:   # Ctrl-C mid-bench: nothing to save, no traceback
+        print("stopped: no results written", file=sys.stderr)
+        sys.exit(130)

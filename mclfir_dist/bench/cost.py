@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Dict, List, Sequence
 
 from . import run_main
+from ..errors import OutputError
 from ..runfolder.record import machine_info
 from ..utils.io import atomic_write_text
 
@@ -152,6 +153,8 @@ def main(argv=None) -> dict:
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.out or tmp)
+        if folder.exists() and not folder.is_dir():
+            raise OutputError(f"--out {folder}: not a folder")
         folder.mkdir(parents=True, exist_ok=True)
         results = measure(args, folder)
     report(results)
