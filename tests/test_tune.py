@@ -39,9 +39,12 @@ def states(db: Path) -> dict:
 
 
 def running_of(db: Path, pid: int) -> bool:
-    with sqlite3.connect(db) as c:
-        rows = c.execute("select t.state, a.value_json from trials t join trial_user_attributes a "
-                         "on a.trial_id = t.trial_id where a.key = 'worker'").fetchall()
+    try:
+        with sqlite3.connect(db) as c:
+            rows = c.execute("select t.state, a.value_json from trials t join trial_user_attributes a "
+                             "on a.trial_id = t.trial_id where a.key = 'worker'").fetchall()
+    except sqlite3.OperationalError:   # the file exists before Optuna has made its tables, or it is locked
+        return False
     return any(state == "RUNNING" and json.loads(value)["pid"] == pid for state, value in rows)
 
 
