@@ -601,14 +601,15 @@ def interpolate(points, x: float) -> float:
     return pts[-1][1]
 
 
-def budget_curve(runs: dict, seed: int) -> list:
+def budget_curve(runs: dict, seed: int, per_step: float | None = None) -> list:
     """static_train's (cost of its final retraining, mAP) at each budget, for one seed. The cost is the run's
-    steps x the seconds per step of the seeds phase's retraining, so the budget runs may run in another session
-    (or share the cores) without moving the curve against MCL-FIR's seconds, measured beside that run."""
+    steps x the seconds per step of the seeds phase's retraining (or `per_step`), so the budget runs may run in
+    another session (or share the cores) without moving the curve against MCL-FIR's seconds, measured beside
+    that run."""
     base = runs.get("seeds", {}).get(f"static_train_s{seed}")
     if base is None:
         return []
-    per_step = base["cost"][-1]["train_seconds"] / base["cost"][-1]["steps"]
+    per_step = per_step or base["cost"][-1]["train_seconds"] / base["cost"][-1]["steps"]
     found = [base] + [runs.get("budget", {}).get(f"static_train_x{f:g}_s{seed}") for f in BUDGETS]
     return [(r["cost"][-1]["steps"] * per_step, final_map(r)) for r in found if r is not None]
 
@@ -646,6 +647,29 @@ def curve_table(runs: dict, seeds) -> list:
     return lines if len(lines) > 2 else []
 
 
+def side_curve_table(runs: dict, seeds, side: dict) -> list:
+    """MCL-FIR against static's curve with both priced at the side-by-side seconds per step: the same cost on
+    every seed, so the host's drift between the seeds phase's runs (its step table) drops out."""
+    got = runs.get("seeds", {})
+    if not side or not {a["name"] for a in side.values()} >= {"mclfir", "static_train"}:
+        return []
+    lines = ["| seed | mclfir's seconds | static 1x's seconds | mclfir mAP | static's curve at that cost | difference |",
+             "|---|---|---|---|---|---|"]
+    diffs = []
+    for s in [s for s in seeds if f"mclfir_s{s}" in got and f"static_train_s{s}" in got]:
+        last = len(got[f"static_train_s{s}"]["cost"]) - 1   # the final retraining: every head
+        if len(curve := budget_curve(runs, s, per_step_at(side, "static_train", last))) != len(BUDGETS) + 1:
+            continue
+        r = got[f"mclfir_s{s}"]
+        cost = sum(c["steps"] * per_step_at(side, "mclfir", i) for i, c in enumerate(r["cost"]))
+        at = interpolate(curve, cost)
+        diffs.append(final_map(r) - at)
+        lines.append(f"| {s} | {cost:.0f} | {curve[0][0]:.0f} | {final_map(r):.2f} | {at:.2f} | {diffs[-1]:+.2f} |")
+    if not diffs:
+        return []
+    return lines + [f"| mean | | | | | {mean_std(diffs)} |"]
+
+
 def orders_table(runs: dict, seeds) -> list:
     """Each order's final mAP per method (first seed) and MCL-FIR's cost against static-cumulative's there."""
     seed, lines = seeds[0], ["| order | " + " | ".join((*CONTINUAL, "static_train")) + " | mclfir / static-cumulative |",
@@ -657,6 +681,8 @@ def orders_table(runs: dict, seeds) -> list:
             continue
         share = (f"{100 * total_cost(found['mclfir']) / total_cost(found['static_train']):.1f}%"
                  if found["mclfir"] and found["static_train"] else "-")
+        if share != "-" and cpu_of(found["mclfir"]) != cpu_of(found["static_train"]):   # seconds of two speeds
+            share += f" ({cpu_of(found['mclfir'])} / {cpu_of(found['static_train'])}: not comparable)"
         lines.append(f"| {order} | " + " | ".join(f"{final_map(r):.2f}" if r else "-" for r in found.values())
                      + f" | {share} |")
     return lines if len(lines) > 3 else []
@@ -857,6 +883,8 @@ def report_phase(args) -> str:
              "", "![accuracy against cost](accuracy_cost.png)", "",
              *section("Against static's accuracy-cost curve (training seconds; static: its final retraining at "
                       "0.25x-2x its steps)", curve_table(runs, args.seeds)),
+             *section("Against static's curve, both priced at the side-by-side seconds per step (descriptive)",
+                      side_curve_table(runs, args.seeds, side)),
              *section("Seconds per training step (the seeds phase, in the order the runs ran: seed by seed)",
                       step_table(runs, args.seeds)),
              *section("Seconds per training step side by side (`--phase cost`: each arm in its own process, the arms "

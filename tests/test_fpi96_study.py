@@ -167,7 +167,8 @@ def test_the_report_tests_each_claim_with_holm_from_the_runs(tmp_path):
     for o, j in zip(study.ORDERS, (0.004, -0.006)):
         for m, base in (("mclfir", 0.560), ("lwf", 0.556), ("finetune", 0.528), ("static_train", 0.56)):
             put("orders", f"{m}_{o}_s0", _full(base + j) if m != "static_train" else
-                _full(base + j, 0.0, tuple(10.0 * (i + 1) for i in range(6)), estimated=True))
+                {**_full(base + j, 0.0, tuple(10.0 * (i + 1) for i in range(6)), estimated=True),
+                 **({"machine": {"cpu_model": "AMD EPYC"}} if o == "shuffled" else {})})
     # side by side: MCL-FIR 0.1 s/step at its first increment, 0.11 then 0.12 later; static 0.1 throughout
     (tmp_path / "out").mkdir()
     arm = {"mclfir@0": ("mclfir", 0, [0.1, 0.1]), "mclfir@1": ("mclfir", 1, [0.11, 0.12]),
@@ -204,14 +205,17 @@ def test_the_report_tests_each_claim_with_holm_from_the_runs(tmp_path):
     assert "56.03 ± 0.25" in mclfir_row
     assert (tmp_path / "out" / "accuracy_cost.png").stat().st_size > 1000
     assert (tmp_path / "out" / "runs" / "noise" / "mclfir_noisy_s1.json").is_file()
-    assert "| seeds | 15 of 15 | - | - |" in text and "| orders | 8 of 8 | - | - |" in text
+    assert "| seeds | 15 of 15 | - | - |" in text and "| orders | 8 of 8 | - | AMD EPYC |" in text
     assert "| sensitivity | 3 of 3 | - | AMD EPYC, Intel Xeon |" in text
     assert "| mclfir | 0.100 | 0.100 | 0.100 |" in text   # 10 s per 100 steps, each seed
     assert "| reversed | 56.40 | 56.00 | 53.20 | 56.40 | 28.6% |" in text   # seed 0 in the reversed order
+    assert "| 28.6% (- / AMD EPYC: not comparable) |" in text   # shuffled: its static ran on another CPU
     assert "| mclfir | 3 | 56.03 ± 0.25 | 55.03 ± 0.25 | 1.00 ± 0.00 |" in text   # clean, noisy, drop
     # mclfir's 60 s sit at static's 1x point on each seed's curve (0.1 s a step x 600 steps)
     assert "| mclfir | 60.00 ± 0.00 | 56.03 ± 0.25 | 56.18 ± 0.23 | -0.15 ± 0.10 |" in text
     assert "| static_frozen | 30.00 ± 0.00 |" in text and "| static_train | 210" not in text
+    # priced side by side: 100 x 0.1 + 500 x 0.115 = 67.5 s against static's 600 x 0.1 at 1x, on every seed
+    assert "| 0 | 68 | 60 | 56.00 | 56.12 | -0.12 |" in text and "| mean | | | | | -0.20 ± 0.08 |" in text
     # a fresh checkout has no run folders: the committed copies give the same report
     import shutil
     shutil.rmtree(runs)
