@@ -15,7 +15,7 @@ from typing import List, Optional
 
 from . import __version__
 from .config import ShardBuildConfig, describe, peek_plugins
-from .errors import USER_ERRORS, ConfigError
+from .errors import USER_ERRORS, ConfigError, WorkerDiedError
 from .plugins import import_plugins, require_saved, trust_saved_plugins
 from .runfolder.layout import RunFolder
 
@@ -234,6 +234,9 @@ def cmd_train(args) -> int:
         if main_process:
             print(f"mclfir train: {stopped}", file=sys.stderr)
         return stopped.exit_code
+    except WorkerDiedError as e:   # not the user's input (exit 1), but one line, not torch's traceback
+        print(f"mclfir train: error: {e}", file=sys.stderr)
+        return 1
     finally:
         if lock is not None:
             lock.release()

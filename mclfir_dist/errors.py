@@ -35,6 +35,11 @@ class PluginError(ConfigError):
     """A plug-in named in `plugins` or the `mclfir_dist.plugins` entry points does not import."""
 
 
+class WorkerDiedError(RuntimeError):
+    """A data loader worker died mid-run (the out-of-memory killer's SIGKILL, most often); the message names
+    its PID, how it died and the checkpoint a `--resume` continues from. Not a user error: exit 1."""
+
+
 class OtherModelWarning(UserWarning):
     """An index searched with allow_other_model may hold another model's vectors; `mclfir search` reports
     only this warning as a model mismatch (a library's DeprecationWarning is not one)."""

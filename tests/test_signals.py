@@ -274,3 +274,36 @@ def test_a_trainer_installs_its_signal_handlers_only_while_it_runs(tiny_shards, 
     trainer.run()
     assert all(h not in (before[s],) for s, h in seen.items())   # while it runs: ours
     assert {s: signal.getsignal(s) for s in before} == before      # after: the process's own again
+
+
+def test_a_loader_worker_killed_alone_ends_the_run_in_one_line_and_resume_ends_exactly(reference, tmp_path):
+    """The out-of-memory killer may SIGKILL a loader worker alone: the run used to end with torch's traceback.
+    Now one line names the worker, its signal and the checkpoint kept, and `--resume` ends as if uninterrupted."""
+    run = tmp_path / "run"
+    cmd = command(run, reference / "shards", False, "data.num_workers=1", "train.checkpoint_every=4")
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    lines = []
+    try:
+        for line in p.stdout:   # increment 1 has saved a partial checkpoint at step 4 and logged step 8
+            lines.append(line)
+            if "inc 1 step 8/" in line:
+                break
+        workers = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 1, (workers, "".join(lines)[-3000:])
+        os.kill(int(workers[0]), signal.SIGKILL)
+        lines += p.stdout.readlines()
+        p.wait(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    out = "".join(lines)
+    assert p.returncode == 1, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("mclfir train: error: a data loader worker died in increment 1 "
+                           f"(pid {workers[0]} killed by SIGKILL;"), last
+    assert "partial.pt, is kept: continue with --resume" in last, last
+    resumed = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert same_end(run, reference / "reference")

@@ -131,6 +131,12 @@ def build_train_loader(cfg: DataConfig, manifest: Manifest, attributes: Sequence
     return entry.train(cfg, manifest, columns, rank, world, seed, device)
 
 
+def dead_workers(batches) -> list:
+    """(pid, exit code) of each worker of a DataLoader iterator that has died (a negative code is the signal).
+    torch reports a killed worker as a plain RuntimeError; this tells that case apart by state, not text."""
+    return [(w.pid, w.exitcode) for w in getattr(batches, "_workers", None) or [] if w.exitcode not in (None, 0)]
+
+
 def batches_held_ahead(cfg: DataConfig) -> int:
     """At most how many batches a train loader holds ready when its consumer pauses: the DataLoader workers'
     requests ahead, plus torch_gpu's decode thread (its queue and the batch in hand) or DALI's prefetch

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,8 @@ from typing import Iterator, List, Optional, Sequence
 import torch
 
 from ..config import ConfigError, RunConfig, flat_keys, to_dict, to_yaml
-from ..data import build_train_loader
+from ..errors import WorkerDiedError
+from ..data import build_train_loader, dead_workers
 from ..data.remote import stats_for_results as remote_stats
 from ..data.pairing import positive_index, task_quotas
 from ..data.streams import epoch_seed
@@ -183,7 +185,12 @@ class Trainer:
         self.progress.partial = None
         session = self.open_increment(plan, ctx, partial)
         loader = self.train_loader(plan, session.start_step)
-        done = self.train_steps(session, iter(loader))
+        batches = iter(loader)
+        try:
+            done = self.train_steps(session, batches)
+        except RuntimeError as e:
+            self._raise_if_a_worker_died(batches, plan, e)
+            raise
         seconds, steps, selection = done.seconds, done.steps, done.selection
         del loader
         self.record.add_skipped(f"train/increment_{plan.index:02d}",
@@ -201,6 +208,19 @@ class Trainer:
                           rank_max_diff=rt.rank_max_diff([self.model] + self.method.modules()),
                           data_wait_seconds=round(self.metrics.wait_increment, 3),
                           peak_memory_mb=round(peak_memory_mb(rt.device), 1))
+
+    def _raise_if_a_worker_died(self, batches, plan: IncrementPlan, error: RuntimeError) -> None:
+        """torch's traceback for a killed loader worker becomes one line naming it and where to resume."""
+        died = dead_workers(batches)
+        if not died:
+            return
+        how = ", ".join(f"pid {pid} " + (f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code}")
+                        for pid, code in died)
+        kept = [p for p in [self.state.files.partial_path, *reversed(self.state.files.increments())] if p.is_file()]
+        where = f"the last checkpoint, {kept[0]}, is kept" if kept else "no checkpoint was written yet"
+        raise WorkerDiedError(f"a data loader worker died in increment {plan.index} ({how}; SIGKILL is most often "
+                              f"the out-of-memory killer: fewer data.num_workers or a smaller data.batch_doublets "
+                              f"use less memory); {where}: continue with --resume") from error
 
     def train_steps(self, session: IncrementSession, batches: Iterator[dict]) -> StepsDone:
         """The optimizer steps of a session: its seconds, steps, validation and skipped images (StepsDone)."""
@@ -300,6 +320,9 @@ class Trainer:
             self.record.save(self.run_dir)
             self.metrics.close()
             return self.record.data
+        except WorkerDiedError:
+            self.metrics.close()
+            raise
         except RunStopped:
             requeued = self.stop.requeue(self.runtime.is_main)   # SIGUSR1 under SLURM
             if requeued:
