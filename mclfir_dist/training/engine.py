@@ -214,8 +214,9 @@ class Trainer:
         died = dead_workers(batches)
         if not died:
             return
-        how = ", ".join(f"pid {pid} " + (f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code}")
-                        for pid, code in died)
+        names = {int(s): s.name for s in signal.Signals}
+        how = ", ".join(f"pid {pid} " + (f"killed by {names.get(-code, f'signal {-code}')}" if code < 0
+                                         else f"exit {code}") for pid, code in died)
         kept = [p for p in [self.state.files.partial_path, *reversed(self.state.files.increments())] if p.is_file()]
         where = f"the last checkpoint, {kept[0]}, is kept" if kept else "no checkpoint was written yet"
         raise WorkerDiedError(f"a data loader worker died in increment {plan.index} ({how}; SIGKILL is most often "
